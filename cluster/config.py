@@ -1,0 +1,325 @@
+"""The one configuration schema of a pdserve deployment.
+
+`config.yaml`, the `pdserve serve` flags and the Helm chart's `serveConfigV2` all
+land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
+before anything starts. `load_config(mapping)` is the only way in.
+
+    model:        {path, dtype, max_model_len}
+    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests}
+    decode:       {replicas, gpus_per_replica, max_running, max_waiting}
+    colocated:    {replicas}            # > 0: one pool doing both phases instead
+    kv_cache:     {block_size, num_blocks, memory_fraction}
+    transfer:     {backend, timeout_s}
+    router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
+                   short_prompt_tokens, api_key}
+    slo:          {ttft_ms, tpot_ms}
+    autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s}
+    limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
+                   request_timeout_s}
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration that pdserve refuses, with the key path that is wrong."""
+
+
+@dataclass(frozen=True)
+class ReplicaRange:
+    """A pool size: fixed when min == max, autoscaled between them otherwise."""
+
+    min: int
+    max: int
+
+    @property
+    def is_autoscaled(self) -> bool:
+        return self.min != self.max
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "ReplicaRange":
+        """Accept 3, "3" or "1:4"."""
+        if isinstance(value, ReplicaRange):
+            return value
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a count or 'MIN:MAX', got {value!r}")
+        if isinstance(value, int):
+            low = high = value
+        elif isinstance(value, str):
+            parts = value.split(":")
+            try:
+                numbers = [int(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"{where}: expected a count or 'MIN:MAX', got {value!r}") from None
+            if len(numbers) == 1:
+                low = high = numbers[0]
+            elif len(numbers) == 2:
+                low, high = numbers
+            else:
+                raise ConfigError(f"{where}: expected a count or 'MIN:MAX', got {value!r}")
+        else:
+            raise ConfigError(f"{where}: expected a count or 'MIN:MAX', got {value!r}")
+        if low < 0 or high < 0:
+            raise ConfigError(f"{where}: replica counts must be >= 0, got {value!r}")
+        if low > high:
+            raise ConfigError(f"{where}: min {low} is above max {high}")
+        return cls(low, high)
+
+    def __str__(self) -> str:
+        return str(self.min) if not self.is_autoscaled else f"{self.min}:{self.max}"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: the model's own context length
+
+
+@dataclass(frozen=True)
+class PrefillPoolConfig:
+    replicas: ReplicaRange = ReplicaRange(1, 1)
+    gpus_per_replica: float = 1.0
+    max_batch_tokens: int = 2048  # token budget of one prefill batch; longer prompts are chunked
+    max_queued_requests: int = 256  # beyond this, requests get 429
+
+
+@dataclass(frozen=True)
+class DecodePoolConfig:
+    replicas: ReplicaRange = ReplicaRange(1, 1)
+    gpus_per_replica: float = 1.0
+    max_running: int = 64  # sequences in one decode batch
+    max_waiting: int = 256  # reservations waiting for KV or admission; beyond this, 429
+
+
+@dataclass(frozen=True)
+class ColocatedPoolConfig:
+    replicas: int = 0  # > 0 replaces the two pools by N replicas doing both phases
+    gpus_per_replica: float = 1.0
+
+
+@dataclass(frozen=True)
+class KvCacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from memory_fraction of free device memory
+    memory_fraction: float = 0.8  # on CUDA: share of free memory after weights for KV
+    cpu_num_blocks: int = 2048  # on the CPU, where free memory says little
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    backend: str = "auto"  # auto | nccl | cuda_ipc | gloo | fake
+    timeout_s: float = 30.0  # one handoff's bound, within the request's deadline
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 9000
+    prefill_policy: str = "prefix_aware"  # round_robin | least_loaded | prefix_aware
+    decode_policy: str = "least_loaded"  # round_robin | least_loaded
+    short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 100.0
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    drain_timeout_s: float = 120.0
+    interval_s: float = 5.0  # how often replicas report and the policy decides
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_tokens: int | None = None  # None: the model's context
+    max_n: int = 16
+    max_stop: int = 16
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class PdserveConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prefill: PrefillPoolConfig = field(default_factory=PrefillPoolConfig)
+    decode: DecodePoolConfig = field(default_factory=DecodePoolConfig)
+    colocated: ColocatedPoolConfig = field(default_factory=ColocatedPoolConfig)
+    kv_cache: KvCacheConfig = field(default_factory=KvCacheConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.colocated.replicas > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that `load_config` takes back (YAML, Serve args, Helm)."""
+        return _to_plain(self)
+
+
+_CHOICES = {
+    ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
+    ("transfer", "backend"): {"auto", "nccl", "cuda_ipc", "gloo", "fake"},
+    ("router", "prefill_policy"): {"round_robin", "least_loaded", "prefix_aware"},
+    ("router", "decode_policy"): {"round_robin", "least_loaded"},
+}
+_POSITIVE = {
+    ("prefill", "max_batch_tokens"), ("prefill", "max_queued_requests"),
+    ("decode", "max_running"), ("decode", "max_waiting"),
+    ("kv_cache", "block_size"), ("kv_cache", "num_blocks"), ("kv_cache", "cpu_num_blocks"),
+    ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),
+    ("autoscaling", "interval_s"), ("limits", "max_body_bytes"),
+    ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
+    ("limits", "request_timeout_s"), ("model", "max_model_len"),
+}
+_NON_NEGATIVE = {
+    ("prefill", "gpus_per_replica"), ("decode", "gpus_per_replica"),
+    ("colocated", "replicas"), ("colocated", "gpus_per_replica"),
+    ("router", "short_prompt_tokens"), ("autoscaling", "upscale_delay_s"),
+    ("autoscaling", "downscale_delay_s"), ("autoscaling", "drain_timeout_s"),
+    ("limits", "max_stop"),
+}
+_PORTS = {("router", "http_port"), ("router", "grpc_port")}
+
+
+def load_config(data: Mapping[str, Any] | None = None, **overrides: Any) -> PdserveConfig:
+    """Build and check the whole tree; `overrides` are dotted keys ("prefill.replicas")."""
+    merged = _deep_copy(data or {})
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        _set_dotted(merged, dotted.replace("__", "."), value)
+    config = _build(PdserveConfig, merged, "")
+    _check(config)
+    return config
+
+
+def load_config_file(path: str | Path, **overrides: Any) -> PdserveConfig:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return load_config(data, **overrides)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint is ReplicaRange:
+        return ReplicaRange.parse(value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{where}: must be set")
+    for option in options:
+        if option is type(None):
+            continue
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, str):
+            return value
+        if option is bool and isinstance(value, bool):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+_UnionType = type(int | None)
+
+
+def _check(config: PdserveConfig) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key}: {value!r} is not one of {sorted(allowed)}")
+    for section, key in _POSITIVE:
+        value = getattr(getattr(config, section), key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{key}: must be > 0, got {value}")
+    for section, key in _NON_NEGATIVE:
+        value = getattr(getattr(config, section), key)
+        if value < 0:
+            raise ConfigError(f"{section}.{key}: must be >= 0, got {value}")
+    for section, key in _PORTS:
+        value = getattr(getattr(config, section), key)
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"{section}.{key}: a port must be in 1..65535, got {value}")
+    if config.router.http_port == config.router.grpc_port:
+        raise ConfigError("router: http_port and grpc_port must differ")
+    if not 0 < config.kv_cache.memory_fraction <= 1:
+        raise ConfigError(f"kv_cache.memory_fraction: must be in (0, 1], got {config.kv_cache.memory_fraction}")
+    if not config.is_colocated:
+        for pool in ("prefill", "decode"):
+            if getattr(config, pool).replicas.max < 1:
+                raise ConfigError(f"{pool}.replicas: the pool needs at least one replica")
+    if config.prefill.max_batch_tokens % config.kv_cache.block_size:
+        raise ConfigError(
+            f"prefill.max_batch_tokens ({config.prefill.max_batch_tokens}) must be a multiple "
+            f"of kv_cache.block_size ({config.kv_cache.block_size}): chunks of a long prompt "
+            "end on block boundaries"
+        )
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, ReplicaRange):
+        return value.min if not value.is_autoscaled else str(value)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{name}: expected a mapping")
+        node = child
+    node[leaf] = value

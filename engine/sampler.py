@@ -1,0 +1,123 @@
+"""Choosing the next token of each sequence in a batch.
+
+Greedy where temperature is 0; otherwise Gumbel-max over the temperature-scaled,
+top-k and top-p filtered logits. The Gumbel noise is a hash of (seed, position,
+token id), not a generator's state: the same request gives the same tokens on any
+replica, in any batch, after any failover — sampling is a function of seed and
+position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    logprobs: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float | None]  # the chosen token's log-probability under the model, when asked
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> SampleResult:
+    """logits [B, vocab] float32; positions[i]: the index the new token will have in sequence i."""
+    chosen = logits.argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        picked = _sample_random(logits.index_select(0, rows), [params[i] for i in random_rows],
+                                [positions[i] for i in random_rows])
+        chosen = chosen.index_copy(0, rows, picked)
+    logprobs: list[float | None] = [None] * len(params)
+    wanted = [i for i, p in enumerate(params) if p.logprobs]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        log_probs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+        values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
+        for i, value in zip(wanted, values):
+            logprobs[i] = value
+    return SampleResult(chosen.tolist(), logprobs)
+
+
+def _sample_random(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    scaled = logits / temperature
+    scaled = _top_k(scaled, [p.top_k for p in params])
+    scaled = _top_p(scaled, [p.top_p for p in params])
+    noise = gumbel_noise([p.seed for p in params], positions, logits.shape[1], device)
+    return (scaled + noise).argmax(dim=-1)
+
+
+def _top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    if all(k == vocab for k in ks):
+        return logits
+    k_max = max(ks)
+    top = logits.topk(k_max, dim=-1).values  # [B, k_max], descending
+    kth = top.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(1) - 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in top_p):
+        return logits
+    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p  # keeps the smallest prefix reaching p, at least one token
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def gumbel_noise(seeds: list[int], positions: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, vocab] standard Gumbel noise, a pure function of (seed, position, token id)."""
+    keys = torch.tensor([_signed(_mix(_mix(s & _MASK64) ^ p)) for s, p in zip(seeds, positions)],
+                        dtype=torch.int64, device=device)
+    x = keys.unsqueeze(1) + torch.arange(vocab, device=device, dtype=torch.int64).unsqueeze(0) * _signed(0x9E3779B97F4A7C15)
+    x = _mix_tensor(x)
+    mantissa = ((x >> 40) & 0xFFFFFF).to(torch.float64)  # 24 uniform bits
+    uniform = (mantissa + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(uniform)).to(torch.float32)
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser on Python ints (exact, 64-bit)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The same finaliser on int64 tensors; products wrap modulo 2**64 as on the CPU and CUDA."""
+    x = x ^ _shift_right(x, 30)
+    x = x * _signed(0xBF58476D1CE4E5B9)
+    x = x ^ _shift_right(x, 27)
+    x = x * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
