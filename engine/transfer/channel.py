@@ -1,0 +1,257 @@
+"""One sender-receiver pair: two ranks of torch.distributed process groups, made on demand.
+
+Frames (`messages.Frame`, int64[6]) always travel over a 2-rank gloo group: tag 0
+sender to receiver, tag 1 receiver to sender. Payloads travel after their LAYER
+frame over the data group: the same gloo group (CPU), an NCCL group (GPUs), or
+none (cuda_ipc writes directly). Each direction of each group has one thread
+that sends and one that receives, so messages stay in order and NCCL never sees
+two operations in flight on one side.
+
+Threads: the receiver runs `ReceiveChannel` (builds the groups, then reads
+frames); the sender runs `SendChannel` (connects, then works its queue in
+order) plus a reply reader. Rank 0 is the receiver, rank 1 the sender.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed import PrefixStore
+
+from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.ledger import TransferLedger
+from pdserve.engine.transfer.messages import (
+    AckStatus,
+    ChannelAddress,
+    FailureReason,
+    Frame,
+    MessageKind,
+    TransferError,
+)
+from pdserve.engine.transfer.rendezvous import Hello, connect
+
+log = logging.getLogger(__name__)
+
+RECEIVER, SENDER = 0, 1
+TAG_FORWARD, TAG_REPLY = 0, 1
+# Receive waits for the next frame have no deadline: an idle channel is healthy, a
+# dead peer breaks the socket at once, and each transfer's wait has its own deadline.
+# (A gloo recv that times out poisons the whole group, so it must never time out.)
+_IDLE_FOREVER = datetime.timedelta(days=365)
+
+
+@dataclass
+class ProcessGroupPair:
+    """The groups of one channel: frames always over gloo, payloads over `data` (or none)."""
+
+    control: dist.ProcessGroup
+    data: dist.ProcessGroup | None
+    peer: int
+    op_timeout: datetime.timedelta
+
+    def send_frame(self, frame: Frame, tag: int) -> None:
+        self.control.send([frame.to_tensor()], self.peer, tag).wait(self.op_timeout)
+
+    def recv_frame(self, tag: int) -> Frame:
+        buf = torch.empty(Frame.SIZE, dtype=torch.int64)
+        self.control.recv([buf], self.peer, tag).wait(_IDLE_FOREVER)
+        return Frame.from_tensor(buf)
+
+    def send_payload(self, payload: torch.Tensor) -> None:
+        self.data.send([payload], self.peer, TAG_FORWARD).wait(self.op_timeout)
+
+    def recv_payload(self, buf: torch.Tensor) -> None:
+        self.data.recv([buf], self.peer, TAG_FORWARD).wait(self.op_timeout)
+
+
+def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float) -> ProcessGroupPair:
+    """Build this end's groups; blocks until the peer builds its end (at most `timeout_s`)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    control = dist.ProcessGroupGloo(PrefixStore("control/", store), rank, 2, timeout)
+    if data_backend == "gloo":
+        data = control
+    elif data_backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)
+    else:
+        data = None
+    return ProcessGroupPair(control, data, 1 - rank, timeout)
+
+
+class ReceiveChannel:
+    """The receiver's end of one channel: a thread that applies frames to the ledger."""
+
+    def __init__(self, store: PrefixStore, number: int, hello: Hello, ledger: TransferLedger, kv_cache: KvCache,
+                 data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None]):
+        self.number = number
+        self.sender_id = hello.sender_id
+        self._store, self._ledger, self._kv = store, ledger, kv_cache
+        self._data_backend, self._timeout_s, self._on_exit = data_backend, timeout_s, on_exit
+        self._pair: ProcessGroupPair | None = None
+        self._open_transfers: set[int] = set()  # transfers this sender touched, not finished
+        self._fences: dict[int, threading.Event] = {}
+        self._thread = threading.Thread(target=self._run, name=f"kv-recv-ch{number}", daemon=True)
+        self._thread.start()
+
+    def say_goodbye(self, timeout_s: float) -> None:
+        """Ask the sender to close; its CLOSE ends our thread (bounded wait)."""
+        try:
+            if self._pair is not None:
+                self._pair.send_frame(Frame(MessageKind.GOODBYE, 0), TAG_REPLY)
+        except Exception as e:  # the peer may already be gone; the thread then ends by itself
+            log.debug("channel %d: goodbye not delivered: %s", self.number, e)
+        self._thread.join(timeout_s)
+
+    def fence(self, transfer_id: int, timeout_s: float) -> bool:
+        """cuda_ipc: make the sender stop writing `transfer_id`; True once it confirmed."""
+        event = self._fences.setdefault(transfer_id, threading.Event())
+        try:
+            self._pair.send_frame(Frame(MessageKind.CANCEL, transfer_id), TAG_REPLY)
+        except Exception as e:
+            log.warning("transfer %d: cannot fence channel %d: %s", transfer_id, self.number, e)
+            return not self._thread.is_alive()
+        confirmed = event.wait(timeout_s) or not self._thread.is_alive()
+        self._fences.pop(transfer_id, None)
+        return confirmed
+
+    def _run(self) -> None:
+        try:
+            self._pair = open_pair(self._store, RECEIVER, self._data_backend, self._timeout_s)
+            if self._kv.tensor.is_cuda:
+                torch.cuda.set_device(self._kv.tensor.device)
+            while self._handle(self._pair.recv_frame(TAG_FORWARD)):
+                pass
+            log.info("channel %d: sender %s closed", self.number, self.sender_id)
+        except Exception as e:
+            detail = f"channel {self.number} to sender {self.sender_id} broke: {e}"
+            log.warning("%s", detail)
+            self._ledger.fail(list(self._open_transfers), FailureReason.PEER_GONE, detail)
+        finally:
+            self._on_exit(self)
+
+    def _handle(self, frame: Frame) -> bool:
+        """Apply one frame; False when the channel ends."""
+        tid = frame.transfer_id
+        if frame.kind == MessageKind.LAYER:
+            self._open_transfers.add(tid)
+            spec = self._kv.spec
+            buf = torch.empty((2, frame.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim),
+                              dtype=spec.dtype, device=spec.device)
+            self._pair.recv_payload(buf)
+            self._ledger.write(tid, frame.layer, frame.first_block_index, buf)
+        elif frame.kind == MessageKind.LANDED:
+            self._ledger.mark_landed(tid, frame.layer, frame.first_block_index, frame.num_blocks)
+        elif frame.kind == MessageKind.BEGIN:
+            self._open_transfers.add(tid)
+            self._reply(MessageKind.ADMITTED, tid, self._ledger.admit(tid, self))
+        elif frame.kind == MessageKind.FENCED:
+            self._fences.get(tid, threading.Event()).set()
+        elif frame.kind == MessageKind.FINISH:
+            self._open_transfers.discard(tid)
+            self._reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks))
+        elif frame.kind == MessageKind.CLOSE:
+            self._reply(MessageKind.GOODBYE, 0, AckStatus.OK)
+            return False
+        return True
+
+    def _reply(self, kind: MessageKind, transfer_id: int, status: AckStatus) -> None:
+        self._pair.send_frame(Frame(kind, transfer_id, status=int(status)), TAG_REPLY)
+
+
+class SendChannel:
+    """The sender's end of one channel: an ordered work queue on one thread, plus a reply reader."""
+
+    _CLOSE = object()  # queue marker: say CLOSE (if still possible) and stop
+
+    def __init__(self, address: ChannelAddress, hello: Hello, data_backend: str, timeout_s: float,
+                 on_cancel: Callable[[int], None] | None = None):
+        self.address = address
+        self._hello, self._data_backend, self._timeout_s = hello, data_backend, timeout_s
+        self._on_cancel = on_cancel
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._replies: dict[tuple[MessageKind, int], Future] = {}
+        self._error: TransferError | None = None
+        self._pair: ProcessGroupPair | None = None
+        self.connected: Future = Future()
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{address.peer_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_broken(self) -> bool:
+        return self._error is not None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run `work` on the channel thread after everything submitted before it."""
+        self._queue.put(work)
+
+    def expect_reply(self, kind: MessageKind, transfer_id: int) -> Future:
+        """A future for the receiver's `kind` answer about `transfer_id` (register before sending)."""
+        future: Future = Future()
+        with self._lock:
+            if self._error is not None:
+                future.set_exception(self._error)
+            else:
+                self._replies[(kind, transfer_id)] = future
+        return future
+
+    def send_frame(self, frame: Frame, payload: torch.Tensor | None = None) -> None:
+        """Send a frame and its payload (channel thread only)."""
+        self._pair.send_frame(frame, TAG_FORWARD)
+        if payload is not None:
+            self._pair.send_payload(payload)
+
+    def close(self, timeout_s: float) -> None:
+        """Say CLOSE after the queued work, then stop (bounded wait)."""
+        self._queue.put(self._CLOSE)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        try:
+            store, number = connect(self.address, self._hello, self._timeout_s)
+            self._pair = open_pair(store, SENDER, self._data_backend, self._timeout_s)
+            threading.Thread(target=self._read_replies, name=f"kv-replies-ch{number}", daemon=True).start()
+            self.connected.set_result(number)
+            while (work := self._queue.get()) is not self._CLOSE:
+                if self._error is None:
+                    work()
+            self._pair.send_frame(Frame(MessageKind.CLOSE, 0), TAG_FORWARD)
+        except Exception as e:
+            self._break(e)
+            if not self.connected.done():
+                self.connected.set_exception(self._error)
+
+    def _read_replies(self) -> None:
+        try:
+            while (frame := self._pair.recv_frame(TAG_REPLY)).kind != MessageKind.GOODBYE:
+                if frame.kind == MessageKind.CANCEL and self._on_cancel is not None:
+                    self._on_cancel(frame.transfer_id)
+                    continue
+                with self._lock:
+                    future = self._replies.pop((frame.kind, frame.transfer_id), None)
+                if future is not None:
+                    future.set_result(AckStatus(frame.status))
+            self._break(TransferError(f"receiver {self.address.peer_id} closed the channel"))
+            self._queue.put(self._CLOSE)
+        except Exception as e:
+            self._break(e)
+
+    def _break(self, cause: Exception) -> None:
+        """Fail everything waiting on this channel; later work is skipped."""
+        error = cause if isinstance(cause, TransferError) else TransferError(
+            f"channel to receiver {self.address.peer_id} broke: {cause}")
+        with self._lock:
+            if self._error is None:
+                self._error = error
+                log.warning("%s", error)
+            pending, self._replies = list(self._replies.values()), {}
+        for future in pending:
+            future.set_exception(self._error)

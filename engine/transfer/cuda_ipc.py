@@ -1,0 +1,172 @@
+"""The `cuda_ipc` backend: both replicas on one GPU; the sender writes the receiver's pool directly.
+
+The receiver shares its whole KV tensor once (a CUDA IPC handle in its address);
+each sender maps it once per receiver and copies blocks device to device on a
+side stream, after its compute stream's event. Frames still travel over a small
+gloo channel, because direct writes need a gate and a fence:
+    BEGIN -> ADMITTED   the receiver still expects the transfer; only then do copies start
+    CANCEL -> FENCED    the receiver's cancel waits until the sender stopped and synced
+    LANDED..., FINISH   sent after the side stream synced, so "landed" is true
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.multiprocessing.reductions import reduce_tensor
+
+from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.messages import (
+    AckStatus,
+    ChannelAddress,
+    Frame,
+    KvDestination,
+    MessageKind,
+    TransferError,
+)
+from pdserve.engine.transfer.rendezvous import Hello
+from pdserve.engine.transfer.torch_dist import TorchDistReceiver, TorchDistSender, device_uuid
+
+log = logging.getLogger(__name__)
+
+_DEVICE_ARG = 6  # position of the device index in reduce_tensor's rebuild arguments
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"cuda_ipc needs a KV cache on a CUDA device, not {device}")
+
+
+@dataclass(frozen=True)
+class CudaIpcHandle:
+    """A receiver's KV tensor as a picklable CUDA IPC handle, tagged with its GPU."""
+
+    device_uuid: str
+    rebuild: Callable[..., torch.Tensor]
+    rebuild_args: tuple[Any, ...]
+
+    def open(self) -> torch.Tensor:
+        """Map the tensor in this process (on whichever local index this GPU has here)."""
+        index = next((i for i in range(torch.cuda.device_count())
+                      if device_uuid(torch.device("cuda", i)) == self.device_uuid), None)
+        if index is None:
+            raise TransferError(f"GPU {self.device_uuid} is not visible to this process")
+        args = list(self.rebuild_args)
+        args[_DEVICE_ARG] = index
+        return self.rebuild(*args)
+
+
+class CudaIpcReceiver(TorchDistReceiver):
+    """Shares its pool with same-GPU senders; its channels carry frames only."""
+
+    backend = "cuda_ipc"
+
+    def __init__(self, kv_cache: KvCache, fence_timeout_s: float = 5.0, **kwargs: Any):
+        _require_cuda(kv_cache.spec.device)
+        super().__init__(kv_cache, **kwargs)
+        self._fence_timeout_s = fence_timeout_s
+        rebuild, args = reduce_tensor(kv_cache.tensor)
+        self._handle = CudaIpcHandle(device_uuid(kv_cache.spec.device), rebuild, args)
+
+    @property
+    def address(self) -> ChannelAddress:
+        plain = super().address
+        return ChannelAddress(plain.backend, plain.host, plain.port, plain.peer_id, ipc_handle=self._handle)
+
+    def _fence(self, writer: ReceiveChannel, transfer_id: int) -> None:
+        """Wait until the sender stopped writing; raises `TransferError` (blocks unsafe) if it never says so."""
+        if not writer.fence(transfer_id, self._fence_timeout_s):
+            raise TransferError(f"transfer {transfer_id}: sender did not confirm it stopped writing; "
+                                "do not reuse its blocks")
+
+    def _check(self, hello: Hello) -> str:
+        if hello.device_uuid != self._handle.device_uuid:
+            return f"sender is on GPU {hello.device_uuid or 'cpu'}, receiver on {self._handle.device_uuid}"
+        return super()._check(hello)
+
+
+@dataclass
+class _Peer:
+    """One receiver as this sender sees it: its mapped pool, the copy stream, the state of transfers."""
+
+    channel: SendChannel
+    remote: torch.Tensor
+    stream: torch.cuda.Stream
+    admitted: dict[int, bool] = field(default_factory=dict)  # transfer id -> may write
+    ranges: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (layer, first, n) copied
+
+
+class CudaIpcSender(TorchDistSender):
+    """Copies blocks into same-GPU receivers' pools; one channel thread per receiver orders the work."""
+
+    backend = "cuda_ipc"
+
+    def __init__(self, kv_cache: KvCache, **kwargs: Any):
+        _require_cuda(kv_cache.spec.device)
+        super().__init__(kv_cache, **kwargs)
+        self._peers: dict[SendChannel, _Peer] = {}
+
+    def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
+        self._check_range(dest, layer, src_block_ids, first_block_index)
+        peer = self._peers[self._bind(dest)]
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.kv_cache.spec.device))
+        tid, n = dest.transfer_id, len(src_block_ids)
+        dst_ids = dest.block_ids[first_block_index : first_block_index + n]
+
+        def copy() -> None:
+            if tid not in peer.admitted:
+                peer.admitted[tid] = self._begin(peer, tid)
+            if not peer.admitted[tid]:
+                return  # the receiver no longer wants it (cancelled, timed out) or fenced it
+            device = self.kv_cache.spec.device
+            with torch.cuda.stream(peer.stream):
+                peer.stream.wait_event(ready)
+                src = self.kv_cache.layer(layer).index_select(1, torch.tensor(src_block_ids, device=device))
+                peer.remote[layer].index_copy_(1, torch.tensor(dst_ids, device=device), src)
+            peer.ranges.setdefault(tid, []).append((layer, first_block_index, n))
+
+        peer.channel.submit(copy)
+
+    def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
+        peer = self._peers[self._bind(dest)]
+        tid = dest.transfer_id
+
+        def report() -> None:
+            peer.stream.synchronize()  # only now are the copies in the receiver's pool
+            for layer, first, n in peer.ranges.pop(tid, []):
+                peer.channel.send_frame(Frame(MessageKind.LANDED, tid, layer, first, n))
+            peer.admitted.pop(tid, None)
+
+        peer.channel.submit(report)
+        super().finish(dest, num_blocks_total, timeout_s)
+
+    def _begin(self, peer: _Peer, transfer_id: int) -> bool:
+        """Ask the receiver whether it still expects the transfer (channel thread)."""
+        reply = peer.channel.expect_reply(MessageKind.ADMITTED, transfer_id)
+        peer.channel.send_frame(Frame(MessageKind.BEGIN, transfer_id))
+        return reply.result(self._timeout_s) == AckStatus.ACCEPTED
+
+    def _fence(self, peer: _Peer, transfer_id: int) -> None:
+        """The receiver cancelled: stop writing, wait for copies in flight, confirm (channel thread)."""
+        peer.admitted[transfer_id] = False
+        peer.ranges.pop(transfer_id, None)
+        peer.stream.synchronize()
+        peer.channel.send_frame(Frame(MessageKind.FENCED, transfer_id))
+
+    def _open(self, address: ChannelAddress) -> SendChannel:
+        if not isinstance(address.ipc_handle, CudaIpcHandle):
+            raise ValueError(f"receiver {address.peer_id} has no CUDA IPC handle")
+        self._peers = {c: p for c, p in self._peers.items() if not c.is_broken}
+        holder: list[_Peer] = []
+        # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
+        channel = SendChannel(address, self._hello, self.backend, self._timeout_s,
+                              on_cancel=lambda tid: channel.submit(lambda: self._fence(holder[0], tid)))
+        peer = _Peer(channel, address.ipc_handle.open(), torch.cuda.Stream(self.kv_cache.spec.device))
+        holder.append(peer)
+        self._peers[channel] = peer
+        return channel

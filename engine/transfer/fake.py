@@ -1,0 +1,126 @@
+"""The `fake` backend: both ends in one process, found through a registry by address.
+
+Delivery is synchronous (send_layer writes straight into the receiver's pool),
+which makes worker tests deterministic. `FaultInjection` fails chosen transfers:
+the receiver's wait then returns a CHANNEL_ERROR outcome and the sender's finish
+raises `TransferError`, as a broken real channel would.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.base import KvReceiver, KvSender
+from pdserve.engine.transfer.messages import (
+    AckStatus,
+    ChannelAddress,
+    FailureReason,
+    HandshakeError,
+    KvDestination,
+    KvGeometry,
+    TransferError,
+)
+
+log = logging.getLogger(__name__)
+
+_registry: dict[int, FakeReceiver] = {}
+_registry_lock = threading.Lock()
+_ports = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Which transfers a fake sender fails: each with `failure_probability`, and the `fail_nth` (1-based)."""
+
+    failure_probability: float = 0.0
+    fail_nth: frozenset[int] = frozenset()
+    seed: int = 0
+
+
+class FakeReceiver(KvReceiver):
+    """A receiver reachable by in-process fake senders."""
+
+    def __init__(self, kv_cache: KvCache, peer_id: str | None = None):
+        super().__init__(kv_cache)
+        port = next(_ports)
+        self._address = ChannelAddress("fake", "in-process", port, peer_id or f"fake-receiver-{port}")
+        with _registry_lock:
+            _registry[port] = self
+
+    @property
+    def address(self) -> ChannelAddress:
+        return self._address
+
+    def close(self) -> None:
+        with _registry_lock:
+            _registry.pop(self._address.port, None)
+
+
+class FakeSender(KvSender):
+    """Writes straight into the registered receiver's pool, failing the transfers `faults` picks."""
+
+    def __init__(self, kv_cache: KvCache, faults: FaultInjection = FaultInjection()):
+        super().__init__(kv_cache)
+        self._faults = faults
+        self._random = random.Random(faults.seed)
+        self._num_started = 0
+        self._failed: dict[int, str] = {}  # transfer id -> why, until finish
+        self._started: set[int] = set()
+
+    def connect(self, address: ChannelAddress, timeout_s: float) -> None:
+        self._receiver(address)
+
+    def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
+        self._check_range(dest, layer, src_block_ids, first_block_index)
+        self._start(dest)
+        if dest.transfer_id in self._failed:
+            return
+        data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
+        try:
+            self._receiver(dest.channel)._ledger.write(dest.transfer_id, layer, first_block_index, data)
+        except TransferError as e:
+            self._failed[dest.transfer_id] = str(e)
+
+    def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
+        self._start(dest)
+        self._started.discard(dest.transfer_id)
+        if dest.transfer_id in self._failed:
+            raise TransferError(f"transfer {dest.transfer_id}: {self._failed.pop(dest.transfer_id)}")
+        status = self._receiver(dest.channel)._ledger.finish(dest.transfer_id, num_blocks_total)
+        if status != AckStatus.OK:
+            raise TransferError(f"transfer {dest.transfer_id}: receiver answered {status.name}")
+
+    def close(self) -> None:
+        self._failed.clear()
+        self._started.clear()
+
+    def _start(self, dest: KvDestination) -> None:
+        """Count a new transfer and decide whether the fault plan fails it."""
+        if dest.transfer_id in self._started:
+            return
+        self._started.add(dest.transfer_id)
+        self._num_started += 1
+        is_picked = self._num_started in self._faults.fail_nth
+        if is_picked or self._random.random() < self._faults.failure_probability:
+            detail = f"injected fault (transfer #{self._num_started} of this sender)"
+            log.info("transfer %d: %s", dest.transfer_id, detail)
+            self._failed[dest.transfer_id] = detail
+            receiver = _registry.get(dest.channel.port)
+            if receiver is not None:
+                receiver._ledger.fail([dest.transfer_id], FailureReason.CHANNEL_ERROR, detail)
+
+    def _receiver(self, address: ChannelAddress) -> FakeReceiver:
+        with _registry_lock:
+            receiver = _registry.get(address.port)
+        if receiver is None:
+            raise TransferError(f"fake receiver {address.peer_id} is gone")
+        if KvGeometry.of(receiver.kv_cache.spec) != KvGeometry.of(self.kv_cache.spec):
+            raise HandshakeError(f"KV geometry differs from receiver {address.peer_id}'s")
+        return receiver

@@ -1,0 +1,160 @@
+"""The receiver's book of expected transfers: which blocks landed, and how each ended.
+
+A transfer's life on the receiver:
+    expect()  -> RECEIVING: LAYER/LANDED frames mark (layer, block) cells landed
+    FINISH    -> OK when every layer covers the first `num_blocks_total` blocks, else failed
+    failure   -> failed outcome with a reason (peer gone, channel error, timeout)
+    wait() or cancel() -> forgotten; later data for it is dropped.
+Writes into the pool happen under the book's lock, so once `cancel` or `wait`
+returns, no write for that transfer is in progress or will start.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.messages import AckStatus, FailureReason, TransferOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Expected:
+    block_ids: tuple[int, ...]
+    num_layers: int
+    landed: list[bytearray]  # [layer][block index] = 1 once written
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: TransferOutcome | None = None
+    writer: Hashable | None = None  # cuda_ipc: the channel admitted to write directly
+
+    def missing(self, num_blocks_total: int) -> str:
+        """A description of the first layer with a block not landed, or ''."""
+        for layer, row in enumerate(self.landed):
+            if not all(row[:num_blocks_total]):
+                return f"layer {layer} missing block indices {[i for i in range(num_blocks_total) if not row[i]]}"
+        return ""
+
+
+class TransferLedger:
+    """Expected transfers of one receiver, written into its `KvCache`."""
+
+    def __init__(self, kv_cache: KvCache):
+        self._kv = kv_cache
+        self._lock = threading.Lock()
+        self._expected: dict[int, _Expected] = {}
+
+    def expect(self, transfer_id: int, block_ids: tuple[int, ...], num_layers: int) -> None:
+        """Start accepting data for `transfer_id` into `block_ids`."""
+        num_blocks = self._kv.spec.num_blocks
+        if any(not 0 <= b < num_blocks for b in block_ids):
+            raise ValueError(f"transfer {transfer_id}: block ids outside the pool of {num_blocks}")
+        with self._lock:
+            if transfer_id in self._expected:
+                raise ValueError(f"transfer {transfer_id} is already expected")
+            landed = [bytearray(len(block_ids)) for _ in range(num_layers)]
+            self._expected[transfer_id] = _Expected(tuple(block_ids), num_layers, landed)
+
+    def write(self, transfer_id: int, layer: int, first_block_index: int, data: torch.Tensor) -> AckStatus:
+        """Import `data` ([2, n, ...]) into the destination blocks; drop it if the transfer is gone."""
+        with self._lock:
+            entry, status = self._receiving(transfer_id, layer, first_block_index, data.shape[1])
+            if entry is None:
+                return status
+            ids = entry.block_ids[first_block_index : first_block_index + data.shape[1]]
+            self._kv.import_blocks(layer, torch.tensor(ids, dtype=torch.int64), data)
+            if self._kv.tensor.is_cuda:
+                torch.cuda.current_stream(self._kv.tensor.device).synchronize()  # landed means landed
+            entry.landed[layer][first_block_index : first_block_index + data.shape[1]] = b"\x01" * data.shape[1]
+            return AckStatus.OK
+
+    def mark_landed(self, transfer_id: int, layer: int, first_block_index: int, num_blocks: int) -> AckStatus:
+        """Record blocks a peer wrote directly (cuda_ipc)."""
+        with self._lock:
+            entry, status = self._receiving(transfer_id, layer, first_block_index, num_blocks)
+            if entry is not None:
+                entry.landed[layer][first_block_index : first_block_index + num_blocks] = b"\x01" * num_blocks
+            return status
+
+    def admit(self, transfer_id: int, writer: Hashable) -> AckStatus:
+        """Let `writer` write this transfer's blocks directly (cuda_ipc); fenced on cancel."""
+        with self._lock:
+            entry = self._expected.get(transfer_id)
+            if entry is None or entry.outcome is not None:
+                return AckStatus.UNKNOWN_TRANSFER
+            entry.writer = writer
+            return AckStatus.ACCEPTED
+
+    def finish(self, transfer_id: int, num_blocks_total: int) -> AckStatus:
+        """The sender says it sent `num_blocks_total` blocks per layer: complete or fail."""
+        with self._lock:
+            entry = self._expected.get(transfer_id)
+            if entry is None:
+                return AckStatus.UNKNOWN_TRANSFER
+            if entry.outcome is not None:
+                return AckStatus.OK if entry.outcome.is_ok else AckStatus.FAILED
+            missing = "more blocks than reserved" if num_blocks_total > len(entry.block_ids) else ""
+            missing = missing or entry.missing(num_blocks_total)
+            if missing:
+                self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CHANNEL_ERROR, missing))
+                return AckStatus.INCOMPLETE
+            self._settle(entry, TransferOutcome(transfer_id))
+            return AckStatus.OK
+
+    def fail(self, transfer_ids: list[int], reason: FailureReason, detail: str) -> None:
+        """Fail every still-open transfer among `transfer_ids`."""
+        with self._lock:
+            for tid in transfer_ids:
+                entry = self._expected.get(tid)
+                if entry is not None and entry.outcome is None:
+                    self._settle(entry, TransferOutcome.failed(tid, reason, detail))
+
+    def wait(self, transfer_id: int, timeout_s: float) -> tuple[TransferOutcome, Hashable | None]:
+        """Block until the transfer ends or `timeout_s` passes, then forget it.
+
+        Returns the outcome and the writer admitted to it (cuda_ipc must fence a failed one).
+        """
+        with self._lock:
+            entry = self._expected.get(transfer_id)
+        if entry is None:
+            return TransferOutcome.failed(transfer_id, FailureReason.UNKNOWN_TRANSFER, "not expected"), None
+        entry.done.wait(max(0.0, timeout_s))
+        with self._lock:
+            self._expected.pop(transfer_id, None)
+            if entry.outcome is None:
+                detail = f"not complete after {timeout_s:.3g} s"
+                self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.TIMEOUT, detail))
+        return entry.outcome, entry.writer
+
+    def cancel(self, transfer_id: int) -> Hashable | None:
+        """Forget the transfer; return the writer admitted to it (cuda_ipc must fence it), if any."""
+        with self._lock:
+            entry = self._expected.pop(transfer_id, None)
+            if entry is None:
+                return None
+            if entry.outcome is None:
+                self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CANCELLED, "cancelled"))
+            return entry.writer
+
+    def _receiving(self, transfer_id: int, layer: int, first: int, n: int) -> tuple[_Expected | None, AckStatus]:
+        """The open entry data may go to, or None and why not (caller holds the lock)."""
+        entry = self._expected.get(transfer_id)
+        if entry is None or entry.outcome is not None:
+            log.debug("transfer %d: dropping data for layer %d (not expected)", transfer_id, layer)
+            return None, AckStatus.UNKNOWN_TRANSFER
+        if not (0 <= layer < entry.num_layers and 0 <= first and n > 0 and first + n <= len(entry.block_ids)):
+            detail = f"bad range: layer {layer}, blocks [{first}, {first + n}) of {len(entry.block_ids)}"
+            self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CHANNEL_ERROR, detail))
+            return None, AckStatus.FAILED
+        return entry, AckStatus.OK
+
+    @staticmethod
+    def _settle(entry: _Expected, outcome: TransferOutcome) -> None:
+        if not outcome.is_ok:
+            log.warning("transfer %d failed: %s (%s)", outcome.transfer_id, outcome.reason.value, outcome.detail)
+        entry.outcome = outcome
+        entry.done.set()

@@ -1,0 +1,131 @@
+"""The transfer plane's messages: where KV goes, how a transfer ended, and the wire frame.
+
+All of them are frozen dataclasses that pickle, so they cross Ray calls unchanged.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.engine.kv_cache import KvCacheSpec
+
+# Bump on any change to the frame layout, the message kinds or the handshake.
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    """How a sender reaches one receiver; `ipc_handle` is the receiver's KV tensor (cuda_ipc only)."""
+
+    backend: str
+    host: str
+    port: int
+    peer_id: str
+    wire_version: int = WIRE_VERSION
+    ipc_handle: Any = None
+
+
+@dataclass(frozen=True)
+class KvDestination:
+    """A decode replica's reserved blocks for one transfer, and the channel to reach them."""
+
+    transfer_id: int
+    block_ids: tuple[int, ...]
+    channel: ChannelAddress
+
+
+class FailureReason(enum.Enum):
+    TIMEOUT = "timeout"
+    PEER_GONE = "peer_gone"
+    CHANNEL_ERROR = "channel_error"
+    CANCELLED = "cancelled"
+    UNKNOWN_TRANSFER = "unknown_transfer"
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    """How a transfer ended on the receiver: `is_ok`, or a failure reason with detail."""
+
+    transfer_id: int
+    reason: FailureReason | None = None
+    detail: str = ""
+
+    @property
+    def is_ok(self) -> bool:
+        return self.reason is None
+
+    @classmethod
+    def failed(cls, transfer_id: int, reason: FailureReason, detail: str) -> TransferOutcome:
+        return cls(transfer_id, reason, detail)
+
+
+class TransferError(RuntimeError):
+    """A send that did not complete (raised by the sender; the receiver returns outcomes)."""
+
+
+class HandshakeError(TransferError):
+    """The two ends disagree on the wire version or the KV geometry."""
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """What both ends of a channel must agree on (the number of blocks may differ)."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, spec: KvCacheSpec) -> KvGeometry:
+        return cls(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, str(spec.dtype))
+
+
+class MessageKind(enum.IntEnum):
+    """Frame kinds. Sender to receiver: LAYER..FENCED; receiver to sender: FINISHED..CANCEL."""
+
+    LAYER = 1  # a payload [2, num_blocks, block_size, heads, head_dim] follows
+    LANDED = 2  # cuda_ipc: these blocks were copied into the receiver's pool
+    FINISH = 3  # num_blocks = blocks per layer in the whole transfer; answered by FINISHED
+    CLOSE = 4  # the sender leaves the channel
+    BEGIN = 5  # cuda_ipc: may I write this transfer's blocks? (answered by ADMITTED)
+    FENCED = 6  # cuda_ipc: no write of this transfer will land any more
+    FINISHED = 10  # answers FINISH; AckStatus in `status`
+    ADMITTED = 11  # answers BEGIN; AckStatus in `status`
+    GOODBYE = 12  # the receiver leaves the channel (or answers CLOSE)
+    CANCEL = 13  # cuda_ipc: stop writing this transfer and answer FENCED
+
+
+class AckStatus(enum.IntEnum):
+    OK = 0
+    ACCEPTED = 1
+    UNKNOWN_TRANSFER = 2  # never expected, cancelled, or timed out on the receiver
+    INCOMPLETE = 3  # FINISH came but some layer/block never landed
+    FAILED = 4  # failed earlier on the receiver (bad block range, ...)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The fixed-size header of every message on a channel, sent as an int64 tensor."""
+
+    kind: MessageKind
+    transfer_id: int
+    layer: int = 0
+    first_block_index: int = 0
+    num_blocks: int = 0
+    status: int = 0
+
+    SIZE = 6
+
+    def to_tensor(self) -> torch.Tensor:
+        values = [int(self.kind), self.transfer_id, self.layer, self.first_block_index, self.num_blocks, self.status]
+        return torch.tensor(values, dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> Frame:
+        kind, tid, layer, first, num, status = t.tolist()
+        return cls(MessageKind(kind), tid, layer, first, num, status)

@@ -1,0 +1,182 @@
+"""The `gloo` (CPU) and `nccl` (GPU to GPU) backends: KV payloads over torch.distributed.
+
+Per (sender, receiver) pair one 2-rank group, made on demand over the receiver's
+`TCPStore` (no global `init_process_group`): replicas join and leave while the
+others keep working. The two backends share every line but the data group's
+constructor and the device the payload lives on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Sequence
+
+import torch
+from torch.distributed import PrefixStore
+
+from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.base import KvReceiver, KvSender
+from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.messages import (
+    WIRE_VERSION,
+    AckStatus,
+    ChannelAddress,
+    Frame,
+    KvDestination,
+    KvGeometry,
+    MessageKind,
+    TransferError,
+)
+from pdserve.engine.transfer.rendezvous import ChannelListener, Hello, check_hello
+
+log = logging.getLogger(__name__)
+
+_CLOSE_WAIT_S = 5.0
+
+
+def device_uuid(device: torch.device) -> str:
+    """The GPU's UUID ('' on the CPU): device indices differ between processes, UUIDs do not."""
+    if device.type != "cuda":
+        return ""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _finish_error(dest: KvDestination, status: AckStatus) -> TransferError:
+    return TransferError(f"transfer {dest.transfer_id}: receiver {dest.channel.peer_id} answered {status.name}")
+
+
+class TorchDistReceiver(KvReceiver):
+    """Receives over one channel per sender; the channel threads write into the pool."""
+
+    backend = "gloo"
+
+    def __init__(self, kv_cache: KvCache, host: str = "127.0.0.1", port: int = 0,
+                 peer_id: str | None = None, timeout_s: float = 30.0):
+        super().__init__(kv_cache)
+        self._host, self._timeout_s = host, timeout_s
+        self._peer_id = peer_id or f"receiver-{uuid.uuid4().hex[:8]}"
+        self._channels: dict[int, ReceiveChannel] = {}
+        self._lock = threading.Lock()
+        self._listener = ChannelListener(port, self._check, self._accept, timeout_s)
+
+    @property
+    def address(self) -> ChannelAddress:
+        return ChannelAddress(self.backend, self._host, self._listener.port, self._peer_id)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            channels = list(self._channels.values())
+        for channel in channels:
+            channel.say_goodbye(_CLOSE_WAIT_S)
+
+    def _check(self, hello: Hello) -> str:
+        return check_hello(hello, KvGeometry.of(self.kv_cache.spec))
+
+    def _accept(self, store: PrefixStore, number: int, hello: Hello) -> None:
+        with self._lock:
+            self._channels[number] = ReceiveChannel(
+                store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget)
+
+    def _forget(self, channel: ReceiveChannel) -> None:
+        with self._lock:
+            self._channels.pop(channel.number, None)
+
+
+class NcclReceiver(TorchDistReceiver):
+    backend = "nccl"
+
+
+class TorchDistSender(KvSender):
+    """Sends to any receiver of its backend; one channel (and thread) per receiver, opened on demand."""
+
+    backend = "gloo"
+
+    def __init__(self, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0):
+        super().__init__(kv_cache)
+        self._timeout_s = timeout_s
+        spec = kv_cache.spec
+        sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
+        self._hello = Hello(WIRE_VERSION, KvGeometry.of(spec), sender_id, device_uuid(spec.device))
+        self._lock = threading.Lock()
+        self._channels: dict[ChannelAddress, SendChannel] = {}
+        self._bound: dict[int, SendChannel] = {}  # transfer id -> its channel until finish
+
+    def connect(self, address: ChannelAddress, timeout_s: float) -> None:
+        channel = self._channel(address)
+        try:
+            channel.connected.result(timeout_s)
+        except TimeoutError as e:
+            raise TransferError(f"no channel to {address.peer_id} after {timeout_s:.3g} s") from e
+
+    def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
+        self._check_range(dest, layer, src_block_ids, first_block_index)
+        channel = self._bind(dest)
+        # Snapshot now, on the caller's stream, so later compute cannot change what we send.
+        payload = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
+        ready = _record_event(payload.device)
+        frame = Frame(MessageKind.LAYER, dest.transfer_id, layer, first_block_index, len(src_block_ids))
+
+        def send() -> None:
+            if ready is not None:
+                ready.synchronize()
+            channel.send_frame(frame, payload)
+
+        channel.submit(send)
+
+    def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
+        channel = self._bind(dest)
+        with self._lock:
+            self._bound.pop(dest.transfer_id, None)
+        reply = channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)
+        channel.submit(lambda: channel.send_frame(Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)))
+        try:
+            status = reply.result(timeout_s)
+        except TimeoutError as e:
+            raise TransferError(f"transfer {dest.transfer_id}: not delivered after {timeout_s:.3g} s") from e
+        if status != AckStatus.OK:
+            raise _finish_error(dest, status)
+        log.debug("transfer %d: delivered to %s", dest.transfer_id, dest.channel.peer_id)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close(_CLOSE_WAIT_S)
+
+    def _bind(self, dest: KvDestination) -> SendChannel:
+        """The channel this transfer runs on: fixed at its first layer, so a broken one fails it whole."""
+        with self._lock:
+            channel = self._bound.get(dest.transfer_id)
+            if channel is None:
+                channel = self._bound[dest.transfer_id] = self._channel_locked(dest.channel)
+            return channel
+
+    def _channel(self, address: ChannelAddress) -> SendChannel:
+        with self._lock:
+            return self._channel_locked(address)
+
+    def _channel_locked(self, address: ChannelAddress) -> SendChannel:
+        if address.backend != self.backend:
+            raise ValueError(f"a {self.backend} sender cannot reach a {address.backend} receiver")
+        channel = self._channels.get(address)
+        if channel is None or channel.is_broken:
+            channel = self._channels[address] = self._open(address)
+        return channel
+
+    def _open(self, address: ChannelAddress) -> SendChannel:
+        return SendChannel(address, self._hello, self.backend, self._timeout_s)
+
+
+class NcclSender(TorchDistSender):
+    backend = "nccl"
+
+
+def _record_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event after the work queued so far on `device`'s current stream (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event

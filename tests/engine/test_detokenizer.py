@@ -1,0 +1,33 @@
+"""Incremental detokenization equals decoding the whole sequence, and never splits a character."""
+import pytest
+
+from pdserve.engine.loader import default_model_dir
+from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "naïve café — 東京タワー 🚀🎉 and ünïcödé, then   spaces\n\nnewlines",
+    "def f(x):\n    return x ** 2  # ✓",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(default_model_dir())
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_add_up_to_the_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add([token]) for token in ids] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_byte_level_pieces_wait_for_the_whole_character(tokenizer):
+    ids = tokenizer.encode("🚀", add_special_tokens=False)
+    assert len(ids) > 1, "the emoji spans several byte tokens in this tokenizer"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert [detok.add([t]) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.add(ids[-1:]) == "🚀"

@@ -1,0 +1,78 @@
+"""prefill_attention_varlen: the Triton kernel (interpreted) against the per-sequence SDPA reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from pdserve.engine.kernels.prefill_attention import (
+    prefill_attention_varlen,
+    prefill_attention_varlen_reference,
+    prefill_attention_varlen_triton,
+)
+
+
+def cu_seqlens(lengths: list[int], device=DEVICE) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+def make_inputs(q_lens, k_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(sum(k_lens), num_kv_heads, head_dim, generator=gen).to(dtype)
+    return q.to(device), k.to(device), v.to(device)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lengths, num_heads, num_kv_heads, head_dim",
+    [
+        ([1], 4, 4, 64),  # one token, MHA
+        ([70, 1, 139], 6, 2, 128),  # group 3, lengths crossing both tile sizes
+        ([33, 200], 8, 2, 64),  # group 4, several query blocks
+    ],
+)
+def test_matches_reference(lengths, num_heads, num_kv_heads, head_dim, dtype):
+    q, k, v = make_inputs(lengths, lengths, num_heads, num_kv_heads, head_dim, dtype)
+    cu = cu_seqlens(lengths)
+    out = prefill_attention_varlen_triton(q, k, v, cu, max(lengths), head_dim**-0.5)
+    ref = prefill_attention_varlen_reference(q, k, v, cu, max(lengths), head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefill_queries_are_the_tail_of_the_keys(dtype):
+    q_lens, k_lens = [20, 150, 7], [90, 150, 7]  # a tail chunk, a whole prompt, a short one
+    q, k, v = make_inputs(q_lens, k_lens, 8, 2, 64, dtype)
+    args = (q, k, v, cu_seqlens(q_lens), max(q_lens), 0.125)
+    out = prefill_attention_varlen_triton(*args, cu_seqlens_k=cu_seqlens(k_lens))
+    ref = prefill_attention_varlen_reference(*args, cu_seqlens_k=cu_seqlens(k_lens))
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_reference_chunk_equals_the_tail_of_full_causal_attention():
+    """Queries 70..89 of a 90-token prompt attend exactly as in the whole-prompt pass."""
+    q, k, v = make_inputs([90], [90], 4, 2, 64, torch.float32)
+    whole = prefill_attention_varlen_reference(q, k, v, cu_seqlens([90]), 90, 0.125)
+    tail = prefill_attention_varlen_reference(
+        q[70:], k, v, cu_seqlens([20]), 20, 0.125, cu_seqlens_k=cu_seqlens([90])
+    )
+    assert relative_error(tail, whole[70:]) < 1e-6
+
+
+def test_reference_is_sdpa_is_causal_per_sequence():
+    q, k, v = make_inputs([30, 12], [30, 12], 4, 4, 64, torch.float32)
+    out = prefill_attention_varlen_reference(q, k, v, cu_seqlens([30, 12]), 30, 0.125)
+    second = F.scaled_dot_product_attention(
+        q[30:].transpose(0, 1), k[30:].transpose(0, 1), v[30:].transpose(0, 1), is_causal=True, scale=0.125
+    ).transpose(0, 1)
+    assert relative_error(out[30:], second) < 1e-6
+
+
+def test_dispatcher_uses_reference_on_cpu():
+    q, k, v = make_inputs([9, 4], [9, 4], 4, 2, 64, torch.bfloat16, device="cpu")
+    args = (q, k, v, cu_seqlens([9, 4], device="cpu"), 9, 0.125)
+    assert torch.equal(prefill_attention_varlen(*args), prefill_attention_varlen_reference(*args))
