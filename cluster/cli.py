@@ -1,7 +1,102 @@
-"""The `pdserve` command line."""
+"""The `pdserve` command line: serve, generate, export-default-model."""
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+
+from .config import ConfigError, PdserveConfig, load_config, load_config_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("pdserve: under construction", file=sys.stderr)
-    return 1
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args) or 0
+    except ConfigError as e:
+        print(f"pdserve: bad configuration: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving on Ray.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve a model: prefill and decode pools behind HTTP and gRPC")
+    serve.add_argument("--config", help="a config.yaml (flags below override it)")
+    serve.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--prefill-replicas", help="N, or MIN:MAX to autoscale")
+    serve.add_argument("--decode-replicas", help="N, or MIN:MAX to autoscale")
+    serve.add_argument("--colocated", type=int, help="N replicas doing both phases instead (the baseline)")
+    serve.add_argument("--http-host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--address", help="join this Ray cluster instead of starting one")
+    serve.add_argument("--api-key", help="require this bearer key (or set PDSERVE_API_KEY)")
+    serve.add_argument("--slo-ttft-ms", type=float)
+    serve.add_argument("--slo-tpot-ms", type=float)
+    serve.add_argument("--upscale-delay-s", type=float)
+    serve.add_argument("--downscale-delay-s", type=float)
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="stream a completion from a running server (or --offline)")
+    generate.add_argument("prompt")
+    generate.add_argument("--offline", action="store_true", help="run the engine in this process, no server")
+    generate.add_argument("--model", help="model directory (offline only)")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--no-chat", action="store_true", help="send the prompt as is, without the chat template")
+    generate.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of the server")
+    generate.add_argument("--api-key", help="bearer key, if the server wants one")
+    generate.set_defaults(run=_generate)
+
+    export = commands.add_parser("export-default-model", help="write the embedded model as a Hugging Face directory")
+    export.add_argument("directory")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .server import serve_forever
+
+    overrides = {
+        "model.path": args.model,
+        "prefill.replicas": args.prefill_replicas,
+        "decode.replicas": args.decode_replicas,
+        "colocated.replicas": args.colocated,
+        "router.http_host": args.http_host,
+        "router.http_port": args.http_port,
+        "router.grpc_port": args.grpc_port,
+        "router.api_key": args.api_key or os.environ.get("PDSERVE_API_KEY"),
+        "slo.ttft_ms": args.slo_ttft_ms,
+        "slo.tpot_ms": args.slo_tpot_ms,
+        "autoscaling.upscale_delay_s": args.upscale_delay_s,
+        "autoscaling.downscale_delay_s": args.downscale_delay_s,
+    }
+    config = load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
+    serve_forever(config, args.address)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate_cmd import generate_offline, generate_remote
+
+    if args.offline:
+        return generate_offline(args)
+    return generate_remote(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.engine.loader import export_default_model
+
+    export_default_model(Path(args.directory))
+    print(args.directory)
+    return 0

@@ -87,6 +87,7 @@ class PrefillPoolConfig:
     gpus_per_replica: float = 1.0
     max_batch_tokens: int = 2048  # token budget of one prefill batch; longer prompts are chunked
     max_queued_requests: int = 256  # beyond this, requests get 429
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources a replica needs
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class DecodePoolConfig:
     gpus_per_replica: float = 1.0
     max_running: int = 64  # sequences in one decode batch
     max_waiting: int = 256  # reservations waiting for KV or admission; beyond this, 429
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class RouterConfig:
     decode_policy: str = "least_loaded"  # round_robin | least_loaded
     short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
     api_key: str | None = None
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return ReplicaRange.parse(value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if typing.get_origin(hint) is dict:
+        return _resources(value, where)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
     if value is None:
         if type(None) in options:
@@ -267,6 +272,18 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
 
 _UnionType = type(int | None)
+
+
+def _resources(value: Any, where: str) -> dict[str, float]:
+    """A mapping of Ray resource names to non-negative amounts."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of resource name to amount, got {value!r}")
+    out = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{where}: {name!r}: expected a resource name and an amount >= 0, got {amount!r}")
+        out[name] = float(amount)
+    return out
 
 
 def _check(config: PdserveConfig) -> None:

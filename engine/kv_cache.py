@@ -55,3 +55,11 @@ class KvCache:
     def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor) -> None:
         """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids`."""
         self.tensor[layer].index_copy_(1, block_ids.to(self.tensor.device), data.to(self.tensor.device))
+
+
+def num_blocks_that_fit(bytes_per_block: int, device: torch.device, memory_fraction: float, cpu_num_blocks: int) -> int:
+    """How many blocks a replica's KV pool gets: a share of free CUDA memory, a fixed count on the CPU."""
+    if device.type != "cuda":
+        return cpu_num_blocks
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * memory_fraction) // bytes_per_block)

@@ -78,6 +78,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def read_model_spec(path: str | os.PathLike, max_model_len: int | None = None) -> ModelSpec:
+    """The spec of a model directory without loading its weights (for the router)."""
+    directory = Path(path)
+    spec = spec_from_config(load_hf_config(directory), max_model_len)
+    return replace(spec, eos_token_ids=_generation_eos(directory) or spec.eos_token_ids)
+
+
 def load_model_dir(
     path: str | os.PathLike | None,
     device: torch.device | str = "cpu",
@@ -88,8 +95,7 @@ def load_model_dir(
     directory = Path(path) if path is not None else default_model_dir()
     device = torch.device(device)
     hf_config = load_hf_config(directory)
-    spec = spec_from_config(hf_config, max_model_len)
-    spec = replace(spec, eos_token_ids=_generation_eos(directory) or spec.eos_token_ids)
+    spec = read_model_spec(directory, max_model_len)
     torch_dtype = resolve_dtype(dtype, device)
     tensors = _read_safetensors(directory)
     weights = _arrange(tensors, spec, torch_dtype, device)

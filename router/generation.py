@@ -8,7 +8,7 @@ reach them as the typed errors below, mapped once to HTTP and gRPC statuses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncGenerator, Protocol
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class HealthStatus:
 
 
 class GenerationBackend(Protocol):
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]: ...
 
     async def health(self) -> HealthStatus: ...
 
@@ -110,6 +110,13 @@ class Overloaded(GenerationError):
 
 class Unavailable(GenerationError):
     """No replica of a pool could serve within the deadline."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class TryElsewhere(GenerationError):
+    """One replica cannot take the request now (KV pool full, draining); another, or later, may."""
 
     http_status = 503
     grpc_code = "UNAVAILABLE"

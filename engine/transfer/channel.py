@@ -17,6 +17,7 @@ import datetime
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
@@ -98,17 +99,26 @@ class ReceiveChannel:
         self._pair: ProcessGroupPair | None = None
         self._open_transfers: set[int] = set()  # transfers this sender touched, not finished
         self._fences: dict[int, threading.Event] = {}
+        # A gloo send waits for the peer's matching recv: the sender reads replies until the
+        # first GOODBYE only, so exactly one GOODBYE may ever be sent.
+        self._goodbye_lock = threading.Lock()
+        self._has_said_goodbye = False
         self._thread = threading.Thread(target=self._run, name=f"kv-recv-ch{number}", daemon=True)
         self._thread.start()
 
     def say_goodbye(self, timeout_s: float) -> None:
         """Ask the sender to close; its CLOSE ends our thread (bounded wait)."""
         try:
-            if self._pair is not None:
-                self._pair.send_frame(Frame(MessageKind.GOODBYE, 0), TAG_REPLY)
+            self._say_goodbye()
         except Exception as e:  # the peer may already be gone; the thread then ends by itself
             log.debug("channel %d: goodbye not delivered: %s", self.number, e)
         self._thread.join(timeout_s)
+
+    def _say_goodbye(self) -> None:
+        with self._goodbye_lock:
+            pair, was_said, self._has_said_goodbye = self._pair, self._has_said_goodbye, True
+        if pair is not None and not was_said:
+            pair.send_frame(Frame(MessageKind.GOODBYE, 0), TAG_REPLY)
 
     def fence(self, transfer_id: int, timeout_s: float) -> bool:
         """cuda_ipc: make the sender stop writing `transfer_id`; True once it confirmed."""
@@ -125,6 +135,7 @@ class ReceiveChannel:
     def _run(self) -> None:
         try:
             self._pair = open_pair(self._store, RECEIVER, self._data_backend, self._timeout_s)
+            self._store = None  # only the groups need it now; a closed receiver's store must be able to stop
             if self._kv.tensor.is_cuda:
                 torch.cuda.set_device(self._kv.tensor.device)
             while self._handle(self._pair.recv_frame(TAG_FORWARD)):
@@ -135,6 +146,7 @@ class ReceiveChannel:
             log.warning("%s", detail)
             self._ledger.fail(list(self._open_transfers), FailureReason.PEER_GONE, detail)
         finally:
+            self._pair = None  # destroy the groups now, not in interpreter teardown
             self._on_exit(self)
 
     def _handle(self, frame: Frame) -> bool:
@@ -158,11 +170,13 @@ class ReceiveChannel:
             self._open_transfers.discard(tid)
             self._reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks))
         elif frame.kind == MessageKind.CLOSE:
-            self._reply(MessageKind.GOODBYE, 0, AckStatus.OK)
+            self._say_goodbye()
             return False
         return True
 
     def _reply(self, kind: MessageKind, transfer_id: int, status: AckStatus) -> None:
+        if self._has_said_goodbye:
+            return  # the sender stopped reading replies; it fails its own waits
         self._pair.send_frame(Frame(kind, transfer_id, status=int(status)), TAG_REPLY)
 
 
@@ -180,9 +194,12 @@ class SendChannel:
         self._lock = threading.Lock()
         self._replies: dict[tuple[MessageKind, int], Future] = {}
         self._error: TransferError | None = None
+        self._is_closing = False
         self._pair: ProcessGroupPair | None = None
         self.connected: Future = Future()
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{address.peer_id}", daemon=True)
+        self._reply_thread = threading.Thread(target=self._read_replies, name=f"kv-replies-{address.peer_id}",
+                                              daemon=True)
         self._thread.start()
 
     @property
@@ -211,14 +228,20 @@ class SendChannel:
 
     def close(self, timeout_s: float) -> None:
         """Say CLOSE after the queued work, then stop (bounded wait)."""
+        deadline = time.monotonic() + timeout_s
+        self._is_closing = True
         self._queue.put(self._CLOSE)
         self._thread.join(timeout_s)
+        if self._reply_thread.is_alive():  # it ends on the receiver's GOODBYE, or a broken socket
+            self._reply_thread.join(max(0.0, deadline - time.monotonic()))
+        if not (self._thread.is_alive() or self._reply_thread.is_alive()):
+            self._pair = None  # destroy the groups now, not in interpreter teardown
 
     def _run(self) -> None:
         try:
             store, number = connect(self.address, self._hello, self._timeout_s)
             self._pair = open_pair(store, SENDER, self._data_backend, self._timeout_s)
-            threading.Thread(target=self._read_replies, name=f"kv-replies-ch{number}", daemon=True).start()
+            self._reply_thread.start()
             self.connected.set_result(number)
             while (work := self._queue.get()) is not self._CLOSE:
                 if self._error is None:
@@ -251,7 +274,7 @@ class SendChannel:
         with self._lock:
             if self._error is None:
                 self._error = error
-                log.warning("%s", error)
+                log.log(logging.DEBUG if self._is_closing else logging.WARNING, "%s", error)
             pending, self._replies = list(self._replies.values()), {}
         for future in pending:
             future.set_exception(self._error)

@@ -151,7 +151,7 @@ class CudaIpcSender(TorchDistSender):
         peer.channel.send_frame(Frame(MessageKind.BEGIN, transfer_id))
         return reply.result(self._timeout_s) == AckStatus.ACCEPTED
 
-    def _fence(self, peer: _Peer, transfer_id: int) -> None:
+    def _stop_writing(self, peer: _Peer, transfer_id: int) -> None:
         """The receiver cancelled: stop writing, wait for copies in flight, confirm (channel thread)."""
         peer.admitted[transfer_id] = False
         peer.ranges.pop(transfer_id, None)
@@ -165,7 +165,7 @@ class CudaIpcSender(TorchDistSender):
         holder: list[_Peer] = []
         # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
         channel = SendChannel(address, self._hello, self.backend, self._timeout_s,
-                              on_cancel=lambda tid: channel.submit(lambda: self._fence(holder[0], tid)))
+                              on_cancel=lambda tid: channel.submit(lambda: self._stop_writing(holder[0], tid)))
         peer = _Peer(channel, address.ipc_handle.open(), torch.cuda.Stream(self.kv_cache.spec.device))
         holder.append(peer)
         self._peers[channel] = peer

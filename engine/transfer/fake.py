@@ -73,6 +73,7 @@ class FakeSender(KvSender):
         self._num_started = 0
         self._failed: dict[int, str] = {}  # transfer id -> why, until finish
         self._started: set[int] = set()
+        self._lock = threading.Lock()
 
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:
         self._receiver(address)
@@ -80,41 +81,49 @@ class FakeSender(KvSender):
     def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
         self._check_range(dest, layer, src_block_ids, first_block_index)
         self._start(dest)
-        if dest.transfer_id in self._failed:
-            return
+        with self._lock:
+            if dest.transfer_id in self._failed:
+                return
         data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
         try:
             self._receiver(dest.channel)._ledger.write(dest.transfer_id, layer, first_block_index, data)
         except TransferError as e:
-            self._failed[dest.transfer_id] = str(e)
+            with self._lock:
+                self._failed[dest.transfer_id] = str(e)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         self._start(dest)
-        self._started.discard(dest.transfer_id)
-        if dest.transfer_id in self._failed:
-            raise TransferError(f"transfer {dest.transfer_id}: {self._failed.pop(dest.transfer_id)}")
+        with self._lock:
+            self._started.discard(dest.transfer_id)
+            failure = self._failed.pop(dest.transfer_id, "")
+        if failure:
+            raise TransferError(f"transfer {dest.transfer_id}: {failure}")
         status = self._receiver(dest.channel)._ledger.finish(dest.transfer_id, num_blocks_total)
         if status != AckStatus.OK:
             raise TransferError(f"transfer {dest.transfer_id}: receiver answered {status.name}")
 
     def close(self) -> None:
-        self._failed.clear()
-        self._started.clear()
+        with self._lock:
+            self._failed.clear()
+            self._started.clear()
 
     def _start(self, dest: KvDestination) -> None:
         """Count a new transfer and decide whether the fault plan fails it."""
-        if dest.transfer_id in self._started:
-            return
-        self._started.add(dest.transfer_id)
-        self._num_started += 1
-        is_picked = self._num_started in self._faults.fail_nth
-        if is_picked or self._random.random() < self._faults.failure_probability:
+        with self._lock:
+            if dest.transfer_id in self._started:
+                return
+            self._started.add(dest.transfer_id)
+            self._num_started += 1
+            is_picked = self._num_started in self._faults.fail_nth
+            if not (is_picked or self._random.random() < self._faults.failure_probability):
+                return
             detail = f"injected fault (transfer #{self._num_started} of this sender)"
-            log.info("transfer %d: %s", dest.transfer_id, detail)
             self._failed[dest.transfer_id] = detail
+        log.info("transfer %d: %s", dest.transfer_id, detail)
+        with _registry_lock:
             receiver = _registry.get(dest.channel.port)
-            if receiver is not None:
-                receiver._ledger.fail([dest.transfer_id], FailureReason.CHANNEL_ERROR, detail)
+        if receiver is not None:
+            receiver._ledger.fail([dest.transfer_id], FailureReason.CHANNEL_ERROR, detail)
 
     def _receiver(self, address: ChannelAddress) -> FakeReceiver:
         with _registry_lock:

@@ -102,8 +102,11 @@ class ChannelListener:
         return self._store.port
 
     def close(self) -> None:
+        """Admit no one more; the store stops once the open channels let go of it too."""
         self._closed.set()
         self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._store = None
 
     def _run(self) -> None:
         next_channel = 1

@@ -279,18 +279,20 @@ def test_services_and_ports(chart):
 
 def test_standard_labels_on_every_object_and_pod(chart):
     manifests = render(chart, {"image": {"tag": "1.2.3"}})
-    expected = {
+    on_pods = {
         "app.kubernetes.io/name": "pdserve",
         "app.kubernetes.io/instance": RELEASE,
         "app.kubernetes.io/version": "1.2.3",
-        "helm.sh/chart": "pdserve-0.1.0",
     }
+    on_objects = on_pods | {"helm.sh/chart": "pdserve-0.1.0", "app.kubernetes.io/managed-by": "Helm"}
     rayservice = the_rayservice(manifests)
-    labelled = [o["metadata"] for o in objects(manifests)]
-    labelled += [t["metadata"] for t in pod_templates(rayservice).values()]
-    labelled.append(rayservice["spec"]["serveService"]["metadata"])
-    for metadata in labelled:
-        assert expected.items() <= metadata["labels"].items(), metadata
+    for metadata in [o["metadata"] for o in objects(manifests)] + [rayservice["spec"]["serveService"]["metadata"]]:
+        assert on_objects.items() <= metadata["labels"].items(), metadata
+    for name, template in pod_templates(rayservice).items():
+        labels = template["metadata"]["labels"]
+        assert on_pods.items() <= labels.items(), name
+        # A chart version bump alone must not change the pods (KubeRay would make a new cluster).
+        assert "helm.sh/chart" not in labels, name
 
 
 def test_nccl_settings_reach_the_worker_containers(chart):

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from pdserve.router.generation import DeadlineExceeded, Overloaded, Unavailable
 from pdserve.router.openai_api import make_http_app
 
-from conftest import LIMITS, MODEL, ids
+from router_fakes import LIMITS, MODEL, ids
 
 COMPLETION = {"model": MODEL, "prompt": "hello world", "max_tokens": 3}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3}
@@ -248,7 +248,7 @@ BAD_CHATS = {
     "unknown role": ({**CHAT, "messages": [{"role": "wizard", "content": "hello"}]}, 400,
                      "messages.[0].role", "invalid_value"),
     "image part": ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-                   400, None, "invalid_value"),
+                   400, "messages.[0].content.[0].type", "invalid_value"),
     "tools": ({**CHAT, "tools": []}, 400, "tools", "unknown_parameter"),
     "top_logprobs without logprobs": ({**CHAT, "top_logprobs": 1}, 400, "top_logprobs", "invalid_value"),
     "both max token fields": ({**CHAT, "max_completion_tokens": 2}, 400, "max_completion_tokens", "invalid_value"),

@@ -39,6 +39,11 @@ class DecodeStreamStub:
                 request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/pdserve.internal.v1.DecodeStream/Release',
+                request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class DecodeStreamServicer:
@@ -50,6 +55,13 @@ class DecodeStreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Frees a reservation whose stream will never open (prefill failed, client gone).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_DecodeStreamServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class DecodeStream:
             '/pdserve.internal.v1.DecodeStream/Stream',
             pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.SerializeToString,
             pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.internal.v1.DecodeStream/Release',
+            pdserve_dot_v1_dot_decode__stream__pb2.ReleaseRequest.SerializeToString,
+            pdserve_dot_v1_dot_decode__stream__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

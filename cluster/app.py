@@ -1,0 +1,48 @@
+"""Assembling the Ray Serve application from the config.
+
+`build_app(args)` is a Ray Serve application builder: the Helm chart's
+`serveConfigV2` names it as `pdserve.cluster.app:build_app` with the config
+mapping as `args`, and `pdserve serve` calls it directly. Importing this module
+starts nothing and loads no model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from .config import PdserveConfig, ReplicaRange, load_config
+from .deployments import DecodeDeployment, PrefillDeployment, RouterDeployment
+
+GRPC_SERVICERS = ["pdserve.protos.pdserve.v1.generate_pb2_grpc.add_GenerationServicer_to_server"]
+
+
+def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
+    """The pdserve application: router → prefill pool → decode pool (or one colocated pool)."""
+    config = args if isinstance(args, PdserveConfig) else load_config(args)
+    plain = config.to_dict()
+    if config.is_colocated:
+        colocated = _deployment(DecodeDeployment, "colocated", ReplicaRange(config.colocated.replicas, config.colocated.replicas),
+                                config.colocated.gpus_per_replica, config.decode.ray_resources)
+        decode, prefill = colocated.bind(plain, colocated=True), None
+    else:
+        prefill = _deployment(PrefillDeployment, "prefill", config.prefill.replicas,
+                              config.prefill.gpus_per_replica, config.prefill.ray_resources).bind(plain)
+        decode = _deployment(DecodeDeployment, "decode", config.decode.replicas,
+                             config.decode.gpus_per_replica, config.decode.ray_resources).bind(plain)
+    router = serve.deployment(RouterDeployment).options(
+        name="router", num_replicas=1, max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
+    )
+    return router.bind(plain, prefill, decode)
+
+
+def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float]):
+    return serve.deployment(cls).options(
+        name=name,
+        num_replicas=replicas.min,
+        max_ongoing_requests=10_000,  # the workers bound their own queues and answer 429
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "resources": dict(resources)},
+        graceful_shutdown_timeout_s=120,
+    )

@@ -1,0 +1,177 @@
+"""The Ray Serve deployments: thin shells around the workers and the router.
+
+Each shell builds its part from the validated config, turns the part's own
+exceptions into the router's typed errors (so they cross the Ray call as
+themselves), and nothing more.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import torch
+from ray import serve
+
+from pdserve.decode_worker.messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
+from pdserve.decode_worker.stream_server import StreamServer
+from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.engine.kv_cache import num_blocks_that_fit
+from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.transfer import make_receiver, make_sender
+from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
+from pdserve.router.generation import DeadlineExceeded, InvalidRequest, Overloaded, TryElsewhere, Unavailable
+from pdserve.router.grpc_api import GrpcFrontEnd
+from pdserve.router.limits import RequestLimits
+from pdserve.router.openai_api import make_http_app
+from pdserve.router.pipeline import Pipeline, PipelineSettings
+
+from .config import PdserveConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(config: PdserveConfig) -> str:
+    return config.model.path or str(default_model_dir())
+
+
+def model_name(config: PdserveConfig) -> str:
+    return DEFAULT_MODEL_NAME if config.model.path is None else config.model.path.rstrip("/").split("/")[-1]
+
+
+def _replica_id(pool: str) -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests of the shells)
+        return f"{pool}-local"
+
+
+def _node_host() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _runner(config: PdserveConfig) -> ModelRunner:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    loaded = load_model_dir(model_dir(config), device, config.model.dtype, config.model.max_model_len)
+    kv = config.kv_cache
+    per_block = 2 * kv.block_size * loaded.spec.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
+    per_block *= torch.empty(0, dtype=loaded.dtype).element_size()
+    blocks = kv.num_blocks or num_blocks_that_fit(per_block, device, kv.memory_fraction, kv.cpu_num_blocks)
+    return ModelRunner(loaded, blocks, kv.block_size)
+
+
+def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
+    """'auto': gloo on the CPU; on GPUs, CUDA IPC when the cluster has one GPU, NCCL otherwise."""
+    if config.transfer.backend != "auto":
+        return config.transfer.backend
+    if runner.device.type != "cuda":
+        return "gloo"
+    import ray
+
+    return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
+
+
+class PrefillDeployment:
+    def __init__(self, config: dict[str, Any]):
+        self.config = load_config(config)
+        runner = _runner(self.config)
+        self.replica_id = _replica_id("prefill")
+        sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
+                             timeout_s=self.config.transfer.timeout_s)
+        p = self.config.prefill
+        settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
+        self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
+
+    async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
+                      seed: int, logprobs: bool, destination: Any, deadline: float) -> PrefillResult:
+        params = SamplingParams(temperature, top_p, top_k, seed, logprobs)
+        try:
+            future = self.worker.submit(request_id, prompt, params, destination, deadline)
+            return await asyncio.wrap_future(future)
+        except PrefillOverloaded as e:
+            raise Overloaded(str(e), retry_after_s=1.0) from None
+        except PrefillFailed as e:
+            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}.get(e.code, Unavailable)
+            raise error(f"prefill replica {self.replica_id}: {e}") from None
+
+    def ping(self) -> int:
+        return 1
+
+    def queued_tokens(self) -> int:
+        return self.worker.queued_tokens()
+
+    def __del__(self) -> None:
+        self.worker.drain(self.config.autoscaling.drain_timeout_s)
+        self.worker.close()
+
+
+class DecodeDeployment:
+    def __init__(self, config: dict[str, Any], colocated: bool = False):
+        self.config = load_config(config)
+        runner = _runner(self.config)
+        self.replica_id = _replica_id("colocated" if colocated else "decode")
+        host = _node_host()
+        receiver = None if colocated else make_receiver(
+            transfer_backend(self.config, runner), runner.kv_cache, host=host, peer_id=self.replica_id,
+            timeout_s=self.config.transfer.timeout_s)
+        d = self.config.decode
+        settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
+                                  prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
+                                  transfer_timeout_s=self.config.transfer.timeout_s)
+        self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
+        self.server = StreamServer(self.worker, host=host)
+        self.worker.stream_address = self.server.address
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
+        try:
+            return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
+        except QueueFull as e:
+            raise Overloaded(str(e), retry_after_s=1.0) from None
+        except (KvPoolFull, ReplicaDraining) as e:
+            raise TryElsewhere(str(e)) from None
+
+    def load(self) -> DecodeLoad:
+        return self.worker.load()
+
+    def ping(self) -> int:
+        return 1
+
+    def __del__(self) -> None:
+        self.worker.drain(self.config.autoscaling.drain_timeout_s)
+        self.server.stop()
+        self.worker.close()
+
+
+@serve.ingress()
+class RouterDeployment:
+    """HTTP (OpenAI API) through Serve's HTTP proxy; gRPC `pdserve.v1.Generation` through its gRPC proxy."""
+
+    def __init__(self, config: dict[str, Any], prefill: Any, decode: Any):
+        self.config = load_config(config)
+        directory = model_dir(self.config)
+        spec = read_model_spec(directory, self.config.model.max_model_len)
+        self.tokenizer = load_tokenizer(directory)
+        settings = PipelineSettings(colocated=self.config.is_colocated,
+                                    short_prompt_tokens=self.config.router.short_prompt_tokens)
+        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, settings)
+        lim = self.config.limits
+        self.limits = RequestLimits(
+            max_model_len=spec.max_model_len, max_body_bytes=lim.max_body_bytes,
+            max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
+            max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
+        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+
+    def __serve_build_asgi_app__(self):
+        return make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        async for response in self.grpc.Generate(request, grpc_context):
+            yield response
+
+    async def Health(self, request: Any, grpc_context: Any = None) -> Any:
+        return await self.grpc.Health(request, grpc_context)

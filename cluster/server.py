@@ -1,0 +1,72 @@
+"""`pdserve serve`: start (or join) Ray, deploy the application, serve until Ctrl-C."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+
+from pdserve.engine.loader import default_model_dir
+
+from .app import GRPC_SERVICERS, build_app
+from .config import PdserveConfig, load_config
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "pdserve"
+
+
+def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
+    """Resolve what the replicas must agree on before they start: the model path, GPUs or none."""
+    data = config.to_dict()
+    if config.model.path is None:
+        data["model"]["path"] = str(default_model_dir())  # dequantised once, here, not in every replica
+    if not joining and not torch.cuda.is_available():
+        for pool in ("prefill", "decode", "colocated"):
+            data[pool]["gpus_per_replica"] = 0.0
+    return load_config(data)
+
+
+def start(config: PdserveConfig, address: str | None) -> None:
+    """Start Ray (or connect) and deploy; returns once the application is running."""
+    import ray
+    from ray import serve
+
+    if address:
+        ray.init(address=address)
+    else:
+        # Everything on loopback: the KV channels, the token streams and Ray itself.
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    router = config.router
+    serve.start(
+        http_options={"host": router.http_host, "port": router.http_port},
+        grpc_options={"port": router.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_forever(config: PdserveConfig, address: str | None) -> None:
+    config = prepare(config, joining=address is not None)
+    if config.router.http_host not in ("127.0.0.1", "localhost", "::1") and not config.router.api_key:
+        log.warning("listening on %s without an API key: anyone who reaches it can use it", config.router.http_host)
+    start(config, address)
+    router = config.router
+    print(f"pdserve: serving {config.model.path} — HTTP http://{router.http_host}:{router.http_port}/v1 , "
+          f"gRPC {router.http_host}:{router.grpc_port} (Ctrl-C to stop)", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    print("pdserve: shutting down", flush=True)
+    stop()

@@ -1,0 +1,46 @@
+"""What the router and the decode worker say to each other over Ray calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.transfer.messages import KvDestination
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for one request; the prefill replica fills them, the router streams from `stream_address`."""
+
+    destination: KvDestination
+    stream_address: str  # host:port of this replica's DecodeStream gRPC server
+    replica_id: str
+
+    @property
+    def transfer_id(self) -> int:
+        return self.destination.transfer_id
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """What a decode replica reports to routing, metrics and the autoscaler."""
+
+    replica_id: str
+    num_running: int
+    num_waiting: int  # reserved or admitted-but-not-running requests
+    num_blocks_free: int
+    num_blocks_total: int
+    step_time_s: float  # mean recent decode step time
+    batch_size: float  # mean recent batch size of those steps
+    tokens_per_s: float
+    is_draining: bool
+
+
+class QueueFull(RuntimeError):
+    """This replica's waiting queue is full: refuse the request at once."""
+
+
+class KvPoolFull(RuntimeError):
+    """Not enough free KV blocks now: the request may wait for some within its deadline."""
+
+
+class ReplicaDraining(RuntimeError):
+    """This replica is leaving and takes no new requests."""

@@ -1,0 +1,85 @@
+"""A request's life on a decode replica.
+
+    RESERVED ──stream opens──▶ LANDING ──KV landed──▶ WAITING ──▶ RUNNING ──▶ FINISHED
+        │                         │                     ▲            │
+        │         prefill_locally └──▶ PREFILLING ──────┘            └──▶ (blocks freed)
+        └──deadline passes, cancelled, transfer failed──▶ FAILED (blocks freed)
+
+RESERVED holds blocks for prompt + max_tokens, so a running sequence never runs
+out of KV. Every state past RESERVED has a sink that receives the token events.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdserve.engine.block_pool import BlockTable
+from pdserve.engine.sampler import SamplingParams
+
+
+class SequenceState(enum.Enum):
+    RESERVED = "reserved"
+    LANDING = "landing"
+    PREFILLING = "prefilling"
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Tokens produced in one step for one sequence; the last event carries finish or error."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length"
+    error: str | None = None
+    error_code: str | None = None  # "deadline" | "transfer_failed" | "invalid" | "unavailable"
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass
+class DecodeSequence:
+    request_id: str
+    transfer_id: int
+    table: BlockTable
+    num_prompt_tokens: int
+    max_tokens: int
+    deadline: float
+    state: SequenceState = SequenceState.RESERVED
+    prompt: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: frozenset[int] = frozenset()
+    sink: Sink | None = None
+    num_prefilled: int = 0  # tokens whose KV is in the cache (local chunked prefill)
+    opened_at: float = 0.0
+    admitted_at: float = 0.0
+    kv_wait_s: float = 0.0
+    prefill_s: float = 0.0
+    num_steps: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def num_to_prefill(self) -> int:
+        """Tokens whose KV a local prefill must compute: all but the last generated one."""
+        return len(self.prompt) + max(len(self.generated) - 1, 0)
+
+    def finish_reason(self) -> str | None:
+        """Why the sequence should stop now, or None to go on."""
+        if self.generated and self.generated[-1] in self.stop_ids:
+            return "stop"
+        if len(self.generated) >= self.max_tokens:
+            return "length"
+        return None

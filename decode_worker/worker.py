@@ -1,0 +1,323 @@
+"""The decode worker: KV reservations, admission, and continuous batching.
+
+One engine thread owns the model and runs `step()`: admit sequences whose KV
+landed, advance local prefills by one chunk under the token budget, then one
+decode step over every running sequence. Other threads (Ray calls, the gRPC
+stream server) talk to it through `reserve`, `open` and `abort`, all under
+one lock. Tokens leave through each sequence's sink.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
+from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
+from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.transfer.base import KvReceiver
+
+from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
+from .sequence import DecodeSequence, SequenceState, Sink, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    max_running: int = 64
+    max_waiting: int = 256
+    prefill_chunk_tokens: int = 512  # local prefill budget per step (colocated, short prompts, failover)
+    transfer_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What the router sends when it opens a reservation's stream (the StreamRequest proto, as data)."""
+
+    transfer_id: int
+    request_id: str
+    prompt: tuple[int, ...]
+    generated: tuple[int, ...]
+    prefill_locally: bool
+    max_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    deadline: float
+
+
+class DecodeWorker:
+    def __init__(self, runner: ModelRunner, receiver: KvReceiver | None, settings: DecodeSettings,
+                 replica_id: str, stream_address: str = ""):
+        self.runner = runner
+        self.receiver = receiver
+        self.settings = settings
+        self.replica_id = replica_id
+        self.stream_address = stream_address
+        spec = runner.kv_cache.spec
+        self.pool = BlockPool(spec.num_blocks, spec.block_size)
+        self._sequences: dict[int, DecodeSequence] = {}
+        self._ready: deque[DecodeSequence] = deque()  # WAITING or PREFILLING, in arrival order
+        self._running: list[DecodeSequence] = []
+        self._transfer_ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._draining = False
+        self._step_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (seconds, batch size)
+        self._tokens_out: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens)
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{replica_id}", daemon=True)
+        self._thread.start()
+
+    # ---- calls from other threads -------------------------------------------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
+        """Hold blocks for prompt + max_tokens; raises QueueFull, KvPoolFull or ReplicaDraining."""
+        with self._lock:
+            if self._draining or self._stopped:
+                raise ReplicaDraining(f"decode replica {self.replica_id} is draining")
+            if self._num_waiting() >= self.settings.max_waiting:
+                raise QueueFull(f"decode replica {self.replica_id}: {self.settings.max_waiting} requests waiting")
+            table = BlockTable(self.pool)
+            try:
+                table.ensure_capacity(num_prompt_tokens + max_tokens)
+            except NoFreeBlocks as e:
+                raise KvPoolFull(f"decode replica {self.replica_id}: {e}") from None
+            transfer_id = next(self._transfer_ids)
+            seq = DecodeSequence(request_id, transfer_id, table, num_prompt_tokens, max_tokens, deadline)
+            self._sequences[transfer_id] = seq
+            if self.receiver is not None:
+                prompt_blocks = table.block_ids[: self.pool.blocks_for(num_prompt_tokens)]
+                self.receiver.expect(transfer_id, prompt_blocks)
+                destination = self.receiver.destination(transfer_id, prompt_blocks)
+            else:
+                destination = None
+            self._lock.notify()
+        log.debug("[%s] reserved %d blocks as transfer %d", request_id, len(table.block_ids), transfer_id)
+        return Reservation(destination, self.stream_address, self.replica_id)
+
+    def open(self, start: StreamStart, sink: Sink) -> None:
+        """Attach a stream to a reservation; with remote prefill, blocks until the KV landed."""
+        with self._lock:
+            seq = self._sequences.get(start.transfer_id)
+            if seq is None or seq.state is not SequenceState.RESERVED:
+                sink(TokenEvent(error=f"no open reservation {start.transfer_id} on {self.replica_id}",
+                                error_code="invalid"))
+                return
+            if len(start.prompt) > seq.num_prompt_tokens or start.max_tokens > seq.max_tokens + len(start.generated):
+                self._fail(seq, "the stream asks for more tokens than were reserved", "invalid", sink)
+                return
+            seq.prompt, seq.generated = list(start.prompt), list(start.generated)
+            seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
+            seq.deadline, seq.sink, seq.opened_at = min(seq.deadline, start.deadline), sink, time.monotonic()
+            if seq.generated and seq.finish_reason():  # prefill's first token already ends it
+                self._cancel_transfer(seq)
+                self._finish(seq, seq.finish_reason())
+                return
+            seq.state = SequenceState.PREFILLING if start.prefill_locally else SequenceState.LANDING
+        if start.prefill_locally:
+            self._cancel_transfer(seq)
+            self._make_ready(seq)
+        else:
+            self._await_landing(seq)
+
+    def abort(self, transfer_id: int, reason: str = "cancelled") -> None:
+        """Drop a request wherever it is (client gone, router gave up); frees its blocks."""
+        with self._lock:
+            seq = self._sequences.get(transfer_id)
+            if seq is not None:
+                log.info("[%s] aborted: %s", seq.request_id, reason)
+                self._fail(seq, reason, "cancelled", sink=None)
+
+    def load(self) -> DecodeLoad:
+        with self._lock:
+            steps = list(self._step_stats)
+            return DecodeLoad(
+                replica_id=self.replica_id,
+                num_running=len(self._running),
+                num_waiting=self._num_waiting(),
+                num_blocks_free=self.pool.num_free,
+                num_blocks_total=self.pool.num_blocks,
+                step_time_s=sum(s for s, _ in steps) / len(steps) if steps else 0.0,
+                batch_size=sum(b for _, b in steps) / len(steps) if steps else 0.0,
+                tokens_per_s=self._tokens_per_s(),
+                is_draining=self._draining,
+            )
+
+    def drain(self, timeout_s: float) -> bool:
+        """Take no new reservations; wait until every held request is done. True if it emptied."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            self._draining = True
+            while self._sequences and time.monotonic() < end:
+                self._lock.wait(timeout=min(0.1, max(end - time.monotonic(), 0)))
+            return not self._sequences
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for seq in list(self._sequences.values()):
+                self._fail(seq, f"decode replica {self.replica_id} is shutting down", "unavailable", seq.sink)
+            self._lock.notify_all()
+        self._thread.join(timeout=5)
+        if self.receiver is not None:
+            self.receiver.close()
+
+    # ---- the engine thread --------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._expire_deadlines()
+                while not self._stopped and not self._ready and not self._running:
+                    self._lock.wait(timeout=0.1)
+                    self._expire_deadlines()
+                if self._stopped:
+                    return
+                prefill_batch = self._take_prefill_chunks()
+                self._admit_ready()
+            try:
+                if prefill_batch:
+                    self._run_prefill(prefill_batch)
+                if self._running:
+                    self._run_decode()
+            except Exception as e:  # a step failing must fail its sequences, not the replica
+                log.exception("decode step failed")
+                with self._lock:
+                    for seq in self._running + [s for s, _ in prefill_batch]:
+                        self._fail(seq, f"decode step failed: {e}", "unavailable", seq.sink)
+
+    def _take_prefill_chunks(self) -> list[tuple[DecodeSequence, PrefillChunk]]:
+        """One chunk for each PREFILLING sequence, in order, under the step's token budget."""
+        budget, batch = self.settings.prefill_chunk_tokens, []
+        for seq in self._ready:
+            if seq.state is not SequenceState.PREFILLING or budget <= 0:
+                continue
+            tokens = seq.tokens[: seq.num_to_prefill]
+            end = min(len(tokens), seq.num_prefilled + budget)
+            chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, tuple(seq.table.block_ids))
+            batch.append((seq, chunk))
+            budget -= len(chunk.token_ids)
+        return batch
+
+    def _run_prefill(self, batch: list[tuple[DecodeSequence, PrefillChunk]]) -> None:
+        started = time.monotonic()
+        logits = self.runner.prefill([chunk for _, chunk in batch])
+        elapsed = time.monotonic() - started
+        done_rows = []
+        with self._lock:
+            for row, (seq, chunk) in enumerate(batch):
+                seq.num_prefilled += len(chunk.token_ids)
+                seq.prefill_s += elapsed
+                if seq.state is SequenceState.PREFILLING and seq.num_prefilled == seq.num_to_prefill:
+                    seq.state = SequenceState.WAITING
+                    if not seq.generated:
+                        done_rows.append((row, seq))
+            if done_rows:
+                rows = [r for r, _ in done_rows]
+                self._accept(logits[rows], [s for _, s in done_rows])
+
+    def _admit_ready(self) -> None:
+        while self._ready and len(self._running) < self.settings.max_running:
+            seq = self._ready[0]
+            if seq.state is not SequenceState.WAITING:
+                if seq.state in (SequenceState.FINISHED, SequenceState.FAILED, SequenceState.RUNNING):
+                    self._ready.popleft()
+                    continue
+                break  # still prefilling: keep arrival order
+            self._ready.popleft()
+            seq.state, seq.admitted_at = SequenceState.RUNNING, time.monotonic()
+            self._running.append(seq)
+
+    def _run_decode(self) -> None:
+        batch = list(self._running)
+        inputs = [DecodeInput(s.generated[-1], len(s.tokens) - 1, tuple(s.table.block_ids)) for s in batch]
+        started = time.monotonic()
+        logits = self.runner.decode(inputs)
+        with self._lock:
+            self._step_stats.append((time.monotonic() - started, len(batch)))
+            live = [(row, s) for row, s in enumerate(batch) if s.state is SequenceState.RUNNING]
+            if live:
+                self._accept(logits[[r for r, _ in live]], [s for _, s in live])
+
+    def _accept(self, logits, seqs: list[DecodeSequence]) -> None:
+        """Sample one token for each sequence, emit it, finish those that stop (lock held)."""
+        result = sample(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs])
+        now = time.monotonic()
+        self._tokens_out.append((now, len(seqs)))
+        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
+            seq.generated.append(token)
+            seq.num_steps += 1
+            reason = seq.finish_reason()
+            logprobs = (logprob,) if logprob is not None else ()
+            if reason:
+                seq.sink(TokenEvent((token,), logprobs))
+                self._finish(seq, reason)
+            else:
+                seq.sink(TokenEvent((token,), logprobs))
+
+    # ---- state changes (lock held) --------------------------------------------------
+
+    def _await_landing(self, seq: DecodeSequence) -> None:
+        timeout = max(0.0, min(seq.deadline - time.time(), self.settings.transfer_timeout_s))
+        outcome = self.receiver.wait(seq.transfer_id, timeout)
+        with self._lock:
+            if seq.state is not SequenceState.LANDING:
+                return  # aborted meanwhile
+            seq.kv_wait_s = time.monotonic() - seq.opened_at
+            if not outcome.is_ok:
+                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}",
+                           "transfer_failed", seq.sink)
+                return
+            seq.num_prefilled = seq.num_prompt_tokens
+            seq.state = SequenceState.WAITING
+        self._make_ready(seq)
+
+    def _make_ready(self, seq: DecodeSequence) -> None:
+        with self._lock:
+            self._ready.append(seq)
+            self._lock.notify()
+
+    def _cancel_transfer(self, seq: DecodeSequence) -> None:
+        if self.receiver is not None:
+            self.receiver.cancel(seq.transfer_id)
+
+    def _finish(self, seq: DecodeSequence, reason: str) -> None:
+        seq.state = SequenceState.FINISHED
+        seq.sink(TokenEvent(finish_reason=reason))
+        self._release(seq)
+
+    def _fail(self, seq: DecodeSequence, message: str, code: str, sink: Sink | None) -> None:
+        if seq.state in (SequenceState.FINISHED, SequenceState.FAILED):
+            return
+        was_landing = seq.state in (SequenceState.RESERVED, SequenceState.LANDING)
+        seq.state = SequenceState.FAILED
+        if sink is not None:
+            sink(TokenEvent(error=message, error_code=code))
+        if was_landing:
+            self._cancel_transfer(seq)
+        self._release(seq)
+
+    def _release(self, seq: DecodeSequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if self._sequences.pop(seq.transfer_id, None) is not None:
+            seq.table.release()
+        self._lock.notify_all()
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for seq in [s for s in self._sequences.values() if s.deadline < now]:
+            self._fail(seq, "the request's deadline passed", "deadline", seq.sink)
+
+    def _num_waiting(self) -> int:
+        return len(self._sequences) - len(self._running)
+
+    def _tokens_per_s(self) -> float:
+        samples = list(self._tokens_out)
+        if len(samples) < 2:
+            return 0.0
+        span = samples[-1][0] - samples[0][0]
+        return sum(n for _, n in samples[1:]) / span if span > 0 else 0.0

@@ -1,0 +1,254 @@
+"""The prefill worker: batches prompts, computes their KV, pushes it to decode, returns the first token.
+
+A request's life here:
+
+    QUEUED ──▶ RUNNING (one chunk per batch, each layer's KV sent as soon as it is computed)
+           ──▶ SENDING (last chunk done: first token sampled, waiting for the transfer to finish)
+           ──▶ DONE (result returned, this replica's blocks freed) | FAILED (reason returned)
+
+One engine thread runs batches: waiting prompts in arrival order under a token
+budget; a prompt longer than the budget is split into block-aligned chunks
+across batches (chunked prefill), its earlier chunks' KV kept in this replica's
+blocks. Finishing a transfer happens on a separate thread so the next batch's
+compute is not held up by the network.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
+from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.transfer.base import KvSender
+from pdserve.engine.transfer.messages import KvDestination, TransferError
+
+log = logging.getLogger(__name__)
+
+
+class PrefillOverloaded(RuntimeError):
+    """The prefill queue is full."""
+
+
+class PrefillFailed(RuntimeError):
+    """Prefill or its KV push failed; `code` says how ("transfer_failed", "deadline", "invalid")."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    max_batch_tokens: int = 2048
+    max_queued_requests: int = 256
+    transfer_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token: int
+    first_logprob: float | None
+    queue_s: float  # arrival to first chunk computed
+    prefill_s: float  # compute time of the batches this prompt was in
+    transfer_wait_s: float  # last layer computed to transfer finished (what the handoff adds)
+    kv_bytes: int
+    replica_id: str
+
+
+class PrefillState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    destination: KvDestination
+    deadline: float
+    future: Future
+    table: BlockTable | None = None
+    num_done: int = 0  # prompt tokens whose KV is computed
+    state: PrefillState = PrefillState.QUEUED
+    arrived_at: float = field(default_factory=time.monotonic)
+    first_chunk_at: float = 0.0
+    compute_s: float = 0.0
+
+
+class PrefillWorker:
+    def __init__(self, runner: ModelRunner, sender: KvSender, settings: PrefillSettings, replica_id: str):
+        self.runner = runner
+        self.sender = sender
+        self.settings = settings
+        self.replica_id = replica_id
+        spec = runner.kv_cache.spec
+        self.pool = BlockPool(spec.num_blocks, spec.block_size)
+        self._queue: deque[PrefillJob] = deque()
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._draining = False
+        self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
+        self._rates: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, seconds) of recent batches
+        self._thread = threading.Thread(target=self._loop, name=f"prefill-{replica_id}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
+               destination: KvDestination, deadline: float) -> Future:
+        """Queue a prompt; the future resolves to a PrefillResult or raises PrefillFailed."""
+        if not prompt:
+            raise PrefillFailed("empty prompt", "invalid")
+        if destination.channel is None:
+            raise PrefillFailed("no KV destination", "invalid")
+        job = PrefillJob(request_id, tuple(prompt), params, destination, deadline, Future())
+        with self._lock:
+            if self._stopped or self._draining:
+                raise PrefillOverloaded(f"prefill replica {self.replica_id} is draining")
+            if len(self._queue) >= self.settings.max_queued_requests:
+                raise PrefillOverloaded(f"prefill replica {self.replica_id}: queue full")
+            self._queue.append(job)
+            self._lock.notify()
+        return job.future
+
+    def queued_tokens(self) -> int:
+        with self._lock:
+            return sum(len(j.prompt) - j.num_done for j in self._queue)
+
+    def tokens_per_s(self) -> float:
+        with self._lock:
+            tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def drain(self, timeout_s: float) -> bool:
+        """Take no new prompts; finish the queued ones. True if the queue emptied in time."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            self._draining = True
+            while self._queue and time.monotonic() < end:
+                self._lock.wait(timeout=0.1)
+            return not self._queue
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for job in self._queue:
+                self._fail(job, f"prefill replica {self.replica_id} is shutting down", "unavailable")
+            self._queue.clear()
+            self._lock.notify_all()
+        self._thread.join(timeout=5)
+        self._finisher.shutdown(wait=False, cancel_futures=True)
+        self.sender.close()
+
+    # ---- the engine thread --------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._queue:
+                    self._lock.wait(timeout=0.1)
+                if self._stopped:
+                    return
+                batch = self._next_batch()
+            if batch:
+                self._run(batch)
+            else:
+                time.sleep(0.005)  # no blocks free: wait for transfers to finish
+
+    def _next_batch(self) -> list[tuple[PrefillJob, PrefillChunk]]:
+        """Chunks for queued jobs in order, under the token budget (lock held)."""
+        budget, batch, now = self.settings.max_batch_tokens, [], time.time()
+        for job in list(self._queue):
+            if job.deadline < now:
+                self._queue.remove(job)
+                self._fail(job, "the request's deadline passed before prefill", "deadline")
+                continue
+            if budget <= 0:
+                break
+            if job.table is None:
+                table = BlockTable(self.pool)
+                try:
+                    table.ensure_capacity(len(job.prompt))
+                except NoFreeBlocks:
+                    break  # keep arrival order: wait for blocks
+                job.table, job.state = table, PrefillState.RUNNING
+            end = min(len(job.prompt), job.num_done + budget)
+            batch.append((job, PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))))
+            budget -= end - job.num_done
+        return batch
+
+    def _run(self, batch: list[tuple[PrefillJob, PrefillChunk]]) -> None:
+        block_size = self.pool.block_size
+
+        def push_layer(layer: int) -> None:
+            for job, chunk in batch:
+                first = chunk.start_pos // block_size
+                last = -(-(chunk.start_pos + len(chunk.token_ids)) // block_size)
+                self.sender.send_layer(job.destination, layer, job.table.block_ids[first:last], first)
+
+        started = time.monotonic()
+        try:
+            logits = self.runner.prefill([chunk for _, chunk in batch], on_layer_done=push_layer)
+        except (TransferError, RuntimeError) as e:
+            log.exception("prefill batch failed")
+            with self._lock:
+                for job, _ in batch:
+                    self._queue.remove(job)
+                    self._fail(job, f"prefill failed: {e}", "transfer_failed" if isinstance(e, TransferError) else "unavailable")
+            return
+        elapsed = time.monotonic() - started
+        with self._lock:
+            self._rates.append((sum(len(c.token_ids) for _, c in batch), elapsed))
+            done = []
+            for row, (job, chunk) in enumerate(batch):
+                job.num_done += len(chunk.token_ids)
+                job.compute_s += elapsed
+                job.first_chunk_at = job.first_chunk_at or started
+                if job.num_done == len(job.prompt):
+                    self._queue.remove(job)
+                    job.state = PrefillState.SENDING
+                    done.append((row, job))
+            self._lock.notify_all()
+        if done:
+            rows = [row for row, _ in done]
+            jobs = [job for _, job in done]
+            result = sample(logits[rows], [j.params for j in jobs], [len(j.prompt) for j in jobs])
+            for job, token, logprob in zip(jobs, result.token_ids, result.logprobs):
+                self._finisher.submit(self._finish_transfer, job, token, logprob, time.monotonic())
+
+    def _finish_transfer(self, job: PrefillJob, token: int, logprob: float | None, computed_at: float) -> None:
+        num_blocks = self.pool.blocks_for(len(job.prompt))
+        timeout = max(0.0, min(job.deadline - time.time(), self.settings.transfer_timeout_s))
+        try:
+            self.sender.finish(job.destination, num_blocks, timeout)
+        except TransferError as e:
+            with self._lock:
+                self._fail(job, f"KV transfer failed: {e}", "transfer_failed")
+            return
+        wait = time.monotonic() - computed_at
+        with self._lock:
+            job.state = PrefillState.DONE
+            job.table.release()
+        job.future.set_result(PrefillResult(
+            request_id=job.request_id, first_token=token, first_logprob=logprob,
+            queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
+            kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
+        ))
+
+    def _fail(self, job: PrefillJob, message: str, code: str) -> None:
+        """Fail a job that is no longer queued (lock held); frees its blocks."""
+        job.state = PrefillState.FAILED
+        if job.table is not None:
+            job.table.release()
+            job.table = None
+        if not job.future.done():
+            job.future.set_exception(PrefillFailed(message, code))

@@ -1,0 +1,138 @@
+"""The gRPC API (`pdserve.v1.Generation`): the methods Ray Serve's gRPC proxy calls on the router.
+
+Ray Serve 2.60 hands a deployment method a `grpc_context`
+(`ray.serve.grpc_util.RayServegRPCContext`) when the method takes an argument of
+that name. A failing method sets the code and details on it and then raises:
+the replica wraps the exception with that code (`gRPCStatusError`) and the proxy
+ends the call, mid-stream or not, with the code and details set. A streaming
+method that only set a code and returned would end with OK, since the proxy
+copies the context back only with each message. The context is duck-typed
+here (`set_code`, `set_details`), so this module needs no Ray.
+
+`Generate` checks the request as the HTTP API does (same limits, same messages),
+then relays the backend's chunks: token ids and text in every message;
+finish_reason, usage (the router's count) and timings on the last one.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from dataclasses import asdict
+from typing import Any, AsyncIterator, NoReturn, Protocol
+
+import grpc
+
+from pdserve.protos.pdserve.v1 import generate_pb2 as pb
+from pdserve.router.errors import (
+    InternalError, InvalidParameter, ModelNotFound, grpc_details, grpc_status,
+)
+from pdserve.router.generation import (
+    GenerationBackend, GenerationError, GenerationRequest, SamplingOptions,
+)
+from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.text import check_token_ids, encode_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16  # `max_tokens: 0` in the proto
+
+
+class GrpcContext(Protocol):
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+
+class GrpcFrontEnd:
+    """`Generate` and `Health` of the public gRPC service, over a `GenerationBackend`."""
+
+    def __init__(self, backend: GenerationBackend, tokenizer: Any, model_name: str, limits: RequestLimits):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.limits = limits
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: GrpcContext | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream the completion of one prompt; failures end the call with their status."""
+        try:
+            generation = self._generation_request(request)
+            num_tokens = 0
+            async with contextlib.aclosing(self._relay(generation)) as messages:
+                async for message in messages:
+                    num_tokens += len(message.token_ids)
+                    if message.finish_reason:
+                        message.usage.CopyFrom(pb.Usage(prompt_tokens=len(generation.prompt_token_ids),
+                                                        completion_tokens=num_tokens))
+                    yield message
+        except Exception as error:
+            _fail(grpc_context, error, request.request_id)
+
+    async def Health(self, request: pb.HealthRequest,
+                     grpc_context: GrpcContext | None = None) -> pb.HealthResponse:
+        """The backend's readiness, always with status OK: `ready` tells (a failed check is not ready)."""
+        try:
+            health = await self.backend.health()
+        except Exception as error:
+            return pb.HealthResponse(ready=False, status=f"health check failed: {error}")
+        return pb.HealthResponse(
+            ready=health.ready, status=health.detail or ("ok" if health.ready else "unavailable"),
+            prefill_replicas=health.prefill_replicas, decode_replicas=health.decode_replicas,
+        )
+
+    def _generation_request(self, request: pb.GenerateRequest) -> GenerationRequest:
+        """Check a `GenerateRequest` and turn it into the backend's request."""
+        if request.model and request.model != self.model_name:
+            raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves `{self.model_name}`.")
+        if bool(request.prompt) == bool(request.prompt_token_ids):
+            raise InvalidParameter("Set exactly one of `prompt` and `prompt_token_ids`.", "prompt")
+        if request.prompt:
+            prompt = encode_text(request.prompt, self.tokenizer)
+        else:
+            prompt = list(request.prompt_token_ids)
+            check_token_ids(prompt, self.tokenizer, "prompt_token_ids")
+        self.limits.check_prompt_length(len(prompt))
+        params = request.sampling
+        top_p = params.top_p or 1.0
+        check_sampling(params.temperature, top_p, params.top_k)
+        stop = tuple(params.stop)
+        self.limits.check_stop(stop)
+        max_tokens = self.limits.resolve_max_tokens(params.max_tokens or None, len(prompt), DEFAULT_MAX_TOKENS)
+        sampling = SamplingOptions(
+            max_tokens=max_tokens, temperature=params.temperature, top_p=top_p, top_k=max(params.top_k, 0),
+            seed=params.seed if params.HasField("seed") else None, stop=stop,
+            ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0,
+        )
+        return GenerationRequest(request.request_id or uuid.uuid4().hex, tuple(prompt), sampling,
+                                 self.limits.deadline())
+
+    async def _relay(self, request: GenerationRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """The backend's chunks as messages; closing the relay closes the backend's stream."""
+        stream = self.backend.generate(request)
+        try:
+            async for chunk in stream:
+                message = pb.GenerateResponse(
+                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs or (),
+                    finish_reason=chunk.finish_reason or "", request_id=request.request_id,
+                )
+                if chunk.timings is not None:
+                    message.timings.CopyFrom(pb.PhaseTimings(**asdict(chunk.timings)))
+                yield message
+        finally:
+            await stream.aclose()
+
+
+def _fail(grpc_context: GrpcContext | None, error: Exception, request_id: str) -> NoReturn:
+    """Set the status of `error` on the call's context and raise it, as Ray Serve expects."""
+    if isinstance(error, GenerationError):
+        failure = error
+    else:
+        logger.exception("request %s failed", request_id or "(no id)", exc_info=error)
+        failure = InternalError("The server had an error while processing your request.")
+    if grpc_context is not None:
+        grpc_context.set_code(grpc_status(failure))
+        grpc_context.set_details(grpc_details(failure))
+    if failure is error:
+        raise error
+    raise failure from error
