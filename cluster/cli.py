@@ -100,3 +100,7 @@ def _export(args: argparse.Namespace) -> int:
     export_default_model(Path(args.directory))
     print(args.directory)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,10 +7,12 @@ themselves), and nothing more.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
 import torch
+from fastapi.responses import PlainTextResponse
 from ray import serve
 
 from pdserve.decode_worker.messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
@@ -30,6 +32,7 @@ from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
 
 from .config import PdserveConfig, load_config
+from .registry import Reporter, registry
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class PrefillDeployment:
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
         self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
+        self.reporter = Reporter("prefill", self.replica_id, self.stats)
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued_tokens": self.worker.queued_tokens(), "queued_requests": self.worker.queued_requests(),
+                "tokens_per_s": self.worker.tokens_per_s()}
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
                       seed: int, logprobs: bool, destination: Any, deadline: float) -> PrefillResult:
@@ -107,6 +115,7 @@ class PrefillDeployment:
 
     def __del__(self) -> None:
         self.worker.drain(self.config.autoscaling.drain_timeout_s)
+        self.reporter.stop()
         self.worker.close()
 
 
@@ -126,6 +135,11 @@ class DecodeDeployment:
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
+        self.reporter = Reporter("decode", self.replica_id, self.stats)
+
+    def stats(self) -> dict[str, Any]:
+        load = self.worker.load()
+        return {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
         try:
@@ -143,6 +157,7 @@ class DecodeDeployment:
 
     def __del__(self) -> None:
         self.worker.drain(self.config.autoscaling.drain_timeout_s)
+        self.reporter.stop()
         self.server.stop()
         self.worker.close()
 
@@ -165,9 +180,22 @@ class RouterDeployment:
             max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
             max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
         self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        self._registry = registry()
 
     def __serve_build_asgi_app__(self):
-        return make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
+        app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
+        return app
+
+    async def metrics(self) -> PlainTextResponse:
+        pools = await self._registry.snapshot.remote()
+        return PlainTextResponse(self.pipeline.metrics.render(pools), media_type="text/plain; version=0.0.4")
+
+    async def status(self) -> dict[str, Any]:
+        """Pools, replicas, KV use and queues, as `pdserve status` shows them."""
+        return {"model": model_name(self.config), "colocated": self.config.is_colocated,
+                "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
         async for response in self.grpc.Generate(request, grpc_context):

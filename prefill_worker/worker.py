@@ -124,6 +124,10 @@ class PrefillWorker:
         with self._lock:
             return sum(len(j.prompt) - j.num_done for j in self._queue)
 
+    def queued_requests(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
     def tokens_per_s(self) -> float:
         with self._lock:
             tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)

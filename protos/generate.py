@@ -35,8 +35,11 @@ def generate(out: Path) -> list[Path]:
 def _relative_imports(code: str) -> str:
     # protoc writes `from pdserve.v1 import x_pb2`, which would resolve against our
     # own top-level package; the generated modules sit beside each other, so import
-    # them relatively.
-    return re.sub(r"^from pdserve\.\w+ import (\w+_pb2)", r"from . import \1", code, flags=re.M)
+    # them relatively. Likewise the message classes are named after the module
+    # they really live in, so that pickle (Ray Serve's gRPC proxy) finds them.
+    code = re.sub(r"^from pdserve\.\w+ import (\w+_pb2)", r"from . import \1", code, flags=re.M)
+    return re.sub(r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '[\w.]+', _globals\)",
+                  "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)", code)
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ class _CommonBody(BaseModel):
     """Fields both endpoints take; unknown fields and wrong JSON types are refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
+    model: str | None = None  # as in vLLM: absent means the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
@@ -545,8 +545,8 @@ def _request_id(request: Request) -> str:
     return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
 
 
-def _check_model(requested: str, served: str) -> None:
-    if requested != served:
+def _check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
         raise ModelNotFound(f"The model `{requested}` does not exist; this server serves `{served}`.")
 
 

@@ -29,6 +29,7 @@ from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
     PhaseTimings, TryElsewhere, Unavailable, Usage,
 )
+from .metrics import RouterMetrics
 from .relay import TextRelay
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,36 @@ class Pipeline:
     """A `GenerationBackend` over a prefill pool and a decode pool (or one colocated pool)."""
 
     def __init__(self, prefill: Any, decode: Any, tokenizer: Any, eos_token_ids: tuple[int, ...],
-                 settings: PipelineSettings):
+                 settings: PipelineSettings, metrics: RouterMetrics | None = None):
         self.prefill = prefill  # Serve handle (None when colocated)
         self.decode = decode  # Serve handle of the decode (or colocated) pool
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.settings = settings
+        self.metrics = metrics or RouterMetrics()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks; counts its outcome and records its timeline in the metrics."""
+        outcome = "cancelled"
+        try:
+            last_at = None
+            async for chunk in self._generate(request):
+                now = time.monotonic()
+                if last_at is not None:
+                    self.metrics.observe_inter_token(now - last_at)
+                last_at = now
+                if chunk.timings is not None:
+                    self.metrics.observe_finished(chunk.timings)
+                    outcome = "finished"
+                yield chunk
+        except GenerationError as e:
+            outcome = type(e).__name__
+            raise
+        finally:
+            self.metrics.count_outcome(outcome)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         received = time.monotonic()
         sampling = request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)

@@ -79,6 +79,8 @@ def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float
     if data_backend == "gloo":
         data = control
     elif data_backend == "nccl":
+        if not dist.is_nccl_available():
+            raise TransferError("the nccl backend needs a CUDA build of torch")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)

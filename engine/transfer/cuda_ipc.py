@@ -11,7 +11,6 @@ gloo channel, because direct writes need a gate and a fence:
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -112,7 +111,8 @@ class CudaIpcSender(TorchDistSender):
 
     def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
         self._check_range(dest, layer, src_block_ids, first_block_index)
-        peer = self._peers[self._bind(dest)]
+        channel = self._bind(dest)
+        peer = self._peers[channel]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.kv_cache.spec.device))
         tid, n = dest.transfer_id, len(src_block_ids)
@@ -133,7 +133,8 @@ class CudaIpcSender(TorchDistSender):
         peer.channel.submit(copy)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
-        peer = self._peers[self._bind(dest)]
+        channel = self._bind(dest)
+        peer = self._peers[channel]
         tid = dest.transfer_id
 
         def report() -> None:
@@ -161,7 +162,8 @@ class CudaIpcSender(TorchDistSender):
     def _open(self, address: ChannelAddress) -> SendChannel:
         if not isinstance(address.ipc_handle, CudaIpcHandle):
             raise ValueError(f"receiver {address.peer_id} has no CUDA IPC handle")
-        self._peers = {c: p for c, p in self._peers.items() if not c.is_broken}
+        for broken in [c for c in self._peers if c.is_broken]:
+            del self._peers[broken]
         holder: list[_Peer] = []
         # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
         channel = SendChannel(address, self._hello, self.backend, self._timeout_s,

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from tiny_models import save_tiny_chat_model
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """(directory, transformers model): a tiny random Llama with a real tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    model = save_tiny_chat_model(directory)
+    model.generation_config.eos_token_id = None
+    return directory, model
+
+
+def reference_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy tokens (ignoring end-of-sequence) on the same weights."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,72 @@
+"""A real `pdserve serve` in a subprocess, on free loopback ports, for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, startup_timeout_s: float = 240.0, env: dict[str, str] | None = None):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.log_path = Path(os.environ.get("PDSERVE_TEST_LOGS", "/tmp")) / f"pdserve-e2e-{self.http_port}.log"
+        command = [sys.executable, "-m", "pdserve.cluster.cli", "serve", "--http-port", str(self.http_port),
+                   "--grpc-port", str(self.grpc_port), *args]
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})}, start_new_session=True)
+        self._wait_ready(startup_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pdserve serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"pdserve serve not healthy after {timeout_s} s:\n{self.log_tail()}")
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.url}/v1/pdserve/status", timeout=10).json()
+
+    def wait_all_blocks_free(self, timeout_s: float = 15.0) -> dict:
+        """Until every decode replica reports 0 KV blocks used (reports lag by up to a second)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            decode = self.status()["pools"].get("decode", {})
+            if decode and all(r["num_blocks_used"] == 0 for r in decode.values()) or time.monotonic() > end:
+                return decode
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 60) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()

@@ -1,0 +1,68 @@
+"""The cuda_ipc backend on one GPU: a sender in another process writes the receiver's pool directly."""
+import multiprocessing
+
+import pytest
+import torch
+
+from kv_helpers import NUM_LAYERS, blocks
+from pdserve.engine.kv_cache import KvCache, KvCacheSpec
+from pdserve.engine.transfer import TransferError, make_receiver, make_sender
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def cuda_cache(seed: int | None = None) -> KvCache:
+    spec = KvCacheSpec(NUM_LAYERS, 16, 4, 2, 8, torch.bfloat16, torch.device("cuda", 0))
+    cache = KvCache(spec)
+    if seed is not None:
+        cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(seed)))
+    return cache
+
+
+def run_ipc_sender(dest, seed: int, results) -> None:
+    sender = make_sender("cuda_ipc", cuda_cache(seed), timeout_s=10.0)
+    try:
+        for layer in range(NUM_LAYERS):
+            sender.send_layer(dest, layer, (0, 1), 0)
+            sender.send_layer(dest, layer, (5,), 2)
+        sender.finish(dest, 3, timeout_s=10.0)
+        results.put("ok")
+    except TransferError as e:
+        results.put(str(e))
+    sender.close()
+
+
+def test_blocks_copied_over_cuda_ipc_equal_the_senders():
+    spawn = multiprocessing.get_context("spawn")
+    receiver = make_receiver("cuda_ipc", cuda_cache(), timeout_s=10.0)
+    receiver.expect(1, (9, 3, 7))
+    results = spawn.Queue()
+    process = spawn.Process(target=run_ipc_sender, args=(receiver.destination(1, (9, 3, 7)), 1, results))
+    process.start()
+
+    outcome = receiver.wait(1, timeout_s=30.0)
+
+    assert outcome.is_ok, outcome
+    assert results.get(timeout=10.0) == "ok"
+    expected = blocks(cuda_cache(1), [0, 1, 5])
+    assert torch.equal(blocks(receiver.kv_cache, [9, 3, 7]), expected)
+    assert not blocks(receiver.kv_cache, [b for b in range(16) if b not in (9, 3, 7)]).any()
+    process.join(10.0)
+    receiver.close()
+
+
+def test_a_cancelled_transfer_is_never_written():
+    spawn = multiprocessing.get_context("spawn")
+    receiver = make_receiver("cuda_ipc", cuda_cache(), timeout_s=10.0)
+    receiver.expect(2, (4, 5, 6))
+    receiver.cancel(2)
+    results = spawn.Queue()
+    process = spawn.Process(target=run_ipc_sender, args=(receiver.destination(2, (4, 5, 6)), 1, results))
+    process.start()
+    assert "UNKNOWN_TRANSFER" in results.get(timeout=30.0)
+    assert not receiver.kv_cache.tensor.any()
+    process.join(10.0)
+    receiver.close()
