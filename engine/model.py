@@ -15,10 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from .kernels.activation import silu_and_mul
+from .kernels.paged_attention import paged_decode_attention
+from .kernels.prefill_attention import prefill_attention_varlen
+from .kernels.rms_norm import add_rms_norm, rms_norm
+from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
 from .model_spec import ModelSpec, rope_frequencies
@@ -44,6 +50,7 @@ class DecodeAttention:
 
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32, including the new token
+    max_context_len: int | None = None  # a host-side bound, sizes the kernel's context split
 
 
 LayerHook = Callable[[int], None]
@@ -58,10 +65,7 @@ class LlamaModel:
         self.dtype = loaded.dtype
         self.device = loaded.device
         inv_freq, scaling = rope_frequencies(loaded.hf_config, self.device)
-        positions = torch.arange(self.spec.max_model_len, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # [max_len, head_dim / 2]
-        # [max_len, head_dim]: cos in the first half, sin in the second, as the kernels take it.
-        self.cos_sin = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+        self.cos_sin = build_cos_sin_cache(inv_freq, self.spec.max_model_len, scaling)  # [max_len, head_dim]
         self.scale = self.spec.head_dim ** -0.5
 
     def forward(
@@ -79,16 +83,16 @@ class LlamaModel:
         residual = None
         for index, layer in enumerate(self.weights.layers):
             if residual is None:
-                residual, normed = hidden, ops.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
-            else:
-                normed, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
+                residual, normed = hidden, rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
+            else:  # residual += hidden, in place
+                normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
             hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache)
-            normed, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = F.linear(ops.silu_and_mul(F.linear(normed, layer.gate_up)), layer.down)
+            normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
+            hidden = F.linear(silu_and_mul(F.linear(normed, layer.gate_up)), layer.down)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
-        normed, _ = ops.add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
+        normed, _ = add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
         return F.linear(normed, self.weights.lm_head).float()  # [B, vocab]
 
     def _attention(
@@ -107,14 +111,15 @@ class LlamaModel:
         q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, spec.num_kv_heads, spec.head_dim)
-        q, k = ops.apply_rope(q, k, positions, self.cos_sin)
+        apply_rope(q, k, positions, self.cos_sin)  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
         flat[0].index_copy_(0, slots, k)
         flat[1].index_copy_(0, slots, v)
         if isinstance(attention, DecodeAttention):
-            out = ops.paged_decode_attention(
-                q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale
+            out = paged_decode_attention(
+                q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale,
+                attention.max_context_len,
             )
         else:
             out = self._prefill_attention(q, k, v, cache, attention)
@@ -123,18 +128,21 @@ class LlamaModel:
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, attention: PrefillAttention
     ) -> torch.Tensor:
-        """Causal attention per packed sequence; a cached prefix is read from its blocks."""
-        outputs = []
-        for start, q_len, context, table in zip(
-            attention.q_starts, attention.q_lens, attention.context_lens, attention.block_tables
-        ):
-            q_i = q[start:start + q_len]
-            if context == q_len:
-                k_i, v_i = k[start:start + q_len], v[start:start + q_len]
-            else:
-                k_i, v_i = _gather_context(cache, table, context)
-            outputs.append(ops.causal_attention(q_i, k_i, v_i, self.scale))
-        return torch.cat(outputs)
+        """Causal attention over the packed sequences; cached prefixes are read from their blocks."""
+        cu_q = _cumulative(attention.q_lens, q.device)
+        if not attention.has_cached_prefix:
+            return prefill_attention_varlen(q, k, v, cu_q, max(attention.q_lens), self.scale)
+        gathered = [_gather_context(cache, table, context)
+                    for table, context in zip(attention.block_tables, attention.context_lens)]
+        k_all = torch.cat([g[0] for g in gathered])
+        v_all = torch.cat([g[1] for g in gathered])
+        cu_k = _cumulative(attention.context_lens, q.device)
+        return prefill_attention_varlen(q, k_all, v_all, cu_q, max(attention.q_lens), self.scale, cu_k)
+
+
+def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[B + 1] int32 offsets of packed sequences."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 def _gather_context(cache: torch.Tensor, table: tuple[int, ...], context: int) -> tuple[torch.Tensor, torch.Tensor]:

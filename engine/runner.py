@@ -78,6 +78,7 @@ class ModelRunner:
         attention = DecodeAttention(
             block_tables=tables,
             context_lens=torch.tensor([i.position + 1 for i in inputs], dtype=torch.int32, device=self.device),
+            max_context_len=max(i.position + 1 for i in inputs),
         )
         return self.model.forward(
             self._tensor([i.token_id for i in inputs]),

@@ -208,6 +208,8 @@ class PrefillWorker:
                 for job, _ in batch:
                     self._queue.remove(job)
                     self._fail(job, f"prefill failed: {e}", "transfer_failed" if isinstance(e, TransferError) else "unavailable")
+                    # finish() on an incomplete transfer tells the receiver at once that it failed.
+                    self._finisher.submit(self._abandon_transfer, job.destination)
             return
         elapsed = time.monotonic() - started
         with self._lock:
@@ -247,6 +249,12 @@ class PrefillWorker:
             queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
             kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
         ))
+
+    def _abandon_transfer(self, destination: KvDestination) -> None:
+        try:
+            self.sender.finish(destination, len(destination.block_ids), timeout_s=1.0)
+        except TransferError:
+            pass  # expected: the transfer was incomplete
 
     def _fail(self, job: PrefillJob, message: str, code: str) -> None:
         """Fail a job that is no longer queued (lock held); frees its blocks."""
