@@ -10,13 +10,10 @@ from pdserve.engine.transfer.messages import KvDestination
 class Reservation:
     """Blocks held for one request; the prefill replica fills them, the router streams from `stream_address`."""
 
-    destination: KvDestination
+    transfer_id: int
+    destination: KvDestination | None  # None where the replica prefills itself (colocated)
     stream_address: str  # host:port of this replica's DecodeStream gRPC server
     replica_id: str
-
-    @property
-    def transfer_id(self) -> int:
-        return self.destination.transfer_id
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class DecodeWorker:
                 destination = None
             self._lock.notify()
         log.debug("[%s] reserved %d blocks as transfer %d", request_id, len(table.block_ids), transfer_id)
-        return Reservation(destination, self.stream_address, self.replica_id)
+        return Reservation(transfer_id, destination, self.stream_address, self.replica_id)
 
     def open(self, start: StreamStart, sink: Sink) -> None:
         """Attach a stream to a reservation; with remote prefill, blocks until the KV landed."""
