@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from .autoscaling import serve_autoscaling_config
 from .config import PdserveConfig, ReplicaRange, load_config
 from .deployments import DecodeDeployment, PrefillDeployment, RouterDeployment
 
@@ -24,13 +25,13 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     plain = config.to_dict()
     if config.is_colocated:
         colocated = _deployment(DecodeDeployment, "colocated", ReplicaRange(config.colocated.replicas, config.colocated.replicas),
-                                config.colocated.gpus_per_replica, config.decode.ray_resources)
+                                config.colocated.gpus_per_replica, config.decode.ray_resources, config)
         decode, prefill = colocated.bind(plain, colocated=True), None
     else:
         prefill = _deployment(PrefillDeployment, "prefill", config.prefill.replicas,
-                              config.prefill.gpus_per_replica, config.prefill.ray_resources).bind(plain)
+                              config.prefill.gpus_per_replica, config.prefill.ray_resources, config).bind(plain)
         decode = _deployment(DecodeDeployment, "decode", config.decode.replicas,
-                             config.decode.gpus_per_replica, config.decode.ray_resources).bind(plain)
+                             config.decode.gpus_per_replica, config.decode.ray_resources, config).bind(plain)
     router = serve.deployment(RouterDeployment).options(
         name="router", num_replicas=1, max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
@@ -38,11 +39,17 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     return router.bind(plain, prefill, decode)
 
 
-def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float]):
+def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float],
+                config: PdserveConfig):
+    """A pool: fixed, or sized by the application's policy (cluster/autoscaling.py) when any pool autoscales."""
+    autoscaling = serve_autoscaling_config(config, name)
+    sizing = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas.min}
     return serve.deployment(cls).options(
         name=name,
-        num_replicas=replicas.min,
+        **sizing,
         max_ongoing_requests=10_000,  # the workers bound their own queues and answer 429
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "resources": dict(resources)},
-        graceful_shutdown_timeout_s=120,
+        # a replica leaving drains in __del__ (its streams, bounded by drain_timeout_s) before Serve kills it
+        graceful_shutdown_timeout_s=config.autoscaling.drain_timeout_s + 30,
+        graceful_shutdown_wait_loop_s=0.5,
     )

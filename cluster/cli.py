@@ -1,4 +1,4 @@
-"""The `pdserve` command line: serve, generate, export-default-model."""
+"""The `pdserve` command line: serve, generate, bench, diagnose, export-default-model."""
 from __future__ import annotations
 
 import argparse
@@ -54,10 +54,46 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--api-key", help="bearer key, if the server wants one")
     generate.set_defaults(run=_generate)
 
+    bench = commands.add_parser("bench", help="offer a load to a running server: throughput, latency, goodput")
+    _add_load_arguments(bench)
+    bench.add_argument("--rates", default="inf",
+                       help="offered requests/s, comma-separated for a sweep ('inf': as fast as allowed)")
+    bench.add_argument("--out", default="bench.json", help="JSON results; PNG plots go beside it")
+    bench.set_defaults(run=_bench)
+
+    diagnose = commands.add_parser("diagnose", help="which phase limits a deployment, and the best P:D ratio")
+    _add_load_arguments(diagnose)
+    diagnose.add_argument("--from", dest="source", help="read this bench JSON instead of running a sweep")
+    diagnose.add_argument("--rates", help="the sweep's offered requests/s (default: found from one probe run)")
+    diagnose.add_argument("--out", default="diagnose", help="stem of the PNG and JSON written")
+    diagnose.set_defaults(run=_diagnose)
+
+    status = commands.add_parser("status", help="pools, replicas, autoscaling targets and the last decision's reason")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    status.add_argument("--api-key", help="bearer key, if the server wants one")
+    status.set_defaults(run=_status)
+
     export = commands.add_parser("export-default-model", help="write the embedded model as a Hugging Face directory")
     export.add_argument("directory")
     export.set_defaults(run=_export)
     return parser
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """What bench and diagnose share: the target, the workload, the SLOs."""
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    parser.add_argument("--grpc", help="send requests over gRPC to this address instead of HTTP")
+    parser.add_argument("--api-key", help="bearer key, if the server wants one")
+    parser.add_argument("--prompt-tokens", default="128", help="random prompt length: N or MIN:MAX")
+    parser.add_argument("--output-tokens", default="64", help="output length: N or MIN:MAX")
+    parser.add_argument("--dataset", help="a ShareGPT-style JSON file of conversations (instead of random ids)")
+    parser.add_argument("--num-requests", type=int, default=100, help="requests per run")
+    parser.add_argument("--concurrency", type=int, help="most requests in flight (default: unbounded)")
+    parser.add_argument("--warmup", type=int, default=4, help="requests sent (and discarded) first")
+    parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -90,6 +126,24 @@ def _generate(args: argparse.Namespace) -> int:
     if args.offline:
         return generate_offline(args)
     return generate_remote(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import main as diagnose_main
+
+    return diagnose_main(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status_cmd import show_status
+
+    return show_status(args)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import logging
 from typing import Any, AsyncIterator
 
@@ -28,9 +29,11 @@ from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, Pref
 from pdserve.router.generation import DeadlineExceeded, InvalidRequest, Overloaded, TryElsewhere, Unavailable
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.limits import RequestLimits
+from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
 
+from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
 from .registry import Reporter, registry
 
@@ -92,7 +95,7 @@ class PrefillDeployment:
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
     def stats(self) -> dict[str, Any]:
-        return {"queued_tokens": self.worker.queued_tokens(), "queued_requests": self.worker.queued_requests(),
+        return {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(), "queued_requests": self.worker.queued_requests(),
                 "tokens_per_s": self.worker.tokens_per_s()}
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
@@ -106,6 +109,10 @@ class PrefillDeployment:
         except PrefillFailed as e:
             error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}.get(e.code, Unavailable)
             raise error(f"prefill replica {self.replica_id}: {e}") from None
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
+        return {key: float(value) for key, value in self.stats().items() if isinstance(value, (int, float))}
 
     def ping(self) -> int:
         return 1
@@ -135,15 +142,25 @@ class DecodeDeployment:
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
+        self.arrivals = RateMeter(window_s=max(2 * self.config.autoscaling.interval_s, 5.0))
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def stats(self) -> dict[str, Any]:
         load = self.worker.load()
-        return {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free}
+        return {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free,
+                "pid": os.getpid()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
+        arrivals_per_s, prompt_tokens_mean = self.arrivals.rate_and_mean()
+        stats = {key: float(value) for key, value in self.stats().items() if isinstance(value, (int, float))}
+        return {**stats, "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
         try:
-            return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
+            reservation = self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
+            self.arrivals.add(num_prompt_tokens)
+            return reservation
         except QueueFull as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except (KvPoolFull, ReplicaDraining) as e:
@@ -189,8 +206,9 @@ class RouterDeployment:
         return app
 
     async def metrics(self) -> PlainTextResponse:
-        pools = await self._registry.snapshot.remote()
-        return PlainTextResponse(self.pipeline.metrics.render(pools), media_type="text/plain; version=0.0.4")
+        pools, notes = await self._registry.snapshot.remote(), await self._registry.notes.remote()
+        text = self.pipeline.metrics.render(pools, autoscaling_lines(notes.get(AUTOSCALING_NOTE)))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas, KV use and queues, as `pdserve status` shows them."""

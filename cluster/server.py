@@ -10,6 +10,7 @@ import torch
 from pdserve.engine.loader import default_model_dir
 
 from .app import GRPC_SERVICERS, build_app
+from .autoscaling import is_autoscaled, serve_application_policy
 from .config import PdserveConfig, load_config
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,32 @@ def start(config: PdserveConfig, address: str | None) -> None:
         http_options={"host": router.http_host, "port": router.http_port},
         grpc_options={"port": router.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    if is_autoscaled(config):
+        _deploy_with_policy(config)
+    else:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+def _deploy_with_policy(config: PdserveConfig, timeout_s: float = 900.0) -> None:
+    """Deploy as a Serve config: Ray Serve takes an application-level autoscaling policy only from one."""
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": APP_NAME, "route_prefix": "/", "import_path": "pdserve.cluster.app:build_app",
+           "args": config.to_dict(), "autoscaling_policy": serve_application_policy(config)}
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"pdserve application failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"pdserve application not running after {timeout_s:.0f} s")
 
 
 def stop() -> None:

@@ -37,6 +37,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
     error_code: str | None = None  # "deadline" | "transfer_failed" | "invalid" | "unavailable"
+    timings: dict[str, float] | None = None  # on the finish event: kv_wait_s, prefill_s, decode_s, decode_steps
 
     @property
     def is_final(self) -> bool:

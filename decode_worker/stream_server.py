@@ -76,6 +76,8 @@ def _merge(events: list[TokenEvent]) -> tuple[pb.TokenChunk, bool]:
             chunk.finish_reason = event.finish_reason
         if event.error:
             chunk.error, chunk.error_code = event.error, event.error_code or "unavailable"
+        if event.timings:
+            chunk.timings.CopyFrom(pb.DecodeTimings(**event.timings))
     return chunk, bool(chunk.finish_reason or chunk.error)
 
 

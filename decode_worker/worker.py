@@ -286,7 +286,10 @@ class DecodeWorker:
 
     def _finish(self, seq: DecodeSequence, reason: str) -> None:
         seq.state = SequenceState.FINISHED
-        seq.sink(TokenEvent(finish_reason=reason))
+        decode_s = time.monotonic() - seq.admitted_at if seq.admitted_at else 0.0
+        timings = {"kv_wait_s": seq.kv_wait_s, "prefill_s": seq.prefill_s, "decode_s": decode_s,
+                   "decode_steps": seq.num_steps}
+        seq.sink(TokenEvent(finish_reason=reason, timings=timings))
         self._release(seq)
 
     def _fail(self, seq: DecodeSequence, message: str, code: str, sink: Sink | None) -> None:

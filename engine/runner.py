@@ -2,13 +2,20 @@
 
 The schedulers (prefill and decode workers) see sequences and integer block ids;
 only the runner builds tensors. It owns the model and the replica's KV cache.
+
+On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py), one per padded
+batch size up to `max_decode_batch`; prefill and the CPU path run eagerly. The
+graphs' padding rows write their K/V into one scratch block past the pool: the
+KV tensor then holds num_blocks + 1 blocks, and `kv_cache.spec.num_blocks`
+(what the block pools and transfers see) stays num_blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
@@ -31,11 +38,14 @@ class DecodeInput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int):
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
+                 max_decode_batch: int = 64, use_cuda_graphs: bool | None = None):
+        """`use_cuda_graphs`: None means on CUDA; graphs cover decode batches up to `max_decode_batch`."""
         self.model = LlamaModel(loaded)
         self.spec = loaded.spec
         self.device = loaded.device
-        self.kv_cache = KvCache(KvCacheSpec(
+        use_graphs = loaded.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        spec = KvCacheSpec(
             num_layers=loaded.spec.num_layers,
             num_blocks=num_blocks,
             block_size=block_size,
@@ -43,20 +53,30 @@ class ModelRunner:
             head_dim=loaded.spec.head_dim,
             dtype=loaded.dtype,
             device=loaded.device,
-        ))
+        )
+        if use_graphs:  # block num_blocks is the graphs' scratch block, outside the pool's ids
+            self.kv_cache = KvCache(replace(spec, num_blocks=num_blocks + 1))
+            self.kv_cache.spec = spec
+        else:
+            self.kv_cache = KvCache(spec)
         self.block_size = block_size
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_cache, max_decode_batch,
+            max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
+        ) if use_graphs else None
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token; KV written to the blocks."""
-        tokens, positions, slots, starts, lens = [], [], [], [], []
-        for chunk in chunks:
-            span = range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids))
-            starts.append(len(tokens))
+        starts, lens, columns = [], [], []
+        for chunk in chunks:  # [3, n] host rows per chunk: tokens, positions, slots
+            starts.append(sum(lens))
             lens.append(len(chunk.token_ids))
-            tokens.extend(chunk.token_ids)
-            positions.extend(span)
-            slots.extend(self._slot(chunk.block_ids, p) for p in span)
+            span = torch.arange(chunk.start_pos, chunk.start_pos + len(chunk.token_ids))
+            blocks = torch.tensor(chunk.block_ids, dtype=torch.long)
+            slots = blocks[span // self.block_size] * self.block_size + span % self.block_size
+            columns.append(torch.stack([torch.tensor(chunk.token_ids, dtype=torch.long), span, slots]))
+        tokens, positions, slots = torch.cat(columns, dim=1).to(self.device)  # one host → device copy
         attention = PrefillAttention(
             q_starts=tuple(starts),
             q_lens=tuple(lens),
@@ -65,13 +85,28 @@ class ModelRunner:
         )
         last_rows = [s + n - 1 for s, n in zip(starts, lens)]
         return self.model.forward(
-            self._tensor(tokens), self._tensor(positions), self._tensor(slots), attention,
-            self._tensor(last_rows), self.kv_cache, on_layer_done,
+            tokens, positions, slots, attention, self._tensor(last_rows), self.kv_cache, on_layer_done,
         )
 
     @torch.inference_mode()
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:
         """Logits [len(inputs), vocab] of one step for a batch of sequences."""
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(
+                [i.token_id for i in inputs], [i.position for i in inputs], [i.block_ids for i in inputs])
+            if logits is not None:
+                return logits
+        return self.decode_eager(inputs)
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> None:
+        """Capture every decode graph now, rather than on each batch size's first step."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all()
+
+    @torch.inference_mode()
+    def decode_eager(self, inputs: list[DecodeInput]) -> torch.Tensor:
+        """`decode` without graphs: any batch size, every kernel launched from Python."""
         width = max(len(i.block_ids) for i in inputs)
         tables = torch.tensor([list(i.block_ids) + [0] * (width - len(i.block_ids)) for i in inputs],
                               dtype=torch.int32, device=self.device)

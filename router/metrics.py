@@ -112,3 +112,21 @@ def _histogram_lines(name: str, help_text: str, h: _Histogram) -> list[str]:
         lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
     lines += [f'{name}_bucket{{le="+Inf"}} {h.count}', f"{name}_sum {h.total:g}", f"{name}_count {h.count}"]
     return lines
+
+
+def autoscaling_lines(note: dict[str, Any] | None) -> str:
+    """The autoscaling policy's last note as pool-size gauges and a decisions counter by reason."""
+    if not note:
+        return ""
+    lines = ["# HELP pdserve_pool_replicas Running replicas of the pool", "# TYPE pdserve_pool_replicas gauge"]
+    pools = note.get("pools", {})
+    lines += [f'pdserve_pool_replicas{{pool="{pool}"}} {p["replicas"]}' for pool, p in sorted(pools.items())]
+    lines += ["# HELP pdserve_pool_target_replicas The autoscaling policy's target for the pool",
+              "# TYPE pdserve_pool_target_replicas gauge"]
+    lines += [f'pdserve_pool_target_replicas{{pool="{pool}"}} {p["target"]}' for pool, p in sorted(pools.items())]
+    lines += ["# HELP pdserve_autoscaling_decisions_total Scaling decisions by pool, direction and reason",
+              "# TYPE pdserve_autoscaling_decisions_total counter"]
+    for key, count in sorted(note.get("decisions", {}).items()):
+        pool, direction, reason = key.split("/")
+        lines.append(f'pdserve_autoscaling_decisions_total{{pool="{pool}",direction="{direction}",reason="{reason}"}} {count}')
+    return "\n".join(lines) + "\n"

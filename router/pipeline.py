@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import grpc
@@ -27,7 +27,7 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
-    PhaseTimings, TryElsewhere, Unavailable, Usage,
+    Overloaded, PhaseTimings, Unavailable, Usage,
 )
 from .metrics import RouterMetrics
 from .relay import TextRelay
@@ -35,6 +35,8 @@ from .relay import TextRelay
 log = logging.getLogger(__name__)
 
 _ERROR_CODES = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}
+MAX_ATTEMPTS = 20  # bounded anyway by the request's deadline
+RETRY_BACKOFF_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -78,52 +80,63 @@ class Pipeline:
             self.metrics.count_outcome(outcome)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        received = time.monotonic()
-        sampling = request.sampling
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-        relay = TextRelay(self.tokenizer, sampling.stop)
+        """Attempts until one finishes: a replica lost mid-request costs the client no token."""
+        run = _Run(request, time.monotonic(), TextRelay(self.tokenizer, request.sampling.stop),
+                   request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63))
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                async for chunk in self._attempt(run):
+                    yield chunk
+                return
+            except _Retriable as e:
+                if attempt == MAX_ATTEMPTS or time.time() >= request.deadline:
+                    raise Unavailable(f"{e} (after {attempt} attempts)") from None
+                log.warning("[%s] %s; continuing elsewhere with %d tokens already sent (attempt %d)",
+                            request.request_id, e, len(run.generated), attempt + 1)
+                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** min(attempt, 3), max(request.deadline - time.time(), 0)))
+
+    async def _attempt(self, run: "_Run") -> AsyncIterator[GenerationChunk]:
+        """One try: reserve, prefill (unless the decode replica does it), stream until finished."""
+        request, sampling = run.request, run.request.sampling
         reservation = await self._reserve(request)
         stub = pb_grpc.DecodeStreamStub(self._channel(reservation.stream_address))
+        # After a failure the new decode replica re-prefills prompt + tokens sent itself.
+        local = (self.settings.colocated or bool(run.generated)
+                 or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
         stream_opened = False
         try:
-            generated, logprobs, timings = [], [], {}
-            local = self.settings.colocated or len(request.prompt_token_ids) < self.settings.short_prompt_tokens
             if not local:
-                result = await self._prefill(request, reservation, seed)
-                generated, logprobs = [result.first_token], [result.first_logprob]
-                timings = dict(queue_s=result.queue_s, prefill_s=result.prefill_s,
-                               kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
-                               prefill_replica=result.replica_id)
-                first = relay.add(generated)
-                yield GenerationChunk(tuple(generated), first.text, _maybe(logprobs, sampling.logprobs))
-                if first.is_stopped:
-                    yield self._last(request, generated, relay, "stop", received, timings, reservation)
+                result = await self._prefill(request, reservation, run.seed)
+                run.timings.update(queue_s=result.queue_s, prefill_s=result.prefill_s,
+                                   kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
+                                   prefill_replica=result.replica_id)
+                chunk = run.accept([result.first_token], [result.first_logprob])
+                yield chunk
+                if run.relay.is_stopped or run.is_done():
+                    yield self._last(run, "stop" if run.relay.is_stopped else "length", reservation)
                     return
-            call = stub.Stream(self._stream_request(request, reservation, generated, logprobs, seed, local),
+            call = stub.Stream(self._stream_request(run, reservation, local),
                                timeout=max(request.deadline - time.time(), 0.001))
             stream_opened = True
-            first_token_at = None
-            async for chunk in call:
-                if chunk.error:
-                    raise _error(chunk, reservation.replica_id)
-                if chunk.token_ids:
-                    first_token_at = first_token_at or time.monotonic()
-                    generated.extend(chunk.token_ids)
-                    out = relay.add(list(chunk.token_ids))
-                    yield GenerationChunk(tuple(chunk.token_ids), out.text,
-                                          tuple(chunk.logprobs) if sampling.logprobs else None)
-                    if out.is_stopped:
+            async for message in call:
+                if message.error:
+                    raise _chunk_error(message, reservation.replica_id)
+                if message.token_ids:
+                    yield run.accept(list(message.token_ids), list(message.logprobs) or [None] * len(message.token_ids))
+                    if run.relay.is_stopped:
                         call.cancel()
-                        yield self._last(request, generated, relay, "stop", received, timings, reservation)
+                        yield self._last(run, "stop", reservation)
                         return
-                if chunk.finish_reason:
-                    if local:
-                        timings.update(prefill_s=chunk.timings.prefill_s, prefill_replica=reservation.replica_id)
-                    yield self._last(request, generated, relay, chunk.finish_reason, received, timings, reservation)
+                if message.finish_reason:
+                    if local and message.timings.prefill_s:
+                        run.timings.update(prefill_s=message.timings.prefill_s, prefill_replica=reservation.replica_id)
+                    yield self._last(run, message.finish_reason, reservation)
                     return
-            raise Unavailable(f"decode replica {reservation.replica_id} ended the stream without finishing")
+            raise _Retriable(f"decode replica {reservation.replica_id} ended the stream without finishing")
         except grpc.aio.AioRpcError as e:
-            raise _rpc_error(e, reservation.replica_id) from None
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded("the request's deadline passed while decoding") from None
+            raise _Retriable(f"decode replica {reservation.replica_id} failed: {e.code().name}: {e.details()}") from None
         finally:
             if not stream_opened:
                 await self._release(stub, reservation.transfer_id)
@@ -139,49 +152,55 @@ class Pipeline:
         return HealthStatus(True, counts.get("prefill", 0), counts["decode"])
 
     async def _reserve(self, request: GenerationRequest) -> Any:
-        """A reservation on some decode replica; waits (within the deadline) while KV pools are full."""
+        """A reservation on some decode replica; waits (within the deadline) while none can take it."""
         while True:
             try:
                 return await self.decode.reserve.remote(
                     request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
                     max_tokens=request.sampling.max_tokens, deadline=request.deadline)
-            except TryElsewhere as e:
+            except (Overloaded, InvalidRequest, DeadlineExceeded):
+                raise
+            except Exception as e:  # full, draining, or died under the call: wait for room or a replacement
                 if time.time() + self.settings.reserve_retry_s > request.deadline:
-                    raise DeadlineExceeded(f"no decode replica had room before the deadline: {e.message}") from None
+                    raise Unavailable(f"no decode replica could take the request before its deadline: "
+                                      f"{_first_line(e)}") from None
                 await asyncio.sleep(self.settings.reserve_retry_s)
 
     async def _prefill(self, request: GenerationRequest, reservation: Any, seed: int) -> Any:
         s = request.sampling
-        return await self.prefill.prefill.remote(
-            request_id=request.request_id, prompt=list(request.prompt_token_ids),
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
-            destination=reservation.destination, deadline=request.deadline)
+        try:
+            return await self.prefill.prefill.remote(
+                request_id=request.request_id, prompt=list(request.prompt_token_ids),
+                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
+                destination=reservation.destination, deadline=request.deadline)
+        except (Overloaded, InvalidRequest, DeadlineExceeded):
+            raise
+        except Exception as e:  # a replica died, a transfer broke: another pair may do
+            raise _Retriable(f"prefill failed: {_first_line(e)}") from None
 
-    def _stream_request(self, request: GenerationRequest, reservation: Any, generated: list[int],
-                        logprobs: list[float | None], seed: int, local: bool) -> pb.StreamRequest:
-        s = request.sampling
+    def _stream_request(self, run: "_Run", reservation: Any, local: bool) -> pb.StreamRequest:
+        s = run.request.sampling
         stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
         return pb.StreamRequest(
-            request_id=request.request_id, transfer_id=reservation.transfer_id,
-            prompt_token_ids=request.prompt_token_ids, generated_token_ids=generated,
-            generated_logprobs=[lp or 0.0 for lp in logprobs], prefill_locally=local,
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed,
-            stop_token_ids=sorted(stop_ids), logprobs=s.logprobs, deadline_unix_s=request.deadline,
+            request_id=run.request.request_id, transfer_id=reservation.transfer_id,
+            prompt_token_ids=run.request.prompt_token_ids, generated_token_ids=run.generated,
+            prefill_locally=local, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(stop_ids), logprobs=s.logprobs,
+            deadline_unix_s=run.request.deadline,
         )
 
-    def _last(self, request: GenerationRequest, generated: list[int], relay: TextRelay, reason: str,
-              received: float, timings: dict, reservation: Any) -> GenerationChunk:
+    def _last(self, run: "_Run", reason: str, reservation: Any) -> GenerationChunk:
         """The closing chunk: held-back text, finish reason, usage and timings."""
-        tail = relay.finish()
-        e2e = time.monotonic() - received
-        ttft = timings.get("queue_s", 0.0) + timings.get("prefill_s", 0.0) + timings.get("kv_transfer_s", 0.0)
+        tail = run.relay.finish()
+        e2e = time.monotonic() - run.received
+        ttft = (run.first_token_at or time.monotonic()) - run.received
         decode_s = max(e2e - ttft, 0.0)
         return GenerationChunk(
-            (), tail.text, finish_reason="stop" if tail.is_stopped else reason,
-            usage=Usage(len(request.prompt_token_ids), len(generated)),
+            (), tail.text, finish_reason="stop" if run.relay.is_stopped else reason,
+            usage=Usage(len(run.request.prompt_token_ids), len(run.generated)),
             timings=PhaseTimings(ttft_s=ttft, e2e_s=e2e, decode_s=decode_s,
-                                 tpot_s=decode_s / max(len(generated) - 1, 1),
-                                 decode_replica=reservation.replica_id, **timings),
+                                 tpot_s=decode_s / max(len(run.generated) - 1, 1),
+                                 decode_replica=reservation.replica_id, **run.timings),
         )
 
     async def _release(self, stub: pb_grpc.DecodeStreamStub, transfer_id: int) -> None:
@@ -196,16 +215,41 @@ class Pipeline:
         return self._channels[address]
 
 
-def _maybe(logprobs: list[float | None], wanted: bool) -> tuple[float, ...] | None:
-    return tuple(lp or 0.0 for lp in logprobs) if wanted else None
+class _Retriable(Exception):
+    """A failure another replica may not have: the request goes on elsewhere."""
 
 
-def _error(chunk: pb.TokenChunk, replica: str) -> GenerationError:
-    cls = _ERROR_CODES.get(chunk.error_code, Unavailable)
-    return cls(f"decode replica {replica}: {chunk.error}")
+@dataclass
+class _Run:
+    """One request across its attempts: what the client has been sent so far."""
+
+    request: GenerationRequest
+    received: float
+    relay: TextRelay
+    seed: int  # fixed for the request: sampling is a function of (seed, position), so a resume is exact
+    generated: list[int] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    first_token_at: float | None = None
+
+    def accept(self, token_ids: list[int], logprobs: list[float | None]) -> GenerationChunk:
+        self.first_token_at = self.first_token_at or time.monotonic()
+        self.generated.extend(token_ids)
+        out = self.relay.add(token_ids)
+        wanted = self.request.sampling.logprobs
+        return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs) if wanted else None)
+
+    def is_done(self) -> bool:
+        """The first token alone reached max_tokens or an end-of-sequence id."""
+        return len(self.generated) >= self.request.sampling.max_tokens
 
 
-def _rpc_error(e: grpc.aio.AioRpcError, replica: str) -> GenerationError:
-    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded("the request's deadline passed while decoding")
-    return Unavailable(f"decode replica {replica} failed: {e.code().name}: {e.details()}")
+def _chunk_error(chunk: pb.TokenChunk, replica: str) -> Exception:
+    message = f"decode replica {replica}: {chunk.error}"
+    if chunk.error_code in _ERROR_CODES:
+        return _ERROR_CODES[chunk.error_code](message)
+    return _Retriable(message)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

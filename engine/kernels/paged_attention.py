@@ -18,11 +18,16 @@ GPU path, flash-decoding style, two launches:
      once per group) over one slice of the context, walks it in BLOCK_N-token
      tiles gathered through the block table in place, and keeps an fp32 online
      softmax. It writes the slice's normalised output and its log-sum-exp.
+     Each sequence cuts ITS OWN context into the grid's num_partitions slices
+     (a multiple of BLOCK_N tokens each, read on the device from context_lens),
+     so a launch sized without a host-side bound (a CUDA graph captured once for
+     every context length) still spreads a short context over the slices.
   2. `_decode_reduce_kernel`, grid (B, num_heads): merges the slices by their
      log-sum-exp. Skipped when there is one slice: the first kernel then writes
      `out` directly.
 The number of slices is chosen so that B × num_kv_heads × slices fills the SMs
-about twice over: B=1 at 1k tokens and 8 KV heads gives 16 slices of 64 tokens.
+about twice over (capped at one BLOCK_N tile per slice of the longest context):
+B=1 at 1k tokens and 8 KV heads gives 16 slices of 64 tokens.
 """
 import functools
 import math
@@ -37,6 +42,7 @@ _BLOCK_N = 64  # context tokens per tile
 _WAVES = 2  # aim for this many programs per SM in the partition kernel
 _REDUCE_BLOCK_P = 16  # slices merged per step of the reduction
 _NUM_WARPS = 4
+_NUM_STAGES = 2  # software-pipelining depth of the partition kernel's tile loop
 
 
 def paged_decode_attention(
@@ -50,9 +56,10 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V per sequence; Triton on CUDA, the torch reference elsewhere.
 
-    `max_context_len` (a host-side int the scheduler knows) sizes the context
-    slices; without it the bound is block_tables' width × block_size, which
-    never syncs with the GPU (CUDA-graph safe) but may split too coarsely.
+    `max_context_len` (a host-side int the scheduler knows) caps the number of
+    context slices; without it the bound is block_tables' width × block_size,
+    which never syncs with the GPU (CUDA-graph safe). Either way each sequence's
+    slices are sized from its own context length on the device.
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
         return paged_decode_attention_triton(
@@ -106,8 +113,7 @@ def paged_decode_attention_triton(
     group_size = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    partition_size = _partition_size(num_seqs, num_kv_heads, max(max_context_len, 1), q.device)
-    num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
+    num_partitions = _num_partitions(num_seqs, num_kv_heads, max(max_context_len, 1), q.device)
 
     out = torch.empty_like(q)
     # One slice: the partition kernel's normalised output is final, so it writes `out`.
@@ -121,7 +127,7 @@ def paged_decode_attention_triton(
     block_d = triton.next_power_of_2(head_dim)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * math.log2(math.e), partition_size,
+        scale * math.log2(math.e), num_partitions,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -135,25 +141,33 @@ def paged_decode_attention_triton(
         BLOCK_N=_BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 only matters for fp32
         num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            partial, lse, context_lens, out, partition_size,
+            partial, lse, context_lens, out, num_partitions,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_P=_REDUCE_BLOCK_P,
+            BLOCK_N=_BLOCK_N,
         )
     return out
 
 
-def _partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Context tokens per slice: a multiple of BLOCK_N, small enough to fill the GPU."""
+def _num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Slices per sequence: enough programs to fill the GPU, no more slices than BLOCK_N tiles."""
     target_partitions = max(1, _WAVES * _num_sms(device) // (num_seqs * num_kv_heads))
-    size = triton.cdiv(max_context_len, target_partitions)
-    return triton.cdiv(size, _BLOCK_N) * _BLOCK_N
+    return min(target_partitions, triton.cdiv(max_context_len, _BLOCK_N))
+
+
+@triton.jit
+def _slice_tokens(context_len, num_partitions, BLOCK_N: tl.constexpr):
+    """Tokens per slice of one sequence: its context over the slices, rounded up to BLOCK_N (>= BLOCK_N)."""
+    per_slice = tl.cdiv(context_len, num_partitions)
+    return tl.maximum(tl.cdiv(per_slice, BLOCK_N), 1) * BLOCK_N
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +187,7 @@ def _decode_partition_kernel(
     out_ptr,  # [B, H, P, D]: fp32 slice outputs, or `out` itself when P == 1
     lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of each slice's scaled scores
     qk_scale,  # scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
-    partition_size,
+    num_partitions,  # slices per sequence (the grid's third axis)
     stride_qb, stride_qh,
     stride_kvb, stride_kvt, stride_kvh,
     stride_btb,
@@ -191,6 +205,7 @@ def _decode_partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    partition_size = _slice_tokens(context_len, num_partitions, BLOCK_N)
     start = part * partition_size
     end = tl.minimum(start + partition_size, context_len)
 
@@ -247,18 +262,20 @@ def _decode_reduce_kernel(
     lse_ptr,  # [B, H, P] fp32, base 2
     context_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, D]
-    partition_size,
+    num_partitions,  # slices per sequence in the partition kernel's grid
     stride_pb, stride_ph, stride_pp,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # the partition kernel's tile, which sized the slices
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    num_partitions = tl.cdiv(context_len, partition_size)  # only slices that hold tokens
+    partition_size = _slice_tokens(context_len, num_partitions, BLOCK_N)
+    num_used = tl.cdiv(context_len, partition_size)  # only slices that hold tokens
 
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
@@ -268,9 +285,9 @@ def _decode_reduce_kernel(
     m = float("-inf")  # running max of the slices' lse
     denom = 0.0  # running sum of exp2(lse - m)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for p_start in range(0, num_partitions, BLOCK_P):
+    for p_start in range(0, num_used, BLOCK_P):
         parts = p_start + offs_p
-        p_mask = parts < num_partitions
+        p_mask = parts < num_used
         lse = tl.load(lse_row + parts, mask=p_mask, other=float("-inf"))  # [BLOCK_P]
         o = tl.load(
             partial + parts[:, None] * stride_pp + offs_d[None, :],

@@ -71,8 +71,8 @@ class FakeSender(KvSender):
         self._faults = faults
         self._random = random.Random(faults.seed)
         self._num_started = 0
-        self._failed: dict[int, str] = {}  # transfer id -> why, until finish
-        self._started: set[int] = set()
+        self._failed: dict[tuple[str, int], str] = {}  # (receiver, transfer id) -> why, until finish
+        self._started: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:
@@ -82,20 +82,20 @@ class FakeSender(KvSender):
         self._check_range(dest, layer, src_block_ids, first_block_index)
         self._start(dest)
         with self._lock:
-            if dest.transfer_id in self._failed:
+            if _key(dest) in self._failed:
                 return
         data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
         try:
             self._receiver(dest.channel)._ledger.write(dest.transfer_id, layer, first_block_index, data)
         except TransferError as e:
             with self._lock:
-                self._failed[dest.transfer_id] = str(e)
+                self._failed[_key(dest)] = str(e)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         self._start(dest)
         with self._lock:
-            self._started.discard(dest.transfer_id)
-            failure = self._failed.pop(dest.transfer_id, "")
+            self._started.discard(_key(dest))
+            failure = self._failed.pop(_key(dest), "")
         if failure:
             raise TransferError(f"transfer {dest.transfer_id}: {failure}")
         status = self._receiver(dest.channel)._ledger.finish(dest.transfer_id, num_blocks_total)
@@ -110,15 +110,15 @@ class FakeSender(KvSender):
     def _start(self, dest: KvDestination) -> None:
         """Count a new transfer and decide whether the fault plan fails it."""
         with self._lock:
-            if dest.transfer_id in self._started:
+            if _key(dest) in self._started:
                 return
-            self._started.add(dest.transfer_id)
+            self._started.add(_key(dest))
             self._num_started += 1
             is_picked = self._num_started in self._faults.fail_nth
             if not (is_picked or self._random.random() < self._faults.failure_probability):
                 return
             detail = f"injected fault (transfer #{self._num_started} of this sender)"
-            self._failed[dest.transfer_id] = detail
+            self._failed[_key(dest)] = detail
         log.info("transfer %d: %s", dest.transfer_id, detail)
         with _registry_lock:
             receiver = _registry.get(dest.channel.port)
@@ -133,3 +133,8 @@ class FakeSender(KvSender):
         if KvGeometry.of(receiver.kv_cache.spec) != KvGeometry.of(self.kv_cache.spec):
             raise HandshakeError(f"KV geometry differs from receiver {address.peer_id}'s")
         return receiver
+
+
+def _key(dest: KvDestination) -> tuple[str, int]:
+    """Transfer ids are per receiver: a sender keys its transfers by both."""
+    return dest.channel.peer_id, dest.transfer_id

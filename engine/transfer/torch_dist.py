@@ -101,7 +101,8 @@ class TorchDistSender(KvSender):
         self._hello = Hello(WIRE_VERSION, KvGeometry.of(spec), sender_id, device_uuid(spec.device))
         self._lock = threading.Lock()
         self._channels: dict[ChannelAddress, SendChannel] = {}
-        self._bound: dict[int, SendChannel] = {}  # transfer id -> its channel until finish
+        # (receiver, transfer id) -> its channel until finish; transfer ids are per receiver
+        self._bound: dict[tuple[str, int], SendChannel] = {}
 
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:
         channel = self._channel(address)
@@ -128,7 +129,7 @@ class TorchDistSender(KvSender):
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         channel = self._bind(dest)
         with self._lock:
-            self._bound.pop(dest.transfer_id, None)
+            self._bound.pop(_key(dest), None)
         reply = channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)
         channel.submit(lambda: channel.send_frame(Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)))
         try:
@@ -148,9 +149,9 @@ class TorchDistSender(KvSender):
     def _bind(self, dest: KvDestination) -> SendChannel:
         """The channel this transfer runs on: fixed at its first layer, so a broken one fails it whole."""
         with self._lock:
-            channel = self._bound.get(dest.transfer_id)
+            channel = self._bound.get(_key(dest))
             if channel is None:
-                channel = self._bound[dest.transfer_id] = self._channel_locked(dest.channel)
+                channel = self._bound[_key(dest)] = self._channel_locked(dest.channel)
             return channel
 
     def _channel(self, address: ChannelAddress) -> SendChannel:
@@ -171,6 +172,10 @@ class TorchDistSender(KvSender):
 
 class NcclSender(TorchDistSender):
     backend = "nccl"
+
+
+def _key(dest: KvDestination) -> tuple[str, int]:
+    return dest.channel.peer_id, dest.transfer_id
 
 
 def _record_event(device: torch.device) -> torch.cuda.Event | None:

@@ -1,6 +1,7 @@
 """Prefill on one runner, move the blocks, decode on another: the same tokens."""
 import torch
 
+from engine_target import DEVICE, DTYPE_NAME, IS_EXACT, relative_error
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
@@ -12,7 +13,7 @@ PROMPT = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
 
 def test_blocks_moved_between_runners_decode_to_the_same_tokens(tmp_path):
     save_tiny_model("llama", tmp_path)
-    loaded = load_model_dir(tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
     reference = OfflineEngine(loaded, num_blocks=32, block_size=4)
     expected = OfflineSequence(PROMPT, max_tokens=20)
     list(reference.generate([expected], ignore_eos=True))
@@ -29,17 +30,21 @@ def test_blocks_moved_between_runners_decode_to_the_same_tokens(tmp_path):
         position = len(PROMPT) + len(tokens) - 1
         logits = decode.decode([DecodeInput(tokens[-1], position, dst_blocks)])
         tokens.append(sample(logits, [SamplingParams()], [position + 1]).token_ids[0])
-    assert tokens == expected.output
+    assert tokens == expected.output  # the same kernels on the same values: exact in any dtype
 
 
 def test_chunked_prefill_equals_one_pass(tmp_path):
     save_tiny_model("qwen2", tmp_path)
-    loaded = load_model_dir(tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
     runner = ModelRunner(loaded, 16, 4)
     prompt = tuple(range(3, 3 + 14))
     whole = runner.prefill([PrefillChunk(prompt, 0, (0, 1, 2, 3))])
     runner.prefill([PrefillChunk(prompt[:8], 0, (4, 5))])
     chunked = runner.prefill([PrefillChunk(prompt[8:], 8, (4, 5, 6, 7))])
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     kv = runner.kv_cache.tensor
-    torch.testing.assert_close(kv[:, :, 4:8], kv[:, :, 0:4], atol=1e-5, rtol=1e-5)
+    if IS_EXACT:
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kv[:, :, 4:8], kv[:, :, 0:4], atol=1e-5, rtol=1e-5)
+    else:  # the chunk attends over the cache in another order: bf16 rounding differs
+        assert relative_error(chunked, whole) < 2e-2
+        assert relative_error(kv[:, :, 4:8], kv[:, :, 0:4]) < 2e-2

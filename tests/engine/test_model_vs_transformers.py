@@ -1,6 +1,10 @@
-"""The engine's forward pass and greedy tokens equal transformers' on the same weights."""
+"""The engine's forward pass and greedy tokens equal transformers' on the same weights.
+
+Runs where engine_target says (CPU float32 by default; e.g. CUDA bfloat16 on a GPU).
+"""
 import torch
 
+from engine_target import DEVICE, DTYPE_NAME, assert_logits_close, greedy_divergence
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
@@ -10,7 +14,7 @@ PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106
 
 def test_prefill_logits_match_transformers(tiny_model):
     _, directory, reference = tiny_model
-    runner = ModelRunner(load_model_dir(directory), num_blocks=64, block_size=4)
+    runner = ModelRunner(load_model_dir(directory, DEVICE, DTYPE_NAME), num_blocks=64, block_size=4)
     next_block = 0
     chunks = []
     for prompt in PROMPTS:
@@ -20,16 +24,16 @@ def test_prefill_logits_match_transformers(tiny_model):
     logits = runner.prefill(chunks)
     for row, prompt in enumerate(PROMPTS):
         expected = reference(torch.tensor([prompt])).logits[0, -1]
-        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+        assert_logits_close(logits[row], expected)
 
 
 def test_greedy_tokens_equal_generate(tiny_model):
     _, directory, reference = tiny_model
-    engine = OfflineEngine(load_model_dir(directory), num_blocks=128, block_size=4)
+    engine = OfflineEngine(load_model_dir(directory, DEVICE, DTYPE_NAME), num_blocks=128, block_size=4)
     sequences = [OfflineSequence(prompt, max_tokens=32) for prompt in PROMPTS]
     list(engine.generate(sequences, ignore_eos=True))
     reference.generation_config.eos_token_id = None  # 32 tokens each, like ignore_eos
     for seq in sequences:
         expected = reference.generate(torch.tensor([seq.prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
-        assert seq.output == expected[0, len(seq.prompt):].tolist()
+        assert greedy_divergence(seq.output, expected[0, len(seq.prompt):].tolist(), seq.prompt, reference) is None
     assert engine.pool.num_free == engine.pool.num_blocks

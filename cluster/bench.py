@@ -1,0 +1,210 @@
+"""`pdserve bench`: offer a load to a running server, measure what comes back, save JSON and plots.
+
+A bench is a warm-up, then one run per offered rate (Poisson arrivals, at most
+`concurrency` requests in flight; rate None with a concurrency is a closed
+loop). While a run goes, the server's pool reports (`/v1/pdserve/status`) are
+sampled every second; they, the client's records and the server's per-request
+phase timings all go into the JSON, which `pdserve diagnose` reads back.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from .bench_client import BenchClient, GrpcClient, HttpClient, RequestRecord
+from .bench_stats import RunSummary, Slo, summarize
+from .bench_workload import Workload, arrival_times
+
+FORMAT_VERSION = 1
+STATUS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str = "http://127.0.0.1:8000"  # HTTP API; also where the pools' status is read
+    grpc_address: str | None = None  # set: requests go over gRPC instead
+    api_key: str | None = None
+    workload: Workload = Workload()
+    num_requests: int = 100  # per run
+    rates: tuple[float | None, ...] = (None,)  # requests/s per run; None: unbounded
+    concurrency: int | None = None  # most requests in flight; None: unbounded
+    warmup: int = 4
+    slo: Slo = Slo(ttft_s=1.0, tpot_s=0.1)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Run:
+    """One run: its offered load, what every request saw, and the pools while it ran."""
+
+    rate: float | None
+    concurrency: int | None
+    duration_s: float
+    requests: list[RequestRecord]
+    pools: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "pools": {pool: {replica: stats}}}
+
+    def summary(self, slo: Slo) -> RunSummary:
+        return summarize(self.requests, self.duration_s, slo, self.rate, self.concurrency)
+
+
+@dataclass
+class BenchResult:
+    target: dict[str, Any]  # url, protocol, the status the server gave at the start
+    workload: dict[str, Any]
+    slo: Slo
+    runs: list[Run]
+    date: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pdserve_bench": FORMAT_VERSION, "date": self.date, "target": self.target, "workload": self.workload,
+            "slo": dataclasses.asdict(self.slo),
+            "runs": [{"summary": dataclasses.asdict(run.summary(self.slo)), **dataclasses.asdict(run)}
+                     for run in self.runs],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BenchResult":
+        runs = [Run(r["rate"], r["concurrency"], r["duration_s"], [RequestRecord(**q) for q in r["requests"]],
+                    r["pools"]) for r in data["runs"]]
+        return cls(data["target"], data["workload"], Slo(**data["slo"]), runs, data["date"])
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "BenchResult":
+        return cls.from_json(json.loads(path.read_text()))
+
+
+async def run_bench(config: BenchConfig) -> BenchResult:
+    """Warm up, then one run per rate."""
+    client = _client(config)
+    try:
+        status = await _status(config.url)
+        if config.warmup:
+            warm = config.workload.requests(config.warmup, seed=config.seed + 1)
+            await _run(client, warm, None, min(config.warmup, 4), config, "warm-up")
+        runs = []
+        for i, rate in enumerate(config.rates):
+            specs = config.workload.requests(config.num_requests, seed=config.seed + 2 + i)
+            label = f"rate {rate:g}/s" if rate is not None else f"concurrency {config.concurrency or 'all'}"
+            runs.append(await _run(client, specs, rate, config.concurrency, config, label))
+    finally:
+        await client.close()
+    protocol = "grpc" if config.grpc_address else "http"
+    target = {"url": config.url, "grpc_address": config.grpc_address, "protocol": protocol, "status": status}
+    return BenchResult(target, {**config.workload.describe(), "num_requests": config.num_requests,
+                                "warmup": config.warmup, "seed": config.seed}, config.slo, runs)
+
+
+async def _run(client: BenchClient, specs: list, rate: float | None, concurrency: int | None,
+               config: BenchConfig, label: str) -> Run:
+    """Send `specs` at their Poisson times (at most `concurrency` at once); sample the pools meanwhile."""
+    gate = asyncio.Semaphore(concurrency or len(specs))
+    bar = tqdm(total=len(specs), desc=label, unit="req", file=sys.stderr, disable=not config.progress)
+    started = time.perf_counter()
+    records = [RequestRecord(sent_at=0.0, max_tokens=s.max_tokens, prompt_tokens=s.num_prompt_tokens or 0)
+               for s in specs]
+
+    async def one(spec, record: RequestRecord, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
+        async with gate:
+            record.sent_at = time.perf_counter() - started
+            await client.send(spec, record)
+        bar.update()
+
+    pools: list[dict[str, Any]] = []
+    sampler = asyncio.create_task(_sample_pools(config.url, started, pools))
+    try:
+        times = arrival_times(len(specs), rate, seed=config.seed)
+        await asyncio.gather(*(one(s, r, t) for s, r, t in zip(specs, records, times)))
+    finally:
+        sampler.cancel()
+        bar.close()
+    first_send = min(r.sent_at for r in records)
+    last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
+    return Run(rate, concurrency, last_end - first_send, records, pools)
+
+
+async def _sample_pools(url: str, started: float, into: list[dict[str, Any]]) -> None:
+    """Append the server's pool reports every `STATUS_INTERVAL_S` until cancelled."""
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        while True:
+            try:
+                pools = (await http.get("/v1/pdserve/status")).json()["pools"]
+                into.append({"t": time.perf_counter() - started, "pools": pools})
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass  # a bench against a server without the status route still runs
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+
+async def _status(url: str) -> dict[str, Any] | None:
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            return (await http.get("/v1/pdserve/status")).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _client(config: BenchConfig) -> BenchClient:
+    if config.grpc_address:
+        return GrpcClient(config.grpc_address, config.api_key)
+    return HttpClient(config.url, config.api_key)
+
+
+def format_summary(summary: RunSummary) -> str:
+    """A few lines a person reads: load, rates, latency percentiles in ms."""
+    def ms(latency) -> str:
+        if latency.count == 0:
+            return "-"
+        return f"p50 {1e3 * latency.p50:.0f}  p90 {1e3 * latency.p90:.0f}  p99 {1e3 * latency.p99:.0f} ms"
+
+    load = f"{summary.rate:g} req/s" if summary.rate is not None else "unbounded"
+    return "\n".join([
+        f"offered {load}, concurrency {summary.concurrency or '-'}: {summary.num_ok}/{summary.num_requests} ok "
+        f"in {summary.duration_s:.1f} s",
+        f"  throughput {summary.throughput_rps:.2f} req/s ({summary.output_tokens_per_s:.0f} output tok/s), "
+        f"goodput {summary.goodput_rps:.2f} req/s (SLO attainment {100 * summary.slo_attainment:.0f}%)",
+        f"  TTFT {ms(summary.ttft)} | TPOT {ms(summary.tpot)}",
+        f"  ITL  {ms(summary.itl)} | E2E  {ms(summary.e2e)}",
+    ])
+
+
+def main_config(args: Any) -> BenchConfig:
+    """A `BenchConfig` from the flags bench and diagnose share (cli.py)."""
+    from .bench_workload import LengthRange
+
+    rates = getattr(args, "rates", None) or "inf"
+    return BenchConfig(
+        url=args.url, grpc_address=args.grpc, api_key=args.api_key,
+        workload=Workload(LengthRange.parse(args.prompt_tokens), LengthRange.parse(args.output_tokens), args.dataset),
+        num_requests=args.num_requests, rates=tuple(None if r in ("inf", "max") else float(r) for r in rates.split(",")),
+        concurrency=getattr(args, "concurrency", None), warmup=args.warmup,
+        slo=Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3), seed=args.seed, progress=not args.quiet)
+
+
+def main(args: Any) -> int:
+    """The `pdserve bench` command (flags in cli.py)."""
+    from .bench_plots import plot_bench
+
+    result = asyncio.run(run_bench(main_config(args)))
+    for run in result.runs:
+        print(format_summary(run.summary(result.slo)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    plots = plot_bench(result, out.with_suffix(""))
+    print(f"wrote {out}" + "".join(f", {p}" for p in plots))
+    return 0

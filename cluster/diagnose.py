@@ -1,0 +1,315 @@
+"""`pdserve diagnose`: which phase limits a deployment, at which load, and the P:D ratio to run instead.
+
+From a bench result (read, or a short sweep run now):
+1. per offered load, the measured p90 TTFT and TPOT against their SLOs, TTFT
+   split into queue / prefill / KV handoff by the server's timings; the phase
+   further past (or closer to) its SLO is that load's bottleneck, and the
+   deployment's bottleneck is the phase that breaks its SLO at the lowest load;
+2. the replicas' own reports (prefill tokens/s, decode step time against batch
+   size) become the cost model's profiles (`cluster/cost_model.py`, the one the
+   autoscaler uses); it predicts, for every prefill:decode split up to
+   `MAX_REPLICAS`, the highest rate that holds both SLOs, and the split with the
+   most goodput per replica is the recommendation.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import cost_model as cm
+from .bench import BenchConfig, BenchResult, run_bench
+from .bench_stats import Slo, percentile
+
+MAX_REPLICAS = 8  # splits searched: p + d <= MAX_REPLICAS
+PROBE_CONCURRENCY = 4
+SWEEP_FRACTIONS = (0.4, 0.8, 1.2)  # of the probe's throughput
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """One run, measured: its load, each phase against its SLO, and where TTFT went."""
+
+    offered_rps: float | None
+    throughput_rps: float
+    goodput_rps: float
+    ttft_p90_s: float  # as the client saw it
+    prefill_phase_p90_s: float  # the part of TTFT the prefill pool owns: queue + prefill + KV handoff
+    tpot_p90_s: float  # 0 when every answer had one token
+    queue_s: float  # means, from the server's timings
+    prefill_s: float
+    kv_transfer_s: float
+    router_s: float  # the rest of the server's TTFT: routing, the decode reservation, relaying
+    frontend_s: float  # the client's TTFT beyond the server's: HTTP proxy, network
+    prefill_utilisation: float  # arrivals' prompt tokens over the prefill pool's measured rate
+    decode_batch: float  # mean running batch per decode replica while the run went
+    prefill_ratio: float  # prefill_phase_p90_s / TTFT SLO
+    decode_ratio: float  # tpot_p90_s / TPOT SLO
+    bottleneck: str  # "prefill" | "decode": the larger ratio
+
+
+@dataclass(frozen=True)
+class Split:
+    """A prefill:decode split and the cost model's highest rate holding both SLOs there."""
+
+    num_prefill: int
+    num_decode: int
+    max_goodput_rps: float
+
+    @property
+    def per_replica_rps(self) -> float:
+        return self.max_goodput_rps / (self.num_prefill + self.num_decode)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    deployment: str
+    colocated: bool
+    num_prefill: int
+    num_decode: int
+    slo: Slo
+    workload: cm.Workload  # mean prompt and output lengths (arrival rate: the highest throughput measured)
+    profiles: cm.Profiles
+    points: list[LoadPoint]
+    bottleneck: str
+    broken_at_rps: float | None  # lowest measured throughput where an SLO broke
+    model_bottleneck: str  # the cost model's, at the current sizes and the highest throughput measured
+    current: Split  # the sizes deployed (colocated: as 1 prefill + 1 decode)
+    baseline: Split  # the current ratio at the best split's replica count
+    best: Split
+    splits: list[Split]
+    hardware: list[str]
+
+    @property
+    def gain(self) -> float:
+        """Goodput of the best split over the current ratio at as many replicas, minus one (inf from zero)."""
+        if self.baseline.per_replica_rps <= 0:
+            return math.inf if self.best.per_replica_rps > 0 else 0.0
+        return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
+
+
+def diagnose(result: BenchResult) -> Diagnosis:
+    """Explain a bench result; pure, so tests can feed it recorded runs."""
+    status = result.target.get("status") or {}
+    pools = status.get("pools", {})
+    colocated = bool(status.get("colocated"))
+    num_prefill = 0 if colocated else max(len(pools.get("prefill", {})), 1)
+    num_decode = max(len(pools.get("decode", {})), 1)
+    profiles = fit_profiles(result)
+    ok = [q for run in result.runs for q in run.requests if q.is_ok]
+    summaries = [run.summary(result.slo) for run in result.runs]
+    workload = cm.Workload(max(s.throughput_rps for s in summaries), statistics.fmean(q.prompt_tokens for q in ok),
+                           statistics.fmean(q.output_tokens for q in ok))
+    points = sorted((_point(run, result.slo, profiles, max(num_prefill, 1)) for run in result.runs),
+                    key=lambda p: p.throughput_rps)
+    broken = next((p for p in points if max(p.prefill_ratio, p.decode_ratio) > 1), None)
+    bottleneck = (broken or max(points, key=lambda p: max(p.prefill_ratio, p.decode_ratio))).bottleneck
+    model_slo = cm.Slo(result.slo.ttft_s, result.slo.tpot_s)
+    at_current = cm.predict(workload, max(num_prefill, 1), num_decode, profiles, model_slo)
+    splits = [Split(p, d, max_goodput(workload, p, d, profiles, model_slo))
+              for p in range(1, MAX_REPLICAS) for d in range(1, MAX_REPLICAS - p + 1)]
+    best = max(splits, key=lambda s: (round(s.per_replica_rps, 9), -(s.num_prefill + s.num_decode)))
+    current_sizes = (1, 1) if colocated else (num_prefill, num_decode)
+    current = Split(*current_sizes, max_goodput(workload, *current_sizes, profiles, model_slo))
+    baseline = _same_ratio(splits, current_sizes, best.num_prefill + best.num_decode)
+    name = f"colocated x{num_decode}" if colocated else f"{num_prefill} prefill + {num_decode} decode"
+    return Diagnosis(name, colocated, num_prefill, num_decode, result.slo, workload, profiles, points, bottleneck,
+                     broken.throughput_rps if broken else None, at_current.bottleneck, current, baseline, best, splits,
+                     hardware_lines(result, profiles))
+
+
+def _same_ratio(splits: list[Split], sizes: tuple[int, int], total: int) -> Split:
+    """The split of `total` replicas nearest the ratio of `sizes`."""
+    num_prefill = min(max(round(total * sizes[0] / sum(sizes)), 1), total - 1)
+    return next(s for s in splits if (s.num_prefill, s.num_decode) == (num_prefill, total - num_prefill))
+
+
+def fit_profiles(result: BenchResult) -> cm.Profiles:
+    """The cost model's profiles from the replicas' reports, or the requests' timings where none came."""
+    reports = [(pool, stats) for run in result.runs for sample in run.pools
+               for pool, replicas in sample["pools"].items() for stats in replicas.values()]
+    rates = [s["tokens_per_s"] for pool, s in reports if pool == "prefill" and s.get("tokens_per_s", 0) > 0]
+    timed = [(q.prompt_tokens, q.server) for run in result.runs for q in run.requests if q.is_ok and q.server]
+    if not rates:  # colocated: the prompt's own forward time on the replica that decodes it
+        rates = [n / t["prefill_s"] for n, t in timed if t.get("prefill_s", 0) > 0]
+    handoff = statistics.median([t.get("kv_transfer_s", 0.0) for _, t in timed]) if timed else 0.0
+    steps = [cm.StepSample(s["batch_size"], s["step_time_s"]) for pool, s in reports
+             if pool == "decode" and s.get("batch_size", 0) > 0 and s.get("step_time_s", 0) > 0]
+    if steps:
+        decode = cm.DecodeProfile.fit(steps)
+    else:  # no reports: the requests' own time per output token, as a constant step
+        decode = cm.DecodeProfile(statistics.median([t["tpot_s"] for _, t in timed if t.get("tpot_s", 0) > 0] or [0.0]))
+    return cm.Profiles(cm.PrefillProfile(statistics.median(rates) if rates else 0.0, handoff), decode)
+
+
+def max_goodput(workload: cm.Workload, num_prefill: int, num_decode: int, profiles: cm.Profiles,
+                slo: cm.Slo) -> float:
+    """The highest arrival rate at which the cost model predicts both SLOs hold (0: not even one request)."""
+    def holds(rate: float) -> bool:
+        return cm.predict(dataclasses.replace(workload, arrival_rate=rate), num_prefill, num_decode,
+                          profiles).holds(slo)
+
+    low, high = 0.0, 1e-3
+    if not holds(high):
+        return 0.0
+    while holds(high) and high < 1e6:
+        low, high = high, high * 2
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if holds(middle) else (low, middle)
+    return low
+
+
+def _point(run: Any, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadPoint:
+    s = run.summary(slo)
+    ok = [q for q in run.requests if q.is_ok]
+    timed = [q for q in ok if q.server]
+    phase = sorted(q.server["queue_s"] + q.server["prefill_s"] + q.server["kv_transfer_s"] for q in timed)
+    prefill_phase = percentile(phase, 90) if phase else (s.ttft.p90 or 0.0)  # no server timings: all of TTFT
+    mean = {k: statistics.fmean(q.server[k] for q in timed) if timed else 0.0
+            for k in ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s")}
+    client_ttft = statistics.fmean(q.ttft_s for q in timed) if timed else 0.0
+    mean_prompt = statistics.fmean(q.prompt_tokens for q in ok) if ok else 0.0
+    capacity = num_prefill * profiles.prefill.tokens_per_s
+    batches = [r["batch_size"] for sample in run.pools for r in sample["pools"].get("decode", {}).values()
+               if r.get("num_running", 0) > 0]
+    prefill_ratio, decode_ratio = prefill_phase / slo.ttft_s, (s.tpot.p90 or 0.0) / slo.tpot_s
+    return LoadPoint(
+        offered_rps=s.rate, throughput_rps=s.throughput_rps, goodput_rps=s.goodput_rps,
+        ttft_p90_s=s.ttft.p90 or 0.0, prefill_phase_p90_s=prefill_phase, tpot_p90_s=s.tpot.p90 or 0.0,
+        queue_s=mean["queue_s"], prefill_s=mean["prefill_s"], kv_transfer_s=mean["kv_transfer_s"],
+        router_s=max(mean["ttft_s"] - mean["queue_s"] - mean["prefill_s"] - mean["kv_transfer_s"], 0.0),
+        frontend_s=max(client_ttft - mean["ttft_s"], 0.0) if timed else 0.0,
+        prefill_utilisation=s.throughput_rps * mean_prompt / capacity if capacity else 0.0,
+        decode_batch=statistics.fmean(batches) if batches else 0.0,
+        prefill_ratio=prefill_ratio, decode_ratio=decode_ratio,
+        bottleneck="prefill" if prefill_ratio >= decode_ratio else "decode",
+    )
+
+
+def hardware_lines(result: BenchResult, profiles: cm.Profiles) -> list[str]:
+    """How close each phase runs to its hardware limit, as far as the reports tell."""
+    reports = [stats for run in result.runs for sample in run.pools for replicas in sample["pools"].values()
+               for stats in replicas.values()]
+    mfu = [r["mfu"] for r in reports if r.get("mfu")]
+    mbu = [r["mbu"] for r in reports if r.get("mbu")]
+    timed = [q.server for run in result.runs for q in run.requests if q.is_ok and q.server and q.server.get("kv_bytes")]
+    lines = []
+    if mfu or mbu:
+        lines.append(f"prefill MFU {_percent(max(mfu, default=None))}, decode MBU {_percent(max(mbu, default=None))} "
+                     "(of the GPU's measured matmul and copy rates)")
+    else:
+        lines.append("MFU and MBU: not reported by these replicas. On the CPU they are not meaningful "
+                     "(no matmul or copy peak to hold them against); what is known:")
+    d = profiles.decode
+    lines.append(f"prefill {profiles.prefill.tokens_per_s:,.0f} prompt tokens/s per replica; decode step "
+                 f"{1e3 * d.step_time(1):.1f} ms at batch 1, +{1e3 * d.per_seq_s:.2f} ms per running sequence")
+    if timed:
+        per_request = statistics.median(t["kv_bytes"] for t in timed)
+        exposed = statistics.median(t["kv_transfer_s"] for t in timed)
+        achieved = statistics.median(t["kv_bytes"] / max(t["prefill_s"] + t["kv_transfer_s"], 1e-9) for t in timed)
+        lines.append(f"KV handoff: {per_request / 2**20:.2f} MiB per request, {1e3 * exposed:.1f} ms exposed after "
+                     f"prefill (median); at least {achieved / 1e6:,.1f} MB/s achieved (the push overlaps prefill "
+                     "layer by layer, so this is bounded by prefill compute, not by the link)")
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _rate(rps: float) -> str:
+    return "unbounded" if math.isinf(rps) else f"{rps:.2f} req/s"
+
+
+def report(d: Diagnosis) -> str:
+    """The diagnosis in plain words, with its numbers."""
+    slo, w = d.slo, d.workload
+    lines = [f"pdserve diagnose: {d.deployment}; workload {w.prompt_tokens:.0f} prompt → {w.output_tokens:.0f} "
+             f"output tokens; SLO TTFT {1e3 * slo.ttft_s:g} ms, TPOT {1e3 * slo.tpot_s:g} ms (p90)", "",
+             "   load → done  goodput | TTFT p90 = [queue prefill   KV | router front] ms | prefill p90 ×SLO "
+             "| TPOT p90 ×SLO | prefill util  decode batch | bottleneck"]
+    for p in d.points:
+        offered = f"{p.offered_rps:g}" if p.offered_rps is not None else "closed"
+        lines.append(
+            f"{offered:>7} → {p.throughput_rps:4.2f}  {p.goodput_rps:7.2f} | {1e3 * p.ttft_p90_s:8.0f} = "
+            f"[{1e3 * p.queue_s:5.0f} {1e3 * p.prefill_s:7.0f} {1e3 * p.kv_transfer_s:4.0f} | "
+            f"{1e3 * p.router_s:6.0f} {1e3 * p.frontend_s:5.0f}]    | {p.prefill_ratio:10.2f}×     "
+            f"| {1e3 * p.tpot_p90_s:5.0f} {p.decode_ratio:5.2f}× | {100 * p.prefill_utilisation:11.0f}%  "
+            f"{p.decode_batch:12.1f} | {p.bottleneck}")
+    lines += ["(TTFT parts are server means; 'prefill p90' is queue + prefill + KV at p90, the part of TTFT the "
+              "prefill pool owns; router: routing + decode reservation + relay; front: HTTP proxy + network)", ""]
+    top = max(d.points, key=lambda p: p.throughput_rps)
+    if d.broken_at_rps is not None:
+        worst = next(p for p in d.points if p.throughput_rps == d.broken_at_rps)
+        lines.append(f"Bottleneck: {d.bottleneck.upper()}. From {d.broken_at_rps:.2f} req/s "
+                     + _why(d.bottleneck, worst))
+    else:
+        lines.append(f"No phase broke its SLO up to {top.throughput_rps:.2f} req/s; the closest is "
+                     f"{d.bottleneck.upper()} ({max(top.prefill_ratio, top.decode_ratio):.2f}× its SLO).")
+    outside = top.router_s + top.frontend_s
+    if top.ttft_p90_s > slo.ttft_s and outside > top.queue_s + top.prefill_s + top.kv_transfer_s:
+        lines.append(f"Note: client TTFT ({1e3 * top.ttft_p90_s:.0f} ms p90) breaks its SLO mostly outside the "
+                     f"phases: {1e3 * outside:.0f} ms of routing, reservation and HTTP on average (a busy host).")
+    agree = "agrees" if d.model_bottleneck == d.bottleneck else "DISAGREES (trust the measurement)"
+    lines.append(f"The cost model, at these sizes and {w.arrival_rate:.2f} req/s, {agree}: {d.model_bottleneck}.")
+    lines += ["", "Hardware:"] + [f"  {line}" for line in d.hardware] + [""]
+    lines.append(f"P:D ratio (cost model, goodput per replica, up to {MAX_REPLICAS} replicas): best "
+                 f"{d.best.num_prefill}:{d.best.num_decode} → {_rate(d.best.max_goodput_rps)} holding both SLOs, "
+                 f"{d.best.per_replica_rps:.2f} per replica")
+    b, now = d.baseline, ("as 1 prefill + 1 decode" if d.colocated else "deployed")
+    gain = "no gain" if d.gain <= 1e-6 else ("from nothing" if math.isinf(d.gain) else f"+{100 * d.gain:.0f}%")
+    lines.append(f"  the current ratio at {b.num_prefill + b.num_decode} replicas ({b.num_prefill}:{b.num_decode}): "
+                 f"{_rate(b.max_goodput_rps)} → expected gain {gain} in goodput for the same replicas")
+    lines.append(f"  {d.current.num_prefill}:{d.current.num_decode} {now}: predicted {_rate(d.current.max_goodput_rps)}"
+                 f", measured best goodput {max(p.goodput_rps for p in d.points):.2f} req/s")
+    if d.best.max_goodput_rps == 0:
+        lines.append("  No split holds both SLOs even at a trickle: a single request is slower than the SLO "
+                     "(faster replicas, shorter prompts or looser SLOs are needed, not another ratio).")
+    return "\n".join(lines)
+
+
+def _why(phase: str, p: LoadPoint) -> str:
+    if phase == "prefill":
+        waiting = p.queue_s / max(p.queue_s + p.prefill_s + p.kv_transfer_s, 1e-9)
+        return (f"queue + prefill + KV reach {p.prefill_ratio:.1f}× the TTFT SLO at p90; {100 * waiting:.0f}% of "
+                f"that is waiting for prefill, the prefill pool runs at {100 * p.prefill_utilisation:.0f}% of its "
+                "measured rate.")
+    return (f"TPOT reaches {p.decode_ratio:.1f}× its SLO at p90: decode runs batches of {p.decode_batch:.1f}, "
+            "each step stretching every running request's TPOT.")
+
+
+async def _sweep(config: BenchConfig) -> BenchResult:
+    """A closed-loop probe for capacity, then Poisson runs around it."""
+    probe = await run_bench(dataclasses.replace(config, rates=(None,), concurrency=PROBE_CONCURRENCY))
+    capacity = probe.runs[0].summary(config.slo).throughput_rps
+    rates = tuple(round(f * capacity, 3) for f in SWEEP_FRACTIONS)
+    sweep = await run_bench(dataclasses.replace(config, rates=rates, warmup=0))
+    sweep.runs = probe.runs + sweep.runs
+    return sweep
+
+
+def main(args: Any) -> int:
+    """The `pdserve diagnose` command (flags in cli.py)."""
+    from .bench import main_config
+    from .bench_plots import plot_diagnosis
+
+    if args.source:
+        result = BenchResult.load(Path(args.source))
+    else:
+        config = main_config(args)
+        result = asyncio.run(run_bench(config) if args.rates else _sweep(config))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.source:
+        result.save(out.with_name(out.name + "-bench.json"))
+    diagnosis = diagnose(result)
+    print(report(diagnosis))
+    out.with_name(out.name + ".json").write_text(json.dumps(dataclasses.asdict(diagnosis), indent=1, default=str))
+    print(f"wrote {plot_diagnosis(diagnosis, out.with_name(out.name + '.png'))}")
+    return 0

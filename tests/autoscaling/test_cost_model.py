@@ -1,0 +1,67 @@
+"""The cost model: what it predicts, and that it fits step times online."""
+import math
+
+import pytest
+
+from pdserve.cluster.cost_model import (
+    DecodeProfile, PrefillProfile, Profiles, Slo, StepSample, Workload, predict, smallest_pools,
+)
+
+PROFILES = Profiles(PrefillProfile(tokens_per_s=4000.0, handoff_s=0.005), DecodeProfile(0.020, 0.001, max_running=64))
+SLO = Slo(ttft_s=0.8, tpot_s=0.060)
+
+
+def test_fit_recovers_a_linear_step_time_from_replica_reports():
+    samples = [StepSample(n, 0.012 + 0.0005 * n) for n in (1, 4, 9, 16, 30)]
+    profile = DecodeProfile.fit(samples)
+    assert profile.base_s == pytest.approx(0.012) and profile.per_seq_s == pytest.approx(0.0005)
+    assert profile.step_time(20) == pytest.approx(0.022)
+
+
+def test_fit_of_one_batch_size_is_a_constant_step_time():
+    profile = DecodeProfile.fit([StepSample(4, 0.010), StepSample(4, 0.012)])
+    assert (profile.base_s, profile.per_seq_s) == (pytest.approx(0.011), 0.0)
+
+
+def test_fit_uses_the_context_term_when_contexts_differ():
+    samples = [StepSample(n, 0.01 + n * (0.0002 + 1e-6 * ctx), ctx) for n, ctx in [(2, 100), (8, 100), (8, 900), (16, 500)]]
+    profile = DecodeProfile.fit(samples)
+    assert profile.per_seq_token_s == pytest.approx(1e-6) and profile.step_time(10, 400) == pytest.approx(0.016)
+
+
+def test_ttft_is_prompt_time_plus_handoff_when_idle_and_unbounded_past_capacity():
+    light = predict(Workload(0.01, 400, 10), 1, 1, PROFILES)
+    assert light.ttft_s == pytest.approx(0.1 + 0.005, rel=0.01)
+    assert math.isinf(predict(Workload(11.0, 400, 10), 1, 1, PROFILES).ttft_s)  # 4,400 tokens/s against 4,000
+    assert predict(Workload(11.0, 400, 10), 2, 1, PROFILES).ttft_s < 0.8
+
+
+def test_a_backlog_adds_its_drain_time_to_ttft():
+    backlog = predict(Workload(1.0, 400, 10, queued_prompt_tokens=8000), 2, 1, PROFILES)
+    assert backlog.ttft_s == pytest.approx(8000 / 8000 + 0.1 + 0.005)
+
+
+def test_tpot_is_the_step_time_at_the_batch_little_law_gives():
+    p = predict(Workload(4.0, 100, 251), 1, 2, PROFILES)  # 500 tokens/s a replica: n = 500·(0.02 + 0.001n)
+    assert p.running_per_decode == pytest.approx(20.0) and p.tpot_s == pytest.approx(0.040)
+    assert math.isinf(predict(Workload(4.0, 100, 251), 1, 1, PROFILES).tpot_s)  # 1,000 tokens/s: 1 - 1000·0.001 = 0
+
+
+def test_the_bottleneck_is_the_phase_nearer_its_slo():
+    assert predict(Workload(9.0, 400, 10), 1, 1, PROFILES, SLO).bottleneck == "prefill"
+    assert predict(Workload(2.0, 50, 400), 1, 1, PROFILES, SLO).bottleneck == "decode"
+
+
+def test_smallest_pools_scales_only_the_phase_that_needs_it():
+    decode_heavy = smallest_pools(Workload(8.0, 100, 400), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
+    assert decode_heavy.num_prefill == 1 and decode_heavy.num_decode > 1
+    assert decode_heavy.prediction.tpot_s <= SLO.tpot_s
+    prefill_heavy = smallest_pools(Workload(6.0, 2000, 4), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
+    assert prefill_heavy.num_prefill == 4 and prefill_heavy.num_decode == 1
+    assert "predicted TTFT" in prefill_heavy.reason and "running sequences" in prefill_heavy.reason
+
+
+def test_smallest_pools_answers_the_max_when_no_size_holds():
+    plan = smallest_pools(Workload(100.0, 2000, 400), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
+    assert (plan.num_prefill, plan.num_decode) == (4, 6) and not plan.prediction.holds(SLO)
+    assert "unbounded" in plan.reason

@@ -1,0 +1,70 @@
+"""The diagnosis on synthetic bench results: the phase named, the ratio moved, the words said."""
+import pytest
+
+from pdserve.cluster.bench import BenchResult, Run
+from pdserve.cluster.bench_client import RequestRecord
+from pdserve.cluster.bench_stats import Slo
+from pdserve.cluster.diagnose import diagnose, report
+
+SLO = Slo(ttft_s=1.0, tpot_s=0.1)
+STATUS = {"model": "tiny", "colocated": False, "pools": {"prefill": {"p0": {}}, "decode": {"d0": {}}}}
+
+
+def record(sent_at, prompt, output, queue, prefill, tpot, kv=0.005, front=0.01) -> RequestRecord:
+    ttft = queue + prefill + kv
+    chunks = [ttft + front + i * tpot for i in range(output)]
+    server = {"queue_s": queue, "prefill_s": prefill, "kv_transfer_s": kv, "ttft_s": ttft, "tpot_s": tpot,
+              "e2e_s": chunks[-1] - front, "decode_s": chunks[-1] - chunks[0], "kv_bytes": 1024 * prompt}
+    return RequestRecord(sent_at, output, prompt, output, chunks, chunks[-1], None, server)
+
+
+def pools(tokens_per_s, steps) -> list[dict]:
+    return [{"t": i, "pools": {"prefill": {"p0": {"tokens_per_s": tokens_per_s, "queued_tokens": 0}},
+                               "decode": {"d0": {"batch_size": b, "step_time_s": s, "num_running": b}}}}
+            for i, (b, s) in enumerate(steps)]
+
+
+def result(runs) -> BenchResult:
+    return BenchResult({"status": STATUS}, {}, SLO, runs)
+
+
+def test_long_prompts_that_queue_are_prefill_bound_and_want_more_prefill_replicas():
+    # 900-token prompts at 4500 tokens/s: 0.2 s each; at 4 req/s the queue grows to seconds
+    light = Run(1.0, None, 10.0, [record(i, 900, 2, 0.05, 0.2, 0.02) for i in range(10)],
+                pools(4500, [(1, 0.02), (2, 0.022)]))
+    heavy = Run(4.0, None, 10.0, [record(i / 4, 900, 2, 1.5 + i / 40, 0.2, 0.02) for i in range(40)],
+                pools(4500, [(1, 0.02), (2, 0.022)]))
+    d = diagnose(result([heavy, light]))
+    assert [round(p.throughput_rps) for p in d.points] == [1, 4]
+    assert [p.bottleneck for p in d.points] == ["prefill", "prefill"]
+    assert d.bottleneck == "prefill" and d.broken_at_rps == pytest.approx(4.0)
+    assert d.best.num_prefill > d.best.num_decode and d.gain > 0
+    assert "Bottleneck: PREFILL" in report(d)
+
+
+def test_long_answers_in_big_batches_are_decode_bound_and_want_more_decode_replicas():
+    # step time grows with the batch: 16 running sequences take 0.15 s a step, past the 0.1 s TPOT SLO
+    steps = [(4, 0.05), (8, 0.083), (16, 0.15)]
+    heavy = Run(None, 16, 20.0, [record(i / 2, 4, 128, 0.001, 0.005, 0.15, front=0.3) for i in range(40)],
+                pools(5000, steps))
+    d = diagnose(result([heavy]))
+    assert d.points[0].decode_ratio == pytest.approx(1.5, rel=0.01)
+    assert d.points[0].prefill_ratio < 0.1  # the client's TTFT includes 0.3 s outside the phases: not prefill's
+    assert d.bottleneck == "decode"
+    assert d.best.num_decode > d.best.num_prefill
+    assert "Bottleneck: DECODE" in report(d)
+
+
+def test_slos_no_single_request_can_meet_leave_no_ratio_to_recommend():
+    slow = Run(1.0, None, 10.0, [record(i, 900, 2, 0.0, 3.0, 0.02) for i in range(10)], pools(300, [(1, 0.02)]))
+    d = diagnose(result([slow]))
+    assert d.best.max_goodput_rps == 0
+    assert "No split holds both SLOs" in report(d)
+
+
+def test_a_result_survives_its_json_round_trip():
+    run = Run(2.0, 4, 5.0, [record(i, 16, 8, 0.0, 0.01, 0.01) for i in range(4)], pools(1000, [(1, 0.01)]))
+    original = result([run])
+    again = BenchResult.from_json(original.to_json())
+    assert again.runs[0].requests == run.requests
+    assert again.runs[0].summary(SLO) == run.summary(SLO)

@@ -1,0 +1,94 @@
+"""A replica killed mid-request costs the client no token; nothing leaks."""
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import reference_tokens
+from server import Server
+
+from pdserve.protos.pdserve.v1 import generate_pb2 as pb
+from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    s = Server("--model", str(chat_model[0]), "--prefill-replicas", "1", "--decode-replicas", "2")
+    yield s
+    s.stop()
+
+
+def stream(server: Server, prompt: list[int], max_tokens: int, first_token: threading.Event | None = None,
+           **sampling) -> list[int]:
+    request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
+        max_tokens=max_tokens, ignore_eos=True, **sampling))
+    tokens = []
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=180):
+            tokens.extend(response.token_ids)
+            if first_token is not None and len(tokens) >= 5:
+                first_token.set()
+    return tokens
+
+
+def pool_pids(server: Server, pool: str) -> dict[str, dict]:
+    return server.status()["pools"].get(pool, {})
+
+
+def wait_pool_size(server: Server, pool: str, size: int, timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    while len(pool_pids(server, pool)) != size:
+        assert time.monotonic() < end, f"{pool} pool did not come back to {size}: {pool_pids(server, pool)}"
+        time.sleep(1)
+
+
+def test_killing_a_decode_replica_mid_stream_loses_no_token(server, chat_model):
+    prompts = [[100 + i, 7, 8, 9 + i] for i in range(8)]
+    started = [threading.Event() for _ in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, server, p, 300, e) for p, e in zip(prompts, started)]
+        assert all(e.wait(60) for e in started)
+        busy = max(pool_pids(server, "decode").values(), key=lambda r: r["num_running"])
+        assert busy["num_running"] > 0
+        os.kill(busy["pid"], signal.SIGKILL)
+        outputs = [f.result(timeout=240) for f in futures]
+    for prompt, output in zip(prompts, outputs):
+        assert output == reference_tokens(chat_model[1], prompt, 300)
+    wait_pool_size(server, "decode", 2)
+    decode = server.wait_all_blocks_free()
+    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+
+
+def test_a_seeded_sampled_request_survives_a_kill_unchanged(server):
+    prompt = [42, 43, 44]
+    sampling = dict(temperature=1.0, top_k=50, seed=1234)
+    expected = stream(server, prompt, 250, **sampling)
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(stream, server, prompt, 250, started, **sampling)
+        assert started.wait(60)
+        busy = max(pool_pids(server, "decode").values(), key=lambda r: r["num_running"])
+        os.kill(busy["pid"], signal.SIGKILL)
+        assert future.result(timeout=240) == expected
+    wait_pool_size(server, "decode", 2)
+
+
+def test_killing_the_prefill_replica_mid_prefill_loses_no_request(server, chat_model):
+    prompts = [[(i * 37 + j) % 40000 + 5 for j in range(700)] for i in range(8)]
+    pid = next(iter(pool_pids(server, "prefill").values()))["pid"]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, server, p, 8) for p in prompts]
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        outputs = [f.result(timeout=240) for f in futures]
+    for prompt, output in zip(prompts, outputs):
+        assert output == reference_tokens(chat_model[1], prompt, 8)
+    wait_pool_size(server, "prefill", 1)
+    decode = server.wait_all_blocks_free()
+    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode

@@ -1,0 +1,80 @@
+"""Prefill worker → gloo KV transfer → decode worker, in one process, no Ray: tokens equal the engine alone."""
+import random
+import threading
+import time
+
+import pytest
+
+from pdserve.decode_worker.sequence import TokenEvent
+from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from pdserve.engine.loader import load_model_dir
+from pdserve.engine.offline import OfflineEngine, OfflineSequence
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.transfer import make_receiver, make_sender
+from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+from tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("handoff")
+    save_tiny_model("llama", directory, max_position_embeddings=512)
+    return load_model_dir(directory)
+
+
+@pytest.fixture
+def workers(loaded):
+    decode_runner = ModelRunner(loaded, 256, 4)
+    receiver = make_receiver("gloo", decode_runner.kv_cache, peer_id="decode-test")
+    decode = DecodeWorker(decode_runner, receiver, DecodeSettings(transfer_timeout_s=20), "decode-test")
+    prefill_runner = ModelRunner(loaded, 128, 4)
+    sender = make_sender("gloo", prefill_runner.kv_cache, sender_id="prefill-test")
+    prefill = PrefillWorker(prefill_runner, sender, PrefillSettings(max_batch_tokens=32), "prefill-test")
+    yield prefill, decode
+    prefill.close()
+    decode.close()
+
+
+def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams()):
+    deadline = time.time() + 60
+    reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
+    result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
+    events: list[TokenEvent] = []
+    done = threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if event.is_final:
+            done.set()
+
+    start = StreamStart(reservation.transfer_id, "r", tuple(prompt), (result.first_token,), False, max_tokens,
+                        params, frozenset(), deadline)
+    decode.open(start, sink)
+    assert done.wait(60)
+    assert events[-1].error is None, events[-1].error
+    return [result.first_token] + [t for e in events for t in e.token_ids]
+
+
+def test_concurrent_handoffs_decode_to_the_engines_tokens(loaded, workers):
+    prefill, decode = workers
+    rng = random.Random(3)
+    requests = [([rng.randrange(2, 128) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 20)) for _ in range(24)]
+    engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
+    expected = []
+    for prompt, max_tokens in requests:
+        seq = OfflineSequence(prompt, max_tokens)
+        list(engine.generate([seq], ignore_eos=True))
+        expected.append(seq.output)
+    results = [None] * len(requests)
+
+    def worker(i):
+        results[i] = run_request(prefill, decode, *requests[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+    assert decode.pool.num_free == decode.pool.num_blocks and prefill.pool.num_free == prefill.pool.num_blocks
