@@ -1,18 +1,15 @@
 """Run the Triton kernels compiled on a GPU, or interpreted on CPU tensors elsewhere.
 
-Without CUDA, TRITON_INTERPRET must be set before triton is first imported,
-hence here, at collection time. The tests call each `*_triton` launcher
+Without CUDA, TRITON_INTERPRET is set by tests/conftest.py before anything
+imports triton. The tests call each `*_triton` launcher
 directly, on DEVICE: the public dispatchers pick the torch reference for CPU
 tensors. The interpreter patches below only touch interpreted runs.
 """
-import os
 
 import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton.runtime.interpreter as _interpreter
