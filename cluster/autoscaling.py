@@ -80,7 +80,8 @@ class Observation:
 
     @property
     def is_idle(self) -> bool:
-        return self.arrival_rate <= 0 and self.queued_prompt_tokens <= 0 and self.running_sequences <= 0
+        """No new work: what is still running finishes (a leaving replica drains it)."""
+        return self.arrival_rate <= 0 and self.queued_prompt_tokens <= 0
 
     def workload(self) -> Workload:
         return Workload(self.arrival_rate, self.prompt_tokens, self.output_tokens,

@@ -192,7 +192,8 @@ def main_config(args: Any) -> BenchConfig:
         workload=Workload(LengthRange.parse(args.prompt_tokens), LengthRange.parse(args.output_tokens), args.dataset),
         num_requests=args.num_requests, rates=tuple(None if r in ("inf", "max") else float(r) for r in rates.split(",")),
         concurrency=getattr(args, "concurrency", None), warmup=args.warmup,
-        slo=Slo(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3), seed=args.seed, progress=not args.quiet)
+        slo=Slo((args.slo_ttft_ms or 1000.0) / 1e3, (args.slo_tpot_ms or 100.0) / 1e3), seed=args.seed,
+        progress=not args.quiet)
 
 
 def main(args: Any) -> int:
@@ -202,6 +203,9 @@ def main(args: Any) -> int:
     result = asyncio.run(run_bench(main_config(args)))
     for run in result.runs:
         print(format_summary(run.summary(result.slo)))
+        errors = [r.error for r in run.requests if r.error]
+        if errors:
+            print(f"  {len(errors)} failed, the first with: {errors[0]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)

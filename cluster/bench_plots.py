@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from .bench import BenchResult, Run
     from .diagnose import Diagnosis
 
-
 def _label(run: "Run") -> str:
     return f"{run.rate:g} req/s" if run.rate is not None else f"concurrency {run.concurrency or 'all'}"
 
@@ -78,6 +77,8 @@ def plot_bench(result: "BenchResult", stem: Path) -> list[Path]:
 
 def plot_diagnosis(d: "Diagnosis", path: Path) -> Path:
     """Where TTFT goes per load, each phase against its SLO per load, and goodput by P:D split."""
+    from .diagnose import MAX_REPLICAS
+
     fig, (phases, ratios, splits) = plt.subplots(1, 3, figsize=(18, 4.8))
     loads = [p.throughput_rps for p in d.points]
     labels = [f"{x:.2f}" for x in loads]
@@ -102,13 +103,13 @@ def plot_diagnosis(d: "Diagnosis", path: Path) -> Path:
     ratios.grid(alpha=0.3)
     ratios.legend(fontsize=8)
 
-    total = d.best.num_prefill + d.best.num_decode
-    row = [s for s in d.splits if s.num_prefill + s.num_decode == total]
+    row = sorted(d.splits, key=lambda s: s.num_prefill / (s.num_prefill + s.num_decode))
+    row = [s for s in row if s.num_prefill + s.num_decode >= MAX_REPLICAS - 1 or s in (d.best, d.baseline)]
     colours = ["tab:green" if s == d.best else "tab:orange" if s == d.baseline else "tab:grey" for s in row]
-    splits.bar([f"{s.num_prefill}:{s.num_decode}" for s in row], [s.max_goodput_rps for s in row], color=colours)
-    gain = "" if d.gain <= 1e-6 or d.gain == float("inf") else f", +{100 * d.gain:.0f}% vs current ratio (orange)"
-    splits.set(title=f"Predicted goodput, {total} replicas: best {d.best.num_prefill}:{d.best.num_decode}{gain}",
-               xlabel="prefill:decode", ylabel="req/s holding both SLOs")
+    splits.bar([f"{s.num_prefill}:{s.num_decode}" for s in row], [s.per_replica_rps for s in row], color=colours)
+    gain = "" if d.gain <= 1e-6 or d.gain == float("inf") else f", +{100 * d.gain:.0f}% over the current ratio (orange)"
+    splits.set(title=f"Predicted goodput per replica\nbest {d.best.num_prefill}:{d.best.num_decode} (green){gain}",
+               xlabel="prefill:decode replicas", ylabel="req/s per replica holding both SLOs")
     splits.title.set_fontsize(10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

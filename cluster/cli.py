@@ -90,8 +90,8 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=int, default=100, help="requests per run")
     parser.add_argument("--concurrency", type=int, help="most requests in flight (default: unbounded)")
     parser.add_argument("--warmup", type=int, default=4, help="requests sent (and discarded) first")
-    parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO for goodput (default 1000; diagnose --from: the bench's)")
+    parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO for goodput (default 100; diagnose --from: the bench's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

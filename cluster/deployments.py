@@ -26,6 +26,7 @@ from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.transfer import make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
+from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import DeadlineExceeded, InvalidRequest, Overloaded, TryElsewhere, Unavailable
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.limits import RequestLimits
@@ -196,13 +197,16 @@ class RouterDeployment:
             max_model_len=spec.max_model_len, max_body_bytes=lim.max_body_bytes,
             max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
             max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
-        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
+        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
         self._registry = registry()
 
     def __serve_build_asgi_app__(self):
         app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
+        if self.api_key is not None:
+            app.add_middleware(ApiKeyMiddleware, api_key=self.api_key)
         return app
 
     async def metrics(self) -> PlainTextResponse:

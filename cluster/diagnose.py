@@ -80,14 +80,14 @@ class Diagnosis:
     broken_at_rps: float | None  # lowest measured throughput where an SLO broke
     model_bottleneck: str  # the cost model's, at the current sizes and the highest throughput measured
     current: Split  # the sizes deployed (colocated: as 1 prefill + 1 decode)
-    baseline: Split  # the current ratio at the best split's replica count
+    baseline: Split  # the current ratio scaled up to about MAX_REPLICAS
     best: Split
     splits: list[Split]
     hardware: list[str]
 
     @property
     def gain(self) -> float:
-        """Goodput of the best split over the current ratio at as many replicas, minus one (inf from zero)."""
+        """Goodput per replica of the best split over the current ratio's, minus one (inf from zero)."""
         if self.baseline.per_replica_rps <= 0:
             return math.inf if self.best.per_replica_rps > 0 else 0.0
         return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
@@ -116,17 +116,17 @@ def diagnose(result: BenchResult) -> Diagnosis:
     best = max(splits, key=lambda s: (round(s.per_replica_rps, 9), -(s.num_prefill + s.num_decode)))
     current_sizes = (1, 1) if colocated else (num_prefill, num_decode)
     current = Split(*current_sizes, max_goodput(workload, *current_sizes, profiles, model_slo))
-    baseline = _same_ratio(splits, current_sizes, best.num_prefill + best.num_decode)
+    baseline = _scaled(splits, current_sizes)
     name = f"colocated x{num_decode}" if colocated else f"{num_prefill} prefill + {num_decode} decode"
     return Diagnosis(name, colocated, num_prefill, num_decode, result.slo, workload, profiles, points, bottleneck,
                      broken.throughput_rps if broken else None, at_current.bottleneck, current, baseline, best, splits,
                      hardware_lines(result, profiles))
 
 
-def _same_ratio(splits: list[Split], sizes: tuple[int, int], total: int) -> Split:
-    """The split of `total` replicas nearest the ratio of `sizes`."""
-    num_prefill = min(max(round(total * sizes[0] / sum(sizes)), 1), total - 1)
-    return next(s for s in splits if (s.num_prefill, s.num_decode) == (num_prefill, total - num_prefill))
+def _scaled(splits: list[Split], sizes: tuple[int, int]) -> Split:
+    """The current ratio at the most replicas searched: `sizes` times k, with k·(p + d) <= MAX_REPLICAS."""
+    k = max(MAX_REPLICAS // sum(sizes), 1)
+    return next(s for s in splits if (s.num_prefill, s.num_decode) == (k * sizes[0], k * sizes[1]))
 
 
 def fit_profiles(result: BenchResult) -> cm.Profiles:
@@ -264,8 +264,8 @@ def report(d: Diagnosis) -> str:
                  f"{d.best.per_replica_rps:.2f} per replica")
     b, now = d.baseline, ("as 1 prefill + 1 decode" if d.colocated else "deployed")
     gain = "no gain" if d.gain <= 1e-6 else ("from nothing" if math.isinf(d.gain) else f"+{100 * d.gain:.0f}%")
-    lines.append(f"  the current ratio at {b.num_prefill + b.num_decode} replicas ({b.num_prefill}:{b.num_decode}): "
-                 f"{_rate(b.max_goodput_rps)} → expected gain {gain} in goodput for the same replicas")
+    lines.append(f"  the current ratio scaled to {b.num_prefill}:{b.num_decode}: {_rate(b.max_goodput_rps)}, "
+                 f"{b.per_replica_rps:.2f} per replica → expected gain {gain} in goodput per replica")
     lines.append(f"  {d.current.num_prefill}:{d.current.num_decode} {now}: predicted {_rate(d.current.max_goodput_rps)}"
                  f", measured best goodput {max(p.goodput_rps for p in d.points):.2f} req/s")
     if d.best.max_goodput_rps == 0:
@@ -301,6 +301,8 @@ def main(args: Any) -> int:
 
     if args.source:
         result = BenchResult.load(Path(args.source))
+        result.slo = Slo((args.slo_ttft_ms or 1e3 * result.slo.ttft_s) / 1e3,
+                         (args.slo_tpot_ms or 1e3 * result.slo.tpot_s) / 1e3)
     else:
         config = main_config(args)
         result = asyncio.run(run_bench(config) if args.rates else _sweep(config))

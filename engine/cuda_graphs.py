@@ -10,13 +10,14 @@ from a graph, they cost one launch. Shapes are fixed per graph, so:
 - padding rows are no-ops: context length 0 (the paged kernel writes zeros for
   them, reading no block) and a slot in the runner's scratch block, which no
   block pool hands out, so their K/V write lands where nobody reads;
-- inputs live in static device tensors, refilled before each replay from
-  pinned host mirrors with one asynchronous copy each (of the first `size` rows):
+- inputs live in two static device tensors, refilled before each replay from
+  pinned host mirrors with one asynchronous copy each:
 
-      tokens, positions, slots   [max_batch] int64 each
-      context_lens               [max_batch] int32 (padding rows 0)
-      block_tables               [max_batch, max_blocks] int32
-      logits (output)            [size, vocab] float32, one per graph
+      ids            [4, max_batch] int64: tokens, positions, slots, context lens
+                     (padding rows: context 0); copied whole (2 KiB at batch 64);
+                     the graph narrows the context lens to int32 itself
+      block_tables   [max_batch, max_blocks] int32; the first `size` rows copied
+      logits (output)  [size, vocab] float32, one per graph
 
   the attention kernel sizes its context slices from context_lens on the
   device, so one graph serves every context length up to max_blocks blocks.
@@ -48,13 +49,14 @@ class DecodeGraphs:
         self.block_size = kv_cache.spec.block_size
         self.scratch_slot = scratch_slot
         device = kv_cache.spec.device
-        # Device-side static inputs (each [:size] contiguous), and their pinned host mirrors.
-        shapes = {"tokens": (torch.long, (max_batch,)), "positions": (torch.long, (max_batch,)),
-                  "slots": (torch.long, (max_batch,)), "context_lens": (torch.int32, (max_batch,)),
-                  "block_tables": (torch.int32, (max_batch, max_blocks))}
-        self.inputs = {k: torch.zeros(shape, dtype=dt, device=device) for k, (dt, shape) in shapes.items()}
-        self._host = {k: torch.zeros(shape, dtype=dt).pin_memory() for k, (dt, shape) in shapes.items()}
-        self._np = {k: t.numpy() for k, t in self._host.items()}
+        # Device-side static inputs, and their pinned host mirrors.
+        self.ids = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
+        self._ids_host = torch.zeros(4, max_batch, dtype=torch.long).pin_memory()
+        self._tables_host = torch.zeros(max_batch, max_blocks, dtype=torch.int32).pin_memory()
+        ids = self._ids_host.numpy()
+        self._np = {"tokens": ids[0], "positions": ids[1], "slots": ids[2], "context_lens": ids[3],
+                    "block_tables": self._tables_host.numpy()}
         self.logit_rows = torch.arange(max_batch, dtype=torch.long, device=device)
         self._rows: list[tuple[int, ...] | None] = [None] * max_batch  # block ids in each host row
         self._copied = torch.cuda.Event()  # the last host → device copy is done: mirrors reusable
@@ -101,9 +103,15 @@ class DecodeGraphs:
         host["context_lens"][start:stop] = 0  # the attention kernel reads no block of a padding row
 
     def _copy_inputs(self, size: int) -> None:
-        for name, device_tensor in self.inputs.items():
-            device_tensor[:size].copy_(self._host[name][:size], non_blocking=True)
+        self.ids.copy_(self._ids_host, non_blocking=True)
+        self.block_tables[:size].copy_(self._tables_host[:size], non_blocking=True)
         self._copied.record()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """The step over the static inputs' first `size` rows (what the graph records)."""
+        tokens, positions, slots = self.ids[0, :size], self.ids[1, :size], self.ids[2, :size]
+        attention = DecodeAttention(self.block_tables[:size], self.ids[3, :size].to(torch.int32), max_context_len=None)
+        return self.model.forward(tokens, positions, slots, attention, self.logit_rows[:size], self.kv_cache)
 
     def _capture(self, size: int) -> None:
         # Capture over all-padding inputs: the warm-up run (which also compiles the
@@ -111,18 +119,14 @@ class DecodeGraphs:
         self._copied.synchronize()
         self._set_padding(0, size)
         self._copy_inputs(size)
-        inputs = {name: t[:size] for name, t in self.inputs.items()}
-        attention = DecodeAttention(inputs["block_tables"], inputs["context_lens"], max_context_len=None)
-        args = (inputs["tokens"], inputs["positions"], inputs["slots"], attention, self.logit_rows[:size],
-                self.kv_cache)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model.forward(*args)
+            self._forward(size)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: KV transfers may launch work from other threads meanwhile
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._logits[size] = self.model.forward(*args)
+            self._logits[size] = self._forward(size)
         self._pool = graph.pool()
         self._graphs[size] = graph

@@ -56,6 +56,41 @@ class DecodeAttention:
 LayerHook = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class _PrefillPlan:
+    """A PrefillAttention's device tensors, made once per forward: a host -> device copy
+    inside the layer loop would wait for the GPU to drain before every layer."""
+
+    cu_q: torch.Tensor  # [B + 1] int32
+    max_q: int
+    cu_k: torch.Tensor | None  # [B + 1] int32 when some sequence has a cached prefix
+    block_ids: tuple[torch.Tensor, ...]  # per sequence, the blocks holding its context
+    context_lens: tuple[int, ...]
+
+    @staticmethod
+    def of(attention: PrefillAttention, block_size: int, device: torch.device) -> "_PrefillPlan":
+        cu_q = _cumulative(attention.q_lens, device)
+        if not attention.has_cached_prefix:
+            return _PrefillPlan(cu_q, max(attention.q_lens), None, (), ())
+        ids = [table[:-(-context // block_size)] for table, context in zip(attention.block_tables, attention.context_lens)]
+        flat = torch.tensor([i for seq in ids for i in seq], device=device)
+        return _PrefillPlan(cu_q, max(attention.q_lens), _cumulative(attention.context_lens, device),
+                            tuple(flat.split([len(seq) for seq in ids])), attention.context_lens)
+
+
+# Decode steps of ONE sequence multiply a single row by each weight; torch.mv (cuBLAS gemv)
+# may stream the weights faster than F.linear's GEMM kernels. Chosen by measurement:
+# see benchmarks/ENGINE_NOTES.md.
+GEMV_FOR_ONE_ROW = False
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if GEMV_FOR_ONE_ROW and x.shape[0] == 1 and x.is_cuda:
+        out = torch.mv(weight, x[0]).unsqueeze(0)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 class LlamaModel:
     """Weights plus the rope table; stateless otherwise (the KV cache is passed in)."""
 
@@ -79,6 +114,8 @@ class LlamaModel:
         on_layer_done: LayerHook | None = None,
     ) -> torch.Tensor:
         spec = self.spec
+        if isinstance(attention, PrefillAttention):
+            attention = _PrefillPlan.of(attention, kv_cache.spec.block_size, tokens.device)
         hidden = F.embedding(tokens, self.weights.embed)  # [T, hidden]
         residual = None
         for index, layer in enumerate(self.weights.layers):
@@ -88,12 +125,12 @@ class LlamaModel:
                 normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
             hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache)
             normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = F.linear(silu_and_mul(F.linear(normed, layer.gate_up)), layer.down)
+            hidden = _linear(silu_and_mul(_linear(normed, layer.gate_up)), layer.down)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
         normed, _ = add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
-        return F.linear(normed, self.weights.lm_head).float()  # [B, vocab]
+        return _linear(normed, self.weights.lm_head).float()  # [B, vocab]
 
     def _attention(
         self,
@@ -102,11 +139,11 @@ class LlamaModel:
         x: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        attention: PrefillAttention | DecodeAttention,
+        attention: _PrefillPlan | DecodeAttention,
         kv_cache: KvCache,
     ) -> torch.Tensor:
         spec = self.spec
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = _linear(x, layer.qkv, layer.qkv_bias)
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
@@ -114,8 +151,8 @@ class LlamaModel:
         apply_rope(q, k, positions, self.cos_sin)  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
-        flat[0].index_copy_(0, slots, k)
-        flat[1].index_copy_(0, slots, v)
+        # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
+        flat.index_copy_(1, slots, qkv[:, q_size:].view(-1, 2, spec.num_kv_heads, spec.head_dim).transpose(0, 1))
         if isinstance(attention, DecodeAttention):
             out = paged_decode_attention(
                 q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale,
@@ -123,21 +160,18 @@ class LlamaModel:
             )
         else:
             out = self._prefill_attention(q, k, v, cache, attention)
-        return F.linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
+        return _linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
 
     def _prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, attention: PrefillAttention
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan
     ) -> torch.Tensor:
         """Causal attention over the packed sequences; cached prefixes are read from their blocks."""
-        cu_q = _cumulative(attention.q_lens, q.device)
-        if not attention.has_cached_prefix:
-            return prefill_attention_varlen(q, k, v, cu_q, max(attention.q_lens), self.scale)
-        gathered = [_gather_context(cache, table, context)
-                    for table, context in zip(attention.block_tables, attention.context_lens)]
+        if plan.cu_k is None:
+            return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, self.scale)
+        gathered = [_gather_context(cache, ids, context) for ids, context in zip(plan.block_ids, plan.context_lens)]
         k_all = torch.cat([g[0] for g in gathered])
         v_all = torch.cat([g[1] for g in gathered])
-        cu_k = _cumulative(attention.context_lens, q.device)
-        return prefill_attention_varlen(q, k_all, v_all, cu_q, max(attention.q_lens), self.scale, cu_k)
+        return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, self.scale, plan.cu_k)
 
 
 def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -145,11 +179,8 @@ def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
-def _gather_context(cache: torch.Tensor, table: tuple[int, ...], context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `context` tokens' K and V of one sequence, [context, kv_heads, head_dim] each."""
-    block_size = cache.shape[2]
-    num_blocks = -(-context // block_size)
-    ids = torch.tensor(table[:num_blocks], device=cache.device)
+def _gather_context(cache: torch.Tensor, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `context` tokens' K and V of one sequence (held by blocks `ids`), [context, kv_heads, head_dim] each."""
     blocks = cache.index_select(1, ids)  # [2, n, block_size, kv_heads, head_dim]
     kv = blocks.flatten(1, 2)[:, :context]
     return kv[0], kv[1]

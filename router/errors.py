@@ -8,6 +8,7 @@ Validation at the edge raises the `GenerationError` subclasses below (or those o
     InvalidRequest     400   invalid_request_error  -                     INVALID_ARGUMENT
     ModelNotFound      404   invalid_request_error  model_not_found       NOT_FOUND
     PayloadTooLarge    413   invalid_request_error  request_too_large     INVALID_ARGUMENT
+    Unauthenticated    401   invalid_request_error  invalid_api_key       UNAUTHENTICATED
     Overloaded         429   rate_limit_error       rate_limit_exceeded   RESOURCE_EXHAUSTED
     Unavailable        503   server_error           unavailable           UNAVAILABLE
     DeadlineExceeded   504   server_error           deadline_exceeded     DEADLINE_EXCEEDED
@@ -22,6 +23,7 @@ import grpc
 from pdserve.router.generation import GenerationError, InvalidRequest
 
 _OPENAI_TYPE_AND_CODE = {
+    401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "model_not_found"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
@@ -48,6 +50,13 @@ class ModelNotFound(GenerationError):
 class PayloadTooLarge(GenerationError):
     http_status = 413
     grpc_code = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(GenerationError):
+    """No API key, or the wrong one."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
 
 
 class InternalError(GenerationError):

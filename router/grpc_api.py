@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, NoReturn, Protocol
 import grpc
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb
+from pdserve.router.auth import ApiKey
 from pdserve.router.errors import (
     InternalError, InvalidParameter, ModelNotFound, grpc_details, grpc_status,
 )
@@ -41,14 +42,18 @@ DEFAULT_MAX_TOKENS = 16  # `max_tokens: 0` in the proto
 class GrpcContext(Protocol):
     def set_code(self, code: grpc.StatusCode) -> None: ...
 
+    def invocation_metadata(self) -> list[tuple[str, str]]: ...
+
     def set_details(self, details: str) -> None: ...
 
 
 class GrpcFrontEnd:
     """`Generate` and `Health` of the public gRPC service, over a `GenerationBackend`."""
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Any, model_name: str, limits: RequestLimits):
+    def __init__(self, backend: GenerationBackend, tokenizer: Any, model_name: str, limits: RequestLimits,
+                 api_key: ApiKey | None = None):
         self.backend = backend
+        self.api_key = api_key
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.limits = limits
@@ -57,6 +62,8 @@ class GrpcFrontEnd:
                        grpc_context: GrpcContext | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """Stream the completion of one prompt; failures end the call with their status."""
         try:
+            if self.api_key is not None:
+                self.api_key.check_metadata(grpc_context.invocation_metadata() if grpc_context else ())
             generation = self._generation_request(request)
             num_tokens = 0
             async with contextlib.aclosing(self._relay(generation)) as messages:

@@ -19,7 +19,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, startup_timeout_s: float = 240.0, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, startup_timeout_s: float = 240.0, env: dict[str, str] | None = None,
+                 api_key: str | None = None):
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        args = (*args, "--api-key", api_key) if api_key else args
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
@@ -46,7 +49,7 @@ class Server:
         raise TimeoutError(f"pdserve serve not healthy after {timeout_s} s:\n{self.log_tail()}")
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/v1/pdserve/status", timeout=10).json()
+        return httpx.get(f"{self.url}/v1/pdserve/status", headers=self.headers, timeout=10).json()
 
     def wait_all_blocks_free(self, timeout_s: float = 15.0) -> dict:
         """Until every decode replica reports 0 KV blocks used (reports lag by up to a second)."""

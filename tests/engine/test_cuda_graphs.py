@@ -24,7 +24,7 @@ def test_cpu_runner_stays_eager_with_the_pool_it_was_asked_for(tmp_path):
     assert runner.kv_cache.tensor.shape[2] == runner.kv_cache.spec.num_blocks == 10
 
 
-def _prefilled_runner(tmp_path, prompts, block_size=4, num_blocks=64, max_decode_batch=8):
+def _prefilled_runner(tmp_path, prompts, block_size=4, num_blocks=128, max_decode_batch=8):
     save_tiny_model("llama", tmp_path)
     runner = ModelRunner(load_model_dir(tmp_path, DEVICE, DTYPE_NAME), num_blocks, block_size,
                          max_decode_batch=max_decode_batch)
@@ -42,7 +42,7 @@ def _prefilled_runner(tmp_path, prompts, block_size=4, num_blocks=64, max_decode
 def test_graph_step_equals_eager_step(tmp_path, batch):
     prompts = [[(7 * i + j) % 120 + 2 for j in range(3 + 5 * i)] for i in range(batch)]
     runner, tables = _prefilled_runner(tmp_path, prompts)
-    assert runner.kv_cache.spec.num_blocks == 64 and runner.kv_cache.tensor.shape[2] == 65  # + scratch
+    assert runner.kv_cache.spec.num_blocks == 128 and runner.kv_cache.tensor.shape[2] == 129  # + scratch
     inputs = [DecodeInput(5 + i, len(p), t) for i, (p, t) in enumerate(zip(prompts, tables))]
     before = runner.kv_cache.tensor.clone()
     graphed = runner.decode(inputs)
@@ -52,8 +52,8 @@ def test_graph_step_equals_eager_step(tmp_path, batch):
     after_eager = runner.kv_cache.tensor
     # Only the step's own slots change in the pool (padding rows write the scratch block),
     # and they hold the same K/V as the eager step wrote.
-    flat = lambda kv: kv[:, :, :64].flatten(2, 3)  # [layers, 2, pool slots, kv_heads, head_dim]
-    written = torch.zeros(64 * 4, dtype=torch.bool, device=DEVICE)
+    flat = lambda kv: kv[:, :, :128].flatten(2, 3)  # [layers, 2, pool slots, kv_heads, head_dim]
+    written = torch.zeros(128 * 4, dtype=torch.bool, device=DEVICE)
     written[[t[i.position // 4] * 4 + i.position % 4 for i, t in zip(inputs, tables)]] = True
     assert torch.equal(flat(after_graph)[:, :, ~written], flat(before)[:, :, ~written])
     assert relative_error(flat(after_graph)[:, :, written], flat(after_eager)[:, :, written]) < (1e-6 if IS_EXACT else 1e-2)

@@ -1,0 +1,610 @@
+"""Engine speed on one GPU against its limits and against transformers `generate()`.
+
+    python benchmarks/engine_speed.py --out DIR [--sweep] [--profile] [--name engine_speed_h100_DATE]
+
+Llama-3-8B shape, bfloat16, random weights (the same weights for the engine and
+the baseline). In one run it measures the two ceilings (a large device-to-device
+copy, bytes read + written; a large bf16 matmul), checks the engine against
+transformers in bf16, times each row, and writes DIR/NAME.md (the table) and
+DIR/NAME.png (a roofline: achieved FLOP/s against arithmetic intensity).
+
+Rows (time = median):
+    decode  B=1,  1,024-token context   floor = bytes / copy rate   (weights + KV read)
+    decode  B=64, 1,024-token context
+    prefill 1 x 2,048 tokens            floor = FLOPs / matmul rate
+    prefill 8 x 512 tokens, packed
+Decode is timed two ways: the GPU's time of a graph replay (CUDA events), and the
+host's wall time of `ModelRunner.decode` + a synchronize, batch unchanged between
+steps (what a scheduler sees). The baseline's decode step is
+(t(generate 1 + N tokens) - t(generate 1 token)) / N.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_pdserve() -> None:
+    """`pdserve.engine` from this checkout when the package is not installed."""
+    try:
+        import pdserve.engine  # noqa: F401
+        return
+    except ImportError:
+        pass
+    package = types.ModuleType("pdserve")
+    package.__path__ = []
+    sys.modules["pdserve"] = package
+    spec = importlib.util.spec_from_file_location(
+        "pdserve.engine", ROOT / "engine" / "__init__.py", submodule_search_locations=[str(ROOT / "engine")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pdserve.engine"] = module
+    spec.loader.exec_module(module)
+    package.engine = module
+
+
+_import_pdserve()
+from pdserve.engine.loader import LoadedModel, _arrange  # noqa: E402
+from pdserve.engine.model_spec import spec_from_config  # noqa: E402
+from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk  # noqa: E402
+
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+)
+BLOCK_SIZE = 16
+LOG: list[str] = []
+STASH: dict = {}  # tensors shared between sections (kept out of the JSON)
+
+
+def say(*args) -> None:
+    line = " ".join(str(a) for a in args)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def gpu_ms(fn, warmup: int = 2, iters: int = 10) -> float:
+    """Median milliseconds of fn() between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_ms(fn, warmup: int = 2, iters: int = 10) -> float:
+    """Median milliseconds of fn() + synchronize on the host clock."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds of one fn() from a CUDA graph of `reps` calls (no launch or host cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return gpu_ms(graph.replay, warmup=2, iters=7) / reps
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------- the two ceilings
+
+def measure_ceilings() -> tuple[float, float]:
+    n = 1 << 30  # 2 GiB of bf16 each way
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = gpu_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+    copy_bps = 2 * src.numel() * 2 / (ms * 1e-3)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = gpu_ms(lambda: a @ b, warmup=5, iters=20)
+    matmul_flops = 2 * 8192**3 / (ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return copy_bps, matmul_flops
+
+
+# ---------------------------------------------------------------- FLOP and byte counts
+
+class Counts:
+    def __init__(self, spec):
+        self.spec = spec
+        h, d = spec.hidden_size, spec.head_dim
+        per_layer = h * d * (spec.num_heads * 2 + spec.num_kv_heads * 2) + 3 * h * spec.intermediate_size
+        self.linear_params = spec.num_layers * per_layer
+        self.head_params = spec.vocab_size * h
+        self.kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * d * 2
+
+    def attention_flops(self, pairs: int) -> float:
+        """QK^T and PV over `pairs` (query, key) pairs, all layers."""
+        return 4 * self.spec.num_heads * self.spec.head_dim * pairs * self.spec.num_layers
+
+    def prefill(self, lengths: list[int]) -> tuple[float, float]:
+        tokens = sum(lengths)
+        pairs = sum(n * (n + 1) // 2 for n in lengths)
+        flops = 2 * self.linear_params * tokens + 2 * self.head_params * len(lengths) + self.attention_flops(pairs)
+        bytes_ = 2 * (self.linear_params + self.head_params) + tokens * self.kv_bytes_per_token
+        return flops, bytes_
+
+    def decode(self, batch: int, context: int) -> tuple[float, float]:
+        flops = (2 * (self.linear_params + self.head_params) * batch + self.attention_flops(batch * context))
+        weights = 2 * (self.linear_params + self.head_params) + 2 * batch * self.spec.hidden_size
+        bytes_ = weights + batch * context * self.kv_bytes_per_token + batch * self.kv_bytes_per_token
+        return flops, bytes_
+
+
+# ---------------------------------------------------------------- models
+
+def build_models(num_blocks: int):
+    import transformers
+
+    config = transformers.LlamaConfig(**LLAMA3_8B)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    spec = spec_from_config(config)
+    state = dict(hf.state_dict())
+    weights = _arrange(state, spec, torch.bfloat16, torch.device("cuda"))  # shares all but fused qkv/gate_up
+    loaded = LoadedModel(Path("random-llama-3-8b"), "random-llama-3-8b", spec, config, weights,
+                         torch.bfloat16, torch.device("cuda"))
+    runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_decode_batch=64)
+    runner.kv_cache.tensor.normal_()  # never time attention over zeros
+    return hf, runner
+
+
+class BlockSource:
+    """Hands out shuffled block ids, as a long-running pool would."""
+
+    def __init__(self, num_blocks: int):
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
+        self.decode_batches: dict[tuple[int, int], list[DecodeInput]] = {}
+
+    def take(self, tokens: int) -> tuple[int, ...]:
+        n = -(-tokens // BLOCK_SIZE)
+        ids, self.free = self.free[:n], self.free[n:]
+        assert len(ids) == n, "pool too small"
+        return tuple(ids)
+
+
+def decode_inputs(blocks: BlockSource, batch: int, context: int, vocab: int) -> list[DecodeInput]:
+    """A batch whose new tokens sit at position context - 1 (one per batch shape, reused)."""
+    if (batch, context) not in blocks.decode_batches:
+        gen = torch.Generator().manual_seed(batch)
+        tokens = torch.randint(0, vocab, (batch,), generator=gen).tolist()
+        blocks.decode_batches[batch, context] = [
+            DecodeInput(t, context - 1, blocks.take(context + BLOCK_SIZE)) for t in tokens]
+    return blocks.decode_batches[batch, context]
+
+
+# ---------------------------------------------------------------- sections
+
+def check_correctness(hf, runner, blocks: BlockSource, results: dict) -> None:
+    """bf16 engine vs bf16 transformers on the same weights and tokens."""
+    vocab = runner.spec.vocab_size
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, vocab, (1024,), generator=gen).tolist()
+    table = blocks.take(1024 + 64)
+    with torch.inference_mode():
+        logits = runner.prefill([PrefillChunk(tuple(prompt), 0, table)])
+        engine_steps, tokens = [logits[0]], [int(logits[0].argmax())]
+        for step in range(16):
+            out = runner.decode([DecodeInput(tokens[-1], len(prompt) + step, table)])
+            engine_steps.append(out[0])
+            tokens.append(int(out[0].argmax()))
+        eager = runner.decode_eager([DecodeInput(tokens[-2], len(prompt) + 15, table)])[0]
+        ref = hf(torch.tensor([prompt + tokens[:-1]], device="cuda"), logits_to_keep=17).logits[0].float()
+    STASH.update(sequence=prompt + tokens[:-1], engine=torch.stack(engine_steps).float(), hf_bf16=ref)
+    errors = [rel_err(e, r) for e, r in zip(engine_steps, ref)]
+    agree = sum(int(e.argmax() == r.argmax()) for e, r in zip(engine_steps, ref))
+    results["correctness"] = {
+        "prefill_logits_rel_err": errors[0],
+        "decode_logits_rel_err_max": max(errors[1:]),
+        "decode_logits_rel_err_median": statistics.median(errors[1:]),
+        "greedy_agreement": f"{agree}/{len(errors)}",
+        "graph_vs_eager_rel_err": rel_err(engine_steps[-1], eager),
+    }
+    say("correctness (8B shape, bf16 engine vs bf16 transformers, teacher-forced on the engine's greedy tokens):",
+        json.dumps(results["correctness"]))
+
+
+def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> None:
+    rows = results["rows"]
+    vocab = runner.spec.vocab_size
+    graphs = runner.decode_graphs
+    t0 = time.perf_counter()
+    runner.capture_decode_graphs()
+    results["graph_capture_s"] = time.perf_counter() - t0
+    say(f"captured {len(graphs.sizes)} decode graphs in {results['graph_capture_s']:.2f} s")
+    for batch, context in ((1, 1024), (64, 1024)):
+        inputs = decode_inputs(blocks, batch, context, vocab)
+        step = lambda: runner.decode(inputs)
+        wall = wall_ms(step, warmup=3, iters=30)
+        replay = gpu_ms(lambda: graphs._graphs[graphs.size_for(batch)].replay(), warmup=3, iters=30)
+        eager = gpu_ms(lambda: runner.decode_eager(inputs), warmup=2, iters=5)
+        enqueue = []
+        for _ in range(10):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.decode(inputs)
+            enqueue.append((time.perf_counter() - t0) * 1e3)
+        results["host_enqueue_ms"][f"B={batch}"] = statistics.median(enqueue)
+        flops, bytes_ = counts.decode(batch, context)
+        rows[f"decode B={batch}, ctx {context}"] = dict(kind="decode", ms=replay, wall_ms=wall, eager_ms=eager,
+                                                         flops=flops, bytes=bytes_)
+        say(f"decode B={batch} ctx={context}: graph replay {replay:.3f} ms, decode() wall {wall:.3f} ms, "
+            f"eager {eager:.2f} ms, host enqueue {statistics.median(enqueue):.3f} ms")
+    # Variant: one-row linears through torch.mv (cuBLAS gemv) instead of F.linear, batch 1 only.
+    from pdserve.engine import model as model_module
+
+    inputs = decode_inputs(blocks, 1, 1024, vocab)
+    saved = model_module.GEMV_FOR_ONE_ROW
+    for flag in (not saved, saved):
+        model_module.GEMV_FOR_ONE_ROW = flag
+        graphs._graphs.pop(1, None)
+        runner.decode(inputs)  # recaptures size 1
+        if flag != saved:
+            replay = gpu_ms(lambda: graphs._graphs[1].replay(), warmup=3, iters=30)
+            wall = wall_ms(lambda: runner.decode(inputs), warmup=3, iters=30)
+            results["variants"][f"decode B=1, ctx 1024, GEMV_FOR_ONE_ROW={flag}"] = dict(ms=replay, wall_ms=wall)
+            say(f"variant decode B=1 GEMV_FOR_ONE_ROW={flag}: graph replay {replay:.3f} ms, wall {wall:.3f} ms")
+    for lengths in ([2048], [512] * 8):
+        chunks = [PrefillChunk(tuple(torch.randint(0, vocab, (n,)).tolist()), 0, blocks.take(n)) for n in lengths]
+        ms = gpu_ms(lambda: runner.prefill(chunks), warmup=2, iters=8)
+        flops, bytes_ = counts.prefill(lengths)
+        name = f"prefill {len(lengths)} x {lengths[0]}"
+        rows[name] = dict(kind="prefill", ms=ms, flops=flops, bytes=bytes_)
+        say(f"{name}: {ms:.2f} ms")
+
+
+def time_baseline(hf, counts: Counts, results: dict) -> None:
+    base = results["baseline"]
+    vocab = hf.config.vocab_size
+
+    def generate(batch: int, length: int, new: int) -> float:
+        ids = torch.randint(0, vocab, (batch, length), device="cuda")
+        mask = torch.ones_like(ids)
+        run = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return wall_ms(run, warmup=1, iters=2 if batch * length <= 4096 else 1)
+
+    with torch.inference_mode():
+        base["prefill 1 x 2048"] = generate(1, 2048, 1)
+        say(f"baseline prefill 1x2048: {base['prefill 1 x 2048']:.1f} ms")
+        base["prefill 8 x 512"] = generate(8, 512, 1)
+        say(f"baseline prefill 8x512: {base['prefill 8 x 512']:.1f} ms")
+        for batch, steps in ((1, 8), (64, 8)):
+            one = generate(batch, 1024, 1)
+            more = generate(batch, 1024, 1 + steps)
+            base[f"decode B={batch}, ctx 1024"] = (more - one) / steps
+            say(f"baseline decode B={batch}: {(more - one) / steps:.1f} ms/step")
+
+
+def sweep_kernels(runner, blocks: BlockSource, results: dict, copy_bps: float) -> None:
+    """The attention kernels alone, over their tuning knobs (module constants)."""
+    from pdserve.engine.kernels import paged_attention as pa
+    from pdserve.engine.kernels import prefill_attention as fa
+
+    spec = runner.spec
+    cache = runner.kv_cache.layer(0)
+    out = results["sweep"] = {"decode": [], "prefill": []}
+    for batch in (1, 64):
+        inputs = decode_inputs(blocks, batch, 1024, spec.vocab_size)
+        width = runner.decode_graphs.max_blocks
+        tables = torch.zeros(batch, width, dtype=torch.int32)
+        for i, d in enumerate(inputs):
+            tables[i, :len(d.block_ids)] = torch.tensor(d.block_ids)
+        tables = tables.cuda()
+        lens = torch.full((batch,), 1024, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, spec.num_heads, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+        kv_bytes = batch * 1024 * spec.num_kv_heads * spec.head_dim * 2 * 2
+        saved = (pa._BLOCK_N, pa._NUM_WARPS, pa._NUM_STAGES, pa._WAVES)
+        for cfg in [(64, 4, 2, 2), (64, 4, 3, 2), (32, 4, 2, 2), (128, 8, 2, 2), (64, 4, 2, 4), (128, 4, 3, 4)]:
+            pa._BLOCK_N, pa._NUM_WARPS, pa._NUM_STAGES, pa._WAVES = cfg
+            try:
+                ms = graph_ms(lambda: pa.paged_decode_attention_triton(q, cache[0], cache[1], tables, lens, 0.088))
+                out["decode"].append(dict(batch=batch, cfg=cfg, us=ms * 1e3, mbu=kv_bytes / (ms * 1e-3) / copy_bps))
+                say(f"sweep decode B={batch} (BLOCK_N, warps, stages, waves)={cfg}: {ms * 1e3:.1f} us, "
+                    f"KV MBU {out['decode'][-1]['mbu']:.2f}")
+            except Exception as e:  # a config that does not compile
+                say(f"sweep decode {cfg}: failed {type(e).__name__}: {e}"[:300])
+        pa._BLOCK_N, pa._NUM_WARPS, pa._NUM_STAGES, pa._WAVES = saved
+    for lengths in ([2048], [512] * 8):
+        total = sum(lengths)
+        q = torch.randn(total, spec.num_heads, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(total, spec.num_kv_heads, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32, device="cuda")
+        flops = 4 * spec.num_heads * spec.head_dim * sum(n * (n + 1) // 2 for n in lengths)
+        saved = (fa._BLOCK_M, fa._BLOCK_N, fa._NUM_WARPS, fa._NUM_STAGES)
+        for cfg in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]:
+            fa._BLOCK_M, fa._BLOCK_N, fa._NUM_WARPS, fa._NUM_STAGES = cfg
+            try:
+                ms = graph_ms(lambda: fa.prefill_attention_varlen_triton(q, k, v, cu, max(lengths), 0.088), reps=10)
+                out["prefill"].append(dict(lengths=f"{len(lengths)}x{lengths[0]}", cfg=cfg, us=ms * 1e3,
+                                           tflops=flops / (ms * 1e-3) / 1e12))
+                say(f"sweep prefill {len(lengths)}x{lengths[0]} (BLOCK_M, BLOCK_N, warps, stages)={cfg}: "
+                    f"{ms * 1e3:.0f} us per layer, {out['prefill'][-1]['tflops']:.0f} TFLOP/s")
+            except Exception as e:
+                say(f"sweep prefill {cfg}: failed {type(e).__name__}: {e}"[:300])
+        fa._BLOCK_M, fa._BLOCK_N, fa._NUM_WARPS, fa._NUM_STAGES = saved
+    # The decode GEMMs alone: F.linear vs torch.mv at one row, F.linear at 64 rows.
+    layer, weights = runner.model.weights.layers[0], runner.model.weights
+    for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),
+                    ("lm_head", weights.lm_head)):
+        x1 = torch.randn(1, w.shape[1], dtype=w.dtype, device="cuda")
+        x64 = torch.randn(64, w.shape[1], dtype=w.dtype, device="cuda")
+        row = {}
+        for label, fn in (("linear M=1", lambda: torch.nn.functional.linear(x1, w)),
+                          ("mv M=1", lambda: torch.mv(w, x1[0])),
+                          ("linear M=64", lambda: torch.nn.functional.linear(x64, w))):
+            ms = graph_ms(fn, reps=10)
+            row[label] = dict(us=ms * 1e3, tbps=w.numel() * 2 / (ms * 1e-3) / 1e12)
+        out.setdefault("gemm", {})[name] = row
+        say(f"sweep gemm {name} {tuple(w.shape)}: " + ", ".join(
+            f"{k} {v['us']:.1f} us ({v['tbps']:.2f} TB/s)" for k, v in row.items()))
+
+
+def profile_steps(runner, blocks: BlockSource, results: dict) -> None:
+    """GPU time per kernel (summed over a step), for eager decode and a prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = runner.spec.vocab_size
+    cases = {
+        "decode B=1": lambda inputs=decode_inputs(blocks, 1, 1024, vocab): runner.decode_eager(inputs),
+        "decode B=64": lambda inputs=decode_inputs(blocks, 64, 1024, vocab): runner.decode_eager(inputs),
+        "prefill 1x2048": lambda chunks=[PrefillChunk(tuple(range(2048)), 0, blocks.take(2048))]: runner.prefill(
+            chunks),
+    }
+    out = results["profile"] = {}
+    for name, fn in cases.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                key = event.name[:60]
+                totals[key] = totals.get(key, 0.0) + event.device_time_total / 1e3
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
+        out[name] = {"total_ms": sum(totals.values()), "top": top}
+        say(f"profile {name}: kernels {sum(totals.values()):.2f} ms")
+        for kernel, ms in top:
+            say(f"    {ms:8.3f} ms  {kernel}")
+
+
+def check_against_fp32(hf, results: dict) -> None:
+    """The same 8B-shape model in fp32 (transformers) as the oracle for both bf16 runs."""
+    for p in hf.parameters():
+        p.data = p.data.float()  # the engine keeps its own references to the bf16 tensors
+    torch.cuda.empty_cache()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([STASH["sequence"]], device="cuda"), logits_to_keep=17).logits[0].float()
+    engine, hf_bf16 = STASH["engine"], STASH["hf_bf16"]
+    results["vs_fp32"] = {
+        "engine_bf16_rel_err_median": statistics.median(rel_err(e, r) for e, r in zip(engine, ref)),
+        "transformers_bf16_rel_err_median": statistics.median(rel_err(e, r) for e, r in zip(hf_bf16, ref)),
+        "engine_bf16_argmax_agreement": f"{sum(int(e.argmax() == r.argmax()) for e, r in zip(engine, ref))}/17",
+        "transformers_bf16_argmax_agreement": f"{sum(int(e.argmax() == r.argmax()) for e, r in zip(hf_bf16, ref))}/17",
+    }
+    say("8B shape vs transformers fp32 (17 rows):", json.dumps(results["vs_fp32"]))
+
+
+def check_tiny_models(results: dict) -> None:
+    """Tiny random models (tests/tiny_models.py): engine bf16 on CUDA vs transformers fp32 on the CPU,
+    teacher-forced on the reference's greedy tokens: argmax agreement and logits relative error."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny_model
+    from pdserve.engine.loader import load_model_dir
+
+    out = results["tiny_bf16"] = {}
+    prompts = [[5, 17, 33, 2, 90, 11, 7], [3, 4], list(range(100, 119)), [42]]
+    for arch in ("llama", "qwen2", "mistral"):
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = save_tiny_model(arch, tmp)
+            runner = ModelRunner(load_model_dir(tmp, "cuda", "bfloat16"), num_blocks=64, block_size=4)
+        agree, total, errors = 0, 0, []
+        with torch.inference_mode():
+            for i, prompt in enumerate(prompts):
+                ref_tokens = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                                eos_token_id=None, pad_token_id=0)[0].tolist()
+                ref_logits = reference(torch.tensor([ref_tokens])).logits[0, len(prompt) - 1:-1]  # [32, vocab]
+                table = tuple(range(i * 16, i * 16 + 16))
+                ours = [runner.prefill([PrefillChunk(tuple(prompt), 0, table)])[0]]
+                for step in range(31):
+                    position = len(prompt) + step
+                    ours.append(runner.decode([DecodeInput(ref_tokens[position], position, table)])[0])
+                for o, r in zip(ours, ref_logits):
+                    agree += int(o.argmax().item() == r.argmax().item())
+                    total += 1
+                    errors.append(rel_err(o.cpu(), r))
+        out[arch] = dict(argmax_agreement=f"{agree}/{total}", logits_rel_err_median=statistics.median(errors),
+                         logits_rel_err_max=max(errors))
+    say("tiny models, engine bf16 (CUDA) vs transformers fp32 (CPU), teacher-forced:", json.dumps(out))
+
+
+# ---------------------------------------------------------------- report
+
+def write_report(results: dict, out_dir: Path, name: str) -> str:
+    copy_bps, matmul = results["copy_bps"], results["matmul_flops"]
+    lines = [
+        f"# Engine speed: {results['device']}, {results['date']}",
+        "",
+        f"Llama-3-8B shape, bf16, random weights; torch {results['torch']}, triton {results['triton']}, "
+        f"transformers {results['transformers']}.",
+        f"Ceilings measured in this run: device copy {copy_bps / 1e12:.2f} TB/s (read + write), "
+        f"bf16 matmul 8192³ {matmul / 1e12:.0f} TFLOP/s.",
+        "Decode floor = bytes (weights read once + KV read + KV written) / copy rate; "
+        "prefill floor = FLOPs (linear + causal attention + sampled rows' lm_head) / matmul rate.",
+        "",
+        "| row | engine ms | floor ms | ratio to floor | MBU / MFU | host wall ms (decode()) | eager ms | "
+        "transformers generate() ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in results["rows"].items():
+        if r["kind"] == "decode":
+            floor = r["bytes"] / copy_bps * 1e3
+            util = f"MBU {floor / r['ms']:.2f}"
+        else:
+            floor = r["flops"] / matmul * 1e3
+            util = f"MFU {floor / r['ms']:.2f}"
+        base = results["baseline"].get(row)
+        base_text = "" if base is None else f"{base:.1f}"
+        speedup = "" if base is None else f"{base / r['ms']:.1f}x"
+        lines.append(
+            f"| {row} | {r['ms']:.2f} | {floor:.2f} | {r['ms'] / floor:.2f} | {util} | "
+            f"{r.get('wall_ms', float('nan')):.2f} | {r.get('eager_ms', float('nan')):.2f} | "
+            f"{base_text} | {speedup} |")
+    if "correctness" in results:
+        lines += ["", "Correctness (bf16 engine vs bf16 transformers, same weights, teacher-forced on the engine's "
+                  "greedy tokens, 1 prefill + 16 decode steps at 1k context): " + json.dumps(results["correctness"])]
+    if "vs_fp32" in results:
+        lines += ["", "Same 8B-shape model in fp32 (transformers) as the oracle, same 17 rows: "
+                  + json.dumps(results["vs_fp32"])]
+    if "tiny_bf16" in results:
+        lines += ["", "Tiny models (tests/tiny_models.py), engine bf16 on CUDA vs transformers fp32, teacher-forced "
+                  "on the reference's 32 greedy tokens x 4 prompts: " + json.dumps(results["tiny_bf16"])]
+    for name, v in results.get("variants", {}).items():
+        lines += ["", f"Variant {name}: graph replay {v['ms']:.2f} ms, decode() wall {v['wall_ms']:.2f} ms."]
+    if results.get("host_enqueue_ms"):
+        lines += ["", "Host time to enqueue one decode() (no sync), ms: " + json.dumps(
+            {k: round(v, 3) for k, v in results["host_enqueue_ms"].items()})]
+    lines += ["", f"Decode graphs: {results.get('graph_capture_s', float('nan')):.2f} s to capture all sizes."]
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))
+    try:
+        plot_roofline(results, out_dir / f"{name}.png")
+    except Exception:
+        say("roofline plot failed:", traceback.format_exc())
+    return text
+
+
+def plot_roofline(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    copy_bps, matmul = results["copy_bps"], results["matmul_flops"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ai = [10 ** (x / 20) for x in range(0, 100)]  # 1 .. 1e5 FLOP/byte
+    ax.plot(ai, [min(matmul, a * copy_bps) / 1e12 for a in ai], "k-", lw=1.5, label="roof (measured)")
+    ax.axhline(matmul / 1e12, color="gray", ls=":", lw=1)
+    ax.text(1.2, matmul / 1e12 * 1.08, f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s", fontsize=8)
+    ax.text(1.2, copy_bps * 1.2 / 1e12 * 1.4, f"copy {copy_bps / 1e12:.2f} TB/s", fontsize=8, rotation=28)
+    for row, r in results["rows"].items():
+        x = r["flops"] / r["bytes"]
+        color = "tab:blue" if r["kind"] == "decode" else "tab:red"
+        ax.plot(x, r["flops"] / (r["ms"] * 1e-3) / 1e12, "o", color=color)
+        ax.annotate(f"engine {row}", (x, r["flops"] / (r["ms"] * 1e-3) / 1e12), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+        base = results["baseline"].get(row)
+        if base:
+            ax.plot(x, r["flops"] / (base * 1e-3) / 1e12, "x", color=color)
+            ax.annotate("generate()", (x, r["flops"] / (base * 1e-3) / 1e12), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of device memory)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title(f"Engine roofline, Llama-3-8B shape bf16, {results['device']}, {results['date']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default=f"engine_speed_{datetime.date.today().isoformat()}")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the attention kernels' tuning knobs")
+    parser.add_argument("--profile", action="store_true", help="also print GPU time per kernel of eager steps")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import transformers
+    import triton
+
+    results = {
+        "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "rows": {}, "baseline": {}, "errors": [], "variants": {}, "host_enqueue_ms": {},
+    }
+    results["copy_bps"], results["matmul_flops"] = measure_ceilings()
+    say(f"ceilings: copy {results['copy_bps'] / 1e12:.2f} TB/s, matmul {results['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    num_blocks = 64 * 65 + 1200  # the B=64 batch, the B=1 batch, prompts
+    hf, runner = build_models(num_blocks)
+    say(f"models built; GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    counts = Counts(runner.spec)
+    blocks = BlockSource(num_blocks)
+    sections = [("correctness", lambda: check_correctness(hf, runner, blocks, results)),
+                ("engine", lambda: time_engine(runner, blocks, counts, results))]
+    if args.profile:
+        sections.append(("profile", lambda: profile_steps(runner, blocks, results)))
+    if args.sweep:
+        sections.append(("sweep", lambda: sweep_kernels(runner, blocks, results, results["copy_bps"])))
+    if not args.no_baseline:
+        sections.append(("baseline", lambda: time_baseline(hf, counts, results)))
+    sections.append(("fp32 oracle", lambda: check_against_fp32(hf, results)))
+    sections.append(("tiny models", lambda: check_tiny_models(results)))
+    for name, section in sections:
+        t0 = time.perf_counter()
+        try:
+            section()
+        except Exception:
+            results["errors"].append(f"{name}: {traceback.format_exc()}")
+            say(f"SECTION {name} FAILED:\n{traceback.format_exc()}")
+        say(f"[{name}: {time.perf_counter() - t0:.1f} s]")
+        text = write_report(results, args.out, args.name)  # after each section: a partial table survives
+    (args.out / f"{args.name}.log").write_text("\n".join(LOG) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

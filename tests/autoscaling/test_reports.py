@@ -1,0 +1,44 @@
+"""From the replicas' custom autoscaling metrics to the policy's Observation, and back out as status and metrics."""
+from pdserve.cluster.autoscaling import observe, serve_autoscaling_config
+from pdserve.cluster.config import load_config
+from pdserve.cluster.status_cmd import format_status
+from pdserve.router.metrics import autoscaling_lines
+
+NOTE = {"pools": {"prefill": {"replicas": 1, "target": 1, "reason": "no load"},
+                  "decode": {"replicas": 2, "target": 3, "reason": "predicted TPOT 71 ms > SLO 60 ms at 38 running sequences"}},
+        "last_decision": "decode: 2 → 3, predicted TPOT 71 ms > SLO 60 ms at 38 running sequences",
+        "decisions": {"decode/up/tpot_above_slo": 2, "decode/down/idle": 1}, "slo": {"ttft_ms": 800, "tpot_ms": 60}}
+
+
+def test_observe_sums_pools_and_derives_output_length_from_generated_tokens():
+    metrics = {"prefill": {"queued_tokens": {"p1": 300.0, "p2": 100.0}, "tokens_per_s": {"p1": 5000.0, "p2": 0.0}},
+               "decode": {"arrivals_per_s": {"d1": 3.0, "d2": 1.0}, "prompt_tokens_mean": {"d1": 100.0, "d2": 500.0},
+                          "tokens_per_s": {"d1": 150.0, "d2": 50.0}, "num_running": {"d1": 6.0, "d2": 2.0},
+                          "num_waiting": {"d1": 1.0, "d2": 0.0}}}
+    o = observe(metrics, {"d1": [(6.0, 0.02), (0.0, 0.0)], "d2": [(2.0, 0.012)]})
+    assert (o.arrival_rate, o.prompt_tokens, o.output_tokens) == (4.0, 200.0, 51.0)
+    assert (o.queued_prompt_tokens, o.running_sequences, o.prefill_tokens_per_s) == (400.0, 9.0, 5000.0)
+    assert [(s.batch_size, s.step_time_s) for s in o.step_samples] == [(6.0, 0.02), (2.0, 0.012)]
+    assert not o.is_idle and observe({}, {}).is_idle
+
+
+def test_both_pools_get_a_serve_autoscaling_config_when_one_autoscales():
+    config = load_config({"decode": {"replicas": "1:2"}, "autoscaling": {"interval_s": 0.5}})
+    assert serve_autoscaling_config(config, "prefill")["max_replicas"] == 1
+    decode = serve_autoscaling_config(config, "decode")
+    assert (decode["min_replicas"], decode["max_replicas"], decode["upscale_delay_s"]) == (1, 2, 0.0)
+    assert serve_autoscaling_config(load_config({}), "decode") is None
+
+
+def test_metrics_show_pool_sizes_and_decisions_by_reason():
+    text = autoscaling_lines(NOTE)
+    assert 'pdserve_pool_replicas{pool="decode"} 2' in text and 'pdserve_pool_target_replicas{pool="decode"} 3' in text
+    assert 'pdserve_autoscaling_decisions_total{pool="decode",direction="up",reason="tpot_above_slo"} 2' in text
+    assert autoscaling_lines(None) == ""
+
+
+def test_status_says_sizes_targets_and_the_last_decision_in_words():
+    text = format_status({"model": "m", "pools": {"decode": {"d1": {"num_running": 19}}}, "autoscaling": {"autoscaling": NOTE}})
+    assert "decode: 2 running, target 3" in text and "prefill: 1 running, target 1" in text
+    assert "last decision: decode: 2 → 3, predicted TPOT 71 ms > SLO 60 ms at 38 running sequences" in text
+    assert "autoscaling: off" in format_status({"model": "m", "pools": {"decode": {"d1": {}}}, "autoscaling": {}})
