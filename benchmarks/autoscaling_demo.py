@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 from server import Server  # noqa: E402  (tests/e2e/server.py)
 from tiny_models import save_tiny_chat_model  # noqa: E402
 
-SLO_TTFT_MS, SLO_TPOT_MS = 1000.0, 10.0
-PHASES = [(20, 2), (45, 8), (25, 2), (20, 0)]  # (seconds, concurrent clients)
+SLO_TTFT_MS, SLO_TPOT_MS = 1000.0, 8.0
+PHASES = [(20, 2), (50, 12), (25, 2), (20, 0)]  # (seconds, concurrent clients)
 CONFIG = f"""
 slo: {{ttft_ms: {SLO_TTFT_MS}, tpot_ms: {SLO_TPOT_MS}}}
 autoscaling: {{upscale_delay_s: 2, downscale_delay_s: 8, interval_s: 0.5, drain_timeout_s: 60}}
@@ -62,8 +62,11 @@ def clients_at(t: float) -> int:
 
 def run(model_dir: Path, config: Path, prefill: str, decode: str) -> tuple[list[Request], list[Sample]]:
     """Serve with these pool sizes, offer the load, return every request's latencies and the pool timeline."""
-    server = Server("--config", str(config), "--model", str(model_dir), "--prefill-replicas", prefill,
-                    "--decode-replicas", decode)
+    args = ("--config", str(config), "--model", str(model_dir), "--prefill-replicas", prefill, "--decode-replicas", decode)
+    try:
+        server = Server(*args)
+    except RuntimeError:  # Ray's node can time out starting on a busy machine: once more
+        server = Server(*args)
     requests: list[Request] = []
     samples: list[Sample] = []
     start, total = time.monotonic(), sum(s for s, _ in PHASES)
@@ -74,7 +77,7 @@ def run(model_dir: Path, config: Path, prefill: str, decode: str) -> tuple[list[
             if index >= clients_at(t):
                 time.sleep(0.2)
                 continue
-            body = {"prompt": [7 + index, 300 + i % 50, 42, 99, 5, 6 + i % 7], "max_tokens": 40,
+            body = {"prompt": [7 + index, 300 + i % 50, 42, 99, 5, 6 + i % 7], "max_tokens": 64,
                     "temperature": 0, "ignore_eos": True}
             response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
             timings = response.json()["usage"]["pdserve_timings"] if response.status_code == 200 else None
@@ -168,7 +171,7 @@ def main() -> None:
                              "within_slo": within_slo(requests), "replica_seconds": replica_seconds(samples)}
             print(f"{name}: {len(requests)} requests, {within_slo(requests):.0%} within SLO, "
                   f"{replica_seconds(samples):.0f} replica-seconds", flush=True)
-    Path(args.out + ".json").write_text(json.dumps(results))
+            Path(args.out + ".json").write_text(json.dumps(results))
     plot(results, Path(args.out + ".png"))
     print(f"wrote {args.out}.png and .json")
 
