@@ -275,20 +275,6 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
                                                          flops=flops, bytes=bytes_)
         say(f"decode B={batch} ctx={context}: graph replay {replay:.3f} ms, decode() wall {wall:.3f} ms, "
             f"eager {eager:.2f} ms, host enqueue {statistics.median(enqueue):.3f} ms")
-    # Variant: one-row linears through torch.mv (cuBLAS gemv) instead of F.linear, batch 1 only.
-    from pdserve.engine import model as model_module
-
-    inputs = decode_inputs(blocks, 1, 1024, vocab)
-    saved = model_module.GEMV_FOR_ONE_ROW
-    for flag in (not saved, saved):
-        model_module.GEMV_FOR_ONE_ROW = flag
-        graphs._graphs.pop(1, None)
-        runner.decode(inputs)  # recaptures size 1
-        if flag != saved:
-            replay = gpu_ms(lambda: graphs._graphs[1].replay(), warmup=3, iters=30)
-            wall = wall_ms(lambda: runner.decode(inputs), warmup=3, iters=30)
-            results["variants"][f"decode B=1, ctx 1024, GEMV_FOR_ONE_ROW={flag}"] = dict(ms=replay, wall_ms=wall)
-            say(f"variant decode B=1 GEMV_FOR_ONE_ROW={flag}: graph replay {replay:.3f} ms, wall {wall:.3f} ms")
     for lengths in ([2048], [512] * 8):
         chunks = [PrefillChunk(tuple(torch.randint(0, vocab, (n,)).tolist()), 0, blocks.take(n)) for n in lengths]
         ms = gpu_ms(lambda: runner.prefill(chunks), warmup=2, iters=8)
@@ -508,8 +494,10 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     if "tiny_bf16" in results:
         lines += ["", "Tiny models (tests/tiny_models.py), engine bf16 on CUDA vs transformers fp32, teacher-forced "
                   "on the reference's 32 greedy tokens x 4 prompts: " + json.dumps(results["tiny_bf16"])]
-    for name, v in results.get("variants", {}).items():
-        lines += ["", f"Variant {name}: graph replay {v['ms']:.2f} ms, decode() wall {v['wall_ms']:.2f} ms."]
+    for variant, v in results.get("variants", {}).items():
+        lines += ["", f"Variant {variant}: graph replay {v['ms']:.2f} ms, decode() wall {v['wall_ms']:.2f} ms."]
+    if results.get("note"):
+        lines += ["", results["note"]]
     if results.get("host_enqueue_ms"):
         lines += ["", "Host time to enqueue one decode() (no sync), ms: " + json.dumps(
             {k: round(v, 3) for k, v in results["host_enqueue_ms"].items()})]

@@ -11,6 +11,9 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 from .autoscaling import serve_autoscaling_config
 from .config import PdserveConfig, ReplicaRange, load_config
@@ -25,13 +28,16 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     plain = config.to_dict()
     if config.is_colocated:
         colocated = _deployment(DecodeDeployment, "colocated", ReplicaRange(config.colocated.replicas, config.colocated.replicas),
-                                config.colocated.gpus_per_replica, config.decode.ray_resources, config)
+                                config.colocated.gpus_per_replica, config.decode.ray_resources, config,
+                                DECODE_POLICIES[config.router.decode_policy])
         decode, prefill = colocated.bind(plain, colocated=True), None
     else:
         prefill = _deployment(PrefillDeployment, "prefill", config.prefill.replicas,
-                              config.prefill.gpus_per_replica, config.prefill.ray_resources, config).bind(plain)
+                              config.prefill.gpus_per_replica, config.prefill.ray_resources, config,
+                              PREFILL_POLICIES[config.router.prefill_policy]).bind(plain)
         decode = _deployment(DecodeDeployment, "decode", config.decode.replicas,
-                             config.decode.gpus_per_replica, config.decode.ray_resources, config).bind(plain)
+                             config.decode.gpus_per_replica, config.decode.ray_resources, config,
+                             DECODE_POLICIES[config.router.decode_policy]).bind(plain)
     router = serve.deployment(RouterDeployment).options(
         name="router", num_replicas=1, max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
@@ -40,7 +46,7 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
 
 
 def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float],
-                config: PdserveConfig):
+                config: PdserveConfig, policy: type):
     """A pool: fixed, or sized by the application's policy (cluster/autoscaling.py) when any pool autoscales."""
     autoscaling = serve_autoscaling_config(config, name)
     sizing = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas.min}
@@ -48,6 +54,8 @@ def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resou
         name=name,
         **sizing,
         max_ongoing_requests=10_000,  # the workers bound their own queues and answer 429
+        # the routing policy ranks replicas on what they report (record_routing_stats)
+        request_router_config=RequestRouterConfig(request_router_class=policy, request_routing_stats_period_s=0.5),
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "resources": dict(resources)},
         # a replica leaving drains in __del__ (its streams, bounded by drain_timeout_s) before Serve kills it
         graceful_shutdown_timeout_s=config.autoscaling.drain_timeout_s + 30,

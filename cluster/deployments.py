@@ -95,6 +95,10 @@ class PrefillDeployment:
         self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the prefill routing policies rank on (router/policies.py)."""
+        return self.stats()
+
     def stats(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(), "queued_requests": self.worker.queued_requests(),
                 "tokens_per_s": self.worker.tokens_per_s()}
@@ -145,6 +149,10 @@ class DecodeDeployment:
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(2 * self.config.autoscaling.interval_s, 5.0))
         self.reporter = Reporter("decode", self.replica_id, self.stats)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the decode routing policies rank on (router/policies.py)."""
+        return self.stats()
 
     def stats(self) -> dict[str, Any]:
         load = self.worker.load()

@@ -256,6 +256,9 @@ def report(d: Diagnosis) -> str:
     if top.ttft_p90_s > slo.ttft_s and outside > top.queue_s + top.prefill_s + top.kv_transfer_s:
         lines.append(f"Note: client TTFT ({1e3 * top.ttft_p90_s:.0f} ms p90) breaks its SLO mostly outside the "
                      f"phases: {1e3 * outside:.0f} ms of routing, reservation and HTTP on average (a busy host).")
+    if d.colocated:
+        lines.append("Colocated: prompts are prefilled between decode steps on the same replica, so TPOT here also "
+                     "pays for prefill; the split below is what disaggregating this workload is predicted to give.")
     agree = "agrees" if d.model_bottleneck == d.bottleneck else "DISAGREES (trust the measurement)"
     lines.append(f"The cost model, at these sizes and {w.arrival_rate:.2f} req/s, {agree}: {d.model_bottleneck}.")
     lines += ["", "Hardware:"] + [f"  {line}" for line in d.hardware] + [""]

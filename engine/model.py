@@ -78,19 +78,6 @@ class _PrefillPlan:
                             tuple(flat.split([len(seq) for seq in ids])), attention.context_lens)
 
 
-# Decode steps of ONE sequence multiply a single row by each weight; torch.mv (cuBLAS gemv)
-# may stream the weights faster than F.linear's GEMM kernels. Chosen by measurement:
-# see benchmarks/ENGINE_NOTES.md.
-GEMV_FOR_ONE_ROW = False
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if GEMV_FOR_ONE_ROW and x.shape[0] == 1 and x.is_cuda:
-        out = torch.mv(weight, x[0]).unsqueeze(0)
-        return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
-
-
 class LlamaModel:
     """Weights plus the rope table; stateless otherwise (the KV cache is passed in)."""
 
@@ -125,12 +112,12 @@ class LlamaModel:
                 normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
             hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache)
             normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = _linear(silu_and_mul(_linear(normed, layer.gate_up)), layer.down)
+            hidden = F.linear(silu_and_mul(F.linear(normed, layer.gate_up)), layer.down)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
         normed, _ = add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
-        return _linear(normed, self.weights.lm_head).float()  # [B, vocab]
+        return F.linear(normed, self.weights.lm_head).float()  # [B, vocab]
 
     def _attention(
         self,
@@ -143,7 +130,7 @@ class LlamaModel:
         kv_cache: KvCache,
     ) -> torch.Tensor:
         spec = self.spec
-        qkv = _linear(x, layer.qkv, layer.qkv_bias)
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
@@ -160,7 +147,7 @@ class LlamaModel:
             )
         else:
             out = self._prefill_attention(q, k, v, cache, attention)
-        return _linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
+        return F.linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
 
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan
