@@ -147,7 +147,7 @@ class DecodeDeployment:
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
-        self.arrivals = RateMeter(window_s=max(2 * self.config.autoscaling.interval_s, 5.0))
+        self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams, sample
@@ -236,6 +238,8 @@ class DecodeWorker:
         inputs = [DecodeInput(s.generated[-1], len(s.tokens) - 1, tuple(s.table.block_ids)) for s in batch]
         started = time.monotonic()
         logits = self.runner.decode(inputs)
+        if logits.is_cuda:  # the step's time is the GPU's, not the launch's
+            torch.cuda.synchronize(logits.device)
         with self._lock:
             self._step_stats.append((time.monotonic() - started, len(batch)))
             live = [(row, s) for row, s in enumerate(batch) if s.state is SequenceState.RUNNING]

@@ -22,6 +22,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams, sample
@@ -55,6 +57,7 @@ class PrefillResult:
     request_id: str
     first_token: int
     first_logprob: float | None
+    last_layer_at: float  # time.monotonic() when the prompt's KV was computed (system-wide clock on Linux)
     queue_s: float  # arrival to first chunk computed
     prefill_s: float  # compute time of the batches this prompt was in
     transfer_wait_s: float  # last layer computed to transfer finished (what the handoff adds)
@@ -202,6 +205,7 @@ class PrefillWorker:
         started = time.monotonic()
         try:
             logits = self.runner.prefill([chunk for _, chunk in batch], on_layer_done=push_layer)
+            _wait_for_device(logits)
         except (TransferError, RuntimeError) as e:
             log.exception("prefill batch failed")
             with self._lock:
@@ -245,7 +249,7 @@ class PrefillWorker:
             job.state = PrefillState.DONE
             job.table.release()
         job.future.set_result(PrefillResult(
-            request_id=job.request_id, first_token=token, first_logprob=logprob,
+            request_id=job.request_id, first_token=token, first_logprob=logprob, last_layer_at=computed_at,
             queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
             kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
         ))
@@ -264,3 +268,9 @@ class PrefillWorker:
             job.table = None
         if not job.future.done():
             job.future.set_exception(PrefillFailed(message, code))
+
+
+def _wait_for_device(tensor: torch.Tensor) -> None:
+    """Timings mean compute done, not kernels queued: wait for the GPU (a no-op on the CPU)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)

@@ -28,9 +28,10 @@ def chat_model(tmp_path_factory):
     return directory, model
 
 
-def reference(model, prompt: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+def references(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens for prompts of one length, in one batch."""
+    out = model.generate(torch.tensor(prompts), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[:, len(prompts[0]):].tolist()
 
 
 def decode_pool(server: Server) -> dict:
@@ -78,12 +79,12 @@ def test_decode_pool_grows_under_load_and_shrinks_after_without_failing_a_reques
     finally:
         stop.set()
         server.stop()
-    references = {}
+    expected = {}
+    for requests in (LOAD, LONG):
+        prompts, max_tokens = [p for p, _ in requests], requests[0][1]
+        expected.update({(tuple(p), max_tokens): out for p, out in zip(prompts, references(chat_model[1], prompts, max_tokens))})
     for prompt, max_tokens, output in results:
-        key = (tuple(prompt), max_tokens)
-        if key not in references:
-            references[key] = reference(chat_model[1], prompt, max_tokens)
-        assert output == references[key], (prompt, max_tokens)
+        assert output == expected[(tuple(prompt), max_tokens)], (prompt, max_tokens)
     assert len(results) > 20
 
 

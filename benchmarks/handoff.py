@@ -1,0 +1,198 @@
+"""What the KV handoff costs: prefill in one process, decode in another, no Ray.
+
+    python benchmarks/handoff.py --device cpu  --shape tiny      --lengths 64,256,1024
+    python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192
+
+The decode worker (this process) reserves blocks; a prefill worker in a child
+process computes the prompt and pushes each layer's KV as it is done (gloo on
+the CPU, CUDA IPC on one GPU). Per prompt length it reports the prefill time,
+the KV bytes, the time the handoff adds to TTFT (last layer computed → transfer
+acknowledged, which the prefill waits for before returning the first token),
+that as a share of prefill, and the orchestration overhead of the handoff:
+last layer computed → first decode token out, less one decode step and less
+the bare block copy (export + import of the same blocks in one process).
+Random weights; medians over --repeats runs after one warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
+from pdserve.engine.model_spec import spec_from_config
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import SamplingParams
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+BLOCK_SIZE = 16
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: int) -> LoadedModel:
+    """A model of the given shape with random weights made on the device (no files)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, architectures=["LlamaForCausalLM"])
+    spec = spec_from_config(config)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def w(*shape_):
+        return (torch.randn(*shape_, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    h, d = spec.hidden_size, spec.head_dim
+    layers = tuple(LayerWeights(
+        input_norm=torch.ones(h, device=device, dtype=dtype),
+        qkv=w((spec.num_heads + 2 * spec.num_kv_heads) * d, h), qkv_bias=None,
+        o=w(h, spec.num_heads * d), o_bias=None,
+        post_norm=torch.ones(h, device=device, dtype=dtype),
+        gate_up=w(2 * spec.intermediate_size, h), down=w(h, spec.intermediate_size),
+    ) for _ in range(spec.num_layers))
+    embed = w(spec.vocab_size, h)
+    weights = ModelWeights(embed, layers, torch.ones(h, device=device, dtype=dtype), w(spec.vocab_size, h))
+    return LoadedModel(Path("."), shape, spec, config, weights, dtype, device)
+
+
+@dataclass(frozen=True)
+class Sample:
+    length: int
+    prefill_s: float
+    transfer_wait_s: float
+    kv_bytes: int
+    overhead_s: float
+
+
+def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
+    """The child: a prefill worker serving destinations from the parent."""
+    from pdserve.engine.transfer import make_sender
+    from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+
+    device, dtype = torch.device(args.device), _dtype(args)
+    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
+    sender = make_sender(_backend(args), runner.kv_cache, sender_id="bench-prefill")
+    worker = PrefillWorker(runner, sender, PrefillSettings(max_batch_tokens=max(args.lengths)), "bench-prefill")
+    results.put("ready")
+    while (item := requests.get()) is not None:
+        prompt, destination = item
+        result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(timeout=120)
+        results.put(result)
+    worker.close()
+
+
+def run(args) -> list[Sample]:
+    from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+    from pdserve.engine.transfer import make_receiver
+
+    device, dtype = torch.device(args.device), _dtype(args)
+    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
+    receiver = make_receiver(_backend(args), runner.kv_cache, peer_id="bench-decode")
+    decode = DecodeWorker(runner, receiver, DecodeSettings(), "bench-decode")
+    ctx = mp.get_context("spawn")
+    requests, results = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_prefill_process, args=(args, requests, results))
+    child.start()
+    assert results.get(timeout=600) == "ready"
+    samples = []
+    try:
+        for length in args.lengths:
+            for attempt in range(args.repeats + 1):
+                sample = _one(decode, requests, results, length, StreamStart)
+                if attempt:  # the first is a warm-up
+                    samples.append(sample)
+    finally:
+        requests.put(None)
+        child.join(60)
+        decode.close()
+    return samples
+
+
+def _one(decode, requests, results, length: int, stream_start) -> Sample:
+    prompt = [(i * 7919) % 30000 + 1 for i in range(length)]
+    reservation = decode.reserve("bench", length, 2, time.time() + 120)
+    requests.put((prompt, reservation.destination))
+    result = results.get(timeout=300)
+    first_out = threading.Event()
+    times: list[float] = []
+
+    def sink(event):
+        if event.token_ids and not times:
+            times.append(time.monotonic())
+        if event.is_final:
+            first_out.set()
+
+    decode.open(stream_start(reservation.transfer_id, "bench", tuple(prompt), (result.first_token,), False, 2,
+                             SamplingParams(), frozenset(), time.time() + 120), sink)
+    assert first_out.wait(120) and times
+    step = decode.load().step_time_s
+    copy = _copy_time(decode.runner, length)
+    overhead = times[0] - result.last_layer_at - step - copy
+    return Sample(length, result.prefill_s, result.transfer_wait_s, result.kv_bytes, overhead)
+
+
+def _copy_time(runner: ModelRunner, length: int) -> float:
+    """The bare copy of a prompt's blocks, every layer, export then import, in one process."""
+    ids = torch.arange(-(-length // BLOCK_SIZE), device=runner.device)
+    started = time.monotonic()
+    for layer in range(runner.spec.num_layers):
+        runner.kv_cache.import_blocks(layer, ids, runner.kv_cache.export_blocks(layer, ids))
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return time.monotonic() - started
+
+
+def table(samples: list[Sample], args) -> str:
+    rows = [f"| prompt tokens | prefill (ms) | KV (MiB) | handoff adds to TTFT (ms) | share of prefill | "
+            f"orchestration overhead p50 (ms) |", "|---|---|---|---|---|---|"]
+    for length in args.lengths:
+        mine = [s for s in samples if s.length == length]
+        prefill = statistics.median(s.prefill_s for s in mine)
+        wait = statistics.median(s.transfer_wait_s for s in mine)
+        overhead = statistics.median(s.overhead_s for s in mine)
+        rows.append(f"| {length} | {prefill * 1e3:.1f} | {mine[0].kv_bytes / 2 ** 20:.1f} | {wait * 1e3:.2f} | "
+                    f"{100 * wait / prefill:.1f}% | {overhead * 1e3:.2f} |")
+    return "\n".join(rows)
+
+
+def _dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
+
+
+def _backend(args) -> str:
+    return "cuda_ipc" if args.device == "cuda" else "gloo"
+
+
+def _blocks(args) -> int:
+    return 2 * -(-(max(args.lengths) + 2) // BLOCK_SIZE) + 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--lengths", default="64,256,1024")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    args.lengths = [int(n) for n in args.lengths.split(",")]
+    args.max_len = max(args.lengths) + 64
+    samples = run(args)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    text = (f"KV handoff, {args.shape} shape, {name}, {_backend(args)}, {time.strftime('%Y-%m-%d')}, "
+            f"median of {args.repeats}\n\n{table(samples, args)}\n")
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
