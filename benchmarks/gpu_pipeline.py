@@ -72,7 +72,6 @@ def main() -> None:
     (out / "gpu_pipeline.json").write_text(json.dumps(report, indent=2))
     print(f"GPU pipeline (1 prefill + 1 decode on one {report['device']}, KV over cuda_ipc): "
           f"{equal}/{len(requests)} outputs equal to transformers")
-    print(server.log_tail(5))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.transfer import make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
-from pdserve.router.generation import DeadlineExceeded, InvalidRequest, Overloaded, TryElsewhere, Unavailable
+from pdserve.router.generation import (
+    DeadlineExceeded, InvalidRequest, Overloaded, TransferFailed, TryElsewhere, Unavailable,
+)
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
@@ -112,7 +114,8 @@ class PrefillDeployment:
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except PrefillFailed as e:
-            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}.get(e.code, Unavailable)
+            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest,
+                     "transfer_failed": TransferFailed}.get(e.code, Unavailable)
             raise error(f"prefill replica {self.replica_id}: {e}") from None
 
     def record_autoscaling_stats(self) -> dict[str, float]:

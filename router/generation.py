@@ -115,6 +115,10 @@ class Unavailable(GenerationError):
     grpc_code = "UNAVAILABLE"
 
 
+class TransferFailed(Unavailable):
+    """The KV handoff between a prefill and a decode replica failed."""
+
+
 class TryElsewhere(GenerationError):
     """One replica cannot take the request now (KV pool full, draining); another, or later, may."""
 

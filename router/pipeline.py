@@ -27,7 +27,7 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
-    Overloaded, PhaseTimings, Unavailable, Usage,
+    Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage,
 )
 from .metrics import RouterMetrics
 from .relay import TextRelay
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _ERROR_CODES = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}
 MAX_ATTEMPTS = 20  # bounded anyway by the request's deadline
+MAX_TRANSFER_RETRIES = 1  # a handoff that failed is retried once through another pair
 RETRY_BACKOFF_S = 0.25
 
 
@@ -83,13 +84,16 @@ class Pipeline:
         """Attempts until one finishes: a replica lost mid-request costs the client no token."""
         run = _Run(request, time.monotonic(), TextRelay(self.tokenizer, request.sampling.stop),
                    request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63))
+        transfer_failures = 0
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async for chunk in self._attempt(run):
                     yield chunk
                 return
             except _Retriable as e:
-                if attempt == MAX_ATTEMPTS or time.time() >= request.deadline:
+                transfer_failures += e.is_transfer
+                if (attempt == MAX_ATTEMPTS or time.time() >= request.deadline
+                        or transfer_failures > MAX_TRANSFER_RETRIES):
                     raise Unavailable(f"{e} (after {attempt} attempts)") from None
                 log.warning("[%s] %s; continuing elsewhere with %d tokens already sent (attempt %d)",
                             request.request_id, e, len(run.generated), attempt + 1)
@@ -173,9 +177,11 @@ class Pipeline:
                 request_id=request.request_id, prompt=list(request.prompt_token_ids),
                 temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
                 destination=reservation.destination, deadline=request.deadline)
+        except TransferFailed as e:  # another pair may do; a handoff that keeps failing is an error
+            raise _Retriable(f"prefill failed: {e.message}", is_transfer=True) from None
         except (Overloaded, InvalidRequest, DeadlineExceeded):
             raise
-        except Exception as e:  # a replica died, a transfer broke: another pair may do
+        except Exception as e:  # the replica died: Ray Serve brings one back within the deadline
             raise _Retriable(f"prefill failed: {_first_line(e)}") from None
 
     def _stream_request(self, run: "_Run", reservation: Any, local: bool) -> pb.StreamRequest:
@@ -218,6 +224,10 @@ class Pipeline:
 class _Retriable(Exception):
     """A failure another replica may not have: the request goes on elsewhere."""
 
+    def __init__(self, message: str, is_transfer: bool = False):
+        super().__init__(message)
+        self.is_transfer = is_transfer
+
 
 @dataclass
 class _Run:
@@ -247,7 +257,7 @@ def _chunk_error(chunk: pb.TokenChunk, replica: str) -> Exception:
     message = f"decode replica {replica}: {chunk.error}"
     if chunk.error_code in _ERROR_CODES:
         return _ERROR_CODES[chunk.error_code](message)
-    return _Retriable(message)
+    return _Retriable(message, is_transfer=chunk.error_code == "transfer_failed")
 
 
 def _first_line(error: Exception) -> str:

@@ -56,7 +56,10 @@ class CudaIpcHandle:
             raise TransferError(f"GPU {self.device_uuid} is not visible to this process")
         args = list(self.rebuild_args)
         args[_DEVICE_ARG] = index
-        return self.rebuild(*args)
+        # A normal tensor even when opened under inference mode (the prefill's layer hook):
+        # the channel thread writes into it outside that mode.
+        with torch.inference_mode(False):
+            return self.rebuild(*args)
 
 
 class CudaIpcReceiver(TorchDistReceiver):
