@@ -479,3 +479,16 @@ def test_lint_refuses_values_the_schema_refuses():
     values, message = BAD_VALUE_SETS["negative replicas"]
     report = helm.lint(str(CHART_DIR), values, strict=True, kube_version=f"v{KUBE_VERSION}")
     assert any(message in error for error in report["errors"]), report
+
+
+def test_autoscaled_pools_get_pdserves_application_policy(chart):
+    from pdserve.cluster.autoscaling import PdserveAutoscalingPolicy
+    from pdserve.cluster.config import load_config
+
+    (app,) = serve_config(the_rayservice(render(chart, VALUE_SETS["autoscaled pools"])))["applications"]
+    policy = app["autoscaling_policy"]
+    module, name = policy["policy_function"].split(":")
+    assert getattr(importlib.import_module(module), name) is PdserveAutoscalingPolicy
+    assert load_config(policy["policy_kwargs"]["config"]) == load_config(app["args"])
+    (fixed,) = serve_config(the_rayservice(render(chart, VALUE_SETS["fixed pools"])))["applications"]
+    assert "autoscaling_policy" not in fixed

@@ -221,11 +221,18 @@ pdserve.cluster.app:build_app from the pdserve config.
 */}}
 {{- define "pdserve.serveConfig" -}}
 {{- $v := .Values }}
+{{- $config := include "pdserve.pdserveConfig" . | fromJson }}
 {{- $app := dict
     "name" "pdserve"
     "route_prefix" "/"
     "import_path" "pdserve.cluster.app:build_app"
-    "args" (include "pdserve.pdserveConfig" . | fromJson) }}
+    "args" $config }}
+{{- /* A MIN:MAX pool: pdserve's application-level policy sizes both pools together. */}}
+{{- if or (contains ":" (toString $config.prefill.replicas)) (contains ":" (toString $config.decode.replicas)) }}
+{{- $_ := set $app "autoscaling_policy" (dict
+    "policy_function" "pdserve.cluster.autoscaling:PdserveAutoscalingPolicy"
+    "policy_kwargs" (dict "config" $config)) }}
+{{- end }}
 {{- dict
     "proxy_location" "EveryNode"
     "http_options" (dict "host" "0.0.0.0" "port" (int $v.router.httpPort))
