@@ -163,6 +163,9 @@ class ReceiveChannel:
             self._ledger.write(tid, frame.layer, frame.first_block_index, buf)
         elif frame.kind == MessageKind.LANDED:
             self._ledger.mark_landed(tid, frame.layer, frame.first_block_index, frame.num_blocks)
+        elif frame.kind == MessageKind.LANDED_ALL_LAYERS:
+            for layer in range(self._kv.spec.num_layers):
+                self._ledger.mark_landed(tid, layer, frame.first_block_index, frame.num_blocks)
         elif frame.kind == MessageKind.BEGIN:
             self._open_transfers.add(tid)
             self._reply(MessageKind.ADMITTED, tid, self._ledger.admit(tid, self))

@@ -142,8 +142,8 @@ class CudaIpcSender(TorchDistSender):
 
         def report() -> None:
             peer.stream.synchronize()  # only now are the copies in the receiver's pool
-            for layer, first, n in peer.ranges.pop(tid, []):
-                peer.channel.send_frame(Frame(MessageKind.LANDED, tid, layer, first, n))
+            for frame in _landed_frames(tid, peer.ranges.pop(tid, []), self.kv_cache.spec.num_layers):
+                peer.channel.send_frame(frame)
             peer.admitted.pop(tid, None)
 
         peer.channel.submit(report)
@@ -175,3 +175,20 @@ class CudaIpcSender(TorchDistSender):
         holder.append(peer)
         self._peers[channel] = peer
         return channel
+
+
+def _landed_frames(transfer_id: int, ranges: list[tuple[int, int, int]], num_layers: int) -> list[Frame]:
+    """LANDED frames for (layer, first, n) ranges: one per block range that every layer covers.
+
+    Each frame is a round trip on the control channel; one per layer cost milliseconds.
+    """
+    layers_of: dict[tuple[int, int], set[int]] = {}
+    for layer, first, n in ranges:
+        layers_of.setdefault((first, n), set()).add(layer)
+    frames = []
+    for (first, n), layers in layers_of.items():
+        if len(layers) == num_layers:
+            frames.append(Frame(MessageKind.LANDED_ALL_LAYERS, transfer_id, 0, first, n))
+        else:
+            frames += [Frame(MessageKind.LANDED, transfer_id, layer, first, n) for layer in sorted(layers)]
+    return frames

@@ -13,7 +13,7 @@ import torch
 from pdserve.engine.kv_cache import KvCacheSpec
 
 # Bump on any change to the frame layout, the message kinds or the handshake.
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ class MessageKind(enum.IntEnum):
     """Frame kinds. Sender to receiver: LAYER..FENCED; receiver to sender: FINISHED..CANCEL."""
 
     LAYER = 1  # a payload [2, num_blocks, block_size, heads, head_dim] follows
-    LANDED = 2  # cuda_ipc: these blocks were copied into the receiver's pool
+    LANDED = 2  # cuda_ipc: these blocks of `layer` were copied into the receiver's pool
+    LANDED_ALL_LAYERS = 7  # cuda_ipc: these blocks of every layer were copied (one frame, not one per layer)
     FINISH = 3  # num_blocks = blocks per layer in the whole transfer; answered by FINISHED
     CLOSE = 4  # the sender leaves the channel
     BEGIN = 5  # cuda_ipc: may I write this transfer's blocks? (answered by ADMITTED)
