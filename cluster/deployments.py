@@ -21,6 +21,7 @@ from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import num_blocks_that_fit
 from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.roofline import Roofline
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
@@ -95,6 +96,7 @@ class PrefillDeployment:
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
         self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
+        self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -102,8 +104,12 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(), "queued_requests": self.worker.queued_requests(),
-                "tokens_per_s": self.worker.tokens_per_s()}
+        tokens_per_s = self.worker.tokens_per_s()
+        stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
+                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s}
+        if self.roofline is not None:
+            stats["mfu"] = self.roofline.prefill_mfu(self.worker.runner.spec, tokens_per_s)
+        return stats
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
                       seed: int, logprobs: bool, destination: Any, deadline: float) -> PrefillResult:
@@ -151,6 +157,7 @@ class DecodeDeployment:
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
+        self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -159,8 +166,14 @@ class DecodeDeployment:
 
     def stats(self) -> dict[str, Any]:
         load = self.worker.load()
-        return {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free,
-                "pid": os.getpid()}
+        used = load.num_blocks_total - load.num_blocks_free
+        stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid()}
+        if self.roofline is not None and load.num_running:
+            runner = self.worker.runner
+            weight_bytes = runner.spec.num_params * runner.kv_cache.tensor.element_size()
+            kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
+            stats["mbu"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
+        return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""

@@ -22,6 +22,7 @@ class DecodeLoad:
 
     replica_id: str
     num_running: int
+    num_context_tokens: int  # KV tokens the running sequences read per step
     num_waiting: int  # reserved or admitted-but-not-running requests
     num_blocks_free: int
     num_blocks_total: int

@@ -139,6 +139,7 @@ class DecodeWorker:
             return DecodeLoad(
                 replica_id=self.replica_id,
                 num_running=len(self._running),
+                num_context_tokens=sum(len(s.tokens) for s in self._running),
                 num_waiting=self._num_waiting(),
                 num_blocks_free=self.pool.num_free,
                 num_blocks_total=self.pool.num_blocks,
