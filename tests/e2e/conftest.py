@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from server import Server
+
 from tiny_models import save_tiny_chat_model
 
 
@@ -17,3 +19,11 @@ def reference_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
     """transformers' greedy tokens (ignoring end-of-sequence) on the same weights."""
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def one_and_two(chat_model):
+    """1 prefill + 2 decode replicas, shared by the failure tests and the soak (which run last)."""
+    server = Server("--model", str(chat_model[0]), "--prefill-replicas", "1", "--decode-replicas", "2")
+    yield server
+    server.stop()

@@ -17,11 +17,9 @@ from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def server(chat_model):
-    s = Server("--model", str(chat_model[0]), "--prefill-replicas", "1", "--decode-replicas", "2")
-    yield s
-    s.stop()
+@pytest.fixture
+def server(one_and_two):
+    return one_and_two
 
 
 def stream(server: Server, prompt: list[int], max_tokens: int, first_token: threading.Event | None = None,

@@ -5,7 +5,6 @@ import random
 import pytest
 
 from conftest import reference_tokens
-from server import Server
 from soak import run_soak
 
 from pdserve.engine.tokenizer import load_tokenizer
@@ -13,17 +12,13 @@ from pdserve.engine.tokenizer import load_tokenizer
 pytestmark = pytest.mark.e2e
 
 
-def test_soak_with_kills_leaks_nothing(chat_model):
+def test_soak_with_kills_leaks_nothing(chat_model, one_and_two):
     directory, model = chat_model
     tokenizer = load_tokenizer(directory)
     prompts = [tuple(random.Random(i).randrange(3, 49000) for _ in range(8 + 9 * i)) for i in range(4)]
     expected = {p: tokenizer.decode(reference_tokens(model, list(p), 40)) for p in prompts}
     seconds = float(os.environ.get("PDSERVE_SOAK_S", "60"))
-    server = Server("--model", str(directory), "--prefill-replicas", "1", "--decode-replicas", "2")
-    try:
-        report = run_soak(server, expected, seconds, kill_every_s=seconds / 2)
-    finally:
-        server.stop()
+    report = run_soak(one_and_two, expected, seconds, kill_every_s=seconds / 2)
     summary = report.summary()
     assert report.replicas_killed >= 1, summary
     assert report.outcomes["normal:ok"] > 0, summary
