@@ -14,6 +14,7 @@ is cancelled, which frees the blocks on the decode replica at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -59,6 +60,7 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._background: set[asyncio.Task] = set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """The request's chunks; counts its outcome and records its timeline in the metrics."""
@@ -107,7 +109,7 @@ class Pipeline:
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
         local = (self.settings.colocated or bool(run.generated)
                  or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
-        stream_opened = False
+        stream_opened, call = False, None
         try:
             if not local:
                 result = await self._prefill(request, reservation, run.seed)
@@ -121,8 +123,8 @@ class Pipeline:
                     return
             call = stub.Stream(self._stream_request(run, reservation, local),
                                timeout=max(request.deadline - time.time(), 0.001))
-            stream_opened = True
             async for message in call:
+                stream_opened = True  # the replica has the stream: it frees the blocks from now on
                 if message.error:
                     raise _chunk_error(message, reservation.replica_id)
                 if message.token_ids:
@@ -142,8 +144,10 @@ class Pipeline:
                 raise DeadlineExceeded("the request's deadline passed while decoding") from None
             raise _Retriable(f"decode replica {reservation.replica_id} failed: {e.code().name}: {e.details()}") from None
         finally:
-            if not stream_opened:
-                await self._release(stub, reservation.transfer_id)
+            if call is not None:
+                call.cancel()  # a no-op once finished; frees the blocks at once when the client left
+            if not stream_opened:  # detached: this runs even when the client has gone
+                self._detached(self._release(stub, reservation.transfer_id))
 
     async def health(self) -> HealthStatus:
         pools = {"decode": self.decode} if self.settings.colocated else {"prefill": self.prefill, "decode": self.decode}
@@ -156,7 +160,19 @@ class Pipeline:
         return HealthStatus(True, counts.get("prefill", 0), counts["decode"])
 
     async def _reserve(self, request: GenerationRequest) -> Any:
-        """A reservation on some decode replica; waits (within the deadline) while none can take it."""
+        """A reservation on some decode replica; waits (within the deadline) while none can take it.
+
+        The call runs detached: a client leaving mid-call must not orphan blocks the replica
+        already reserved, so a reservation that arrives after the caller left is released.
+        """
+        call = self._detached(self._reserve_until_deadline(request))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(self._release_orphan)
+            raise
+
+    async def _reserve_until_deadline(self, request: GenerationRequest) -> Any:
         while True:
             try:
                 return await self.decode.reserve.remote(
@@ -169,6 +185,20 @@ class Pipeline:
                     raise Unavailable(f"no decode replica could take the request before its deadline: "
                                       f"{_first_line(e)}") from None
                 await asyncio.sleep(self.settings.reserve_retry_s)
+
+    def _release_orphan(self, call: asyncio.Task) -> None:
+        if not call.cancelled() and call.exception() is None:
+            reservation = call.result()
+            stub = pb_grpc.DecodeStreamStub(self._channel(reservation.stream_address))
+            self._detached(self._release(stub, reservation.transfer_id))
+
+    def _detached(self, work: Any) -> asyncio.Task:
+        """A task outside the request's context: neither the client leaving nor Ray Serve's
+        propagation of that cancellation to child calls interrupts it."""
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _prefill(self, request: GenerationRequest, reservation: Any, seed: int) -> Any:
         s = request.sampling

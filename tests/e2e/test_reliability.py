@@ -39,6 +39,16 @@ def pool_pids(server: Server, pool: str) -> dict[str, dict]:
     return server.status()["pools"].get(pool, {})
 
 
+def busiest_decode(server: Server, timeout_s: float = 15) -> dict:
+    """The decode replica running the most sequences, once reports show one running (they lag ~0.5 s)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        busy = max(pool_pids(server, "decode").values(), key=lambda r: r["num_running"])
+        if busy["num_running"] > 0 or time.monotonic() > end:
+            return busy
+        time.sleep(0.2)
+
+
 def wait_pool_size(server: Server, pool: str, size: int, timeout_s: float = 120) -> None:
     end = time.monotonic() + timeout_s
     while len(pool_pids(server, pool)) != size:
@@ -52,7 +62,7 @@ def test_killing_a_decode_replica_mid_stream_loses_no_token(server, chat_model):
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(stream, server, p, 300, e) for p, e in zip(prompts, started)]
         assert all(e.wait(60) for e in started)
-        busy = max(pool_pids(server, "decode").values(), key=lambda r: r["num_running"])
+        busy = busiest_decode(server)
         assert busy["num_running"] > 0
         os.kill(busy["pid"], signal.SIGKILL)
         outputs = [f.result(timeout=240) for f in futures]
@@ -71,7 +81,7 @@ def test_a_seeded_sampled_request_survives_a_kill_unchanged(server):
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(stream, server, prompt, 250, started, **sampling)
         assert started.wait(60)
-        busy = max(pool_pids(server, "decode").values(), key=lambda r: r["num_running"])
+        busy = busiest_decode(server)
         os.kill(busy["pid"], signal.SIGKILL)
         assert future.result(timeout=240) == expected
     wait_pool_size(server, "decode", 2)
