@@ -5,13 +5,13 @@ land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
     model:        {path, dtype, max_model_len}
-    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests}
-    decode:       {replicas, gpus_per_replica, max_running, max_waiting}
+    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
+    decode:       {replicas, gpus_per_replica, max_running, max_waiting, ray_resources}
     colocated:    {replicas}            # > 0: one pool doing both phases instead
     kv_cache:     {block_size, num_blocks, memory_fraction}
     transfer:     {backend, timeout_s}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
-                   short_prompt_tokens, api_key}
+                   short_prompt_tokens, api_key, ray_resources}
     slo:          {ttft_ms, tpot_ms}
     autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
