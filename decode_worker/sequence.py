@@ -73,6 +73,11 @@ class DecodeSequence:
         return self.prompt + self.generated
 
     @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list (the decode loop asks every step)."""
+        return len(self.prompt) + len(self.generated)
+
+    @property
     def num_to_prefill(self) -> int:
         """Tokens whose KV a local prefill must compute: all but the last generated one."""
         return len(self.prompt) + max(len(self.generated) - 1, 0)

@@ -139,7 +139,7 @@ class DecodeWorker:
             return DecodeLoad(
                 replica_id=self.replica_id,
                 num_running=len(self._running),
-                num_context_tokens=sum(len(s.tokens) for s in self._running),
+                num_context_tokens=sum(s.num_tokens for s in self._running),
                 num_waiting=self._num_waiting(),
                 num_blocks_free=self.pool.num_free,
                 num_blocks_total=self.pool.num_blocks,
@@ -236,7 +236,7 @@ class DecodeWorker:
 
     def _run_decode(self) -> None:
         batch = list(self._running)
-        inputs = [DecodeInput(s.generated[-1], len(s.tokens) - 1, tuple(s.table.block_ids)) for s in batch]
+        inputs = [DecodeInput(s.generated[-1], s.num_tokens - 1, tuple(s.table.block_ids)) for s in batch]
         started = time.monotonic()
         logits = self.runner.decode(inputs)
         if logits.is_cuda:  # the step's time is the GPU's, not the launch's
@@ -249,7 +249,7 @@ class DecodeWorker:
 
     def _accept(self, logits, seqs: list[DecodeSequence]) -> None:
         """Sample one token for each sequence, emit it, finish those that stop (lock held)."""
-        result = sample(logits, [s.params for s in seqs], [len(s.tokens) for s in seqs])
+        result = sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
         now = time.monotonic()
         self._tokens_out.append((now, len(seqs)))
         for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
