@@ -47,3 +47,9 @@ def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_posi
         if (source / name).exists():
             shutil.copy(source / name, directory / name)
     return model
+
+
+def reference_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy tokens (ignoring end-of-sequence) on the same weights."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

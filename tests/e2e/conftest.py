@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from server import Server
 
@@ -13,12 +12,6 @@ def chat_model(tmp_path_factory):
     model = save_tiny_chat_model(directory)
     model.generation_config.eos_token_id = None
     return directory, model
-
-
-def reference_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' greedy tokens (ignoring end-of-sequence) on the same weights."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import reference_tokens
+from tiny_models import reference_tokens
 from server import Server
 
 from pdserve.engine.tokenizer import load_tokenizer

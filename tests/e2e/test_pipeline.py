@@ -8,7 +8,7 @@ import grpc
 import httpx
 import pytest
 
-from conftest import reference_tokens
+from tiny_models import reference_tokens
 from server import Server
 
 pytestmark = pytest.mark.e2e

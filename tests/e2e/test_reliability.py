@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import reference_tokens
+from tiny_models import reference_tokens
 from server import Server
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb

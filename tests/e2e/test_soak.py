@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import reference_tokens
+from tiny_models import reference_tokens
 from soak import run_soak
 
 from pdserve.engine.tokenizer import load_tokenizer
