@@ -16,7 +16,7 @@ import torch
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from pdserve.decode_worker.messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
+from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDraining, Reservation
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import num_blocks_that_fit
@@ -190,9 +190,6 @@ class DecodeDeployment:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except (KvPoolFull, ReplicaDraining) as e:
             raise TryElsewhere(str(e)) from None
-
-    def load(self) -> DecodeLoad:
-        return self.worker.load()
 
     def ping(self) -> int:
         return 1
