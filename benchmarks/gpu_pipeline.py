@@ -1,7 +1,8 @@
-"""On one GPU: `pdserve serve` with 1 prefill + 1 decode replica sharing the card (KV over CUDA IPC),
-16 concurrent greedy requests checked against transformers on the same weights.
+"""`pdserve serve` with 1 prefill + 1 decode replica, 16 concurrent greedy requests checked against
+transformers on the same weights: on one GPU (half the card each, KV over CUDA IPC), or with
+--two-gpus on two (a GPU each, KV over NCCL).
 
-    python benchmarks/gpu_pipeline.py TOKENIZER_DIR OUT_DIR
+    python benchmarks/gpu_pipeline.py TOKENIZER_DIR OUT_DIR [--two-gpus]
 
 TOKENIZER_DIR holds tokenizer files to give the tiny random model a real tokenizer
 (the device machine has no network and no embedded model).
@@ -47,10 +48,13 @@ def generate(server: Server, prompt, max_tokens) -> list[int]:
 
 def main() -> None:
     tokenizer_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    two_gpus = "--two-gpus" in sys.argv
+    gpus, backend = (1, "nccl") if two_gpus else (0.5, "cuda_ipc")
     model_dir = Path("/tmp/tiny-chat")
     reference = tiny_model(model_dir, tokenizer_dir)
     config = Path("/tmp/gpu-config.yaml")
-    config.write_text("model: {dtype: float32}\nprefill: {gpus_per_replica: 0.5}\ndecode: {gpus_per_replica: 0.5}\n")
+    config.write_text(f"model: {{dtype: float32}}\nprefill: {{gpus_per_replica: {gpus}}}\n"
+                      f"decode: {{gpus_per_replica: {gpus}}}\ntransfer: {{backend: {backend}}}\n")
     rng = random.Random(7)
     requests = [([rng.randrange(3, 49000) for _ in range(rng.randrange(1, 200))], rng.randrange(1, 40))
                 for _ in range(16)]
@@ -67,10 +71,12 @@ def main() -> None:
         expected = reference.generate(torch.tensor([prompt]).cuda(), max_new_tokens=max_tokens, do_sample=False,
                                       pad_token_id=0)[0, len(prompt):].tolist()
         equal += output == expected
-    report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "requests": len(requests),
+    report = {"device": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "backend": backend,
+              "date": time.strftime("%Y-%m-%d"), "requests": len(requests),
               "equal_to_transformers": equal, "pools_at_start": status["pools"], "pools_after": timings["pools"]}
-    (out / "gpu_pipeline.json").write_text(json.dumps(report, indent=2))
-    print(f"GPU pipeline (1 prefill + 1 decode on one {report['device']}, KV over cuda_ipc): "
+    (out / f"gpu_pipeline_{backend}.json").write_text(json.dumps(report, indent=2))
+    where = "a GPU each" if two_gpus else "one GPU"
+    print(f"GPU pipeline (1 prefill + 1 decode, {where}, {report['device']}, KV over {backend}): "
           f"{equal}/{len(requests)} outputs equal to transformers")
 
 

@@ -1,14 +1,18 @@
 #!/bin/bash
 # One device call for the serving pipeline on a GPU. Run from the repo root on the device
 # machine with .carry carried (Ray's site from ../shared/tools/gpu-site, tokenizer files):
-#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench]
+#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench]            (one GPU)
+#   bash benchmarks/gpu_run.sh [nccl_tests] [pipeline2] [handoff2] [goodput2]     (two GPUs)
 set -u
 export PYTHONUNBUFFERED=1
+# Never NVLink multicast on a shared host (the device docs say why); Ray's workers inherit these.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 tar xJf .carry/site.tar.xz -C /tmp
 mkdir -p /tmp/pd/pdserve
 for d in engine prefill_worker decode_worker router cluster protos; do ln -sfn "$PWD/$d" /tmp/pd/pdserve/$d; done
 export PYTHONPATH=/tmp/site:/tmp/pd:$PWD/tests
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+[ "$(nvidia-smi -L | wc -l)" -gt 1 ] && nvidia-smi topo -m
 for step in "$@"; do
   case $step in
     handoff) timeout 200 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
@@ -16,6 +20,19 @@ for step in "$@"; do
     pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
+    nccl_tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
+               tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
+    pipeline2) timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus > "$OUT/pipeline2.log" 2>&1 ;;
+    handoff2) timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
+               --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1 ;;
+    goodput2)  # runs on in its own session; a later call with the same step waits for it again
+      if [ ! -e /tmp/goodput/started ]; then
+        mkdir -p /tmp/goodput && touch /tmp/goodput/started
+        setsid nohup bash -c "python3 benchmarks/gpu2_goodput.py .carry/tokenizer /tmp/goodput; touch /tmp/goodput/done" \
+          > /tmp/goodput/run.log 2>&1 &
+      fi
+      timeout $((570 - SECONDS)) bash -c 'until [ -e /tmp/goodput/done ]; do sleep 5; done'
+      cp /tmp/goodput/run.log "$OUT/goodput2.log"; tar czf "$OUT/goodput2.tgz" -C /tmp/goodput . ;;
   esac
   echo "$step exit $?"; tail -12 "$OUT/$step.log"
 done

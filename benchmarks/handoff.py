@@ -2,16 +2,22 @@
 
     python benchmarks/handoff.py --device cpu  --shape tiny      --lengths 64,256,1024
     python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192
+    python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
+        --backend nccl --prefill-device cuda:0 --decode-device cuda:1
 
 The decode worker (this process) reserves blocks; a prefill worker in a child
 process computes the prompt and pushes each layer's KV as it is done (gloo on
-the CPU, CUDA IPC on one GPU). Per prompt length it reports the prefill time,
-the KV bytes, the time the handoff adds to TTFT (last layer computed → transfer
-acknowledged, which the prefill waits for before returning the first token),
-that as a share of prefill, and the orchestration overhead of the handoff:
-last layer computed → first decode token out, less one decode step and less
-the bare block copy (export + import of the same blocks in one process).
-Random weights; medians over --repeats runs after one warm-up.
+the CPU, CUDA IPC on one GPU, NCCL between two). Per prompt length it reports
+the prefill time, the KV bytes, the time the handoff adds to TTFT (last layer
+computed → transfer acknowledged, which the prefill waits for before returning
+the first token), that as a share of prefill, and the orchestration overhead of
+the handoff: last layer computed → first decode token out, less one decode step
+and less the bare block copy (export + import of the same blocks in one process).
+Then the transfer alone: every layer of the prompt's blocks pushed through the
+backend and acknowledged, with no prefill to hide behind, as bytes per second;
+with nccl, next to the link's rate measured in the same run by plain NCCL
+send/recv between the same two GPUs, once per layer-sized message and once for
+the whole KV in one message. Random weights; medians over --repeats runs after one warm-up.
 """
 from __future__ import annotations
 
@@ -70,6 +76,7 @@ class Sample:
     transfer_wait_s: float
     kv_bytes: int
     overhead_s: float
+    push_s: float  # every layer's blocks sent and acknowledged, no compute to overlap
 
 
 def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
@@ -77,25 +84,40 @@ def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     from pdserve.engine.transfer import make_sender
     from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
 
-    device, dtype = torch.device(args.device), _dtype(args)
+    device, dtype = torch.device(args.prefill_device), _dtype(args)
+    _use(device)
     runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
-    sender = make_sender(_backend(args), runner.kv_cache, sender_id="bench-prefill")
+    sender = make_sender(args.backend, runner.kv_cache, sender_id="bench-prefill")
     worker = PrefillWorker(runner, sender, PrefillSettings(max_batch_tokens=max(args.lengths)), "bench-prefill")
     results.put("ready")
     while (item := requests.get()) is not None:
-        prompt, destination = item
-        result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(timeout=120)
+        kind, prompt, destination = item
+        if kind == "prefill":
+            result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(120)
+        else:
+            result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
         results.put(result)
     worker.close()
+
+
+def _push(sender, runner: ModelRunner, destination, num_blocks: int) -> float:
+    """Seconds to send every layer of `num_blocks` blocks and have them acknowledged."""
+    ids = list(range(num_blocks))
+    started = time.monotonic()
+    for layer in range(runner.spec.num_layers):
+        sender.send_layer(destination, layer, ids, 0)
+    sender.finish(destination, len(ids), timeout_s=120)
+    return time.monotonic() - started
 
 
 def run(args) -> list[Sample]:
     from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
     from pdserve.engine.transfer import make_receiver
 
-    device, dtype = torch.device(args.device), _dtype(args)
+    device, dtype = torch.device(args.decode_device), _dtype(args)
+    _use(device)
     runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
-    receiver = make_receiver(_backend(args), runner.kv_cache, peer_id="bench-decode")
+    receiver = make_receiver(args.backend, runner.kv_cache, peer_id="bench-decode")
     decode = DecodeWorker(runner, receiver, DecodeSettings(), "bench-decode")
     ctx = mp.get_context("spawn")
     requests, results = ctx.Queue(), ctx.Queue()
@@ -119,7 +141,11 @@ def run(args) -> list[Sample]:
 def _one(decode, requests, results, length: int, stream_start) -> Sample:
     prompt = [(i * 7919) % 30000 + 1 for i in range(length)]
     reservation = decode.reserve("bench", length, 3, time.time() + 120)
-    requests.put((prompt, reservation.destination))
+    requests.put(("push", prompt, reservation.destination))
+    push_s = results.get(timeout=300)
+    decode.abort(reservation.transfer_id)
+    reservation = decode.reserve("bench", length, 3, time.time() + 120)
+    requests.put(("prefill", prompt, reservation.destination))
     result = results.get(timeout=300)
     first_out = threading.Event()
     times: list[float] = []
@@ -136,7 +162,7 @@ def _one(decode, requests, results, length: int, stream_start) -> Sample:
     step = times[1] - times[0]  # one decode step, measured on this very sequence
     copy = _copy_time(decode.runner, length)
     overhead = times[0] - result.last_layer_at - step - copy
-    return Sample(length, result.prefill_s, result.transfer_wait_s, result.kv_bytes, overhead)
+    return Sample(length, result.prefill_s, result.transfer_wait_s, result.kv_bytes, overhead, push_s)
 
 
 def _copy_time(runner: ModelRunner, length: int) -> float:
@@ -150,25 +176,80 @@ def _copy_time(runner: ModelRunner, length: int) -> float:
     return time.monotonic() - started
 
 
-def table(samples: list[Sample], args) -> str:
-    rows = [f"| prompt tokens | prefill (ms) | KV (MiB) | handoff adds to TTFT (ms) | share of prefill | "
-            f"orchestration overhead p50 (ms) |", "|---|---|---|---|---|---|"]
+def table(samples: list[Sample], args, link: dict[int, float]) -> str:
+    rows = ["| prompt tokens | prefill (ms) | KV (MiB) | handoff adds to TTFT (ms) | share of prefill | "
+            "orchestration overhead p50 (ms) | transfer alone (ms) | transfer GB/s | link GB/s, same messages |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for length in args.lengths:
         mine = [s for s in samples if s.length == length]
         prefill = statistics.median(s.prefill_s for s in mine)
         wait = statistics.median(s.transfer_wait_s for s in mine)
         overhead = statistics.median(s.overhead_s for s in mine)
-        rows.append(f"| {length} | {prefill * 1e3:.1f} | {mine[0].kv_bytes / 2 ** 20:.1f} | {wait * 1e3:.2f} | "
-                    f"{100 * wait / prefill:.1f}% | {overhead * 1e3:.2f} |")
+        push = statistics.median(s.push_s for s in mine)
+        kv = mine[0].kv_bytes
+        link_rate = f"{link[kv // args.num_layers] / 1e9:.1f}" if link else "n/a"
+        rows.append(f"| {length} | {prefill * 1e3:.1f} | {kv / 2 ** 20:.1f} | {wait * 1e3:.2f} | "
+                    f"{100 * wait / prefill:.1f}% | {overhead * 1e3:.2f} | {push * 1e3:.2f} | {kv / push / 1e9:.1f} | "
+                    f"{link_rate} |")
     return "\n".join(rows)
+
+
+def link_rates(args, message_bytes: list[int]) -> dict[int, float]:
+    """Plain NCCL send/recv between the two devices: bytes per second for each message size."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    ranks = [ctx.Process(target=_link_rank, args=(rank, device, port, message_bytes, results))
+             for rank, device in enumerate((args.decode_device, args.prefill_device))]
+    for process in ranks:
+        process.start()
+    rates = results.get(timeout=300)
+    for process in ranks:
+        process.join(60)
+    return rates
+
+
+def _link_rank(rank: int, device: str, port: int, message_bytes: list[int], results: mp.Queue) -> None:
+    """Rank 1 sends, rank 0 receives and times; the same message count per size as the KV layers."""
+    import torch.distributed as dist
+
+    _use(torch.device(device))
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            device_id=torch.device(device))
+    rates = {}
+    for size in message_bytes:
+        buf = torch.randn(size // 2, device=device, dtype=torch.bfloat16)
+        times = []
+        for attempt in range(8):
+            dist.barrier()
+            torch.cuda.synchronize(device)
+            started = time.monotonic()
+            for _ in range(4):
+                (dist.send if rank else dist.recv)(buf, 1 - rank)
+            torch.cuda.synchronize(device)
+            if attempt >= 2:
+                times.append((time.monotonic() - started) / 4)
+        rates[size] = size / statistics.median(times)
+    if rank == 0:
+        results.put(rates)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _use(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.device == "cuda" else torch.float32
-
-
-def _backend(args) -> str:
-    return "cuda_ipc" if args.device == "cuda" else "gloo"
 
 
 def _blocks(args) -> int:
@@ -178,17 +259,33 @@ def _blocks(args) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=("gloo", "cuda_ipc", "nccl"),
+                        help="default: cuda_ipc on cuda, gloo on cpu")
+    parser.add_argument("--prefill-device", help="default: --device (cuda:0 with nccl)")
+    parser.add_argument("--decode-device", help="default: --device (cuda:1 with nccl)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--lengths", default="64,256,1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    args.backend = args.backend or ("cuda_ipc" if args.device == "cuda" else "gloo")
+    two_gpus = args.backend == "nccl"
+    args.prefill_device = args.prefill_device or ("cuda:0" if two_gpus else args.device)
+    args.decode_device = args.decode_device or ("cuda:1" if two_gpus else args.device)
     args.lengths = [int(n) for n in args.lengths.split(",")]
     args.max_len = max(args.lengths) + 64
+    args.num_layers = SHAPES[args.shape]["num_hidden_layers"]
     samples = run(args)
+    link = {}
+    if two_gpus:
+        per_layer = sorted({s.kv_bytes // args.num_layers for s in samples})
+        link = link_rates(args, per_layer + [max(s.kv_bytes for s in samples)])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    text = (f"KV handoff, {args.shape} shape, {name}, {_backend(args)}, {time.strftime('%Y-%m-%d')}, "
-            f"median of {args.repeats}\n\n{table(samples, args)}\n")
+    link_note = (f"\n\nLink, plain NCCL send/recv {args.prefill_device} -> {args.decode_device}, one message "
+                 f"of the whole largest KV: {link[max(link)] / 1e9:.1f} GB/s" if link else "")
+    text = (f"KV handoff, {args.shape} shape, {name}, {args.backend} ({args.prefill_device} -> "
+            f"{args.decode_device}), {time.strftime('%Y-%m-%d')}, median of {args.repeats}\n\n"
+            f"{table(samples, args, link)}{link_note}\n")
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -13,8 +13,10 @@ order) plus a reply reader. Rank 0 is the receiver, rank 1 the sender.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import os
 import queue
 import threading
 import time
@@ -72,6 +74,19 @@ class ProcessGroupPair:
         self.data.recv([buf], self.peer, TAG_FORWARD).wait(self.op_timeout)
 
 
+def own_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """A channel thread's own CUDA stream (nothing on the CPU).
+
+    On the device's shared default stream, NCCL would wait for the compute queued
+    there (prefill layers, decode steps) before moving a payload, and a landed-check
+    would wait for it too; the channel's blocks are touched by nobody else meanwhile.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.cuda.set_device(device)
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
 def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float) -> ProcessGroupPair:
     """Build this end's groups; blocks until the peer builds its end (at most `timeout_s`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -81,6 +96,9 @@ def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float
     elif data_backend == "nccl":
         if not dist.is_nccl_available():
             raise TransferError("the nccl backend needs a CUDA build of torch")
+        # On a stuck or dead peer, abort this pair's communicator but keep the process:
+        # torch's default (3) ends the whole replica, and with it every other request.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)
@@ -138,10 +156,9 @@ class ReceiveChannel:
         try:
             self._pair = open_pair(self._store, RECEIVER, self._data_backend, self._timeout_s)
             self._store = None  # only the groups need it now; a closed receiver's store must be able to stop
-            if self._kv.tensor.is_cuda:
-                torch.cuda.set_device(self._kv.tensor.device)
-            while self._handle(self._pair.recv_frame(TAG_FORWARD)):
-                pass
+            with own_stream(self._kv.tensor.device):
+                while self._handle(self._pair.recv_frame(TAG_FORWARD)):
+                    pass
             log.info("channel %d: sender %s closed", self.number, self.sender_id)
         except Exception as e:
             detail = f"channel {self.number} to sender {self.sender_id} broke: {e}"
@@ -190,10 +207,11 @@ class SendChannel:
 
     _CLOSE = object()  # queue marker: say CLOSE (if still possible) and stop
 
-    def __init__(self, address: ChannelAddress, hello: Hello, data_backend: str, timeout_s: float,
-                 on_cancel: Callable[[int], None] | None = None):
+    def __init__(self, address: ChannelAddress, hello: Hello, data_backend: str, device: torch.device,
+                 timeout_s: float, on_cancel: Callable[[int], None] | None = None):
         self.address = address
         self._hello, self._data_backend, self._timeout_s = hello, data_backend, timeout_s
+        self._device = device
         self._on_cancel = on_cancel
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -248,9 +266,10 @@ class SendChannel:
             self._pair = open_pair(store, SENDER, self._data_backend, self._timeout_s)
             self._reply_thread.start()
             self.connected.set_result(number)
-            while (work := self._queue.get()) is not self._CLOSE:
-                if self._error is None:
-                    work()
+            with own_stream(self._device):
+                while (work := self._queue.get()) is not self._CLOSE:
+                    if self._error is None:
+                        work()
             self._pair.send_frame(Frame(MessageKind.CLOSE, 0), TAG_FORWARD)
         except Exception as e:
             self._break(e)

@@ -169,7 +169,7 @@ class CudaIpcSender(TorchDistSender):
             del self._peers[broken]
         holder: list[_Peer] = []
         # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
-        channel = SendChannel(address, self._hello, self.backend, self._timeout_s,
+        channel = SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s,
                               on_cancel=lambda tid: channel.submit(lambda: self._stop_writing(holder[0], tid)))
         peer = _Peer(channel, address.ipc_handle.open(), torch.cuda.Stream(self.kv_cache.spec.device))
         holder.append(peer)

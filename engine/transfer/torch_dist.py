@@ -167,7 +167,7 @@ class TorchDistSender(KvSender):
         return channel
 
     def _open(self, address: ChannelAddress) -> SendChannel:
-        return SendChannel(address, self._hello, self.backend, self._timeout_s)
+        return SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s)
 
 
 class NcclSender(TorchDistSender):

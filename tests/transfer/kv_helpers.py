@@ -15,10 +15,10 @@ SENDER_EXIT_OK, SENDER_EXIT_TRANSFER_ERROR = 0, 3
 
 
 def make_cache(num_blocks: int = 16, seed: int | None = None, head_dim: int = 8,
-               dtype: torch.dtype = torch.bfloat16) -> KvCache:
-    """A small pool: zeros, or random values from `seed` (the same seed gives the same pool)."""
+               dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> KvCache:
+    """A small pool: zeros, or random values from `seed` (the same seed gives the same pool on any device)."""
     spec = KvCacheSpec(NUM_LAYERS, num_blocks, block_size=4, num_kv_heads=2, head_dim=head_dim,
-                       dtype=dtype, device=torch.device("cpu"))
+                       dtype=dtype, device=torch.device(device))
     cache = KvCache(spec)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -39,12 +39,14 @@ class SendPlan:
     seed: int
     src_ranges: tuple[tuple[tuple[int, ...], int], ...]
     num_layers_before_exit: int | None = None  # die (os._exit) after this many layers
+    backend: str = "gloo"
+    device: str = "cpu"
 
 
 def run_sender(plan: SendPlan, may_exit: Event | None = None) -> None:
-    """Child process body: push the plan's blocks over gloo, exit with SENDER_EXIT_*."""
-    cache = make_cache(seed=plan.seed)
-    sender = make_sender("gloo", cache, timeout_s=10.0)
+    """Child process body: push the plan's blocks over its backend, exit with SENDER_EXIT_*."""
+    cache = make_cache(seed=plan.seed, device=plan.device)
+    sender = make_sender(plan.backend, cache, timeout_s=10.0)
     for layer in range(NUM_LAYERS):
         if layer == plan.num_layers_before_exit:
             may_exit.wait(10.0)
