@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.activation import silu_and_mul
+from .kernels.gemv import gemv
 from .kernels.paged_attention import paged_decode_attention
 from .kernels.prefill_attention import prefill_attention_varlen
 from .kernels.rms_norm import add_rms_norm, rms_norm
@@ -54,6 +55,13 @@ class DecodeAttention:
 
 
 LayerHook = Callable[[int], None]
+Linear = Callable[..., torch.Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias)
+
+# Decode steps on CUDA with at most this many sequences run their linear layers
+# through the Triton GEMV (engine/kernels/gemv.py), which streams each weight
+# faster than cuBLAS at one row; more rows, prefill and the CPU use F.linear.
+# 0 turns it off (benchmarks/engine_speed.py compares both in one run).
+GEMV_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class LlamaModel:
         spec = self.spec
         if isinstance(attention, PrefillAttention):
             attention = _PrefillPlan.of(attention, kv_cache.spec.block_size, tokens.device)
+        linear = _linear_for(attention, tokens)
         hidden = F.embedding(tokens, self.weights.embed)  # [T, hidden]
         residual = None
         for index, layer in enumerate(self.weights.layers):
@@ -110,14 +119,14 @@ class LlamaModel:
                 residual, normed = hidden, rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
             else:  # residual += hidden, in place
                 normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache)
+            hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache, linear)
             normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = F.linear(silu_and_mul(F.linear(normed, layer.gate_up)), layer.down)
+            hidden = linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
         normed, _ = add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
-        return F.linear(normed, self.weights.lm_head).float()  # [B, vocab]
+        return linear(normed, self.weights.lm_head).float()  # [B, vocab]
 
     def _attention(
         self,
@@ -128,9 +137,10 @@ class LlamaModel:
         slots: torch.Tensor,
         attention: _PrefillPlan | DecodeAttention,
         kv_cache: KvCache,
+        linear: Linear,
     ) -> torch.Tensor:
         spec = self.spec
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = linear(x, layer.qkv, layer.qkv_bias)
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
@@ -147,7 +157,7 @@ class LlamaModel:
             )
         else:
             out = self._prefill_attention(q, k, v, cache, attention)
-        return F.linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
+        return linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
 
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan
@@ -159,6 +169,13 @@ class LlamaModel:
         k_all = torch.cat([g[0] for g in gathered])
         v_all = torch.cat([g[1] for g in gathered])
         return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, self.scale, plan.cu_k)
+
+
+def _linear_for(attention: _PrefillPlan | DecodeAttention, tokens: torch.Tensor) -> Linear:
+    """The GEMV for decode steps of few sequences on CUDA, F.linear otherwise."""
+    if isinstance(attention, DecodeAttention) and tokens.is_cuda and tokens.shape[0] <= GEMV_MAX_ROWS:
+        return gemv
+    return F.linear
 
 
 def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
