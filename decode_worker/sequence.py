@@ -67,6 +67,7 @@ class DecodeSequence:
     kv_wait_s: float = 0.0
     prefill_s: float = 0.0
     num_steps: int = 0
+    _block_ids: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> list[int]:
@@ -76,6 +77,14 @@ class DecodeSequence:
     def num_tokens(self) -> int:
         """len(tokens), without building the list (the decode loop asks every step)."""
         return len(self.prompt) + len(self.generated)
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        """The table's block ids as one tuple, rebuilt only when the table changed: the decode
+        graphs compare each row's ids by identity first, so an unchanged table costs no work."""
+        if len(self._block_ids) != len(self.table.block_ids):  # tables only grow, or empty on release
+            self._block_ids = tuple(self.table.block_ids)
+        return self._block_ids
 
     @property
     def num_to_prefill(self) -> int:

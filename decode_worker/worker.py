@@ -28,6 +28,11 @@ from .sequence import DecodeSequence, SequenceState, Sink, TokenEvent
 log = logging.getLogger(__name__)
 
 
+def decode_inputs(batch: list[DecodeSequence]) -> list[DecodeInput]:
+    """One decode step's rows: each sequence's last token, at its position, over its blocks."""
+    return [DecodeInput(s.generated[-1], s.num_tokens - 1, s.block_ids) for s in batch]
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     max_running: int = 64
@@ -200,7 +205,7 @@ class DecodeWorker:
                 continue
             tokens = seq.tokens[: seq.num_to_prefill]
             end = min(len(tokens), seq.num_prefilled + budget)
-            chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, tuple(seq.table.block_ids))
+            chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, seq.block_ids)
             batch.append((seq, chunk))
             budget -= len(chunk.token_ids)
         return batch
@@ -236,16 +241,18 @@ class DecodeWorker:
 
     def _run_decode(self) -> None:
         batch = list(self._running)
-        inputs = [DecodeInput(s.generated[-1], s.num_tokens - 1, tuple(s.table.block_ids)) for s in batch]
+        inputs = decode_inputs(batch)
         started = time.monotonic()
-        logits = self.runner.decode(inputs)
+        logits = self.runner.decode(inputs)  # valid until the next decode(): sampled below
         if logits.is_cuda:  # the step's time is the GPU's, not the launch's
             torch.cuda.synchronize(logits.device)
         with self._lock:
             self._step_stats.append((time.monotonic() - started, len(batch)))
             live = [(row, s) for row, s in enumerate(batch) if s.state is SequenceState.RUNNING]
+            if len(live) < len(batch):  # some were aborted meanwhile: drop their rows
+                logits = logits[[r for r, _ in live]]
             if live:
-                self._accept(logits[[r for r, _ in live]], [s for _, s in live])
+                self._accept(logits, [s for _, s in live])
 
     def _accept(self, logits, seqs: list[DecodeSequence]) -> None:
         """Sample one token for each sequence, emit it, finish those that stop (lock held)."""

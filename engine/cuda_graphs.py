@@ -11,13 +11,15 @@ from a graph, they cost one launch. Shapes are fixed per graph, so:
   them, reading no block) and a slot in the runner's scratch block, which no
   block pool hands out, so their K/V write lands where nobody reads;
 - inputs live in two static device tensors, refilled before each replay from
-  pinned host mirrors with one asynchronous copy each:
+  pinned host mirrors with asynchronous copies:
 
       ids            [4, max_batch] int64: tokens, positions, slots, context lens
                      (padding rows: context 0); copied whole (2 KiB at batch 64);
                      the graph narrows the context lens to int32 itself
-      block_tables   [max_batch, max_blocks] int32; the first `size` rows copied
-      logits (output)  [size, vocab] float32, one per graph
+      block_tables   [max_batch, max_blocks] int32; copied only up to the last
+                     row whose block ids changed (most steps: no copy at all)
+      logits (output)  [size, vocab] float32, one per graph; `run` returns a
+                     view of it, valid until the next step (no copy)
 
   the attention kernel sizes its context slices from context_lens on the
   device, so one graph serves every context length up to max_blocks blocks.
@@ -29,6 +31,9 @@ the caller runs the step eagerly. CUDA only; the CPU path never comes here.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from .kv_cache import KvCache
@@ -59,6 +64,8 @@ class DecodeGraphs:
                     "block_tables": self._tables_host.numpy()}
         self.logit_rows = torch.arange(max_batch, dtype=torch.long, device=device)
         self._rows: list[tuple[int, ...] | None] = [None] * max_batch  # block ids in each host row
+        self._num_rows = 0  # real rows in the host mirrors; the rest are padding
+        self._stale_rows = 0  # host block-table rows [0, this) may differ from the device's
         self._copied = torch.cuda.Event()  # the last host → device copy is done: mirrors reusable
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -71,40 +78,68 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # largest first: the pool is sized once
             self._capture(size)
 
-    def run(self, token_ids: list[int], positions: list[int], block_ids: list[tuple[int, ...]]) -> torch.Tensor | None:
-        """Logits [n, vocab] float32 of one decode step, or None when no graph fits the batch."""
+    def run(self, token_ids: Sequence[int], positions: Sequence[int],
+            block_ids: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
+        """Logits [n, vocab] float32 of one decode step, or None when no graph fits the batch.
+
+        The logits are a view of the graph's static output: read them before the next run().
+        """
         n = len(token_ids)
         size = self.size_for(n)
-        if size is None or any(len(b) > self.max_blocks for b in block_ids):
+        if size is None or max(map(len, block_ids)) > self.max_blocks:
             return None
         if size not in self._graphs:
             self._capture(size)
         self._copied.synchronize()  # the previous step's copies have read the mirrors
-        bs, host = self.block_size, self._np
+        self._fill_tables(block_ids)
+        self._fill_ids(token_ids, positions, block_ids)
+        self._copy_inputs()
+        self._graphs[size].replay()
+        return self._logits[size][:n]
+
+    def _fill_tables(self, block_ids: Sequence[tuple[int, ...]]) -> None:
+        """Writes the host rows whose block ids changed, and marks them for the next copy.
+
+        A sequence's block ids change when it grows past its blocks or the batch
+        changes; callers that pass the same tuple while they don't make this O(1) a row."""
+        for row, ids in enumerate(block_ids):
+            held = self._rows[row]
+            if held is ids:
+                continue
+            if held != ids:
+                self._np["block_tables"][row, :len(ids)] = ids
+                self._stale_rows = max(self._stale_rows, row + 1)
+            self._rows[row] = ids  # equal or not, the next step compares by identity first
+
+    def _fill_ids(self, token_ids: Sequence[int], positions: Sequence[int], block_ids: Sequence[tuple[int, ...]]) -> None:
+        """Tokens, positions, slots and context lens of the n real rows; rows past them are padding."""
+        n, bs, host = len(token_ids), self.block_size, self._np
+        # Plain Python: at up to 64 rows cheaper than numpy's fancy indexing (~8 us however few rows).
+        # First, so that a position past a sequence's blocks (IndexError) leaves the mirrors as they were.
+        slots = [ids[p // bs] * bs + p % bs for ids, p in zip(block_ids, positions)]
         host["tokens"][:n] = token_ids
         host["positions"][:n] = positions
-        host["slots"][:n] = [b[p // bs] * bs + p % bs for b, p in zip(block_ids, positions)]
-        host["context_lens"][:n] = [p + 1 for p in positions]
-        self._set_padding(n, size)
-        tables = host["block_tables"]
-        for row, ids in enumerate(block_ids):
-            if self._rows[row] != ids:  # a block table changes every block_size steps, or on a batch change
-                tables[row, :len(ids)] = ids
-                self._rows[row] = ids
-        self._copy_inputs(size)
-        self._graphs[size].replay()
-        return self._logits[size][:n].clone()  # the static output is overwritten by the next replay
+        host["slots"][:n] = slots
+        np.add(host["positions"][:n], 1, out=host["context_lens"][:n])
+        if n != self._num_rows:  # rows n.. held another batch's sequences
+            self._set_padding(n, self.max_batch)
+            self._num_rows = n
 
     def _set_padding(self, start: int, stop: int) -> None:
+        """Rows start..stop become no-ops: no block read, K/V written to the scratch slot."""
         host = self._np
         host["tokens"][start:stop] = 0
         host["positions"][start:stop] = 0
         host["slots"][start:stop] = self.scratch_slot
         host["context_lens"][start:stop] = 0  # the attention kernel reads no block of a padding row
 
-    def _copy_inputs(self, size: int) -> None:
+    def _copy_inputs(self) -> None:
+        """ids whole; block-table rows only up to the last one that changed (most steps: none)."""
         self.ids.copy_(self._ids_host, non_blocking=True)
-        self.block_tables[:size].copy_(self._tables_host[:size], non_blocking=True)
+        if self._stale_rows:
+            rows = self._stale_rows
+            self.block_tables[:rows].copy_(self._tables_host[:rows], non_blocking=True)
+            self._stale_rows = 0
         self._copied.record()
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -117,8 +152,9 @@ class DecodeGraphs:
         # Capture over all-padding inputs: the warm-up run (which also compiles the
         # Triton kernels) then writes only the scratch slot.
         self._copied.synchronize()
-        self._set_padding(0, size)
-        self._copy_inputs(size)
+        self._set_padding(0, self.max_batch)
+        self._num_rows = 0
+        self._copy_inputs()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -77,3 +77,58 @@ def test_graphs_follow_changing_batches_and_block_tables(tmp_path):
         runner.kv_cache.tensor.copy_(snapshot)
         graphed = runner.decode(inputs)
         assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2), f"step {step}"
+
+
+class _NoOp:
+    """Stands in for torch.cuda.Event and CUDAGraph, so the host side of DecodeGraphs runs on the CPU."""
+
+    def record(self) -> None: ...
+    def synchronize(self) -> None: ...
+    def replay(self) -> None: ...
+
+
+def test_static_inputs_follow_changing_batches_and_block_tables(monkeypatch):
+    """What each replay would read: the device-side inputs after run(), rows joining, leaving, growing."""
+    from types import SimpleNamespace
+    from pdserve.engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(torch.cuda, "Event", _NoOp)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    kv_cache = SimpleNamespace(spec=SimpleNamespace(block_size=4, device=torch.device("cpu")))
+    graphs = DecodeGraphs(None, kv_cache, max_batch=8, max_blocks=6, scratch_slot=999)
+    for size in graphs.sizes:
+        graphs._graphs[size], graphs._logits[size] = _NoOp(), torch.zeros(size, 3)
+    tables = {0: (5, 1), 1: (2, 7, 3), 2: (4, 10), 3: (9, 8, 6, 0)}
+    steps = [[0, 1, 2], [0, 1, 2], [1, 2, 3], [1], [0, 3]]
+    for step, rows in enumerate(steps):
+        if step == 4:
+            tables[3] = tables[3] + (11,)  # grows, and its new token lands in the new block
+        positions = [2 + step + r + (10 if step == 4 and r == 3 else 0) for r in rows]
+        logits = graphs.run([10 + r for r in rows], positions, [tables[r] for r in rows])
+        n, size = len(rows), graphs.size_for(len(rows))
+        assert logits.shape == (n, 3) and logits.data_ptr() == graphs._logits[size].data_ptr()  # a view
+        tokens, pos, slots, context = graphs.ids[:, :size].tolist()
+        expected_slots = [tables[r][p // 4] * 4 + p % 4 for r, p in zip(rows, positions)]
+        assert tokens == [10 + r for r in rows] + [0] * (size - n), f"step {step}"
+        assert pos == positions + [0] * (size - n)
+        assert slots == expected_slots + [999] * (size - n)  # padding rows write the scratch slot
+        assert context == [p + 1 for p in positions] + [0] * (size - n)  # and read nothing
+        for row, r in enumerate(rows):
+            assert graphs.block_tables[row, :len(tables[r])].tolist() == list(tables[r]), f"step {step} row {row}"
+
+
+def test_position_past_the_blocks_is_refused_and_leaves_the_inputs(monkeypatch):
+    from types import SimpleNamespace
+    from pdserve.engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setattr(torch.cuda, "Event", _NoOp)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    kv_cache = SimpleNamespace(spec=SimpleNamespace(block_size=4, device=torch.device("cpu")))
+    graphs = DecodeGraphs(None, kv_cache, max_batch=2, max_blocks=4, scratch_slot=99)
+    graphs._graphs[1], graphs._logits[1] = _NoOp(), torch.zeros(1, 3)
+    graphs.run([7], [2], [(3,)])
+    with pytest.raises(IndexError):
+        graphs.run([8], [4], [(5,)])  # position 4 needs a second block
+    graphs.run([9], [1], [(5,)])
+    assert graphs.ids[:, 0].tolist() == [9, 1, 21, 2]
+    assert graphs.block_tables[0, 0].item() == 5
