@@ -60,6 +60,23 @@ def default_config(num_rows: int, n: int) -> GemvConfig:
     return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, use_dot=True)
 
 
+# Candidates that benchmarks/engine_speed.py times on each Llama-3-8B decode shape at one row;
+# default_config is chosen from its results.
+SWEEP_CONFIGS = (
+    GemvConfig(8, 512, 4, 3),
+    GemvConfig(16, 512, 4, 3),
+    GemvConfig(16, 512, 4, 1),  # no pipelining: do the loads in flight of many programs suffice?
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(8, 1024, 4, 2),
+    GemvConfig(16, 1024, 8, 2),
+    GemvConfig(4, 512, 2, 3),
+    GemvConfig(32, 256, 4, 3),
+    GemvConfig(16, 256, 4, 4, use_dot=True),
+    GemvConfig(16, 512, 4, 3, use_dot=True),
+    GemvConfig(32, 256, 4, 3, use_dot=True),
+)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for few rows; Triton on CUDA, the torch reference elsewhere."""
     if use_triton(x, weight):

@@ -4,7 +4,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
-from pdserve.engine.kernels.gemv import GemvConfig, default_config, gemv, gemv_reference, gemv_triton
+from pdserve.engine.kernels.gemv import (
+    SWEEP_CONFIGS,
+    GemvConfig,
+    default_config,
+    gemv,
+    gemv_reference,
+    gemv_triton,
+)
 
 FMA = GemvConfig(block_n=8, block_k=64, num_warps=2, num_stages=2)
 DOT = GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2, use_dot=True)
@@ -73,3 +80,12 @@ def test_dispatcher_uses_reference_on_cpu():
     x, weight, bias = torch.randn(2, 64), torch.randn(16, 64), torch.randn(16)
     assert torch.equal(gemv(x, weight, bias), gemv_reference(x, weight, bias))
     assert torch.equal(gemv_reference(x, weight, bias), F.linear(x, weight, bias))
+
+
+@requires_triton
+@pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=str)
+def test_sweep_configs_are_correct(config):
+    """Every config the benchmark may pick, on a shape with partial tiles in N and K."""
+    x, weight, bias = make_inputs(1 if not config.use_dot else 3, 40, 1100, torch.bfloat16, with_bias=True)
+    out = gemv_triton(x, weight, bias, config)
+    assert relative_error(out, reference(x, weight, bias)) < TOLERANCE[torch.bfloat16]
