@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/pd:$PWD/tests
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 timeout 330 python3 benchmarks/engine_speed.py --out "$OUT" --name "$name" "$@" > "$OUT/bench.out" 2>&1
 echo "benchmark exit $?"
-grep -E "^(ceilings|correctness|captured|decode|prefill|baseline|sweep|profile|    |SECTION|\[|Traceback|  File|[A-Za-z]*Error)" "$OUT/bench.out" | head -120
+grep -E "^(ceilings|correctness|captured|decode|prefill|baseline|sweep|profile|gemv|variant|    |SECTION|\[|Traceback|  File|[A-Za-z]*Error)" "$OUT/bench.out" | head -120
 {
 for dtype in float32 bfloat16; do
   echo "== tests/engine on cuda, $dtype"

@@ -17,6 +17,13 @@ Decode is timed two ways: the GPU's time of a graph replay (CUDA events), and th
 host's wall time of `ModelRunner.decode` + a synchronize, batch unchanged between
 steps (what a scheduler sees). The baseline's decode step is
 (t(generate 1 + N tokens) - t(generate 1 token)) / N.
+
+The Triton GEMV (engine/kernels/gemv.py) is checked first against F.linear on the
+five decode shapes; if it fails, the run goes on with `model.GEMV_MAX_ROWS = 0`
+(F.linear everywhere) and says so. Decode B=1, 8, 64 are timed with the GEMV on
+and off side by side, and each GEMM shape at one row is timed for every
+`gemv.SWEEP_CONFIGS` entry against F.linear (from CUDA graphs, each call on
+another layer's weights so that L2 holds none of them).
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ def _import_pdserve() -> None:
 
 
 _import_pdserve()
+from pdserve.engine import model as engine_model  # noqa: E402
+from pdserve.engine.kernels import gemv as gemv_kernel  # noqa: E402
 from pdserve.engine.loader import LoadedModel, _arrange  # noqa: E402
 from pdserve.engine.model_spec import spec_from_config  # noqa: E402
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk  # noqa: E402
@@ -231,7 +240,7 @@ def check_correctness(hf, runner, blocks: BlockSource, results: dict) -> None:
         engine_steps, tokens = [logits[0]], [int(logits[0].argmax())]
         for step in range(16):
             out = runner.decode([DecodeInput(tokens[-1], len(prompt) + step, table)])
-            engine_steps.append(out[0])
+            engine_steps.append(out[0].clone())  # decode() returns the graph's static output
             tokens.append(int(out[0].argmax()))
         eager = runner.decode_eager([DecodeInput(tokens[-2], len(prompt) + 15, table)])[0]
         ref = hf(torch.tensor([prompt + tokens[:-1]], device="cuda"), logits_to_keep=17).logits[0].float()
@@ -249,6 +258,29 @@ def check_correctness(hf, runner, blocks: BlockSource, results: dict) -> None:
         json.dumps(results["correctness"]))
 
 
+def time_decode(runner, inputs: list[DecodeInput]) -> dict:
+    """One decode batch, graphed: GPU time of a replay, host wall of decode() + sync, and the host's
+    enqueue time of decode() and of the replay alone (each after a sync: what the GPU waits for)."""
+    graphs = runner.decode_graphs
+    runner.decode(inputs)  # captures the batch's graph if it is not yet
+    graph = graphs._graphs[graphs.size_for(len(inputs))]
+    wall = wall_ms(lambda: runner.decode(inputs), warmup=3, iters=30)
+    replay = gpu_ms(graph.replay, warmup=3, iters=30)
+    return dict(ms=replay, wall_ms=wall, enqueue_ms=host_ms(lambda: runner.decode(inputs)),
+                replay_enqueue_ms=host_ms(graph.replay))
+
+
+def host_ms(fn, iters: int = 10) -> float:
+    """Median host milliseconds of fn() alone, the GPU idle at its start."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> None:
     rows = results["rows"]
     vocab = runner.spec.vocab_size
@@ -259,22 +291,16 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
     say(f"captured {len(graphs.sizes)} decode graphs in {results['graph_capture_s']:.2f} s")
     for batch, context in ((1, 1024), (64, 1024)):
         inputs = decode_inputs(blocks, batch, context, vocab)
-        step = lambda: runner.decode(inputs)
-        wall = wall_ms(step, warmup=3, iters=30)
-        replay = gpu_ms(lambda: graphs._graphs[graphs.size_for(batch)].replay(), warmup=3, iters=30)
+        timed = time_decode(runner, inputs)
         eager = gpu_ms(lambda: runner.decode_eager(inputs), warmup=2, iters=5)
-        enqueue = []
-        for _ in range(10):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runner.decode(inputs)
-            enqueue.append((time.perf_counter() - t0) * 1e3)
-        results["host_enqueue_ms"][f"B={batch}"] = statistics.median(enqueue)
+        results["host_enqueue_ms"][f"B={batch}"] = timed["enqueue_ms"]
+        results["host_enqueue_ms"][f"B={batch}, replay() alone"] = timed["replay_enqueue_ms"]
         flops, bytes_ = counts.decode(batch, context)
-        rows[f"decode B={batch}, ctx {context}"] = dict(kind="decode", ms=replay, wall_ms=wall, eager_ms=eager,
-                                                         flops=flops, bytes=bytes_)
-        say(f"decode B={batch} ctx={context}: graph replay {replay:.3f} ms, decode() wall {wall:.3f} ms, "
-            f"eager {eager:.2f} ms, host enqueue {statistics.median(enqueue):.3f} ms")
+        rows[f"decode B={batch}, ctx {context}"] = dict(kind="decode", ms=timed["ms"], wall_ms=timed["wall_ms"],
+                                                         eager_ms=eager, flops=flops, bytes=bytes_)
+        say(f"decode B={batch} ctx={context}: graph replay {timed['ms']:.3f} ms, decode() wall {timed['wall_ms']:.3f} ms, "
+            f"eager {eager:.2f} ms, host enqueue {timed['enqueue_ms']:.3f} ms "
+            f"(replay() alone {timed['replay_enqueue_ms']:.3f} ms), GEMV_MAX_ROWS={engine_model.GEMV_MAX_ROWS}")
     for lengths in ([2048], [512] * 8):
         chunks = [PrefillChunk(tuple(torch.randint(0, vocab, (n,)).tolist()), 0, blocks.take(n)) for n in lengths]
         ms = gpu_ms(lambda: runner.prefill(chunks), warmup=2, iters=8)
@@ -282,6 +308,111 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
         name = f"prefill {len(lengths)} x {lengths[0]}"
         rows[name] = dict(kind="prefill", ms=ms, flops=flops, bytes=bytes_)
         say(f"{name}: {ms:.2f} ms")
+
+
+def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
+    """Decode B=1, 8, 64 with the Triton GEMV on (GEMV_MAX_ROWS as shipped) and off (0), side by side.
+    B=64 is past the bound either way: its two rows measure the noise."""
+    graphs, vocab = runner.decode_graphs, runner.spec.vocab_size
+    shipped = engine_model.GEMV_MAX_ROWS  # 0 if check_gemv turned it off
+    for batch in (1, 8, 64):
+        inputs = decode_inputs(blocks, batch, 1024, vocab)
+        for label, max_rows in (("on", shipped), ("off", 0)):
+            name = f"decode B={batch}, ctx 1024, GEMV {label} (GEMV_MAX_ROWS={max_rows})"
+            if label == "on" and not shipped:
+                results["variants"][name] = dict(error="skipped: the GEMV is off for this run")
+                continue
+            engine_model.GEMV_MAX_ROWS = max_rows
+            graphs._graphs.pop(graphs.size_for(batch), None)  # recaptured with this setting
+            try:
+                timed = time_decode(runner, inputs)
+            except Exception as e:  # the kernel failing on this GPU must not end the run
+                results["variants"][name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                say(f"variant {name}: FAILED {results['variants'][name]['error']}")
+                shipped = 0  # F.linear from here on
+                continue
+            results["variants"][name] = timed
+            say(f"variant {name}: graph replay {timed['ms']:.3f} ms, decode() wall {timed['wall_ms']:.3f} ms, "
+                f"host enqueue {timed['enqueue_ms']:.3f} ms (replay() alone {timed['replay_enqueue_ms']:.3f} ms)")
+    engine_model.GEMV_MAX_ROWS = shipped
+    for size in [s for s in graphs.sizes if s <= 8 or s == 64]:
+        graphs._graphs.pop(size, None)  # captured again, with the shipped setting, when next needed
+
+
+def gemm_shapes(runner) -> dict[str, list[torch.Tensor]]:
+    """Each decode GEMM of Llama-3-8B: its weight in every layer ([N, K] each)."""
+    layers = runner.model.weights.layers
+    return {"qkv": [l.qkv for l in layers], "o": [l.o for l in layers], "gate_up": [l.gate_up for l in layers],
+            "down": [l.down for l in layers], "lm_head": [runner.model.weights.lm_head]}
+
+
+def check_gemv(runner, results: dict) -> None:
+    """The Triton GEMV against F.linear (fp32) on each decode shape at 1 and 8 rows; off for the run if wrong."""
+    from torch.nn.functional import linear
+
+    out = results["gemv_check"] = {}
+    for name, weights in gemm_shapes(runner).items():
+        w = weights[0]
+        for rows in (1, 8):
+            x = torch.randn(rows, w.shape[1], dtype=w.dtype, device="cuda")
+            try:
+                err = rel_err(gemv_kernel.gemv_triton(x, w), linear(x.float(), w.float()))
+                out[f"{name} M={rows}"] = err
+            except Exception as e:
+                out[f"{name} M={rows}"] = f"{type(e).__name__}: {e}"[:300]
+    failed = {k: v for k, v in out.items() if not isinstance(v, float) or not v < 2e-2}
+    if failed:
+        engine_model.GEMV_MAX_ROWS = 0
+    say(f"gemv check (rel. err vs F.linear fp32): {json.dumps(out)}"
+        + (f" -> FAILED {sorted(failed)}: the run uses F.linear (GEMV_MAX_ROWS=0)" if failed else ""))
+
+
+def calls_ms(calls: list) -> float:
+    """Milliseconds per call, from a CUDA graph of the calls in order (after one eager pass: compiles)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return gpu_ms(graph.replay, warmup=2, iters=7) / len(calls)
+
+
+def sweep_gemv(runner, results: dict) -> None:
+    """Each decode GEMM at one row: F.linear and every gemv.SWEEP_CONFIGS entry; at eight rows F.linear and two
+    configs. Each graph calls every layer's weight in turn (lm_head: its one 1 GB weight 4 times), so no weight
+    is in L2 when read, as in a decode step."""
+    from torch.nn.functional import linear
+
+    out = results["gemv_sweep"] = {}
+    eight_rows = {"dot (default at M>1)": gemv_kernel.default_config(8, 4096),
+                  "fma (16,512,4,3)": gemv_kernel.GemvConfig(16, 512, 4, 3)}
+    for name, weights in gemm_shapes(runner).items():
+        weights = weights if len(weights) > 1 else weights * 4
+        n, k = weights[0].shape
+        row = out[name] = {"shape": [n, k], "default": str(gemv_kernel.default_config(1, n)), "M=1": {}, "M=8": {}}
+        x1 = torch.randn(1, k, dtype=weights[0].dtype, device="cuda")
+        x8 = torch.randn(8, k, dtype=weights[0].dtype, device="cuda")
+        candidates = [("M=1", "F.linear", x1, linear)]
+        candidates += [("M=1", str(c), x1, lambda x, w, c=c: gemv_kernel.gemv_triton(x, w, config=c))
+                       for c in gemv_kernel.SWEEP_CONFIGS]
+        candidates += [("M=8", "F.linear", x8, linear)]
+        candidates += [("M=8", label, x8, lambda x, w, c=c: gemv_kernel.gemv_triton(x, w, config=c))
+                       for label, c in eight_rows.items()]
+        for rows, label, x, fn in candidates:
+            try:
+                ms = calls_ms([lambda w=w: fn(x, w) for w in weights])
+                row[rows][label] = dict(us=ms * 1e3, tbps=n * k * 2 / (ms * 1e-3) / 1e12)
+            except Exception as e:  # a config that does not compile or run here: reported, skipped
+                row[rows][label] = dict(error=f"{type(e).__name__}: {e}"[:200])
+        timed = {label: v for label, v in row["M=1"].items() if "us" in v and label != "F.linear"}
+        row["best"] = min(timed, key=lambda label: timed[label]["us"]) if timed else None
+        say(f"gemv sweep {name} {n}x{k} M=1: " + ", ".join(
+            f"{label} {v['us']:.1f} us {v['tbps']:.2f} TB/s" if "us" in v else f"{label} {v['error']}"
+            for label, v in row["M=1"].items()) + f"; best {row['best']}")
+        say(f"gemv sweep {name} {n}x{k} M=8: " + ", ".join(
+            f"{label} {v['us']:.1f} us" if "us" in v else f"{label} {v['error']}" for label, v in row["M=8"].items()))
 
 
 def time_baseline(hf, counts: Counts, results: dict) -> None:
@@ -354,21 +485,6 @@ def sweep_kernels(runner, blocks: BlockSource, results: dict, copy_bps: float) -
             except Exception as e:
                 say(f"sweep prefill {cfg}: failed {type(e).__name__}: {e}"[:300])
         fa._BLOCK_M, fa._BLOCK_N, fa._NUM_WARPS, fa._NUM_STAGES = saved
-    # The decode GEMMs alone: F.linear vs torch.mv at one row, F.linear at 64 rows.
-    layer, weights = runner.model.weights.layers[0], runner.model.weights
-    for name, w in (("qkv", layer.qkv), ("o", layer.o), ("gate_up", layer.gate_up), ("down", layer.down),
-                    ("lm_head", weights.lm_head)):
-        x1 = torch.randn(1, w.shape[1], dtype=w.dtype, device="cuda")
-        x64 = torch.randn(64, w.shape[1], dtype=w.dtype, device="cuda")
-        row = {}
-        for label, fn in (("linear M=1", lambda: torch.nn.functional.linear(x1, w)),
-                          ("mv M=1", lambda: torch.mv(w, x1[0])),
-                          ("linear M=64", lambda: torch.nn.functional.linear(x64, w))):
-            ms = graph_ms(fn, reps=10)
-            row[label] = dict(us=ms * 1e3, tbps=w.numel() * 2 / (ms * 1e-3) / 1e12)
-        out.setdefault("gemm", {})[name] = row
-        say(f"sweep gemm {name} {tuple(w.shape)}: " + ", ".join(
-            f"{k} {v['us']:.1f} us ({v['tbps']:.2f} TB/s)" for k, v in row.items()))
 
 
 def profile_steps(runner, blocks: BlockSource, results: dict) -> None:
@@ -443,7 +559,7 @@ def check_tiny_models(results: dict) -> None:
                 ours = [runner.prefill([PrefillChunk(tuple(prompt), 0, table)])[0]]
                 for step in range(31):
                     position = len(prompt) + step
-                    ours.append(runner.decode([DecodeInput(ref_tokens[position], position, table)])[0])
+                    ours.append(runner.decode([DecodeInput(ref_tokens[position], position, table)])[0].clone())
                 for o, r in zip(ours, ref_logits):
                     agree += int(o.argmax().item() == r.argmax().item())
                     total += 1
@@ -494,8 +610,18 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     if "tiny_bf16" in results:
         lines += ["", "Tiny models (tests/tiny_models.py), engine bf16 on CUDA vs transformers fp32, teacher-forced "
                   "on the reference's 32 greedy tokens x 4 prompts: " + json.dumps(results["tiny_bf16"])]
-    for variant, v in results.get("variants", {}).items():
-        lines += ["", f"Variant {variant}: graph replay {v['ms']:.2f} ms, decode() wall {v['wall_ms']:.2f} ms."]
+    if results.get("variants"):
+        lines += ["", "| variant | graph replay ms | decode() wall ms | wall - replay ms | host enqueue ms "
+                  "(replay() alone) |", "|---|---|---|---|---|"]
+        for variant, v in results["variants"].items():
+            if "error" in v:
+                lines.append(f"| {variant} | {v['error']} | | | |")
+            else:
+                lines.append(f"| {variant} | {v['ms']:.3f} | {v['wall_ms']:.3f} | {v['wall_ms'] - v['ms']:.3f} | "
+                             f"{v['enqueue_ms']:.3f} ({v['replay_enqueue_ms']:.3f}) |")
+    if "gemv_check" in results:
+        lines += ["", "Triton GEMV vs F.linear fp32 (rel. err): " + json.dumps(results["gemv_check"], default=str)]
+    lines += gemv_sweep_lines(results.get("gemv_sweep", {}))
     if results.get("note"):
         lines += ["", results["note"]]
     if results.get("host_enqueue_ms"):
@@ -510,6 +636,26 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     except Exception:
         say("roofline plot failed:", traceback.format_exc())
     return text
+
+
+def gemv_sweep_lines(sweep: dict) -> list[str]:
+    """The per-shape GEMV table: F.linear, the shipped config and the best config at M=1; M=8 alongside."""
+    if not sweep:
+        return []
+    eight_labels = list(next(iter(sweep.values()))["M=8"])
+    lines = ["", "Decode GEMMs (from CUDA graphs, no weight in L2): us (TB/s) at M=1; us at M=8", "",
+             "| GEMM | N x K | F.linear | shipped config | shipped | best config | best | M=8: "
+             + " / ".join(eight_labels) + " |",
+             "|---|---|---|---|---|---|---|---|"]
+    cell = lambda v: f"{v['us']:.1f} ({v['tbps']:.2f})" if v and "us" in v else (v or {}).get("error", "-")[:60]
+    for name, row in sweep.items():
+        best = row.get("best")
+        eight = " / ".join(f"{row['M=8'][k]['us']:.1f}" if "us" in row["M=8"].get(k, {}) else "err"
+                           for k in eight_labels)
+        lines.append(f"| {name} | {row['shape'][0]} x {row['shape'][1]} | {cell(row['M=1'].get('F.linear'))} | "
+                     f"{row['default']} | {cell(row['M=1'].get(row['default']))} | {best} | "
+                     f"{cell(row['M=1'].get(best))} | {eight} |")
+    return lines
 
 
 def plot_roofline(results: dict, path: Path) -> None:
@@ -566,13 +712,16 @@ def main() -> None:
     }
     results["copy_bps"], results["matmul_flops"] = measure_ceilings()
     say(f"ceilings: copy {results['copy_bps'] / 1e12:.2f} TB/s, matmul {results['matmul_flops'] / 1e12:.0f} TFLOP/s")
-    num_blocks = 64 * 65 + 1200  # the B=64 batch, the B=1 batch, prompts
+    num_blocks = (64 + 8) * 65 + 1200  # the B=64 and B=8 batches, the B=1 batch, prompts
     hf, runner = build_models(num_blocks)
     say(f"models built; GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     counts = Counts(runner.spec)
     blocks = BlockSource(num_blocks)
-    sections = [("correctness", lambda: check_correctness(hf, runner, blocks, results)),
-                ("engine", lambda: time_engine(runner, blocks, counts, results))]
+    sections = [("gemv check", lambda: check_gemv(runner, results)),
+                ("correctness", lambda: check_correctness(hf, runner, blocks, results)),
+                ("engine", lambda: time_engine(runner, blocks, counts, results)),
+                ("gemv on/off", lambda: compare_gemv(runner, blocks, results)),
+                ("gemv sweep", lambda: sweep_gemv(runner, results))]
     if args.profile:
         sections.append(("profile", lambda: profile_steps(runner, blocks, results)))
     if args.sweep:

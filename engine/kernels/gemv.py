@@ -51,6 +51,11 @@ class GemvConfig:
     num_stages: int  # software-pipelining depth of the K loop's loads
     use_dot: bool = False  # all rows as one tensor-core tile, else one row per program on FMA units
 
+    def __str__(self) -> str:
+        """e.g. fma(8,512,4,3): variant(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+        variant = "dot" if self.use_dot else "fma"
+        return f"{variant}({self.block_n},{self.block_k},{self.num_warps},{self.num_stages})"
+
 
 def default_config(num_rows: int, n: int) -> GemvConfig:
     """The config for an [num_rows, K] x [N, K]^T product (chosen by ENGINE_NOTES.md's sweeps)."""
