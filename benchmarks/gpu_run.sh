@@ -22,9 +22,16 @@ for step in "$@"; do
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
     nccl_tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
-    pipeline2) timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus > "$OUT/pipeline2.log" 2>&1 ;;
-    handoff2) timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
-               --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1 ;;
+    pipeline2) NCCL_DEBUG=INFO timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus \
+               > "$OUT/pipeline2.log" 2>&1
+               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" /tmp/pdserve-e2e-*.log | sort | uniq -c ;;
+    handoff2) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
+               --lengths 512,2048,8192 --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1
+               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2.log" | sort | uniq -c ;;
+    handoff2i) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
+               --lengths 512,2048,8192 --repeats 5 --backend nccl --isolate --out "$OUT/handoff_nccl_isolated.md" \
+               > "$OUT/handoff2i.log" 2>&1
+               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2i.log" | sort | uniq -c ;;
     goodput2)  # runs on in its own session; a later call with the same step waits for it again
       if [ ! -e /tmp/goodput/started ]; then
         mkdir -p /tmp/goodput && touch /tmp/goodput/started

@@ -22,6 +22,8 @@ the whole KV in one message. Random weights; medians over --repeats runs after o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import threading
 import time
@@ -122,7 +124,8 @@ def run(args) -> list[Sample]:
     ctx = mp.get_context("spawn")
     requests, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_prefill_process, args=(args, requests, results))
-    child.start()
+    with _visible(args.visible[0]):
+        child.start()
     assert results.get(timeout=600) == "ready"
     samples = []
     try:
@@ -201,8 +204,9 @@ def link_rates(args, message_bytes: list[int]) -> dict[int, float]:
     port = _free_port()
     ranks = [ctx.Process(target=_link_rank, args=(rank, device, port, message_bytes, results))
              for rank, device in enumerate((args.decode_device, args.prefill_device))]
-    for process in ranks:
-        process.start()
+    for process, visible in zip(ranks, (args.visible[1], args.visible[0])):
+        with _visible(visible):
+            process.start()
     rates = results.get(timeout=300)
     for process in ranks:
         process.join(60)
@@ -243,6 +247,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _visible(devices: str | None):
+    """CUDA_VISIBLE_DEVICES for processes started inside (None: unchanged)."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        yield
+    finally:
+        if devices is not None:
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def _use(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -258,7 +278,7 @@ def _blocks(args) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda where there is one)")
     parser.add_argument("--backend", choices=("gloo", "cuda_ipc", "nccl"),
                         help="default: cuda_ipc on cuda, gloo on cpu")
     parser.add_argument("--prefill-device", help="default: --device (cuda:0 with nccl)")
@@ -266,8 +286,17 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--lengths", default="64,256,1024")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--isolate", action="store_true",
+                        help="each process sees only its own GPU (CUDA_VISIBLE_DEVICES), as Ray gives replicas")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    args.visible = (None, None)
+    if args.isolate:  # before anything asks CUDA about devices
+        indices = [d.split(":")[1] for d in (args.prefill_device or "cuda:0", args.decode_device or "cuda:1")]
+        os.environ["CUDA_VISIBLE_DEVICES"] = indices[1]
+        args.visible = tuple(indices)
+        args.prefill_device = args.decode_device = "cuda:0"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.backend = args.backend or ("cuda_ipc" if args.device == "cuda" else "gloo")
     two_gpus = args.backend == "nccl"
     args.prefill_device = args.prefill_device or ("cuda:0" if two_gpus else args.device)
@@ -281,10 +310,12 @@ def main() -> None:
         per_layer = sorted({s.kv_bytes // args.num_layers for s in samples})
         link = link_rates(args, per_layer + [max(s.kv_bytes for s in samples)])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    link_note = (f"\n\nLink, plain NCCL send/recv {args.prefill_device} -> {args.decode_device}, one message "
+    link_note = (f"\n\nLink, plain NCCL send/recv between the same processes' GPUs, one message "
                  f"of the whole largest KV: {link[max(link)] / 1e9:.1f} GB/s" if link else "")
-    text = (f"KV handoff, {args.shape} shape, {name}, {args.backend} ({args.prefill_device} -> "
-            f"{args.decode_device}), {time.strftime('%Y-%m-%d')}, median of {args.repeats}\n\n"
+    where = (f"GPU {args.visible[0]} -> GPU {args.visible[1]}, each process seeing only its own" if args.isolate
+             else f"{args.prefill_device} -> {args.decode_device}")
+    text = (f"KV handoff, {args.shape} shape, {name}, {args.backend} ({where}), {time.strftime('%Y-%m-%d')}, "
+            f"median of {args.repeats}\n\n"
             f"{table(samples, args, link)}{link_note}\n")
     print(text)
     if args.out:

@@ -176,6 +176,7 @@ class DecodeWorker:
     # ---- the engine thread --------------------------------------------------------
 
     def _loop(self) -> None:
+        self.runner.bind_thread()
         while True:
             with self._lock:
                 self._expire_deadlines()

@@ -68,6 +68,11 @@ class ModelRunner:
             max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
         ) if use_graphs else None
 
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the calling thread's current device (CUDA keeps one per thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], on_layer_done: LayerHook | None = None) -> torch.Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token; KV written to the blocks."""

@@ -159,6 +159,7 @@ class PrefillWorker:
     # ---- the engine thread --------------------------------------------------------
 
     def _loop(self) -> None:
+        self.runner.bind_thread()
         while True:
             with self._lock:
                 while not self._stopped and not self._queue:

@@ -18,11 +18,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The server exited because a port it was given was in use by then."""
+
+
 class Server:
     def __init__(self, *args: str, startup_timeout_s: float = 240.0, env: dict[str, str] | None = None,
                  api_key: str | None = None):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         args = (*args, "--api-key", api_key) if api_key else args
+        for attempt in range(3):
+            try:
+                self._start(args, env, startup_timeout_s)
+                return
+            except PortTaken:
+                continue  # a free port was taken between our check and the bind (Ray's own ports, say)
+        raise RuntimeError(f"pdserve serve could not bind its ports three times:\n{self.log_tail()}")
+
+    def _start(self, args: tuple[str, ...], env: dict[str, str] | None, startup_timeout_s: float) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
@@ -38,7 +51,11 @@ class Server:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pdserve serve exited with {self.process.returncode}:\n{self.log_tail()}")
+                self._log.close()
+                tail = self.log_tail()
+                if "Address already in use" in tail or "Failed to bind" in tail:
+                    raise PortTaken(tail)
+                raise RuntimeError(f"pdserve serve exited with {self.process.returncode}:\n{tail}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
@@ -61,7 +78,8 @@ class Server:
             time.sleep(0.5)
 
     def log_tail(self, lines: int = 60) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
