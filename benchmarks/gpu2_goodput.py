@@ -1,6 +1,6 @@
 """Two GPUs: goodput of 1 prefill + 1 decode (a GPU each, KV over NCCL) against `--colocated 2`.
 
-    python benchmarks/gpu2_goodput.py TOKENIZER_DIR OUT_DIR [--quick]
+    python benchmarks/gpu2_goodput.py TOKENIZER_DIR OUT_DIR [--requests N] [--only 1p1d|colocated2]
 
 Same model (Llama-3-8B shape, bf16, random weights, a real tokenizer), same GPUs,
 same workloads: `pdserve bench` over a sweep of Poisson rates, then `pdserve
@@ -77,14 +77,19 @@ def run_deployment(name: str, directory: Path, out: Path, num_requests: int) -> 
         server.stop()
 
 
+def _option(flag: str, default: str | None = None) -> str | None:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
 def main() -> None:
     tokenizer_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    num_requests = 24 if "--quick" in sys.argv else 80
+    num_requests = int(_option("--requests", "80"))
+    names = [_option("--only")] if _option("--only") else list(DEPLOYMENTS)
     started = time.monotonic()
     directory = model_dir(tokenizer_dir)
     print(f"model ready in {time.monotonic() - started:.0f} s", flush=True)
-    for name in DEPLOYMENTS:
+    for name in names:
         run_deployment(name, directory, out, num_requests)
     subprocess.run([sys.executable, str(Path(__file__).with_name("goodput_compare.py")), str(out),
                     str(out / "goodput_2gpu")], check=False)

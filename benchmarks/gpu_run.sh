@@ -20,7 +20,7 @@ for step in "$@"; do
     pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
-    nccl_tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
+    nccl_tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
     pipeline2) NCCL_DEBUG=INFO timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus \
                > "$OUT/pipeline2.log" 2>&1
@@ -28,10 +28,13 @@ for step in "$@"; do
     handoff2) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
                --lengths 512,2048,8192 --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1
                grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2.log" | sort | uniq -c ;;
-    handoff2i) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
-               --lengths 512,2048,8192 --repeats 5 --backend nccl --isolate --out "$OUT/handoff_nccl_isolated.md" \
+    handoff2i) NCCL_DEBUG=INFO timeout 150 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
+               --lengths 512,2048,8192 --repeats 3 --backend nccl --isolate --out "$OUT/handoff_nccl_isolated.md" \
                > "$OUT/handoff2i.log" 2>&1
                grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2i.log" | sort | uniq -c ;;
+    goodput2b) mkdir -p /tmp/goodputb && timeout $((440 - SECONDS)) python3 benchmarks/gpu2_goodput.py .carry/tokenizer \
+               /tmp/goodputb --only 1p1d --requests 60 > "$OUT/goodput2b.log" 2>&1
+               tar czf "$OUT/goodput2b.tgz" -C /tmp/goodputb . ;;
     goodput2)  # runs on in its own session; a later call with the same step waits for it again
       if [ ! -e /tmp/goodput/started ]; then
         mkdir -p /tmp/goodput && touch /tmp/goodput/started

@@ -1,8 +1,10 @@
 """One sender-receiver pair: two ranks of torch.distributed process groups, made on demand.
 
 Frames (`messages.Frame`, int64[6]) always travel over a 2-rank gloo group: tag 0
-sender to receiver, tag 1 receiver to sender. Payloads travel after their LAYER
-frame over the data group: the same gloo group (CPU), an NCCL group (GPUs), or
+sender to receiver, tag 1 receiver to sender. A LAYERS frame carries every layer
+piece queued since the last one (a table, then one payload), so a sender that
+falls behind catches up in one round trip, not one per layer. Payloads travel
+over the data group: the same gloo group (CPU), an NCCL group (GPUs), or
 none (cuda_ipc writes directly). Each direction of each group has one thread
 that sends and one that receives, so messages stay in order and NCCL never sees
 two operations in flight on one side.
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache
-from pdserve.engine.transfer.ledger import TransferLedger
+from pdserve.engine.transfer.ledger import LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
     ChannelAddress,
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RECEIVER, SENDER = 0, 1
 TAG_FORWARD, TAG_REPLY = 0, 1
+PIECE_COLUMNS = 4  # a LAYERS table row: transfer id, layer, first block index, number of blocks
 # Receive waits for the next frame have no deadline: an idle channel is healthy, a
 # dead peer breaks the socket at once, and each transfer's wait has its own deadline.
 # (A gloo recv that times out poisons the whole group, so it must never time out.)
@@ -66,6 +69,14 @@ class ProcessGroupPair:
         buf = torch.empty(Frame.SIZE, dtype=torch.int64)
         self.control.recv([buf], self.peer, tag).wait(_IDLE_FOREVER)
         return Frame.from_tensor(buf)
+
+    def send_table(self, table: torch.Tensor) -> None:
+        self.control.send([table], self.peer, TAG_FORWARD).wait(self.op_timeout)
+
+    def recv_table(self, rows: int) -> torch.Tensor:
+        table = torch.empty((rows, PIECE_COLUMNS), dtype=torch.int64)
+        self.control.recv([table], self.peer, TAG_FORWARD).wait(self.op_timeout)
+        return table
 
     def send_payload(self, payload: torch.Tensor) -> None:
         self.data.send([payload], self.peer, TAG_FORWARD).wait(self.op_timeout)
@@ -171,13 +182,8 @@ class ReceiveChannel:
     def _handle(self, frame: Frame) -> bool:
         """Apply one frame; False when the channel ends."""
         tid = frame.transfer_id
-        if frame.kind == MessageKind.LAYER:
-            self._open_transfers.add(tid)
-            spec = self._kv.spec
-            buf = torch.empty((2, frame.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim),
-                              dtype=spec.dtype, device=spec.device)
-            self._pair.recv_payload(buf)
-            self._ledger.write(tid, frame.layer, frame.first_block_index, buf)
+        if frame.kind == MessageKind.LAYERS:
+            self._receive_layers(frame.num_blocks)
         elif frame.kind == MessageKind.LANDED:
             self._ledger.mark_landed(tid, frame.layer, frame.first_block_index, frame.num_blocks)
         elif frame.kind == MessageKind.LANDED_ALL_LAYERS:
@@ -195,6 +201,19 @@ class ReceiveChannel:
             self._say_goodbye()
             return False
         return True
+
+    def _receive_layers(self, num_pieces: int) -> None:
+        table = self._pair.recv_table(num_pieces).tolist()
+        spec = self._kv.spec
+        buf = torch.empty((2, sum(row[3] for row in table), spec.block_size, spec.num_kv_heads, spec.head_dim),
+                          dtype=spec.dtype, device=spec.device)
+        self._pair.recv_payload(buf)
+        pieces, start = [], 0
+        for tid, layer, first, n in table:
+            self._open_transfers.add(tid)
+            pieces.append(LayerPiece(tid, layer, first, buf[:, start : start + n]))
+            start += n
+        self._ledger.write(pieces)
 
     def _reply(self, kind: MessageKind, transfer_id: int, status: AckStatus) -> None:
         if self._has_said_goodbye:
@@ -243,11 +262,15 @@ class SendChannel:
                 self._replies[(kind, transfer_id)] = future
         return future
 
-    def send_frame(self, frame: Frame, payload: torch.Tensor | None = None) -> None:
-        """Send a frame and its payload (channel thread only)."""
+    def send_frame(self, frame: Frame) -> None:
+        """Send a frame (channel thread only)."""
         self._pair.send_frame(frame, TAG_FORWARD)
-        if payload is not None:
-            self._pair.send_payload(payload)
+
+    def send_pieces(self, table: torch.Tensor, payload: torch.Tensor) -> None:
+        """Send layer pieces: a LAYERS frame, their table, their blocks in one payload (channel thread only)."""
+        self._pair.send_frame(Frame(MessageKind.LAYERS, 0, num_blocks=table.shape[0]), TAG_FORWARD)
+        self._pair.send_table(table)
+        self._pair.send_payload(payload)
 
     def close(self, timeout_s: float) -> None:
         """Say CLOSE after the queued work, then stop (bounded wait)."""

@@ -18,6 +18,7 @@ import torch
 
 from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
+from pdserve.engine.transfer.ledger import LayerPiece
 from pdserve.engine.transfer.messages import (
     AckStatus,
     ChannelAddress,
@@ -86,7 +87,7 @@ class FakeSender(KvSender):
                 return
         data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
         try:
-            self._receiver(dest.channel)._ledger.write(dest.transfer_id, layer, first_block_index, data)
+            self._receiver(dest.channel)._ledger.write([LayerPiece(dest.transfer_id, layer, first_block_index, data)])
         except TransferError as e:
             with self._lock:
                 self._failed[_key(dest)] = str(e)

@@ -1,7 +1,7 @@
 """The receiver's book of expected transfers: which blocks landed, and how each ended.
 
 A transfer's life on the receiver:
-    expect()  -> RECEIVING: LAYER/LANDED frames mark (layer, block) cells landed
+    expect()  -> RECEIVING: LAYERS/LANDED frames mark (layer, block) cells landed
     FINISH    -> OK when every layer covers the first `num_blocks_total` blocks, else failed
     failure   -> failed outcome with a reason (peer gone, channel error, timeout)
     wait() or cancel() -> forgotten; later data for it is dropped.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Hashable, NamedTuple, Sequence
 
 import torch
 
@@ -21,6 +21,15 @@ from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.messages import AckStatus, FailureReason, TransferOutcome
 
 log = logging.getLogger(__name__)
+
+
+class LayerPiece(NamedTuple):
+    """Blocks of one layer of one transfer: `data` [2, n, ...] goes to block indices [first, first + n)."""
+
+    transfer_id: int
+    layer: int
+    first_block_index: int
+    data: torch.Tensor
 
 
 @dataclass
@@ -59,18 +68,22 @@ class TransferLedger:
             landed = [bytearray(len(block_ids)) for _ in range(num_layers)]
             self._expected[transfer_id] = _Expected(tuple(block_ids), num_layers, landed)
 
-    def write(self, transfer_id: int, layer: int, first_block_index: int, data: torch.Tensor) -> AckStatus:
-        """Import `data` ([2, n, ...]) into the destination blocks; drop it if the transfer is gone."""
+    def write(self, pieces: Sequence[LayerPiece]) -> None:
+        """Import each piece into its transfer's blocks (one device sync for all); drop those no longer wanted."""
         with self._lock:
-            entry, status = self._receiving(transfer_id, layer, first_block_index, data.shape[1])
-            if entry is None:
-                return status
-            ids = entry.block_ids[first_block_index : first_block_index + data.shape[1]]
-            self._kv.import_blocks(layer, torch.tensor(ids, dtype=torch.int64), data)
-            if self._kv.tensor.is_cuda:
+            landed = []
+            for piece in pieces:
+                n = piece.data.shape[1]
+                entry, _ = self._receiving(piece.transfer_id, piece.layer, piece.first_block_index, n)
+                if entry is None:
+                    continue
+                ids = entry.block_ids[piece.first_block_index : piece.first_block_index + n]
+                self._kv.import_blocks(piece.layer, torch.tensor(ids, dtype=torch.int64), piece.data)
+                landed.append((entry, piece.layer, piece.first_block_index, n))
+            if landed and self._kv.tensor.is_cuda:
                 torch.cuda.current_stream(self._kv.tensor.device).synchronize()  # landed means landed
-            entry.landed[layer][first_block_index : first_block_index + data.shape[1]] = b"\x01" * data.shape[1]
-            return AckStatus.OK
+            for entry, layer, first, n in landed:
+                entry.landed[layer][first : first + n] = b"\x01" * n
 
     def mark_landed(self, transfer_id: int, layer: int, first_block_index: int, num_blocks: int) -> AckStatus:
         """Record blocks a peer wrote directly (cuda_ipc)."""

@@ -13,7 +13,7 @@ import torch
 from pdserve.engine.kv_cache import KvCacheSpec
 
 # Bump on any change to the frame layout, the message kinds or the handshake.
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,11 @@ class KvGeometry:
 
 
 class MessageKind(enum.IntEnum):
-    """Frame kinds. Sender to receiver: LAYER..FENCED; receiver to sender: FINISHED..CANCEL."""
+    """Frame kinds. Sender to receiver: LAYERS..FENCED; receiver to sender: FINISHED..CANCEL."""
 
-    LAYER = 1  # a payload [2, num_blocks, block_size, heads, head_dim] follows
+    # `num_blocks` pieces follow: their table (int64 [n, 4]: transfer, layer, first block index,
+    # blocks) on the control group, then one payload, the pieces' blocks concatenated on dim 1
+    LAYERS = 1
     LANDED = 2  # cuda_ipc: these blocks of `layer` were copied into the receiver's pool
     LANDED_ALL_LAYERS = 7  # cuda_ipc: these blocks of every layer were copied (one frame, not one per layer)
     FINISH = 3  # num_blocks = blocks per layer in the whole transfer; answered by FINISHED

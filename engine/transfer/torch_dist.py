@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -103,6 +104,7 @@ class TorchDistSender(KvSender):
         self._channels: dict[ChannelAddress, SendChannel] = {}
         # (receiver, transfer id) -> its channel until finish; transfer ids are per receiver
         self._bound: dict[tuple[str, int], SendChannel] = {}
+        self._pending: dict[SendChannel, list[_Piece]] = {}  # pieces not yet flushed, per channel
 
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:
         channel = self._channel(address)
@@ -116,15 +118,24 @@ class TorchDistSender(KvSender):
         channel = self._bind(dest)
         # Snapshot now, on the caller's stream, so later compute cannot change what we send.
         payload = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
-        ready = _record_event(payload.device)
-        frame = Frame(MessageKind.LAYER, dest.transfer_id, layer, first_block_index, len(src_block_ids))
+        piece = _Piece(dest.transfer_id, layer, first_block_index, payload, _record_event(payload.device))
+        with self._lock:
+            self._pending.setdefault(channel, []).append(piece)
+        channel.submit(lambda: self._flush(channel))
 
-        def send() -> None:
-            if ready is not None:
-                ready.synchronize()
-            channel.send_frame(frame, payload)
-
-        channel.submit(send)
+    def _flush(self, channel: SendChannel) -> None:
+        """Send every piece queued for `channel` so far, in one LAYERS message (channel thread)."""
+        with self._lock:
+            pieces = self._pending.pop(channel, [])
+        if not pieces:
+            return  # an earlier flush took them
+        for piece in pieces:
+            if piece.ready is not None:
+                piece.ready.synchronize()
+        table = torch.tensor([[p.transfer_id, p.layer, p.first_block_index, p.payload.shape[1]] for p in pieces],
+                             dtype=torch.int64)
+        payload = pieces[0].payload if len(pieces) == 1 else torch.cat([p.payload for p in pieces], dim=1)
+        channel.send_pieces(table, payload)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         channel = self._bind(dest)
@@ -163,6 +174,7 @@ class TorchDistSender(KvSender):
             raise ValueError(f"a {self.backend} sender cannot reach a {address.backend} receiver")
         channel = self._channels.get(address)
         if channel is None or channel.is_broken:
+            self._pending.pop(channel, None)  # a broken channel skips its queued flushes
             channel = self._channels[address] = self._open(address)
         return channel
 
@@ -172,6 +184,17 @@ class TorchDistSender(KvSender):
 
 class NcclSender(TorchDistSender):
     backend = "nccl"
+
+
+@dataclass
+class _Piece:
+    """One layer's blocks of one transfer, exported and waiting for its channel."""
+
+    transfer_id: int
+    layer: int
+    first_block_index: int
+    payload: torch.Tensor
+    ready: torch.cuda.Event | None  # set once the export finished on the device
 
 
 def _key(dest: KvDestination) -> tuple[str, int]:
