@@ -78,6 +78,8 @@ def plot(found: dict[str, dict[str, BenchResult]], slo: Slo, path: Path) -> None
 def main() -> None:
     directory, stem = Path(sys.argv[1]), Path(sys.argv[2])
     found = load(directory)
+    if not found:
+        raise SystemExit(f"no workload in {directory} has bench JSONs from both {' and '.join(DEPLOYMENTS)}")
     lines = [f"# Disaggregated vs colocated goodput ({', '.join(sorted(found))})", ""]
     for slo in SLOS:
         for workload in sorted(found):
