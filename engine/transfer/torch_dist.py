@@ -88,6 +88,14 @@ class TorchDistReceiver(KvReceiver):
 class NcclReceiver(TorchDistReceiver):
     backend = "nccl"
 
+    def _check(self, hello: Hello) -> str:
+        mine = device_uuid(self.kv_cache.spec.device)
+        if hello.device_uuid and hello.device_uuid == mine:
+            # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") deep inside its first send.
+            return (f"sender {hello.sender_id} is on this receiver's GPU ({mine}); nccl needs two GPUs: "
+                    "give each replica a whole GPU, or set transfer.backend to cuda_ipc when all share one")
+        return super()._check(hello)
+
 
 class TorchDistSender(KvSender):
     """Sends to any receiver of its backend; one channel (and thread) per receiver, opened on demand."""

@@ -73,3 +73,12 @@ def test_a_sender_that_dies_between_layers_fails_the_wait_fast(receiver):
     assert outcome.reason is FailureReason.PEER_GONE
     assert time.monotonic() - started < 5.0
     process.join(5.0)
+
+
+def test_a_sender_on_the_receivers_own_gpu_is_refused_clearly(receiver):
+    from pdserve.engine.transfer import HandshakeError, make_sender
+
+    sender = make_sender("nccl", make_cache(device="cuda:0"), timeout_s=10.0)
+    with pytest.raises(HandshakeError, match="nccl needs two GPUs"):
+        sender.connect(receiver.address, timeout_s=10.0)
+    sender.close()
