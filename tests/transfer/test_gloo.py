@@ -1,22 +1,19 @@
 """The gloo backend: exact delivery between processes, concurrency, dead peers, mismatches, cancel."""
 import dataclasses
-import multiprocessing
 import time
 
 import pytest
-import torch
 
 from kv_helpers import (
     NUM_LAYERS,
-    SENDER_EXIT_OK,
-    SendPlan,
     blocks,
+    check_a_sender_dying_between_layers_fails_the_wait_fast,
+    check_two_senders_fill_their_blocks_exactly,
     make_cache,
-    run_sender,
+    wait_until,
 )
 from pdserve.engine.transfer import (
     WIRE_VERSION,
-    FailureReason,
     HandshakeError,
     TransferError,
     make_receiver,
@@ -24,8 +21,6 @@ from pdserve.engine.transfer import (
 )
 from pdserve.engine.transfer.rendezvous import Hello, connect
 from pdserve.engine.transfer.messages import KvGeometry
-
-spawn = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture
@@ -35,51 +30,12 @@ def receiver():
     receiver.close()
 
 
-def start_sender(plan: SendPlan, may_exit=None):
-    process = spawn.Process(target=run_sender, args=(plan, may_exit), daemon=True)
-    process.start()
-    return process
-
-
 def test_two_senders_in_other_processes_fill_their_blocks_exactly(receiver):
-    # Each sender pushes every layer in two ranges (chunked prefill) into scattered blocks.
-    plans = [
-        SendPlan(receiver.destination(1, (20, 3, 11, 7, 30)), seed=1, src_ranges=(((0, 1, 2), 0), ((5, 6), 3))),
-        SendPlan(receiver.destination(2, (4, 28, 16)), seed=2, src_ranges=(((9,), 0), ((3, 8), 1))),
-    ]
-    for plan in plans:
-        receiver.expect(plan.dest.transfer_id, plan.dest.block_ids, NUM_LAYERS)
-    processes = [start_sender(plan) for plan in plans]
-
-    outcomes = [receiver.wait(plan.dest.transfer_id, timeout_s=30.0) for plan in plans]
-    for process in processes:
-        process.join(10.0)
-
-    assert all(o.is_ok for o in outcomes), outcomes
-    assert [p.exitcode for p in processes] == [SENDER_EXIT_OK, SENDER_EXIT_OK]
-    for plan in plans:
-        src_ids = [b for ids, _ in plan.src_ranges for b in ids]
-        expected = blocks(make_cache(seed=plan.seed), src_ids)
-        assert torch.equal(blocks(receiver.kv_cache, plan.dest.block_ids), expected)
-    written = {b for plan in plans for b in plan.dest.block_ids}
-    assert not blocks(receiver.kv_cache, [b for b in range(32) if b not in written]).any()
+    check_two_senders_fill_their_blocks_exactly(receiver)
 
 
 def test_a_sender_that_dies_mid_transfer_fails_the_wait_fast(receiver):
-    plan = SendPlan(receiver.destination(5, (2, 3)), seed=3, src_ranges=(((0, 1), 0),), num_layers_before_exit=2)
-    receiver.expect(5, plan.dest.block_ids, NUM_LAYERS)
-    may_exit = spawn.Event()
-    process = start_sender(plan, may_exit)
-    first_layer = blocks(make_cache(seed=3), [0, 1])[0]
-    wait_until(lambda: torch.equal(receiver.kv_cache.tensor[0][:, [2, 3]], first_layer), timeout_s=30.0)
-
-    may_exit.set()
-    started = time.monotonic()
-    outcome = receiver.wait(5, timeout_s=10.0)
-
-    assert outcome.reason is FailureReason.PEER_GONE
-    assert time.monotonic() - started < 5.0
-    process.join(5.0)
+    check_a_sender_dying_between_layers_fails_the_wait_fast(receiver)
 
 
 def test_cancelled_transfer_drops_late_data(receiver):
@@ -142,9 +98,3 @@ def test_a_receiver_closing_fails_the_senders_open_transfer(receiver):
     assert time.monotonic() - started < 2.0
     sender.close()
 
-
-def wait_until(predicate, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
