@@ -15,11 +15,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
-from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.sampler import SampleResult, SamplingParams, sample
 from pdserve.engine.transfer.base import KvReceiver
 
 from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
@@ -225,8 +224,8 @@ class DecodeWorker:
                     if not seq.generated:
                         done_rows.append((row, seq))
             if done_rows:
-                rows = [r for r, _ in done_rows]
-                self._accept(logits[rows], [s for _, s in done_rows])
+                seqs = [s for _, s in done_rows]
+                self._accept(_sample(logits[[r for r, _ in done_rows]], seqs), seqs)
 
     def _admit_ready(self) -> None:
         while self._ready and len(self._running) < self.settings.max_running:
@@ -244,20 +243,18 @@ class DecodeWorker:
         batch = list(self._running)
         inputs = decode_inputs(batch)
         started = time.monotonic()
-        logits = self.runner.decode(inputs)  # valid until the next decode(): sampled below
-        if logits.is_cuda:  # the step's time is the GPU's, not the launch's
-            torch.cuda.synchronize(logits.device)
+        logits = self.runner.decode(inputs)  # valid until the next decode(): sampled right here
+        # Sampling is queued behind the step and its result read back, so the GPU runs both
+        # without a host round trip between them, and the step's time is the GPU's.
+        result = _sample(logits, batch)
         with self._lock:
             self._step_stats.append((time.monotonic() - started, len(batch)))
             live = [(row, s) for row, s in enumerate(batch) if s.state is SequenceState.RUNNING]
-            if len(live) < len(batch):  # some were aborted meanwhile: drop their rows
-                logits = logits[[r for r, _ in live]]
-            if live:
-                self._accept(logits, [s for _, s in live])
+            if live:  # rows aborted meanwhile are dropped
+                self._accept(result.select([r for r, _ in live]), [s for _, s in live])
 
-    def _accept(self, logits, seqs: list[DecodeSequence]) -> None:
-        """Sample one token for each sequence, emit it, finish those that stop (lock held)."""
-        result = sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+    def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
+        """Emit each sequence's sampled token, finish those that stop (lock held)."""
         now = time.monotonic()
         self._tokens_out.append((now, len(seqs)))
         for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
@@ -337,3 +334,8 @@ class DecodeWorker:
             return 0.0
         span = samples[-1][0] - samples[0][0]
         return sum(n for _, n in samples[1:]) / span if span > 0 else 0.0
+
+
+def _sample(logits, seqs: list[DecodeSequence]) -> SampleResult:
+    """One token for each sequence's row of `logits` (waits for the device)."""
+    return sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])

@@ -33,6 +33,10 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float | None]  # the chosen token's log-probability under the model, when asked
 
+    def select(self, rows: list[int]) -> SampleResult:
+        """The results of these rows only."""
+        return SampleResult([self.token_ids[r] for r in rows], [self.logprobs[r] for r in rows])
+
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> SampleResult:
     """logits [B, vocab] float32; positions[i]: the index the new token will have in sequence i."""
