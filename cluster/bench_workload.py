@@ -1,7 +1,7 @@
 """What `pdserve bench` sends, and when: prompts, output lengths, Poisson arrival times.
 
 Prompts are random token ids (exact prompt and output lengths: the client sends
-`ignore_eos`) or the first human turn of a ShareGPT-style JSON file (its text,
+`ignore_eos`), optionally after a prefix all prompts share, or the first human turn of a ShareGPT-style JSON file (its text,
 with the reply's length as `max_tokens`).
 """
 from __future__ import annotations
@@ -57,8 +57,13 @@ class Workload:
     prompt_tokens: LengthRange = LengthRange(128, 128)
     output_tokens: LengthRange = LengthRange(64, 64)
     dataset: str | None = None
+    shared_prefix_tokens: int = 0  # every random prompt starts with the same ids (a system prompt)
     token_id_low: int = 1000  # random ids avoid the low (special) ids of most vocabularies
     token_id_high: int = 20000
+
+    def __post_init__(self) -> None:
+        if self.shared_prefix_tokens < 0:
+            raise ValueError(f"shared prefix tokens must be >= 0, got {self.shared_prefix_tokens}")
 
     def requests(self, num: int, seed: int) -> list[RequestSpec]:
         """`num` requests, the same ones for the same seed."""
@@ -66,16 +71,20 @@ class Workload:
         if self.dataset:
             pairs = _dataset_pairs(Path(self.dataset))
             return [RequestSpec(prompt, max_tokens) for prompt, max_tokens in rng.choices(pairs, k=num)]
-        return [
-            RequestSpec([rng.randrange(self.token_id_low, self.token_id_high)
-                         for _ in range(self.prompt_tokens.sample(rng))], self.output_tokens.sample(rng))
-            for _ in range(num)
-        ]
+        prefix = self._random_ids(rng, self.shared_prefix_tokens)
+        return [RequestSpec(prefix + self._random_ids(rng, self.prompt_tokens.sample(rng)), self.output_tokens.sample(rng))
+                for _ in range(num)]
 
     def describe(self) -> dict:
         if self.dataset:
             return {"dataset": self.dataset}
-        return {"prompt_tokens": str(self.prompt_tokens), "output_tokens": str(self.output_tokens)}
+        described = {"prompt_tokens": str(self.prompt_tokens), "output_tokens": str(self.output_tokens)}
+        if self.shared_prefix_tokens:
+            described["shared_prefix_tokens"] = self.shared_prefix_tokens
+        return described
+
+    def _random_ids(self, rng: random.Random, num: int) -> list[int]:
+        return [rng.randrange(self.token_id_low, self.token_id_high) for _ in range(num)]
 
 
 def arrival_times(num: int, rate: float | None, seed: int) -> list[float]:

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, PdserveConfig, load_config, load_config_file
+from .config import ConfigError, load_config, load_config_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +87,8 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", default="128", help="random prompt length: N or MIN:MAX")
     parser.add_argument("--output-tokens", default="64", help="output length: N or MIN:MAX")
     parser.add_argument("--dataset", help="a ShareGPT-style JSON file of conversations (instead of random ids)")
+    parser.add_argument("--shared-prefix-tokens", type=int, default=0,
+                        help="random prompts all start with the same N ids (a system prompt), then their own")
     parser.add_argument("--num-requests", type=int, default=100, help="requests per run")
     parser.add_argument("--concurrency", type=int, help="most requests in flight (default: unbounded)")
     parser.add_argument("--warmup", type=int, default=4, help="requests sent (and discarded) first")

@@ -114,7 +114,9 @@ class PrefillDeployment:
     def stats(self) -> dict[str, Any]:
         tokens_per_s = self.worker.tokens_per_s()
         stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
-                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s}
+                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
+                 "prefix_hit_rate": self.worker.prefix_hit_rate(),
+                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks}
         if self.roofline is not None:
             stats["mfu"] = self.roofline.prefill_mfu(self.worker.runner.spec, tokens_per_s)
         return stats

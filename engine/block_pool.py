@@ -7,6 +7,7 @@ two sequences, as prefix sharing will do, is freed when its last holder lets go)
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 
 class NoFreeBlocks(RuntimeError):
@@ -66,10 +67,11 @@ class BlockPool:
 class BlockTable:
     """The blocks of one sequence, enough for `num_tokens` tokens."""
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, held: Sequence[int] = ()):
+        """`held`: full blocks the table starts with, on which the caller took a reference (a cached prefix)."""
         self.pool = pool
-        self.block_ids: list[int] = []
-        self.num_tokens = 0
+        self.block_ids: list[int] = list(held)
+        self.num_tokens = len(self.block_ids) * pool.block_size
 
     def ensure_capacity(self, num_tokens: int) -> None:
         """Allocate blocks so that `num_tokens` tokens fit (all or nothing)."""

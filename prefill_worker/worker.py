@@ -9,7 +9,9 @@ A request's life here:
 One engine thread runs batches: waiting prompts in arrival order under a token
 budget; a prompt longer than the budget is split into block-aligned chunks
 across batches (chunked prefill), its earlier chunks' KV kept in this replica's
-blocks. Finishing a transfer happens on a separate thread so the next batch's
+blocks. Full blocks of finished prompts stay in a prefix cache: a later prompt
+starting with the same tokens computes only the rest (its first chunk also
+sends the cached blocks), which is what prefix-aware routing aims at. Finishing a transfer happens on a separate thread so the next batch's
 compute is not held up by the network.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
+from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams, sample
 from pdserve.engine.transfer.base import KvSender
@@ -82,7 +85,8 @@ class PrefillJob:
     deadline: float
     future: Future
     table: BlockTable | None = None
-    num_done: int = 0  # prompt tokens whose KV is computed
+    num_done: int = 0  # prompt tokens whose KV is computed (or was found in the prefix cache)
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     state: PrefillState = PrefillState.QUEUED
     arrived_at: float = field(default_factory=time.monotonic)
     first_chunk_at: float = 0.0
@@ -97,6 +101,8 @@ class PrefillWorker:
         self.replica_id = replica_id
         spec = runner.kv_cache.spec
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
+        self.prefix_cache = PrefixCache(self.pool)
+        self._prompt_tokens = self._cached_tokens = 0  # since start: the prefix cache's hit rate
         self._queue: deque[PrefillJob] = deque()
         self._lock = threading.Condition()
         self._stopped = False
@@ -130,6 +136,11 @@ class PrefillWorker:
     def queued_requests(self) -> int:
         with self._lock:
             return len(self._queue)
+
+    def prefix_hit_rate(self) -> float:
+        """Share of the prompt tokens started so far whose KV the prefix cache held."""
+        with self._lock:
+            return self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
 
     def tokens_per_s(self) -> float:
         with self._lock:
@@ -183,23 +194,42 @@ class PrefillWorker:
             if budget <= 0:
                 break
             if job.table is None:
-                table = BlockTable(self.pool)
-                try:
-                    table.ensure_capacity(len(job.prompt))
-                except NoFreeBlocks:
+                job.table, job.num_cached = self._table_for(job.prompt)
+                if job.table is None:
                     break  # keep arrival order: wait for blocks
-                job.table, job.state = table, PrefillState.RUNNING
+                job.num_done = job.num_cached
+                job.state = PrefillState.RUNNING
+                self._prompt_tokens += len(job.prompt)
+                self._cached_tokens += job.num_cached
             end = min(len(job.prompt), job.num_done + budget)
             batch.append((job, PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))))
             budget -= end - job.num_done
         return batch
+
+    def _table_for(self, prompt: tuple[int, ...]) -> tuple[BlockTable | None, int]:
+        """Blocks for a prompt, its cached prefix shared and the rest allocated, and the number of
+        prompt tokens cached; (None, 0) while the pool has no room.
+
+        At least the last token is always computed: its logits give the first token.
+        """
+        table = BlockTable(self.pool, self.prefix_cache.match(prompt, (len(prompt) - 1) // self.pool.block_size))
+        num_cached = table.num_tokens
+        missing = self.pool.blocks_for(len(prompt)) - len(table.block_ids)
+        self.prefix_cache.evict(missing - self.pool.num_free)
+        try:
+            table.ensure_capacity(len(prompt))
+        except NoFreeBlocks:
+            table.release()
+            return None, 0
+        return table, num_cached
 
     def _run(self, batch: list[tuple[PrefillJob, PrefillChunk]]) -> None:
         block_size = self.pool.block_size
 
         def push_layer(layer: int) -> None:
             for job, chunk in batch:
-                first = chunk.start_pos // block_size
+                # a job's first chunk also carries its cached prefix, which the decode side lacks
+                first = 0 if chunk.start_pos == job.num_cached else chunk.start_pos // block_size
                 last = -(-(chunk.start_pos + len(chunk.token_ids)) // block_size)
                 self.sender.send_layer(job.destination, layer, job.table.block_ids[first:last], first)
 
@@ -227,6 +257,7 @@ class PrefillWorker:
                 if job.num_done == len(job.prompt):
                     self._queue.remove(job)
                     job.state = PrefillState.SENDING
+                    self.prefix_cache.insert(job.prompt, job.table.block_ids)
                     done.append((row, job))
             self._lock.notify_all()
         if done:

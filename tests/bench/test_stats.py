@@ -79,3 +79,15 @@ def test_poisson_arrivals_have_the_asked_rate():
     assert times[0] == 0 and times == sorted(times)
     assert 4000 / times[-1] == pytest.approx(20.0, rel=0.05)
     assert arrival_times(3, None, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_a_shared_prefix_starts_every_prompt_and_adds_to_its_length():
+    workload = Workload(LengthRange(5, 9), LengthRange(3, 3), shared_prefix_tokens=32)
+    specs = workload.requests(20, seed=1)
+
+    assert all(spec.prompt[:32] == specs[0].prompt[:32] for spec in specs)
+    assert all(37 <= len(spec.prompt) <= 41 for spec in specs)
+    assert len({tuple(spec.prompt[32:]) for spec in specs}) > 1
+    assert workload.describe()["shared_prefix_tokens"] == 32
+    with pytest.raises(ValueError, match="shared prefix"):
+        Workload(shared_prefix_tokens=-1)

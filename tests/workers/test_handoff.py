@@ -77,4 +77,26 @@ def test_concurrent_handoffs_decode_to_the_engines_tokens(loaded, workers):
     for t in threads:
         t.join(120)
     assert results == expected
-    assert decode.pool.num_free == decode.pool.num_blocks and prefill.pool.num_free == prefill.pool.num_blocks
+    assert decode.pool.num_free == decode.pool.num_blocks
+    assert prefill.pool.num_free + prefill.prefix_cache.num_blocks == prefill.pool.num_blocks  # the rest: cached
+
+
+def test_a_shared_prefix_is_computed_once_and_still_decodes_to_the_engines_tokens(loaded, workers):
+    prefill, decode = workers
+    rng = random.Random(5)
+    system = [rng.randrange(2, 128) for _ in range(42)]  # 10 full blocks of 4, then 2 tokens
+    prompts = [system + [1 + i] + [rng.randrange(2, 128) for _ in range(rng.randrange(0, 9))] for i in range(4)]
+    prompts.append(list(prompts[0]))  # the same prompt again: all but its last block can come from the cache
+    engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
+    expected = []
+    for prompt in prompts:
+        seq = OfflineSequence(prompt, 6)
+        list(engine.generate([seq], ignore_eos=True))
+        expected.append(seq.output)
+
+    results = [run_request(prefill, decode, prompt, 6) for prompt in prompts]
+
+    assert results == expected
+    cached = 3 * 40 + 4 * ((len(prompts[0]) - 1) // 4)
+    assert prefill.prefix_hit_rate() == cached / sum(len(p) for p in prompts)
+    assert decode.pool.num_free == decode.pool.num_blocks
