@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_speed  # noqa: E402,F401  (imports pdserve.engine from this checkout)
-from pdserve.decode_worker.sequence import DecodeSequence  # noqa: E402
-from pdserve.decode_worker.worker import decode_inputs  # noqa: E402
-from pdserve.engine.block_pool import BlockPool, BlockTable  # noqa: E402
-from pdserve.engine.cuda_graphs import DecodeGraphs  # noqa: E402
-from pdserve.engine.runner import DecodeInput, ModelRunner  # noqa: E402
+from pdserve.decode_worker.sequence import DecodeSequence
+from pdserve.decode_worker.worker import decode_inputs
+from pdserve.engine.block_pool import BlockPool, BlockTable
+from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.runner import DecodeInput, ModelRunner
 
 BLOCK_SIZE, MAX_BLOCKS, MAX_BATCH, CONTEXT = 16, 512, 64, 1024
 ADVANCE = 128  # advancing positions wrap after this many steps (the tables hold that much room)

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
+import functools
 import json
 import statistics
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -43,30 +42,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_pdserve() -> None:
-    """`pdserve.engine` from this checkout when the package is not installed."""
-    try:
-        import pdserve.engine  # noqa: F401
-        return
-    except ImportError:
-        pass
-    package = types.ModuleType("pdserve")
-    package.__path__ = []
-    sys.modules["pdserve"] = package
-    spec = importlib.util.spec_from_file_location(
-        "pdserve.engine", ROOT / "engine" / "__init__.py", submodule_search_locations=[str(ROOT / "engine")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pdserve.engine"] = module
-    spec.loader.exec_module(module)
-    package.engine = module
-
-
-_import_pdserve()
-from pdserve.engine import model as engine_model  # noqa: E402
-from pdserve.engine.kernels import gemv as gemv_kernel  # noqa: E402
-from pdserve.engine.loader import LoadedModel, _arrange  # noqa: E402
-from pdserve.engine.model_spec import spec_from_config  # noqa: E402
-from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk  # noqa: E402
+from pdserve.engine import model as engine_model
+from pdserve.engine.kernels import gemv as gemv_kernel
+from pdserve.engine.loader import LoadedModel, _arrange
+from pdserve.engine.model_spec import spec_from_config
+from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -114,17 +94,6 @@ def wall_ms(fn, warmup: int = 2, iters: int = 10) -> float:
     return statistics.median(times)
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    """Milliseconds of one fn() from a CUDA graph of `reps` calls (no launch or host cost)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    return gpu_ms(graph.replay, warmup=2, iters=7) / reps
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -136,12 +105,12 @@ def measure_ceilings() -> tuple[float, float]:
     n = 1 << 30  # 2 GiB of bf16 each way
     src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    ms = gpu_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+    ms = gpu_ms(functools.partial(dst.copy_, src), warmup=3, iters=20)
     copy_bps = 2 * src.numel() * 2 / (ms * 1e-3)
     del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    ms = gpu_ms(lambda: a @ b, warmup=5, iters=20)
+    ms = gpu_ms(functools.partial(torch.matmul, a, b), warmup=5, iters=20)
     matmul_flops = 2 * 8192**3 / (ms * 1e-3)
     del a, b
     torch.cuda.empty_cache()
@@ -459,7 +428,8 @@ def sweep_kernels(runner, blocks: BlockSource, results: dict, copy_bps: float) -
         for cfg in [(64, 4, 2, 2), (64, 4, 3, 2), (32, 4, 2, 2), (128, 8, 2, 2), (64, 4, 2, 4), (128, 4, 3, 4)]:
             pa._BLOCK_N, pa._NUM_WARPS, pa._NUM_STAGES, pa._WAVES = cfg
             try:
-                ms = graph_ms(lambda: pa.paged_decode_attention_triton(q, cache[0], cache[1], tables, lens, 0.088))
+                attention = lambda: pa.paged_decode_attention_triton(q, cache[0], cache[1], tables, lens, 0.088)
+                ms = calls_ms([attention] * 20)
                 out["decode"].append(dict(batch=batch, cfg=cfg, us=ms * 1e3, mbu=kv_bytes / (ms * 1e-3) / copy_bps))
                 say(f"sweep decode B={batch} (BLOCK_N, warps, stages, waves)={cfg}: {ms * 1e3:.1f} us, "
                     f"KV MBU {out['decode'][-1]['mbu']:.2f}")
@@ -477,7 +447,7 @@ def sweep_kernels(runner, blocks: BlockSource, results: dict, copy_bps: float) -
         for cfg in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]:
             fa._BLOCK_M, fa._BLOCK_N, fa._NUM_WARPS, fa._NUM_STAGES = cfg
             try:
-                ms = graph_ms(lambda: fa.prefill_attention_varlen_triton(q, k, v, cu, max(lengths), 0.088), reps=10)
+                ms = calls_ms([lambda: fa.prefill_attention_varlen_triton(q, k, v, cu, max(lengths), 0.088)] * 10)
                 out["prefill"].append(dict(lengths=f"{len(lengths)}x{lengths[0]}", cfg=cfg, us=ms * 1e3,
                                            tflops=flops / (ms * 1e-3) / 1e12))
                 say(f"sweep prefill {len(lengths)}x{lengths[0]} (BLOCK_M, BLOCK_N, warps, stages)={cfg}: "

@@ -17,22 +17,19 @@ from pathlib import Path
 
 import grpc
 import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
-from server import Server  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "e2e")]
+from server import Server  # noqa: E402  (tests/e2e/server.py)
+from tiny_models import save_tiny_model  # noqa: E402
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb  # noqa: E402
 from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def tiny_model(directory: Path, tokenizer_dir: Path):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                      initializer_range=0.2, eos_token_id=2, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(directory)
+    model = save_tiny_model("llama", directory, vocab_size=49152, num_hidden_layers=2, max_position_embeddings=1024,
+                            eos_token_id=2, bos_token_id=1)
     for file in tokenizer_dir.iterdir():
         shutil.copy(file, directory / file.name)
     model.generation_config.eos_token_id = None

@@ -13,6 +13,7 @@ for d in engine prefill_worker decode_worker router cluster protos; do ln -sfn "
 export PYTHONPATH=/tmp/site:/tmp/pd:$PWD/tests
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && nvidia-smi topo -m
+nccl_paths() { grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$@" | sort | uniq -c; }  # NCCL_DEBUG=INFO's transports
 for step in "$@"; do
   case $step in
     handoff) timeout 200 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
@@ -24,14 +25,14 @@ for step in "$@"; do
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
     pipeline2) NCCL_DEBUG=INFO timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus \
                > "$OUT/pipeline2.log" 2>&1
-               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" /tmp/pdserve-e2e-*.log | sort | uniq -c ;;
+               nccl_paths /tmp/pdserve-e2e-*.log ;;
     handoff2) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
                --lengths 512,2048,8192 --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1
-               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2.log" | sort | uniq -c ;;
+               nccl_paths "$OUT/handoff2.log" ;;
     handoff2i) NCCL_DEBUG=INFO timeout 150 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
                --lengths 512,2048,8192 --repeats 3 --backend nccl --isolate --out "$OUT/handoff_nccl_isolated.md" \
                > "$OUT/handoff2i.log" 2>&1
-               grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$OUT/handoff2i.log" | sort | uniq -c ;;
+               nccl_paths "$OUT/handoff2i.log" ;;
     goodput2b) mkdir -p /tmp/goodputb && timeout $((440 - SECONDS)) python3 benchmarks/gpu2_goodput.py .carry/tokenizer \
                /tmp/goodputb --only 1p1d --requests 60 > "$OUT/goodput2b.log" 2>&1
                tar czf "$OUT/goodput2b.tgz" -C /tmp/goodputb . ;;

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+from server import free_port  # noqa: E402  (tests/e2e/server.py)
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -201,7 +205,7 @@ def link_rates(args, message_bytes: list[int]) -> dict[int, float]:
     """Plain NCCL send/recv between the two devices: bytes per second for each message size."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     ranks = [ctx.Process(target=_link_rank, args=(rank, device, port, message_bytes, results))
              for rank, device in enumerate((args.decode_device, args.prefill_device))]
     for process, visible in zip(ranks, (args.visible[1], args.visible[0])):
@@ -237,14 +241,6 @@ def _link_rank(rank: int, device: str, port: int, message_bytes: list[int], resu
     if rank == 0:
         results.put(rates)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
