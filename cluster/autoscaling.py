@@ -29,7 +29,7 @@ from typing import Any
 
 from pdserve.cluster.config import PdserveConfig, load_config
 from pdserve.cluster.cost_model import (
-    DecodeProfile, PrefillProfile, Slo, StepSample, Workload, predict_tpot, predict_ttft,
+    DecodeProfile, PrefillProfile, Slo, StepSample, Workload, format_ms, predict_tpot, predict_ttft, smallest_holding,
 )
 from pdserve.cluster.registry import registry
 
@@ -157,15 +157,18 @@ def _wish(pool: str, observation: Observation, target: int, settings: PolicySett
         load = lambda n: _decode_load(workload, n, profile)  # noqa: E731
     now_latency = latency(target)
     if now_latency > slo and target < bounds.max:
-        wish = _smallest(latency, settings.up_headroom * slo, max(target + 1, bounds.min), bounds.max)
-        return wish, f"{metric.lower()}_above_slo", f"predicted {metric} {_ms(now_latency)} > SLO {_ms(slo)} at {load(target)}"
-    smaller = _smallest(latency, settings.down_headroom * slo, bounds.min, target)
+        wish = smallest_holding(lambda n: latency(n) <= settings.up_headroom * slo, max(target + 1, bounds.min),
+                                bounds.max)
+        return wish, f"{metric.lower()}_above_slo", (
+            f"predicted {metric} {format_ms(now_latency)} > SLO {format_ms(slo)} at {load(target)}")
+    smaller = smallest_holding(lambda n: latency(n) <= settings.down_headroom * slo, bounds.min, target)
     if smaller < target:
         return smaller, f"{metric.lower()}_within_slo", (
-            f"predicted {metric} {_ms(latency(smaller))} with {smaller} within {settings.down_headroom:.0%} of "
-            f"SLO {_ms(slo)} at {load(smaller)}")
+            f"predicted {metric} {format_ms(latency(smaller))} with {smaller} within {settings.down_headroom:.0%} of "
+            f"SLO {format_ms(slo)} at {load(smaller)}")
     clamped = min(max(target, bounds.min), bounds.max)
-    return clamped, "holding", f"predicted {metric} {_ms(now_latency)} against SLO {_ms(slo)} at {load(target)}"
+    return clamped, "holding", (
+        f"predicted {metric} {format_ms(now_latency)} against SLO {format_ms(slo)} at {load(target)}")
 
 
 def _decode_load(workload: Workload, num_decode: int, profile: DecodeProfile) -> str:
@@ -173,14 +176,6 @@ def _decode_load(workload: Workload, num_decode: int, profile: DecodeProfile) ->
     if math.isinf(running):
         return f"{workload.arrival_rate:.1f} requests/s of {workload.output_tokens:.0f} output tokens (saturated)"
     return f"{max(running, workload.running_sequences):.0f} running sequences"
-
-
-def _smallest(latency, limit_s: float, low: int, high: int) -> int:
-    return next((n for n in range(low, high + 1) if latency(n) <= limit_s), high)
-
-
-def _ms(seconds: float) -> str:
-    return "unbounded" if math.isinf(seconds) else f"{seconds * 1000:.0f} ms"
 
 
 # ---- measuring, on the replicas ----------------------------------------------------

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .bench_client import BenchClient, GrpcClient, HttpClient, RequestRecord
 from .bench_stats import RunSummary, Slo, summarize
-from .bench_workload import Workload, arrival_times
+from .bench_workload import LengthRange, Workload, arrival_times
 
 FORMAT_VERSION = 1
 STATUS_INTERVAL_S = 1.0
@@ -184,18 +184,16 @@ def format_summary(summary: RunSummary) -> str:
 
 def main_config(args: Any) -> BenchConfig:
     """A `BenchConfig` from the flags bench and diagnose share (cli.py)."""
-    from .bench_workload import LengthRange
-
     try:
         workload = Workload(LengthRange.parse(args.prompt_tokens), LengthRange.parse(args.output_tokens),
                             args.dataset, args.shared_prefix_tokens)
-        rates = tuple(None if r in ("inf", "max") else float(r) for r in (getattr(args, "rates", None) or "inf").split(","))
+        rates = tuple(None if r in ("inf", "max") else float(r) for r in (args.rates or "inf").split(","))
     except ValueError as e:
         raise SystemExit(f"pdserve: bad workload: {e}") from None
     return BenchConfig(
         url=args.url, grpc_address=args.grpc, api_key=args.api_key, workload=workload,
         num_requests=args.num_requests, rates=rates,
-        concurrency=getattr(args, "concurrency", None), warmup=args.warmup,
+        concurrency=args.concurrency, warmup=args.warmup,
         slo=Slo((args.slo_ttft_ms or 1000.0) / 1e3, (args.slo_tpot_ms or 100.0) / 1e3), seed=args.seed,
         progress=not args.quiet)
 

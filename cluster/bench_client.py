@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import grpc
@@ -15,11 +15,11 @@ import httpx
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
+from pdserve.router.generation import PhaseTimings
 
 from .bench_workload import RequestSpec
 
-TIMING_FIELDS = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "decode_s", "tpot_s", "e2e_s", "kv_bytes",
-                 "prefill_replica", "decode_replica")
+TIMING_FIELDS = tuple(f.name for f in fields(PhaseTimings))  # the server's pdserve_timings
 
 
 @dataclass

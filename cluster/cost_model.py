@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,6 @@ class Prediction:
     running_per_decode: float  # sequences in each decode replica's batch
     bottleneck: str  # "prefill" | "decode": the phase closer to (or further past) its SLO, or slower per request
 
-    def ttft_ratio(self, slo: Slo) -> float:
-        return self.ttft_s / slo.ttft_s
-
-    def tpot_ratio(self, slo: Slo) -> float:
-        return self.tpot_s / slo.tpot_s
-
     def holds(self, slo: Slo, headroom: float = 1.0) -> bool:
         return self.ttft_s <= headroom * slo.ttft_s and self.tpot_s <= headroom * slo.tpot_s
 
@@ -189,8 +183,10 @@ def predict(workload: Workload, num_prefill: int, num_decode: int, profiles: Pro
 def smallest_pools(workload: Workload, slo: Slo, profiles: Profiles, prefill: tuple[int, int],
                    decode: tuple[int, int], headroom: float = 1.0) -> PoolPlan:
     """The smallest sizes within the (min, max) bounds whose predictions hold headroom × SLO (the max where none does)."""
-    num_prefill = _smallest(lambda n: predict_ttft(workload, n, profiles.prefill)[0] <= headroom * slo.ttft_s, prefill)
-    num_decode = _smallest(lambda n: predict_tpot(workload, n, profiles.decode)[0] <= headroom * slo.tpot_s, decode)
+    num_prefill = smallest_holding(lambda n: predict_ttft(workload, n, profiles.prefill)[0] <= headroom * slo.ttft_s,
+                                   *prefill)
+    num_decode = smallest_holding(lambda n: predict_tpot(workload, n, profiles.decode)[0] <= headroom * slo.tpot_s,
+                                  *decode)
     prediction = predict(workload, num_prefill, num_decode, profiles, slo)
     return PoolPlan(num_prefill, num_decode, prediction, describe(prediction, slo))
 
@@ -198,19 +194,20 @@ def smallest_pools(workload: Workload, slo: Slo, profiles: Profiles, prefill: tu
 def describe(prediction: Prediction, slo: Slo) -> str:
     """One line per phase: predicted latency against its SLO and the load behind it."""
     p = prediction
-    ttft = (f"prefill x{p.num_prefill}: predicted TTFT {_ms(p.ttft_s)} {'<=' if p.ttft_s <= slo.ttft_s else '>'} "
-            f"SLO {_ms(slo.ttft_s)} at {p.prefill_utilisation:.0%} utilisation")
-    tpot = (f"decode x{p.num_decode}: predicted TPOT {_ms(p.tpot_s)} {'<=' if p.tpot_s <= slo.tpot_s else '>'} "
-            f"SLO {_ms(slo.tpot_s)} at {p.running_per_decode * p.num_decode:.0f} running sequences")
+    ttft = (f"prefill x{p.num_prefill}: predicted TTFT {format_ms(p.ttft_s)} {'<=' if p.ttft_s <= slo.ttft_s else '>'} "
+            f"SLO {format_ms(slo.ttft_s)} at {p.prefill_utilisation:.0%} utilisation")
+    tpot = (f"decode x{p.num_decode}: predicted TPOT {format_ms(p.tpot_s)} {'<=' if p.tpot_s <= slo.tpot_s else '>'} "
+            f"SLO {format_ms(slo.tpot_s)} at {p.running_per_decode * p.num_decode:.0f} running sequences")
     return f"{ttft}; {tpot}"
 
 
-def _ms(seconds: float) -> str:
+def format_ms(seconds: float) -> str:
+    """A predicted latency in words: "71 ms", or "unbounded" for a pool that cannot keep up."""
     return "unbounded" if math.isinf(seconds) else f"{seconds * 1000:.0f} ms"
 
 
-def _smallest(holds, bounds: tuple[int, int]) -> int:
-    low, high = bounds
+def smallest_holding(holds: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest pool size in [low, high] for which `holds`; `high` when none does."""
     return next((n for n in range(low, high + 1) if holds(n)), high)
 
 

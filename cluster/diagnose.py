@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cost_model as cm
-from .bench import BenchConfig, BenchResult, run_bench
-from .bench_stats import Slo, percentile
+from .bench import BenchConfig, BenchResult, Run, main_config, run_bench
+from .bench_stats import RunSummary, Slo, percentile
 
 MAX_REPLICAS = 8  # splits searched: p + d <= MAX_REPLICAS
 PROBE_CONCURRENCY = 4
@@ -100,25 +100,24 @@ def diagnose(result: BenchResult) -> Diagnosis:
     colocated = bool(status.get("colocated"))
     num_prefill = 0 if colocated else max(len(pools.get("prefill", {})), 1)
     num_decode = max(len(pools.get("decode", {})), 1)
-    profiles = fit_profiles(result)
+    slo, profiles = result.slo, fit_profiles(result)
     ok = [q for run in result.runs for q in run.requests if q.is_ok]
-    summaries = [run.summary(result.slo) for run in result.runs]
+    summaries = [run.summary(slo) for run in result.runs]
     workload = cm.Workload(max(s.throughput_rps for s in summaries), statistics.fmean(q.prompt_tokens for q in ok),
                            statistics.fmean(q.output_tokens for q in ok))
-    points = sorted((_point(run, result.slo, profiles, max(num_prefill, 1)) for run in result.runs),
-                    key=lambda p: p.throughput_rps)
+    points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1))
+                     for run, summary in zip(result.runs, summaries)), key=lambda p: p.throughput_rps)
     broken = next((p for p in points if max(p.prefill_ratio, p.decode_ratio) > 1), None)
     bottleneck = (broken or max(points, key=lambda p: max(p.prefill_ratio, p.decode_ratio))).bottleneck
-    model_slo = cm.Slo(result.slo.ttft_s, result.slo.tpot_s)
-    at_current = cm.predict(workload, max(num_prefill, 1), num_decode, profiles, model_slo)
-    splits = [Split(p, d, max_goodput(workload, p, d, profiles, model_slo))
+    at_current = cm.predict(workload, max(num_prefill, 1), num_decode, profiles, slo)
+    splits = [Split(p, d, max_goodput(workload, p, d, profiles, slo))
               for p in range(1, MAX_REPLICAS) for d in range(1, MAX_REPLICAS - p + 1)]
     best = max(splits, key=lambda s: (round(s.per_replica_rps, 9), -(s.num_prefill + s.num_decode)))
     current_sizes = (1, 1) if colocated else (num_prefill, num_decode)
-    current = Split(*current_sizes, max_goodput(workload, *current_sizes, profiles, model_slo))
+    current = Split(*current_sizes, max_goodput(workload, *current_sizes, profiles, slo))
     baseline = _scaled(splits, current_sizes)
     name = f"colocated x{num_decode}" if colocated else f"{num_prefill} prefill + {num_decode} decode"
-    return Diagnosis(name, colocated, num_prefill, num_decode, result.slo, workload, profiles, points, bottleneck,
+    return Diagnosis(name, colocated, num_prefill, num_decode, slo, workload, profiles, points, bottleneck,
                      broken.throughput_rps if broken else None, at_current.bottleneck, current, baseline, best, splits,
                      hardware_lines(result, profiles))
 
@@ -131,8 +130,7 @@ def _scaled(splits: list[Split], sizes: tuple[int, int]) -> Split:
 
 def fit_profiles(result: BenchResult) -> cm.Profiles:
     """The cost model's profiles from the replicas' reports, or the requests' timings where none came."""
-    reports = [(pool, stats) for run in result.runs for sample in run.pools
-               for pool, replicas in sample["pools"].items() for stats in replicas.values()]
+    reports = _replica_reports(result)
     rates = [s["tokens_per_s"] for pool, s in reports if pool == "prefill" and s.get("tokens_per_s", 0) > 0]
     timed = [(q.prompt_tokens, q.server) for run in result.runs for q in run.requests if q.is_ok and q.server]
     if not rates:  # colocated: the prompt's own forward time on the replica that decodes it
@@ -145,6 +143,12 @@ def fit_profiles(result: BenchResult) -> cm.Profiles:
     else:  # no reports: the requests' own time per output token, as a constant step
         decode = cm.DecodeProfile(statistics.median([t["tpot_s"] for _, t in timed if t.get("tpot_s", 0) > 0] or [0.0]))
     return cm.Profiles(cm.PrefillProfile(statistics.median(rates) if rates else 0.0, handoff), decode)
+
+
+def _replica_reports(result: BenchResult) -> list[tuple[str, dict[str, Any]]]:
+    """(pool, one replica's stats) of every pool sample taken while the runs went."""
+    return [(pool, stats) for run in result.runs for sample in run.pools
+            for pool, replicas in sample["pools"].items() for stats in replicas.values()]
 
 
 def max_goodput(workload: cm.Workload, num_prefill: int, num_decode: int, profiles: cm.Profiles,
@@ -165,12 +169,11 @@ def max_goodput(workload: cm.Workload, num_prefill: int, num_decode: int, profil
     return low
 
 
-def _point(run: Any, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadPoint:
-    s = run.summary(slo)
+def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadPoint:
     ok = [q for q in run.requests if q.is_ok]
     timed = [q for q in ok if q.server]
     phase = sorted(q.server["queue_s"] + q.server["prefill_s"] + q.server["kv_transfer_s"] for q in timed)
-    prefill_phase = percentile(phase, 90) if phase else (s.ttft.p90 or 0.0)  # no server timings: all of TTFT
+    prefill_phase = percentile(phase, 90) if phase else (summary.ttft.p90 or 0.0)  # no server timings: all of TTFT
     mean = {k: statistics.fmean(q.server[k] for q in timed) if timed else 0.0
             for k in ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s")}
     client_ttft = statistics.fmean(q.ttft_s for q in timed) if timed else 0.0
@@ -178,14 +181,14 @@ def _point(run: Any, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadP
     capacity = num_prefill * profiles.prefill.tokens_per_s
     batches = [r["batch_size"] for sample in run.pools for r in sample["pools"].get("decode", {}).values()
                if r.get("num_running", 0) > 0]
-    prefill_ratio, decode_ratio = prefill_phase / slo.ttft_s, (s.tpot.p90 or 0.0) / slo.tpot_s
+    prefill_ratio, decode_ratio = prefill_phase / slo.ttft_s, (summary.tpot.p90 or 0.0) / slo.tpot_s
     return LoadPoint(
-        offered_rps=s.rate, throughput_rps=s.throughput_rps, goodput_rps=s.goodput_rps,
-        ttft_p90_s=s.ttft.p90 or 0.0, prefill_phase_p90_s=prefill_phase, tpot_p90_s=s.tpot.p90 or 0.0,
+        offered_rps=summary.rate, throughput_rps=summary.throughput_rps, goodput_rps=summary.goodput_rps,
+        ttft_p90_s=summary.ttft.p90 or 0.0, prefill_phase_p90_s=prefill_phase, tpot_p90_s=summary.tpot.p90 or 0.0,
         queue_s=mean["queue_s"], prefill_s=mean["prefill_s"], kv_transfer_s=mean["kv_transfer_s"],
         router_s=max(mean["ttft_s"] - mean["queue_s"] - mean["prefill_s"] - mean["kv_transfer_s"], 0.0),
         frontend_s=max(client_ttft - mean["ttft_s"], 0.0) if timed else 0.0,
-        prefill_utilisation=s.throughput_rps * mean_prompt / capacity if capacity else 0.0,
+        prefill_utilisation=summary.throughput_rps * mean_prompt / capacity if capacity else 0.0,
         decode_batch=statistics.fmean(batches) if batches else 0.0,
         prefill_ratio=prefill_ratio, decode_ratio=decode_ratio,
         bottleneck="prefill" if prefill_ratio >= decode_ratio else "decode",
@@ -194,8 +197,7 @@ def _point(run: Any, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadP
 
 def hardware_lines(result: BenchResult, profiles: cm.Profiles) -> list[str]:
     """How close each phase runs to its hardware limit, as far as the reports tell."""
-    reports = [stats for run in result.runs for sample in run.pools for replicas in sample["pools"].values()
-               for stats in replicas.values()]
+    reports = [stats for _, stats in _replica_reports(result)]
     mfu = [r["mfu"] for r in reports if r.get("mfu")]
     mbu = [r["mbu"] for r in reports if r.get("mbu")]
     timed = [q.server for run in result.runs for q in run.requests if q.is_ok and q.server and q.server.get("kv_bytes")]
@@ -299,7 +301,6 @@ async def _sweep(config: BenchConfig) -> BenchResult:
 
 def main(args: Any) -> int:
     """The `pdserve diagnose` command (flags in cli.py)."""
-    from .bench import main_config
     from .bench_plots import plot_diagnosis
 
     if args.source:
