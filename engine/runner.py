@@ -11,7 +11,7 @@ KV tensor then holds num_blocks + 1 blocks, and `kv_cache.spec.num_blocks`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -48,7 +48,7 @@ class ModelRunner:
         self.spec = loaded.spec
         self.device = loaded.device
         use_graphs = loaded.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
-        spec = KvCacheSpec(
+        self.kv_cache = KvCache(KvCacheSpec(
             num_layers=loaded.spec.num_layers,
             num_blocks=num_blocks,
             block_size=block_size,
@@ -56,12 +56,7 @@ class ModelRunner:
             head_dim=loaded.spec.head_dim,
             dtype=loaded.dtype,
             device=loaded.device,
-        )
-        if use_graphs:  # block num_blocks is the graphs' scratch block, outside the pool's ids
-            self.kv_cache = KvCache(replace(spec, num_blocks=num_blocks + 1))
-            self.kv_cache.spec = spec
-        else:
-            self.kv_cache = KvCache(spec)
+        ), num_scratch_blocks=1 if use_graphs else 0)  # block num_blocks: the graphs' scratch block
         self.block_size = block_size
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_cache, max_decode_batch,

@@ -1,12 +1,13 @@
 """The `cuda_ipc` backend: both replicas on one GPU; the sender writes the receiver's pool directly.
 
 The receiver shares its whole KV tensor once (a CUDA IPC handle in its address);
-each sender maps it once per receiver and copies blocks device to device on a
-side stream, after its compute stream's event. Frames still travel over a small
+each sender maps it once per receiver and copies blocks device to device on that
+receiver's channel thread, whose own stream (`channel.own_stream`) waits for the
+compute stream's event. Frames still travel over a small
 gloo channel, because direct writes need a gate and a fence:
     BEGIN -> ADMITTED   the receiver still expects the transfer; only then do copies start
     CANCEL -> FENCED    the receiver's cancel waits until the sender stopped and synced
-    LANDED..., FINISH   sent after the side stream synced, so "landed" is true
+    LANDED..., FINISH   sent after the channel's stream synced, so "landed" is true
 """
 from __future__ import annotations
 
@@ -93,11 +94,12 @@ class CudaIpcReceiver(TorchDistReceiver):
 
 @dataclass
 class _Peer:
-    """One receiver as this sender sees it: its mapped pool, the copy stream, the state of transfers."""
+    """One receiver as this sender sees it: its mapped pool, the state of transfers.
+
+    Copies run on the channel thread, on its own stream (`_copy_stream`)."""
 
     channel: SendChannel
     remote: torch.Tensor
-    stream: torch.cuda.Stream
     admitted: dict[int, bool] = field(default_factory=dict)  # transfer id -> may write
     ranges: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (layer, first, n) copied
 
@@ -127,10 +129,9 @@ class CudaIpcSender(TorchDistSender):
             if not peer.admitted[tid]:
                 return  # the receiver no longer wants it (cancelled, timed out) or fenced it
             device = self.kv_cache.spec.device
-            with torch.cuda.stream(peer.stream):
-                peer.stream.wait_event(ready)
-                src = self.kv_cache.layer(layer).index_select(1, torch.tensor(src_block_ids, device=device))
-                peer.remote[layer].index_copy_(1, torch.tensor(dst_ids, device=device), src)
+            self._copy_stream().wait_event(ready)
+            src = self.kv_cache.layer(layer).index_select(1, torch.tensor(src_block_ids, device=device))
+            peer.remote[layer].index_copy_(1, torch.tensor(dst_ids, device=device), src)
             peer.ranges.setdefault(tid, []).append((layer, first_block_index, n))
 
         peer.channel.submit(copy)
@@ -141,7 +142,7 @@ class CudaIpcSender(TorchDistSender):
         tid = dest.transfer_id
 
         def report() -> None:
-            peer.stream.synchronize()  # only now are the copies in the receiver's pool
+            self._copy_stream().synchronize()  # only now are the copies in the receiver's pool
             for frame in _landed_frames(tid, peer.ranges.pop(tid, []), self.kv_cache.spec.num_layers):
                 peer.channel.send_frame(frame)
             peer.admitted.pop(tid, None)
@@ -159,8 +160,12 @@ class CudaIpcSender(TorchDistSender):
         """The receiver cancelled: stop writing, wait for copies in flight, confirm (channel thread)."""
         peer.admitted[transfer_id] = False
         peer.ranges.pop(transfer_id, None)
-        peer.stream.synchronize()
+        self._copy_stream().synchronize()
         peer.channel.send_frame(Frame(MessageKind.FENCED, transfer_id))
+
+    def _copy_stream(self) -> torch.cuda.Stream:
+        """The calling channel thread's own stream, where its copies run (channel thread only)."""
+        return torch.cuda.current_stream(self.kv_cache.spec.device)
 
     def _open(self, address: ChannelAddress) -> SendChannel:
         if not isinstance(address.ipc_handle, CudaIpcHandle):
@@ -171,7 +176,7 @@ class CudaIpcSender(TorchDistSender):
         # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
         channel = SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s,
                               on_cancel=lambda tid: channel.submit(lambda: self._stop_writing(holder[0], tid)))
-        peer = _Peer(channel, address.ipc_handle.open(), torch.cuda.Stream(self.kv_cache.spec.device))
+        peer = _Peer(channel, address.ipc_handle.open())
         holder.append(peer)
         self._peers[channel] = peer
         return channel

@@ -83,20 +83,20 @@ class FakeSender(KvSender):
         self._check_range(dest, layer, src_block_ids, first_block_index)
         self._start(dest)
         with self._lock:
-            if _key(dest) in self._failed:
+            if dest.key in self._failed:
                 return
         data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
         try:
             self._receiver(dest.channel)._ledger.write([LayerPiece(dest.transfer_id, layer, first_block_index, data)])
         except TransferError as e:
             with self._lock:
-                self._failed[_key(dest)] = str(e)
+                self._failed[dest.key] = str(e)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         self._start(dest)
         with self._lock:
-            self._started.discard(_key(dest))
-            failure = self._failed.pop(_key(dest), "")
+            self._started.discard(dest.key)
+            failure = self._failed.pop(dest.key, "")
         if failure:
             raise TransferError(f"transfer {dest.transfer_id}: {failure}")
         status = self._receiver(dest.channel)._ledger.finish(dest.transfer_id, num_blocks_total)
@@ -111,15 +111,15 @@ class FakeSender(KvSender):
     def _start(self, dest: KvDestination) -> None:
         """Count a new transfer and decide whether the fault plan fails it."""
         with self._lock:
-            if _key(dest) in self._started:
+            if dest.key in self._started:
                 return
-            self._started.add(_key(dest))
+            self._started.add(dest.key)
             self._num_started += 1
             is_picked = self._num_started in self._faults.fail_nth
             if not (is_picked or self._random.random() < self._faults.failure_probability):
                 return
             detail = f"injected fault (transfer #{self._num_started} of this sender)"
-            self._failed[_key(dest)] = detail
+            self._failed[dest.key] = detail
         log.info("transfer %d: %s", dest.transfer_id, detail)
         with _registry_lock:
             receiver = _registry.get(dest.channel.port)
@@ -134,8 +134,3 @@ class FakeSender(KvSender):
         if KvGeometry.of(receiver.kv_cache.spec) != KvGeometry.of(self.kv_cache.spec):
             raise HandshakeError(f"KV geometry differs from receiver {address.peer_id}'s")
         return receiver
-
-
-def _key(dest: KvDestination) -> tuple[str, int]:
-    """Transfer ids are per receiver: a sender keys its transfers by both."""
-    return dest.channel.peer_id, dest.transfer_id

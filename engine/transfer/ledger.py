@@ -74,7 +74,7 @@ class TransferLedger:
             landed = []
             for piece in pieces:
                 n = piece.data.shape[1]
-                entry, _ = self._receiving(piece.transfer_id, piece.layer, piece.first_block_index, n)
+                entry = self._receiving(piece.transfer_id, piece.layer, piece.first_block_index, n)
                 if entry is None:
                     continue
                 ids = entry.block_ids[piece.first_block_index : piece.first_block_index + n]
@@ -85,13 +85,12 @@ class TransferLedger:
             for entry, layer, first, n in landed:
                 entry.landed[layer][first : first + n] = b"\x01" * n
 
-    def mark_landed(self, transfer_id: int, layer: int, first_block_index: int, num_blocks: int) -> AckStatus:
+    def mark_landed(self, transfer_id: int, layer: int, first_block_index: int, num_blocks: int) -> None:
         """Record blocks a peer wrote directly (cuda_ipc)."""
         with self._lock:
-            entry, status = self._receiving(transfer_id, layer, first_block_index, num_blocks)
+            entry = self._receiving(transfer_id, layer, first_block_index, num_blocks)
             if entry is not None:
                 entry.landed[layer][first_block_index : first_block_index + num_blocks] = b"\x01" * num_blocks
-            return status
 
     def admit(self, transfer_id: int, writer: Hashable) -> AckStatus:
         """Let `writer` write this transfer's blocks directly (cuda_ipc); fenced on cancel."""
@@ -153,17 +152,17 @@ class TransferLedger:
                 self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CANCELLED, "cancelled"))
             return entry.writer
 
-    def _receiving(self, transfer_id: int, layer: int, first: int, n: int) -> tuple[_Expected | None, AckStatus]:
-        """The open entry data may go to, or None and why not (caller holds the lock)."""
+    def _receiving(self, transfer_id: int, layer: int, first: int, n: int) -> _Expected | None:
+        """The open entry data may go to, or None: not expected, or failed now on a bad range (caller holds the lock)."""
         entry = self._expected.get(transfer_id)
         if entry is None or entry.outcome is not None:
             log.debug("transfer %d: dropping data for layer %d (not expected)", transfer_id, layer)
-            return None, AckStatus.UNKNOWN_TRANSFER
+            return None
         if not (0 <= layer < entry.num_layers and 0 <= first and n > 0 and first + n <= len(entry.block_ids)):
             detail = f"bad range: layer {layer}, blocks [{first}, {first + n}) of {len(entry.block_ids)}"
             self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CHANNEL_ERROR, detail))
-            return None, AckStatus.FAILED
-        return entry, AckStatus.OK
+            return None
+        return entry
 
     @staticmethod
     def _settle(entry: _Expected, outcome: TransferOutcome) -> None:

@@ -36,6 +36,11 @@ class KvDestination:
     block_ids: tuple[int, ...]
     channel: ChannelAddress
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """(receiver, transfer id): transfer ids are per receiver, so a sender keys its transfers by both."""
+        return self.channel.peer_id, self.transfer_id
+
 
 class FailureReason(enum.Enum):
     TIMEOUT = "timeout"

@@ -148,7 +148,7 @@ class TorchDistSender(KvSender):
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
         channel = self._bind(dest)
         with self._lock:
-            self._bound.pop(_key(dest), None)
+            self._bound.pop(dest.key, None)
         reply = channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)
         channel.submit(lambda: channel.send_frame(Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)))
         try:
@@ -168,9 +168,9 @@ class TorchDistSender(KvSender):
     def _bind(self, dest: KvDestination) -> SendChannel:
         """The channel this transfer runs on: fixed at its first layer, so a broken one fails it whole."""
         with self._lock:
-            channel = self._bound.get(_key(dest))
+            channel = self._bound.get(dest.key)
             if channel is None:
-                channel = self._bound[_key(dest)] = self._channel_locked(dest.channel)
+                channel = self._bound[dest.key] = self._channel_locked(dest.channel)
             return channel
 
     def _channel(self, address: ChannelAddress) -> SendChannel:
@@ -203,10 +203,6 @@ class _Piece:
     first_block_index: int
     payload: torch.Tensor
     ready: torch.cuda.Event | None  # set once the export finished on the device
-
-
-def _key(dest: KvDestination) -> tuple[str, int]:
-    return dest.channel.peer_id, dest.transfer_id
 
 
 def _record_event(device: torch.device) -> torch.cuda.Event | None:
