@@ -14,6 +14,7 @@ export PYTHONPATH=/tmp/site:/tmp/pd:$PWD/tests
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && nvidia-smi topo -m
 nccl_paths() { grep -h -o -E "via (P2P|SHM|NET)[^ ]*" "$@" | sort | uniq -c; }  # NCCL_DEBUG=INFO's transports
+then_keep_rc() { local rc=$?; "$@"; return $rc; }  # run a follow-up; the step's exit stays the benchmark's
 for step in "$@"; do
   case $step in
     handoff) timeout 200 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
@@ -25,17 +26,17 @@ for step in "$@"; do
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
     pipeline2) NCCL_DEBUG=INFO timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus \
                > "$OUT/pipeline2.log" 2>&1
-               nccl_paths /tmp/pdserve-e2e-*.log ;;
+               then_keep_rc nccl_paths /tmp/pdserve-e2e-*.log ;;
     handoff2) NCCL_DEBUG=INFO timeout 240 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
                --lengths 512,2048,8192 --repeats 5 --backend nccl --out "$OUT/handoff_nccl.md" > "$OUT/handoff2.log" 2>&1
-               nccl_paths "$OUT/handoff2.log" ;;
+               then_keep_rc nccl_paths "$OUT/handoff2.log" ;;
     handoff2i) NCCL_DEBUG=INFO timeout 150 python3 benchmarks/handoff.py --device cuda --shape llama3-8b \
                --lengths 512,2048,8192 --repeats 3 --backend nccl --isolate --out "$OUT/handoff_nccl_isolated.md" \
                > "$OUT/handoff2i.log" 2>&1
-               nccl_paths "$OUT/handoff2i.log" ;;
+               then_keep_rc nccl_paths "$OUT/handoff2i.log" ;;
     goodput2b) mkdir -p /tmp/goodputb && timeout $((440 - SECONDS)) python3 benchmarks/gpu2_goodput.py .carry/tokenizer \
                /tmp/goodputb --only 1p1d --requests 60 > "$OUT/goodput2b.log" 2>&1
-               tar czf "$OUT/goodput2b.tgz" -C /tmp/goodputb . ;;
+               then_keep_rc tar czf "$OUT/goodput2b.tgz" -C /tmp/goodputb . ;;
     goodput2)  # runs on in its own session; a later call with the same step waits for it again
       if [ ! -e /tmp/goodput/started ]; then
         mkdir -p /tmp/goodput && touch /tmp/goodput/started

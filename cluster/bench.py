@@ -92,7 +92,7 @@ async def run_bench(config: BenchConfig) -> BenchResult:
     """Warm up, then one run per rate."""
     client = _client(config)
     try:
-        status = await _status(config.url)
+        status = await _status(config.url, config.api_key)
         if config.warmup:
             warm = config.workload.requests(config.warmup, seed=config.seed + 1)
             await _run(client, warm, None, min(config.warmup, 4), config, "warm-up")
@@ -126,7 +126,7 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
         bar.update()
 
     pools: list[dict[str, Any]] = []
-    sampler = asyncio.create_task(_sample_pools(config.url, started, pools))
+    sampler = asyncio.create_task(_sample_pools(config.url, config.api_key, started, pools))
     try:
         times = arrival_times(len(specs), rate, seed=config.seed)
         await asyncio.gather(*(one(s, r, t) for s, r, t in zip(specs, records, times)))
@@ -138,9 +138,15 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
     return Run(rate, concurrency, last_end - first_send, records, pools)
 
 
-async def _sample_pools(url: str, started: float, into: list[dict[str, Any]]) -> None:
+def _status_client(url: str, api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
+    """A client for the server's status route, which needs the key when the server has one."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers)
+
+
+async def _sample_pools(url: str, api_key: str | None, started: float, into: list[dict[str, Any]]) -> None:
     """Append the server's pool reports every `STATUS_INTERVAL_S` until cancelled."""
-    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+    async with _status_client(url, api_key, 5) as http:
         while True:
             try:
                 pools = (await http.get("/v1/pdserve/status")).json()["pools"]
@@ -150,9 +156,9 @@ async def _sample_pools(url: str, started: float, into: list[dict[str, Any]]) ->
             await asyncio.sleep(STATUS_INTERVAL_S)
 
 
-async def _status(url: str) -> dict[str, Any] | None:
+async def _status(url: str, api_key: str | None) -> dict[str, Any] | None:
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with _status_client(url, api_key, 10) as http:
             return (await http.get("/v1/pdserve/status")).json()
     except (httpx.HTTPError, ValueError):
         return None

@@ -83,13 +83,9 @@ SWEEP_CONFIGS = (
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for few rows; Triton on CUDA, the torch reference elsewhere."""
+    """F.linear for few rows; Triton on CUDA, F.linear itself elsewhere."""
     if use_triton(x, weight):
         return gemv_triton(x, weight, bias)
-    return gemv_reference(x, weight, bias)
-
-
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 

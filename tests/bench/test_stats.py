@@ -60,6 +60,7 @@ def test_one_token_answers_meet_the_tpot_slo_vacuously():
 def test_goodput_never_exceeds_throughput_and_is_zero_for_impossible_slos():
     rng = random.Random(3)
     records = [record(rng.uniform(0.01, 2), rng.uniform(0.001, 0.2), tokens=rng.randint(1, 30)) for _ in range(200)]
+    records += [record(0.01, 0.001, error="boom") for _ in range(20)]  # fast but failed: never good, never done
     for slo in (Slo(0.5, 0.05), Slo(5, 5), Slo(1e-9, 1e-9)):
         s = summarize(records, duration_s=10.0, slo=slo, rate=None, concurrency=8)
         assert s.goodput_rps <= s.throughput_rps
