@@ -94,6 +94,11 @@ def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
     return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
 
 
+def _numbers(stats: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a replica's stats, as Ray Serve's custom autoscaling metrics take them."""
+    return {key: float(value) for key, value in stats.items() if isinstance(value, (int, float))}
+
+
 class PrefillDeployment:
     def __init__(self, config: dict[str, Any]):
         self.config = load_config(config)
@@ -136,13 +141,10 @@ class PrefillDeployment:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
-        return {key: float(value) for key, value in self.stats().items() if isinstance(value, (int, float))}
+        return _numbers(self.stats())
 
     def ping(self) -> int:
         return 1
-
-    def queued_tokens(self) -> int:
-        return self.worker.queued_tokens()
 
     def __del__(self) -> None:
         self.worker.drain(self.config.autoscaling.drain_timeout_s)
@@ -188,8 +190,7 @@ class DecodeDeployment:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
         arrivals_per_s, prompt_tokens_mean = self.arrivals.rate_and_mean()
-        stats = {key: float(value) for key, value in self.stats().items() if isinstance(value, (int, float))}
-        return {**stats, "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
+        return {**_numbers(self.stats()), "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
         try:

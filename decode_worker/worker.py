@@ -15,7 +15,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SampleResult, SamplingParams, sample
@@ -262,11 +261,9 @@ class DecodeWorker:
             seq.num_steps += 1
             reason = seq.finish_reason()
             logprobs = (logprob,) if logprob is not None else ()
+            seq.sink(TokenEvent((token,), logprobs))
             if reason:
-                seq.sink(TokenEvent((token,), logprobs))
                 self._finish(seq, reason)
-            else:
-                seq.sink(TokenEvent((token,), logprobs))
 
     # ---- state changes (lock held) --------------------------------------------------
 

@@ -11,8 +11,9 @@ budget; a prompt longer than the budget is split into block-aligned chunks
 across batches (chunked prefill), its earlier chunks' KV kept in this replica's
 blocks. Full blocks of finished prompts stay in a prefix cache: a later prompt
 starting with the same tokens computes only the rest (its first chunk also
-sends the cached blocks), which is what prefix-aware routing aims at. Finishing a transfer happens on a separate thread so the next batch's
-compute is not held up by the network.
+sends the cached blocks), which is what prefix-aware routing aims at.
+Finishing a transfer happens on a separate thread so the next batch's compute
+is not held up by the network.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class Pipeline:
 
     async def _attempt(self, run: "_Run") -> AsyncIterator[GenerationChunk]:
         """One try: reserve, prefill (unless the decode replica does it), stream until finished."""
-        request, sampling = run.request, run.request.sampling
+        request = run.request
         reservation = await self._reserve(request)
         stub = pb_grpc.DecodeStreamStub(self._channel(reservation.stream_address))
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
@@ -116,10 +116,9 @@ class Pipeline:
                 run.timings.update(queue_s=result.queue_s, prefill_s=result.prefill_s,
                                    kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
                                    prefill_replica=result.replica_id)
-                chunk = run.accept([result.first_token], [result.first_logprob])
-                yield chunk
+                yield run.accept([result.first_token], [result.first_logprob])
                 if run.relay.is_stopped or run.is_done():
-                    yield self._last(run, "stop" if run.relay.is_stopped else "length", reservation)
+                    yield self._last(run, "length", reservation)  # _last says "stop" for a stop string
                     return
             call = stub.Stream(self._stream_request(run, reservation, local),
                                timeout=max(request.deadline - time.time(), 0.001))
@@ -279,7 +278,7 @@ class _Run:
         return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs) if wanted else None)
 
     def is_done(self) -> bool:
-        """The first token alone reached max_tokens or an end-of-sequence id."""
+        """All max_tokens sent (the first token alone can be all of them)."""
         return len(self.generated) >= self.request.sampling.max_tokens
 
 

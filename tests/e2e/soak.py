@@ -162,9 +162,7 @@ def _replica_rss_mb(server: Server) -> float:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch
-
-    from tiny_models import save_tiny_chat_model
+    from tiny_models import reference_tokens, save_tiny_chat_model
 
     from pdserve.engine.tokenizer import load_tokenizer
 
@@ -177,8 +175,7 @@ def main() -> None:
     model.generation_config.eos_token_id = None
     tokenizer = load_tokenizer(directory)
     prompts = [tuple(random.Random(i).randrange(3, 49000) for _ in range(8 + 9 * i)) for i in range(6)]
-    expected = {p: tokenizer.decode(model.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False,
-                                                   pad_token_id=0)[0, len(p):].tolist()) for p in prompts}
+    expected = {p: tokenizer.decode(reference_tokens(model, list(p), 40)) for p in prompts}
     server = Server("--model", str(directory), "--prefill-replicas", "1", "--decode-replicas", "2")
     try:
         report = run_soak(server, expected, args.minutes * 60, args.kill_every_s)

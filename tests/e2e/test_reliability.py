@@ -56,6 +56,15 @@ def wait_pool_size(server: Server, pool: str, size: int, timeout_s: float = 120)
         time.sleep(1)
 
 
+def assert_exact_and_recovered(server: Server, model, prompts, outputs, max_tokens: int, pool: str, size: int) -> None:
+    """Every output is the reference's, the killed pool is back to `size`, and no KV block is held."""
+    for prompt, output in zip(prompts, outputs):
+        assert output == reference_tokens(model, prompt, max_tokens)
+    wait_pool_size(server, pool, size)
+    decode = server.wait_all_blocks_free()
+    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+
+
 def test_killing_a_decode_replica_mid_stream_loses_no_token(server, chat_model):
     prompts = [[100 + i, 7, 8, 9 + i] for i in range(8)]
     started = [threading.Event() for _ in prompts]
@@ -66,11 +75,7 @@ def test_killing_a_decode_replica_mid_stream_loses_no_token(server, chat_model):
         assert busy["num_running"] > 0
         os.kill(busy["pid"], signal.SIGKILL)
         outputs = [f.result(timeout=240) for f in futures]
-    for prompt, output in zip(prompts, outputs):
-        assert output == reference_tokens(chat_model[1], prompt, 300)
-    wait_pool_size(server, "decode", 2)
-    decode = server.wait_all_blocks_free()
-    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert_exact_and_recovered(server, chat_model[1], prompts, outputs, 300, "decode", 2)
 
 
 def test_a_seeded_sampled_request_survives_a_kill_unchanged(server):
@@ -95,8 +100,4 @@ def test_killing_the_prefill_replica_mid_prefill_loses_no_request(server, chat_m
         time.sleep(0.3)
         os.kill(pid, signal.SIGKILL)
         outputs = [f.result(timeout=240) for f in futures]
-    for prompt, output in zip(prompts, outputs):
-        assert output == reference_tokens(chat_model[1], prompt, 8)
-    wait_pool_size(server, "prefill", 1)
-    decode = server.wait_all_blocks_free()
-    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert_exact_and_recovered(server, chat_model[1], prompts, outputs, 8, "prefill", 1)
