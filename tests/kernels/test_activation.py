@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
 from pdserve.engine.kernels.activation import silu_and_mul, silu_and_mul_reference, silu_and_mul_triton
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
 from pdserve.engine.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,

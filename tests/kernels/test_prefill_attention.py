@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
 from pdserve.engine.kernels.prefill_attention import (
     prefill_attention_varlen,
     prefill_attention_varlen_reference,

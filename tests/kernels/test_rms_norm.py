@@ -3,7 +3,7 @@ and the reference against transformers' LlamaRMSNorm numerics."""
 import pytest
 import torch
 
-from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
 from pdserve.engine.kernels.rms_norm import (
     add_rms_norm_reference,
     add_rms_norm_triton,

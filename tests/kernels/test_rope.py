@@ -3,7 +3,7 @@ reference against transformers' rotate-half formula."""
 import pytest
 import torch
 
-from conftest import DEVICE, TOLERANCE, relative_error, requires_triton
+from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
 from pdserve.engine.kernels.rope import apply_rope, apply_rope_reference, apply_rope_triton, build_cos_sin_cache
 
 MAX_POSITION = 4096
