@@ -305,5 +305,5 @@ class PrefillWorker:
 
 def _wait_for_device(tensor: torch.Tensor) -> None:
     """Timings mean compute done, not kernels queued: wait for the GPU (a no-op on the CPU)."""
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
+    if tensor.is_cuda:  # this thread's stream only: the KV channels' own streams keep sending
+        torch.cuda.current_stream(tensor.device).synchronize()

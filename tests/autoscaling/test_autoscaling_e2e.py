@@ -8,7 +8,6 @@ import httpx
 import pytest
 import torch
 from e2e.server import Server
-from tiny_models import save_tiny_chat_model
 
 pytestmark = pytest.mark.e2e
 
@@ -18,14 +17,6 @@ autoscaling: {upscale_delay_s: 1, downscale_delay_s: 5, interval_s: 0.5, drain_t
 """
 LOAD = [([7 + i, 300 + 13 * i, 42, 99 + i, 5], 40) for i in range(8)]  # (prompt, max_tokens): the 8 clients cycle these
 LONG = [([11, 12, 13 + i], 1000) for i in range(4)]  # streams still running while the pool shrinks: drained
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    model = save_tiny_chat_model(directory)
-    model.generation_config.eos_token_id = None
-    return directory, model
 
 
 def references(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -2,17 +2,6 @@ import pytest
 
 from server import Server
 
-from tiny_models import save_tiny_chat_model
-
-
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory):
-    """(directory, transformers model): a tiny random Llama with a real tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    model = save_tiny_chat_model(directory)
-    model.generation_config.eos_token_id = None
-    return directory, model
-
 
 @pytest.fixture(scope="session")
 def one_and_two(chat_model):

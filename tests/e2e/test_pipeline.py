@@ -96,7 +96,7 @@ def test_a_cancelled_grpc_stream_frees_its_blocks(one_and_one):
         assert sum(used) > 0
         call.cancel()
     decode = one_and_one.wait_all_blocks_free()
-    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert decode and all(r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
 def test_two_and_two_equal_transformers(chat_model):

@@ -62,7 +62,7 @@ def assert_exact_and_recovered(server: Server, model, prompts, outputs, max_toke
         assert output == reference_tokens(model, prompt, max_tokens)
     wait_pool_size(server, pool, size)
     decode = server.wait_all_blocks_free()
-    assert all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert decode and all(r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
 def test_killing_a_decode_replica_mid_stream_loses_no_token(server, chat_model):
@@ -87,6 +87,7 @@ def test_a_seeded_sampled_request_survives_a_kill_unchanged(server):
         future = pool.submit(stream, server, prompt, 250, started, **sampling)
         assert started.wait(60)
         busy = busiest_decode(server)
+        assert busy["num_running"] > 0
         os.kill(busy["pid"], signal.SIGKILL)
         assert future.result(timeout=240) == expected
     wait_pool_size(server, "decode", 2)
