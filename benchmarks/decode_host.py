@@ -10,7 +10,7 @@ Llama-3-8B's graph shapes: batch up to 64, 512 block-table columns (8k tokens
 in 16-token blocks). Three cases per batch size: the same inputs every step;
 positions advancing by one a step (new tokens and slots, block tables
 unchanged); and the decode worker's loop, which also builds each step's inputs
-from its sequences (`decode_worker.worker.decode_inputs`).
+from its sequences (`decode_worker.worker.decode_input`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from pdserve.decode_worker.sequence import DecodeSequence
-from pdserve.decode_worker.worker import decode_inputs
+from pdserve.decode_worker.worker import decode_input
 from pdserve.engine.block_pool import BlockPool, BlockTable
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.runner import DecodeInput, ModelRunner
@@ -77,7 +77,7 @@ def time_steps(runner: ModelRunner, inputs: list[list[DecodeInput]], repeats: in
 
 
 def time_worker_steps(runner: ModelRunner, batch: int, steps: int, repeats: int = 5) -> float:
-    """Microseconds of decode_inputs + runner.decode, each step one token longer (least median of `repeats`)."""
+    """Microseconds of decode_input + runner.decode, each step one token longer (least median of `repeats`)."""
     pool = BlockPool(batch * MAX_BLOCKS, BLOCK_SIZE)
     sequences = []
     for i in range(batch):
@@ -91,7 +91,7 @@ def time_worker_steps(runner: ModelRunner, batch: int, steps: int, repeats: int 
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            runner.decode(decode_inputs(sequences))
+            runner.decode([decode_input(s) for s in sequences])
             times.append((time.perf_counter() - t0) * 1e6)
             for sequence in sequences:
                 sequence.generated.append(5)

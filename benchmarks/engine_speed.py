@@ -18,6 +18,11 @@ host's wall time of `ModelRunner.decode` + a synchronize, batch unchanged betwee
 steps (what a scheduler sees). The baseline's decode step is
 (t(generate 1 + N tokens) - t(generate 1 token)) / N.
 
+Whether the host's work shows in a decode step: 40 steps with each step's tokens fed
+back on the device, queued all at once (the GPU's time a step), each read before the
+next is queued, and queued one ahead of the read (the decode loop on the GPU); then
+the decode worker's own steady-state step period, reading each step and one ahead.
+
 The Triton GEMV (engine/kernels/gemv.py) is checked first against F.linear on the
 five decode shapes; if it fails, the run goes on with `model.GEMV_MAX_ROWS = 0`
 (F.linear everywhere) and says so. Decode B=1, 8, 64 are timed with the GEMV on
@@ -33,6 +38,7 @@ import functools
 import json
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -47,6 +53,8 @@ from pdserve.engine.kernels import gemv as gemv_kernel
 from pdserve.engine.loader import LoadedModel, _arrange
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
+from pdserve.engine.sampler import SamplingParams
+from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -277,6 +285,74 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
         name = f"prefill {len(lengths)} x {lengths[0]}"
         rows[name] = dict(kind="prefill", ms=ms, flops=flops, bytes=bytes_)
         say(f"{name}: {ms:.2f} ms")
+
+
+def time_step_loops(runner, blocks: BlockSource, results: dict) -> None:
+    """Does the host's work show in a decode step? Each batch (1k context) is timed three ways, 40
+    steps each, every step's tokens fed back on the device: all steps queued and read at the end
+    (the GPU's time a step: the host runs ahead), each step read before the next is queued (the
+    host's time adds), and the next step queued before each read (what the decode loop does on
+    the GPU). Then the decode worker itself (local prefill, then decode to 96 tokens) both ways."""
+    loops = results["step_loops"]
+    for batch in (1, 64):
+        inputs = decode_inputs(blocks, batch, 1024, runner.spec.vocab_size)
+        row = loops[f"B={batch}"] = {name: statistics.median(step_loop_ms(runner, inputs, lag) for _ in range(3))
+                                     for name, lag in (("queued", None), ("read each", 0), ("one ahead", 1))}
+        for overlap in (False, True):
+            row[f"worker, {'one ahead' if overlap else 'read each'}"] = worker_step_ms(runner, batch, 1024, overlap)
+        say(f"decode step loops B={batch}: " + json.dumps({k: v if isinstance(v, dict) else round(v, 4)
+                                                           for k, v in row.items()}))
+
+
+def step_loop_ms(runner, inputs: list[DecodeInput], lag: int | None, steps: int = 40) -> float:
+    """Milliseconds a step over `steps` steps; lag: steps left unread when the next is queued (None: all)."""
+    params = [SamplingParams()] * len(inputs)
+    fed = [i._replace(source=row) for row, i in enumerate(inputs)]  # each row's token: its last sample
+    runner.decode_and_sample(inputs, params).result()
+    torch.cuda.synchronize()
+    t0, pending = time.perf_counter(), []
+    for _ in range(steps):
+        pending.append(runner.decode_and_sample(fed, params))
+        while lag is not None and len(pending) > lag:
+            pending.pop(0).result()
+    for step in pending:
+        step.result()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def worker_step_ms(runner, batch: int, context: int, overlap: bool, max_tokens: int = 96) -> dict:
+    """The decode worker's step period in its steady state, from the token events' host times.
+
+    Prompts are `context - max_tokens // 2` tokens, prefilled by the worker itself, so the steady
+    window (every sequence decoding, none finished) centres on `context` tokens of KV."""
+    settings = DecodeSettings(max_running=batch, prefill_chunk_tokens=16384, overlap_steps=overlap)
+    worker = DecodeWorker(runner, None, settings, f"bench-{batch}-{overlap}")
+    times: list[list[float]] = [[] for _ in range(batch)]
+    finished = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(event):
+            times[i].extend([time.perf_counter()] * len(event.token_ids))
+            if event.is_final:
+                finished.release()
+        return sink
+
+    gen = torch.Generator().manual_seed(batch)
+    deadline = time.time() + 300
+    try:
+        for i in range(batch):
+            prompt = tuple(torch.randint(0, runner.spec.vocab_size, (context - max_tokens // 2,), generator=gen).tolist())
+            reservation = worker.reserve(f"r{i}", len(prompt), max_tokens, deadline)
+            worker.open(StreamStart(reservation.transfer_id, f"r{i}", prompt, (), True, max_tokens, SamplingParams(),
+                                    frozenset(), deadline), sink_for(i))
+        for _ in range(batch):
+            assert finished.acquire(timeout=300), "the worker did not finish"
+    finally:
+        worker.close()
+    start, end = max(t[2] for t in times), min(t[-2] for t in times)
+    gaps = [b - a for t in times for a, b in zip(t, t[1:]) if start <= a and b <= end]
+    tokens_in_window = [sum(start <= x <= end for x in t) for t in times]
+    return dict(ms=statistics.median(gaps) * 1e3 if gaps else float("nan"), steps=min(tokens_in_window))
 
 
 def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
@@ -594,6 +670,7 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     lines += gemv_sweep_lines(results.get("gemv_sweep", {}))
     if results.get("note"):
         lines += ["", results["note"]]
+    lines += step_loop_lines(results.get("step_loops", {}))
     if results.get("host_enqueue_ms"):
         lines += ["", "Host time to enqueue one decode() (no sync), ms: " + json.dumps(
             {k: round(v, 3) for k, v in results["host_enqueue_ms"].items()})]
@@ -606,6 +683,23 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     except Exception:
         say("roofline plot failed:", traceback.format_exc())
     return text
+
+
+def step_loop_lines(loops: dict) -> list[str]:
+    """The host-overhead table: each way of running steps against the GPU's time a step."""
+    if not loops:
+        return []
+    lines = ["", "Decode step loops, 1k context, greedy, tokens fed back on the device: ms a step "
+             "(+ ms over the GPU's time a step, all steps queued ahead); worker rows: the decode worker's "
+             "step period in its steady state (median gap between a sequence's tokens; KV centred on 1k)", "",
+             "| batch | GPU's time (queued ahead) | read each step | one step ahead | worker, read each | "
+             "worker, one ahead |", "|---|---|---|---|---|---|"]
+    for batch, row in loops.items():
+        base = row["queued"]
+        cell = lambda ms: f"{ms:.3f} (+{ms - base:.3f})"
+        lines.append(f"| {batch} | {base:.3f} | {cell(row['read each'])} | {cell(row['one ahead'])} | "
+                     f"{cell(row['worker, read each']['ms'])} | {cell(row['worker, one ahead']['ms'])} |")
+    return lines
 
 
 def gemv_sweep_lines(sweep: dict) -> list[str]:
@@ -678,7 +772,7 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "rows": {}, "baseline": {}, "errors": [], "variants": {}, "host_enqueue_ms": {},
+        "rows": {}, "baseline": {}, "errors": [], "variants": {}, "host_enqueue_ms": {}, "step_loops": {},
     }
     results["copy_bps"], results["matmul_flops"] = measure_ceilings()
     say(f"ceilings: copy {results['copy_bps'] / 1e12:.2f} TB/s, matmul {results['matmul_flops'] / 1e12:.0f} TFLOP/s")
@@ -690,6 +784,7 @@ def main() -> None:
     sections = [("gemv check", lambda: check_gemv(runner, results)),
                 ("correctness", lambda: check_correctness(hf, runner, blocks, results)),
                 ("engine", lambda: time_engine(runner, blocks, counts, results)),
+                ("step loops", lambda: time_step_loops(runner, blocks, results)),
                 ("gemv on/off", lambda: compare_gemv(runner, blocks, results)),
                 ("gemv sweep", lambda: sweep_gemv(runner, results))]
     if args.profile:

@@ -1,10 +1,17 @@
 """The decode worker: KV reservations, admission, and continuous batching.
 
-One engine thread owns the model and runs `step()`: admit sequences whose KV
-landed, advance local prefills by one chunk under the token budget, then one
-decode step over every running sequence. Other threads (Ray calls, the gRPC
-stream server) talk to it through `reserve`, `open` and `abort`, all under
-one lock. Tokens leave through each sequence's sink.
+One engine thread owns the model and loops: admit sequences whose KV landed,
+advance local prefills by one chunk under the token budget, then one decode
+step over every running sequence. Other threads (Ray calls, the gRPC stream
+server) talk to it through `reserve`, `open` and `abort`, all under one lock.
+Tokens leave through each sequence's sink.
+
+On the GPU the loop runs one step ahead (`DecodeSettings.overlap_steps`): it
+queues step N+1, whose rows take step N's sampled tokens on the device, before
+it reads step N's tokens; the host's work for a step then hides under the GPU's
+work for the one before. What that costs: a sequence that stops on a stop token
+at step N was also in step N+1 (its row there is dropped), and blocks freed
+while a step that may write them is in flight go back to the pool when it ends.
 """
 from __future__ import annotations
 
@@ -13,11 +20,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
-from pdserve.engine.sampler import SampleResult, SamplingParams, sample
+from pdserve.engine.sampler import PendingSample, SampleResult, SamplingParams, sample
 from pdserve.engine.transfer.base import KvReceiver
 
 from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
@@ -26,9 +33,14 @@ from .sequence import DecodeSequence, SequenceState, Sink, TokenEvent
 log = logging.getLogger(__name__)
 
 
-def decode_inputs(batch: list[DecodeSequence]) -> list[DecodeInput]:
-    """One decode step's rows: each sequence's last token, at its position, over its blocks."""
-    return [DecodeInput(s.generated[-1], s.num_tokens - 1, s.block_ids) for s in batch]
+def decode_input(seq: DecodeSequence, source: int = -1) -> DecodeInput:
+    """A sequence's row of a decode step: its last token, at its position, over its blocks.
+
+    `source` >= 0: the last token is the one the step in flight samples in that row,
+    not yet on the host; it sits one position past the host's last token."""
+    if source < 0:
+        return DecodeInput(seq.generated[-1], seq.num_tokens - 1, seq.block_ids)
+    return DecodeInput(0, seq.num_tokens, seq.block_ids, source)
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class DecodeSettings:
     max_waiting: int = 256
     prefill_chunk_tokens: int = 512  # local prefill budget per step (colocated, short prompts, failover)
     transfer_timeout_s: float = 30.0
+    overlap_steps: bool | None = None  # queue step N+1 before reading step N's tokens; None: on CUDA
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,17 @@ class StreamStart:
     deadline: float
 
 
+@dataclass
+class _Step:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    seqs: list[DecodeSequence]
+    rows: dict[int, int]  # transfer id -> row
+    launched_at: float
+    sample: PendingSample | None = None
+    released: list[BlockTable] = field(default_factory=list)  # freed while this step might write them
+
+
 class DecodeWorker:
     def __init__(self, runner: ModelRunner, receiver: KvReceiver | None, settings: DecodeSettings,
                  replica_id: str, stream_address: str = ""):
@@ -67,6 +91,9 @@ class DecodeWorker:
         self._sequences: dict[int, DecodeSequence] = {}
         self._ready: deque[DecodeSequence] = deque()  # WAITING or PREFILLING, in arrival order
         self._running: list[DecodeSequence] = []
+        self._in_flight: deque[_Step] = deque()  # oldest first; at most two, for a moment
+        self._overlap = runner.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
+        self._last_step_end = 0.0
         self._transfer_ids = itertools.count(1)
         self._lock = threading.Condition()
         self._stopped = False
@@ -178,7 +205,7 @@ class DecodeWorker:
         while True:
             with self._lock:
                 self._expire_deadlines()
-                while not self._stopped and not self._ready and not self._running:
+                while not (self._stopped or self._ready or self._running or self._in_flight):
                     self._lock.wait(timeout=0.1)
                     self._expire_deadlines()
                 if self._stopped:
@@ -188,13 +215,14 @@ class DecodeWorker:
             try:
                 if prefill_batch:
                     self._run_prefill(prefill_batch)
-                if self._running:
-                    self._run_decode()
+                launched = self._launch_decode()
+                # With overlap the step just queued runs while the host reads the one before it.
+                keep = 1 if launched and self._overlap else 0
+                while len(self._in_flight) > keep:
+                    self._complete(self._in_flight[0])
             except Exception as e:  # a step failing must fail its sequences, not the replica
                 log.exception("decode step failed")
-                with self._lock:
-                    for seq in self._running + [s for s, _ in prefill_batch]:
-                        self._fail(seq, f"decode step failed: {e}", "unavailable", seq.sink)
+                self._fail_all_steps(f"decode step failed: {e}", [s for s, _ in prefill_batch])
 
     def _take_prefill_chunks(self) -> list[tuple[DecodeSequence, PrefillChunk]]:
         """One chunk for each PREFILLING sequence, in order, under the step's token budget."""
@@ -238,19 +266,48 @@ class DecodeWorker:
             seq.state, seq.admitted_at = SequenceState.RUNNING, time.monotonic()
             self._running.append(seq)
 
-    def _run_decode(self) -> None:
-        batch = list(self._running)
-        inputs = decode_inputs(batch)
-        started = time.monotonic()
-        logits = self.runner.decode(inputs)  # valid until the next decode(): sampled right here
-        # Sampling is queued behind the step and its result read back, so the GPU runs both
-        # without a host round trip between them, and the step's time is the GPU's.
-        result = _sample(logits, batch)
+    def _launch_decode(self) -> bool:
+        """Queue one decode step over the running sequences; False if none can take a step."""
         with self._lock:
-            self._step_stats.append((time.monotonic() - started, len(batch)))
-            live = [(row, s) for row, s in enumerate(batch) if s.state is SequenceState.RUNNING]
-            if live:  # rows aborted meanwhile are dropped
+            previous = self._in_flight[-1] if self._in_flight else None
+            batch, inputs = [], []
+            for seq in self._running:
+                source = previous.rows.get(seq.transfer_id, -1) if previous else -1
+                if len(seq.generated) + (source >= 0) >= seq.max_tokens:
+                    continue  # its last token is in flight: it finishes when that is read
+                batch.append(seq)
+                inputs.append(decode_input(seq, source))
+            if not batch:
+                return False
+            step = _Step(batch, {s.transfer_id: row for row, s in enumerate(batch)}, time.monotonic())
+            self._in_flight.append(step)  # before the launch: blocks freed from now on wait for it
+        step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch])
+        return True
+
+    def _complete(self, step: _Step) -> None:
+        """Read the oldest step's tokens (waiting for that step alone) and hand them out."""
+        result = step.sample.result()
+        with self._lock:
+            self._in_flight.popleft()
+            now = time.monotonic()
+            # The step's own time: from when the device could start it (launch, or the step before ending).
+            self._step_stats.append((now - max(step.launched_at, self._last_step_end), len(step.seqs)))
+            self._last_step_end = now
+            live = [(row, s) for row, s in enumerate(step.seqs) if s.state is SequenceState.RUNNING]
+            if live:  # rows of sequences aborted or finished meanwhile are dropped
                 self._accept(result.select([r for r, _ in live]), [s for _, s in live])
+            for table in step.released:
+                table.release()
+
+    def _fail_all_steps(self, message: str, prefilling: list[DecodeSequence]) -> None:
+        with self._lock:
+            steps = list(self._in_flight)
+            self._in_flight.clear()
+            for seq in self._running + prefilling:
+                self._fail(seq, message, "unavailable", seq.sink)
+            for step in steps:
+                for table in step.released:
+                    table.release()
 
     def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
         """Emit each sequence's sampled token, finish those that stop (lock held)."""
@@ -314,7 +371,11 @@ class DecodeWorker:
         if seq in self._running:
             self._running.remove(seq)
         if self._sequences.pop(seq.transfer_id, None) is not None:
-            seq.table.release()
+            if any(seq.transfer_id in step.rows for step in self._in_flight):
+                # A queued step may still write its KV: another sequence gets the blocks after it.
+                self._in_flight[-1].released.append(seq.table)
+            else:
+                seq.table.release()
         self._lock.notify_all()
 
     def _expire_deadlines(self) -> None:

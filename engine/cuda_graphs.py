@@ -13,9 +13,12 @@ from a graph, they cost one launch. Shapes are fixed per graph, so:
 - inputs live in two static device tensors, refilled before each replay from
   pinned host mirrors with asynchronous copies:
 
-      ids            [4, max_batch] int64: tokens, positions, slots, context lens
-                     (padding rows: context 0); copied whole (2 KiB at batch 64);
-                     the graph narrows the context lens to int32 itself
+      ids            [5, max_batch] int64: tokens, positions, slots, context lens
+                     (padding rows: context 0), sources; copied whole (2.5 KiB at
+                     batch 64); the graph narrows the context lens to int32 itself
+      sampled        [max_batch] int64: the previous step's sampled tokens, written
+                     on the device by the runner; a row whose source is >= 0 takes
+                     its input token from sampled[source] inside the graph
       block_tables   [max_batch, max_blocks] int32; copied only up to the last
                      row whose block ids changed (most steps: no copy at all)
       logits (output)  [size, vocab] float32, one per graph; `run` returns a
@@ -38,6 +41,7 @@ import torch
 
 from .kv_cache import KvCache
 from .model import DecodeAttention, LlamaModel
+from .sampler import fed_back_tokens
 
 
 def decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -55,13 +59,14 @@ class DecodeGraphs:
         self.scratch_slot = scratch_slot
         device = kv_cache.spec.device
         # Device-side static inputs, and their pinned host mirrors.
-        self.ids = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.ids = torch.zeros(5, max_batch, dtype=torch.long, device=device)
+        self.sampled = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self._ids_host = torch.zeros(4, max_batch, dtype=torch.long).pin_memory()
+        self._ids_host = torch.zeros(5, max_batch, dtype=torch.long).pin_memory()
         self._tables_host = torch.zeros(max_batch, max_blocks, dtype=torch.int32).pin_memory()
         ids = self._ids_host.numpy()
         self._np = {"tokens": ids[0], "positions": ids[1], "slots": ids[2], "context_lens": ids[3],
-                    "block_tables": self._tables_host.numpy()}
+                    "sources": ids[4], "block_tables": self._tables_host.numpy()}
         self.logit_rows = torch.arange(max_batch, dtype=torch.long, device=device)
         self._rows: list[tuple[int, ...] | None] = [None] * max_batch  # block ids in each host row
         self._num_rows = 0  # real rows in the host mirrors; the rest are padding
@@ -78,8 +83,8 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # largest first: the pool is sized once
             self._capture(size)
 
-    def run(self, token_ids: Sequence[int], positions: Sequence[int],
-            block_ids: Sequence[tuple[int, ...]]) -> torch.Tensor | None:
+    def run(self, token_ids: Sequence[int], positions: Sequence[int], block_ids: Sequence[tuple[int, ...]],
+            sources: Sequence[int]) -> torch.Tensor | None:
         """Logits [n, vocab] float32 of one decode step, or None when no graph fits the batch.
 
         The logits are a view of the graph's static output: read them before the next run().
@@ -92,7 +97,7 @@ class DecodeGraphs:
             self._capture(size)
         self._copied.synchronize()  # the previous step's copies have read the mirrors
         self._fill_tables(block_ids)
-        self._fill_ids(token_ids, positions, block_ids)
+        self._fill_ids(token_ids, positions, block_ids, sources)
         self._copy_inputs()
         self._graphs[size].replay()
         return self._logits[size][:n]
@@ -111,14 +116,16 @@ class DecodeGraphs:
                 self._stale_rows = max(self._stale_rows, row + 1)
             self._rows[row] = ids  # equal or not, the next step compares by identity first
 
-    def _fill_ids(self, token_ids: Sequence[int], positions: Sequence[int], block_ids: Sequence[tuple[int, ...]]) -> None:
-        """Tokens, positions, slots and context lens of the n real rows; rows past them are padding."""
+    def _fill_ids(self, token_ids: Sequence[int], positions: Sequence[int], block_ids: Sequence[tuple[int, ...]],
+                  sources: Sequence[int]) -> None:
+        """Tokens, positions, slots, context lens and sources of the n real rows; rows past them are padding."""
         n, bs, host = len(token_ids), self.block_size, self._np
         # Plain Python: at up to 64 rows cheaper than numpy's fancy indexing (~8 us however few rows).
         # First, so that a position past a sequence's blocks (IndexError) leaves the mirrors as they were.
         slots = [ids[p // bs] * bs + p % bs for ids, p in zip(block_ids, positions)]
         host["tokens"][:n] = token_ids
         host["positions"][:n] = positions
+        host["sources"][:n] = sources
         host["slots"][:n] = slots
         np.add(host["positions"][:n], 1, out=host["context_lens"][:n])
         if n != self._num_rows:  # rows n.. held another batch's sequences
@@ -132,6 +139,7 @@ class DecodeGraphs:
         host["positions"][start:stop] = 0
         host["slots"][start:stop] = self.scratch_slot
         host["context_lens"][start:stop] = 0  # the attention kernel reads no block of a padding row
+        host["sources"][start:stop] = -1
 
     def _copy_inputs(self) -> None:
         """ids whole; block-table rows only up to the last one that changed (most steps: none)."""
@@ -144,7 +152,8 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         """The step over the static inputs' first `size` rows (what the graph records)."""
-        tokens, positions, slots = self.ids[0, :size], self.ids[1, :size], self.ids[2, :size]
+        tokens = fed_back_tokens(self.ids[0, :size], self.ids[4, :size], self.sampled)
+        positions, slots = self.ids[1, :size], self.ids[2, :size]
         attention = DecodeAttention(self.block_tables[:size], self.ids[3, :size].to(torch.int32), max_context_len=None)
         return self.model.forward(tokens, positions, slots, attention, self.logit_rows[:size], self.kv_cache)
 

@@ -3,6 +3,12 @@
 The schedulers (prefill and decode workers) see sequences and integer block ids;
 only the runner builds tensors. It owns the model and the replica's KV cache.
 
+`decode_and_sample` queues a step and its sampling without waiting for either: a
+caller may queue step N+1 before step N's tokens reach the host, naming the rows
+of step N whose sampled tokens step N+1 takes as inputs (`DecodeInput.source`);
+the tokens move on the device. The host then prepares each step while the GPU
+runs the one before, and a step takes the GPU's time.
+
 On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py), one per padded
 batch size up to `max_decode_batch`; prefill and the CPU path run eagerly. The
 graphs' padding rows write their K/V into one scratch block past the pool: the
@@ -20,6 +26,7 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
+from .sampler import PendingSample, SamplingParams, fed_back_tokens, on_device, sample_async
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,10 @@ class DecodeInput(NamedTuple):
     """One sequence's row of a decode step. A NamedTuple, not a dataclass: the decode loop
     builds one per sequence every step, and a NamedTuple builds in a third of the time."""
 
-    token_id: int  # the last token, whose K and V this step writes
+    token_id: int  # the last token, whose K and V this step writes (ignored when `source` >= 0)
     position: int
     block_ids: tuple[int, ...]  # pass the same tuple while the blocks don't change (see DecodeGraphs)
+    source: int = -1  # >= 0: the last token is the one sampled for this row of the previous step
 
 
 class ModelRunner:
@@ -62,6 +70,8 @@ class ModelRunner:
             self.model, self.kv_cache, max_decode_batch,
             max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
         ) if use_graphs else None
+        self._sampled: torch.Tensor | None = None  # the last decode_and_sample's tokens, on the device
+        self._sampled_in_graphs = False  # ... and also in the graphs' static buffer
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the calling thread's current device (CUDA keeps one per thread)."""
@@ -98,11 +108,26 @@ class ModelRunner:
         On CUDA graphs the logits are the graph's static output, overwritten by the next
         decode(): read (sample) them before it, or clone them to keep them.
         """
-        if self.decode_graphs is not None:
-            logits = self.decode_graphs.run(*zip(*inputs))  # token ids, positions, block ids
+        top_source = max(i.source for i in inputs)
+        if top_source >= 0 and (self._sampled is None or top_source >= len(self._sampled)):
+            raise ValueError(f"decode input source row {top_source}: the previous decode_and_sample "
+                             f"had {0 if self._sampled is None else len(self._sampled)} rows")
+        if self.decode_graphs is not None and (top_source < 0 or self._sampled_in_graphs):
+            logits = self.decode_graphs.run(*zip(*inputs))  # token ids, positions, block ids, sources
             if logits is not None:
                 return logits
         return self.decode_eager(inputs)
+
+    @torch.inference_mode()
+    def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
+        """One decode step and its sampling, queued; the next step's rows may name these rows as sources."""
+        pending = sample_async(self.decode(inputs), params, [i.position + 1 for i in inputs])
+        self._sampled = pending.tokens
+        graphs = self.decode_graphs
+        self._sampled_in_graphs = graphs is not None and len(inputs) <= graphs.max_batch
+        if self._sampled_in_graphs:
+            graphs.sampled[:len(inputs)].copy_(pending.tokens)
+        return pending
 
     @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
@@ -114,15 +139,18 @@ class ModelRunner:
     def decode_eager(self, inputs: list[DecodeInput]) -> torch.Tensor:
         """`decode` without graphs: any batch size, every kernel launched from Python."""
         width = max(len(i.block_ids) for i in inputs)
-        tables = torch.tensor([list(i.block_ids) + [0] * (width - len(i.block_ids)) for i in inputs],
-                              dtype=torch.int32, device=self.device)
+        tables = on_device([list(i.block_ids) + [0] * (width - len(i.block_ids)) for i in inputs],
+                           torch.int32, self.device)
         attention = DecodeAttention(
             block_tables=tables,
-            context_lens=torch.tensor([i.position + 1 for i in inputs], dtype=torch.int32, device=self.device),
+            context_lens=on_device([i.position + 1 for i in inputs], torch.int32, self.device),
             max_context_len=max(i.position + 1 for i in inputs),
         )
+        tokens = self._tensor([i.token_id for i in inputs])
+        if any(i.source >= 0 for i in inputs):
+            tokens = fed_back_tokens(tokens, self._tensor([i.source for i in inputs]), self._sampled)
         return self.model.forward(
-            self._tensor([i.token_id for i in inputs]),
+            tokens,
             self._tensor([i.position for i in inputs]),
             self._tensor([self._slot(i.block_ids, i.position) for i in inputs]),
             attention,
@@ -134,4 +162,4 @@ class ModelRunner:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return on_device(values, torch.long, self.device)

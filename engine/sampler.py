@@ -38,29 +38,65 @@ class SampleResult:
         return SampleResult([self.token_ids[r] for r in rows], [self.logprobs[r] for r in rows])
 
 
+class PendingSample:
+    """Tokens sampled on the device, on their way to the host.
+
+    The copy to the host is queued behind the sampling kernels; `result()` waits for it
+    alone, so the device may already run work queued after it (the next decode step).
+    """
+
+    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprobs: torch.Tensor | None):
+        self.tokens = tokens  # [B] int64 on the device: what the next step may take as its input
+        self._batch, self._logprob_rows = len(tokens), logprob_rows
+        self._host = [_to_host(tokens)] + ([_to_host(logprobs)] if logprobs is not None else [])
+        self._copied = torch.cuda.Event() if tokens.is_cuda else None
+        if self._copied is not None:
+            self._copied.record()
+
+    def result(self) -> SampleResult:
+        if self._copied is not None:
+            self._copied.synchronize()
+        logprobs: list[float | None] = [None] * self._batch
+        if self._logprob_rows:
+            for row, value in zip(self._logprob_rows, self._host[1].tolist()):
+                logprobs[row] = value
+        return SampleResult(self._host[0].tolist(), logprobs)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> SampleResult:
     """logits [B, vocab] float32; positions[i]: the index the new token will have in sequence i."""
+    return sample_async(logits, params, positions).result()
+
+
+def sample_async(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> PendingSample:
+    """`sample`, queued on the device without waiting for it (no host tensor it builds waits either)."""
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = on_device(random_rows, torch.long, logits.device)
         picked = _sample_random(logits.index_select(0, rows), [params[i] for i in random_rows],
                                 [positions[i] for i in random_rows])
         chosen = chosen.index_copy(0, rows, picked)
-    logprobs: list[float | None] = [None] * len(params)
     wanted = [i for i, p in enumerate(params) if p.logprobs]
+    values = None
     if wanted:
-        rows = torch.tensor(wanted, device=logits.device)
+        rows = on_device(wanted, torch.long, logits.device)
         log_probs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
-        values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
-        for i, value in zip(wanted, values):
-            logprobs[i] = value
-    return SampleResult(chosen.tolist(), logprobs)
+        values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1)
+    return PendingSample(chosen, wanted, values)
+
+
+def fed_back_tokens(tokens: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """A step's input tokens: row i takes `sampled[sources[i]]` where sources[i] >= 0, else tokens[i].
+
+    This is how a decode step runs before the previous step's tokens reached the host:
+    its rows name the previous step's rows, and the tokens move on the device."""
+    return torch.where(sources >= 0, sampled.index_select(0, sources.clamp(min=0)), tokens)
 
 
 def _sample_random(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    temperature = on_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
     scaled = logits / temperature
     scaled = _top_k(scaled, [p.top_k for p in params])
     scaled = _top_p(scaled, [p.top_p for p in params])
@@ -75,14 +111,14 @@ def _top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
         return logits
     k_max = max(ks)
     top = logits.topk(k_max, dim=-1).values  # [B, k_max], descending
-    kth = top.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(1) - 1)
+    kth = top.gather(1, on_device(ks, torch.long, logits.device).unsqueeze(1) - 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     if all(p >= 1.0 for p in top_p):
         return logits
-    p = torch.tensor(top_p, device=logits.device).unsqueeze(1)
+    p = on_device(top_p, torch.float32, logits.device).unsqueeze(1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -93,8 +129,7 @@ def _top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
 
 def gumbel_noise(seeds: list[int], positions: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """[B, vocab] standard Gumbel noise, a pure function of (seed, position, token id)."""
-    keys = torch.tensor([_signed(_mix(_mix(s & _MASK64) ^ p)) for s, p in zip(seeds, positions)],
-                        dtype=torch.int64, device=device)
+    keys = on_device([_signed(_mix(_mix(s & _MASK64) ^ p)) for s, p in zip(seeds, positions)], torch.int64, device)
     x = keys.unsqueeze(1) + torch.arange(vocab, device=device, dtype=torch.int64).unsqueeze(0) * _signed(0x9E3779B97F4A7C15)
     x = _mix_tensor(x)
     mantissa = ((x >> 40) & 0xFFFFFF).to(torch.float64)  # 24 uniform bits
@@ -125,3 +160,18 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device (the runner's and the sampler's step inputs). From pinned
+    memory, asynchronously: a copy from pageable memory waits for everything queued on the stream
+    (the decode step in flight)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """A device tensor's values in pinned host memory, copied asynchronously (a CPU tensor as it is)."""
+    if not values.is_cuda:
+        return values
+    return torch.empty(values.shape, dtype=values.dtype, pin_memory=True).copy_(values, non_blocking=True)

@@ -104,15 +104,17 @@ def test_static_inputs_follow_changing_batches_and_block_tables(monkeypatch):
         if step == 4:
             tables[3] = tables[3] + (11,)  # grows, and its new token lands in the new block
         positions = [2 + step + r + (10 if step == 4 and r == 3 else 0) for r in rows]
-        logits = graphs.run([10 + r for r in rows], positions, [tables[r] for r in rows])
+        sources = [r - 1 if step % 2 else -1 for r in rows]  # odd steps take some tokens from the previous step
+        logits = graphs.run([10 + r for r in rows], positions, [tables[r] for r in rows], sources)
         n, size = len(rows), graphs.size_for(len(rows))
         assert logits.shape == (n, 3) and logits.data_ptr() == graphs._logits[size].data_ptr()  # a view
-        tokens, pos, slots, context = graphs.ids[:, :size].tolist()
+        tokens, pos, slots, context, source = graphs.ids[:, :size].tolist()
         expected_slots = [tables[r][p // 4] * 4 + p % 4 for r, p in zip(rows, positions)]
         assert tokens == [10 + r for r in rows] + [0] * (size - n), f"step {step}"
         assert pos == positions + [0] * (size - n)
         assert slots == expected_slots + [999] * (size - n)  # padding rows write the scratch slot
         assert context == [p + 1 for p in positions] + [0] * (size - n)  # and read nothing
+        assert source == sources + [-1] * (size - n)
         for row, r in enumerate(rows):
             assert graphs.block_tables[row, :len(tables[r])].tolist() == list(tables[r]), f"step {step} row {row}"
 
@@ -126,9 +128,9 @@ def test_position_past_the_blocks_is_refused_and_leaves_the_inputs(monkeypatch):
     kv_cache = SimpleNamespace(spec=SimpleNamespace(block_size=4, device=torch.device("cpu")))
     graphs = DecodeGraphs(None, kv_cache, max_batch=2, max_blocks=4, scratch_slot=99)
     graphs._graphs[1], graphs._logits[1] = _NoOp(), torch.zeros(1, 3)
-    graphs.run([7], [2], [(3,)])
+    graphs.run([7], [2], [(3,)], [-1])
     with pytest.raises(IndexError):
-        graphs.run([8], [4], [(5,)])  # position 4 needs a second block
-    graphs.run([9], [1], [(5,)])
-    assert graphs.ids[:, 0].tolist() == [9, 1, 21, 2]
+        graphs.run([8], [4], [(5,)], [0])  # position 4 needs a second block
+    graphs.run([9], [1], [(5,)], [-1])
+    assert graphs.ids[:, 0].tolist() == [9, 1, 21, 2, -1]
     assert graphs.block_tables[0, 0].item() == 5

@@ -23,11 +23,14 @@ def loaded(tmp_path_factory):
     return load_model_dir(directory)
 
 
-@pytest.fixture
-def workers(loaded):
+@pytest.fixture(params=[False, True], ids=["read-each-step", "one-step-ahead"])
+def workers(loaded, request):
+    """The decode loop both ways: reading each step's tokens before the next (the CPU's default)
+    and queueing step N+1 before reading step N (the GPU's)."""
     decode_runner = ModelRunner(loaded, 256, 4)
     receiver = make_receiver("gloo", decode_runner.kv_cache, peer_id="decode-test")
-    decode = DecodeWorker(decode_runner, receiver, DecodeSettings(transfer_timeout_s=20), "decode-test")
+    settings = DecodeSettings(transfer_timeout_s=20, overlap_steps=request.param)
+    decode = DecodeWorker(decode_runner, receiver, settings, "decode-test")
     prefill_runner = ModelRunner(loaded, 128, 4)
     sender = make_sender("gloo", prefill_runner.kv_cache, sender_id="prefill-test")
     prefill = PrefillWorker(prefill_runner, sender, PrefillSettings(max_batch_tokens=32), "prefill-test")
@@ -36,7 +39,7 @@ def workers(loaded):
     decode.close()
 
 
-def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams()):
+def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset()):
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
     result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
@@ -49,7 +52,7 @@ def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams()):
             done.set()
 
     start = StreamStart(reservation.transfer_id, "r", tuple(prompt), (result.first_token,), False, max_tokens,
-                        params, frozenset(), deadline)
+                        params, stop_ids, deadline)
     decode.open(start, sink)
     assert done.wait(60)
     assert events[-1].error is None, events[-1].error
@@ -99,4 +102,37 @@ def test_a_shared_prefix_is_computed_once_and_still_decodes_to_the_engines_token
     assert results == expected
     cached = 3 * 40 + 4 * ((len(prompts[0]) - 1) // 4)
     assert prefill.prefix_hit_rate() == cached / sum(len(p) for p in prompts)
+    assert decode.pool.num_free == decode.pool.num_blocks
+
+
+def test_stop_tokens_end_sequences_mid_batch_and_their_blocks_come_back(loaded, workers):
+    """A sequence that stops on a stop token leaves the batch at once (with the loop one step
+    ahead, its row in the step already queued is dropped); the others go on to their lengths."""
+    prefill, decode = workers
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, 128) for _ in range(rng.randrange(3, 30))] for _ in range(8)]
+    engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
+    full = []
+    for prompt in prompts:
+        seq = OfflineSequence(prompt, 16)
+        list(engine.generate([seq], ignore_eos=True))
+        full.append(seq.output)
+    # Each even request stops at its own 4th token (the first time that token appears).
+    stops = [frozenset({out[3]}) if i % 2 == 0 else frozenset() for i, out in enumerate(full)]
+    expected = [out[:out.index(min(stop)) + 1] if stop else out for out, stop in zip(full, stops)]
+    results = [None] * len(prompts)
+
+    def worker(i):
+        results[i] = run_request(prefill, decode, prompts[i], 16, stop_ids=stops[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+    assert any(len(e) < 16 for e in expected)
+    deadline = time.monotonic() + 5
+    while decode.pool.num_free != decode.pool.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert decode.pool.num_free == decode.pool.num_blocks
