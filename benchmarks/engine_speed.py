@@ -346,7 +346,7 @@ def worker_step_ms(runner, batch: int, context: int, overlap: bool, max_tokens: 
             worker.open(StreamStart(reservation.transfer_id, f"r{i}", prompt, (), True, max_tokens, SamplingParams(),
                                     frozenset(), deadline), sink_for(i))
         for _ in range(batch):
-            assert finished.acquire(timeout=300), "the worker did not finish"
+            assert finished.acquire(timeout=60), "the worker did not finish"
     finally:
         worker.close()
     start, end = max(t[2] for t in times), min(t[-2] for t in times)

@@ -55,6 +55,8 @@ class ModelRunner:
         self.model = LlamaModel(loaded)
         self.spec = loaded.spec
         self.device = loaded.device
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the GPU current now, named
+            self.device = torch.device("cuda", torch.cuda.current_device())
         use_graphs = loaded.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         self.kv_cache = KvCache(KvCacheSpec(
             num_layers=loaded.spec.num_layers,
