@@ -696,7 +696,7 @@ def step_loop_lines(loops: dict) -> list[str]:
              "worker, one ahead |", "|---|---|---|---|---|---|"]
     for batch, row in loops.items():
         base = row["queued"]
-        cell = lambda ms: f"{ms:.3f} (+{ms - base:.3f})"
+        cell = lambda ms: f"{ms:.3f} ({ms - base:+.3f})"
         lines.append(f"| {batch} | {base:.3f} | {cell(row['read each'])} | {cell(row['one ahead'])} | "
                      f"{cell(row['worker, read each']['ms'])} | {cell(row['worker, one ahead']['ms'])} |")
     return lines
