@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ class Diagnosis:
         return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
 
 
+class NothingToDiagnose(ValueError):
+    """A bench result with no successful request: no phase can be timed."""
+
+
 def diagnose(result: BenchResult) -> Diagnosis:
     """Explain a bench result; pure, so tests can feed it recorded runs."""
     status = result.target.get("status") or {}
@@ -102,6 +107,10 @@ def diagnose(result: BenchResult) -> Diagnosis:
     num_decode = max(len(pools.get("decode", {})), 1)
     slo, profiles = result.slo, fit_profiles(result)
     ok = [q for run in result.runs for q in run.requests if q.is_ok]
+    if not ok:
+        errors = [q.error for run in result.runs for q in run.requests if q.error]
+        raise NothingToDiagnose("no request of the bench succeeded" + (f"; the first failed with: {errors[0]}"
+                                                                         if errors else ""))
     summaries = [run.summary(slo) for run in result.runs]
     workload = cm.Workload(max(s.throughput_rps for s in summaries), statistics.fmean(q.prompt_tokens for q in ok),
                            statistics.fmean(q.output_tokens for q in ok))
@@ -314,7 +323,11 @@ def main(args: Any) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.source:
         result.save(out.with_name(out.name + "-bench.json"))
-    diagnosis = diagnose(result)
+    try:
+        diagnosis = diagnose(result)
+    except NothingToDiagnose as e:
+        print(f"pdserve diagnose: {e}", file=sys.stderr)
+        return 1
     print(report(diagnosis))
     out.with_name(out.name + ".json").write_text(json.dumps(dataclasses.asdict(diagnosis), indent=1, default=str))
     print(f"wrote {plot_diagnosis(diagnosis, out.with_name(out.name + '.png'))}")

@@ -68,3 +68,18 @@ def test_a_result_survives_its_json_round_trip():
     again = BenchResult.from_json(original.to_json())
     assert again.runs[0].requests == run.requests
     assert again.runs[0].summary(SLO) == run.summary(SLO)
+
+
+def test_a_bench_where_every_request_failed_is_refused_with_the_first_error(tmp_path, capsys):
+    from pdserve.cluster.cli import main
+    from pdserve.cluster.diagnose import NothingToDiagnose
+
+    failed = [RequestRecord(i, 8, 16, error="HTTP 503: no decode replica") for i in range(3)]
+    bench = result([Run(1.0, None, 3.0, failed, pools(1000, [(1, 0.01)]))])
+    with pytest.raises(NothingToDiagnose, match="no request of the bench succeeded.*HTTP 503"):
+        diagnose(bench)
+    path = tmp_path / "bench.json"
+    bench.save(path)
+    assert main(["diagnose", "--from", str(path), "--out", str(tmp_path / "d")]) == 1
+    assert "HTTP 503: no decode replica" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()
