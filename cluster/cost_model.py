@@ -8,8 +8,6 @@ no Ray, no offline profiling: every number comes from the replicas' reports.
                         DecodeProfile.fit([StepSample(1, 0.010), StepSample(16, 0.025)], max_running=64))
     workload = Workload(arrival_rate=4.0, prompt_tokens=900, output_tokens=200)
     predict(workload, num_prefill=1, num_decode=2, profiles)  # -> Prediction(ttft_s, tpot_s, ...)
-    smallest_pools(workload, Slo(0.8, 0.06), profiles, prefill=(1, 4), decode=(1, 6))
-        # -> PoolPlan(num_prefill, num_decode, prediction, reason)
 
 The model, phase by phase (both are approximations, chosen to be explainable):
 - TTFT (prefill pool, depends only on `num_prefill`): queue wait + the prefill
@@ -127,16 +125,6 @@ class Prediction:
         return self.ttft_s <= headroom * slo.ttft_s and self.tpot_s <= headroom * slo.tpot_s
 
 
-@dataclass(frozen=True)
-class PoolPlan:
-    """The smallest pool sizes that hold the SLOs, and why, in words."""
-
-    num_prefill: int
-    num_decode: int
-    prediction: Prediction
-    reason: str
-
-
 def predict_ttft(workload: Workload, num_prefill: int, prefill: PrefillProfile) -> tuple[float, float]:
     """(TTFT seconds, utilisation) of a prefill pool of `num_prefill` replicas."""
     if num_prefill <= 0 or prefill.tokens_per_s <= 0:
@@ -178,27 +166,6 @@ def predict(workload: Workload, num_prefill: int, num_decode: int, profiles: Pro
         is_prefill = ttft_s >= tpot_s * max(workload.output_tokens - 1.0, 1.0)
     return Prediction(num_prefill, num_decode, ttft_s, tpot_s, utilisation, running,
                       "prefill" if is_prefill else "decode")
-
-
-def smallest_pools(workload: Workload, slo: Slo, profiles: Profiles, prefill: tuple[int, int],
-                   decode: tuple[int, int], headroom: float = 1.0) -> PoolPlan:
-    """The smallest sizes within the (min, max) bounds whose predictions hold headroom × SLO (the max where none does)."""
-    num_prefill = smallest_holding(lambda n: predict_ttft(workload, n, profiles.prefill)[0] <= headroom * slo.ttft_s,
-                                   *prefill)
-    num_decode = smallest_holding(lambda n: predict_tpot(workload, n, profiles.decode)[0] <= headroom * slo.tpot_s,
-                                  *decode)
-    prediction = predict(workload, num_prefill, num_decode, profiles, slo)
-    return PoolPlan(num_prefill, num_decode, prediction, describe(prediction, slo))
-
-
-def describe(prediction: Prediction, slo: Slo) -> str:
-    """One line per phase: predicted latency against its SLO and the load behind it."""
-    p = prediction
-    ttft = (f"prefill x{p.num_prefill}: predicted TTFT {format_ms(p.ttft_s)} {'<=' if p.ttft_s <= slo.ttft_s else '>'} "
-            f"SLO {format_ms(slo.ttft_s)} at {p.prefill_utilisation:.0%} utilisation")
-    tpot = (f"decode x{p.num_decode}: predicted TPOT {format_ms(p.tpot_s)} {'<=' if p.tpot_s <= slo.tpot_s else '>'} "
-            f"SLO {format_ms(slo.tpot_s)} at {p.running_per_decode * p.num_decode:.0f} running sequences")
-    return f"{ttft}; {tpot}"
 
 
 def format_ms(seconds: float) -> str:

@@ -4,7 +4,8 @@ import math
 import pytest
 
 from pdserve.cluster.cost_model import (
-    DecodeProfile, PrefillProfile, Profiles, Slo, StepSample, Workload, predict, smallest_pools,
+    DecodeProfile, PrefillProfile, Profiles, Slo, StepSample, Workload, format_ms, predict, predict_tpot, predict_ttft,
+    smallest_holding,
 )
 
 PROFILES = Profiles(PrefillProfile(tokens_per_s=4000.0, handoff_s=0.005), DecodeProfile(0.020, 0.001, max_running=64))
@@ -52,16 +53,21 @@ def test_the_bottleneck_is_the_phase_nearer_its_slo():
     assert predict(Workload(2.0, 50, 400), 1, 1, PROFILES, SLO).bottleneck == "decode"
 
 
-def test_smallest_pools_scales_only_the_phase_that_needs_it():
-    decode_heavy = smallest_pools(Workload(8.0, 100, 400), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
-    assert decode_heavy.num_prefill == 1 and decode_heavy.num_decode > 1
-    assert decode_heavy.prediction.tpot_s <= SLO.tpot_s
-    prefill_heavy = smallest_pools(Workload(6.0, 2000, 4), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
-    assert prefill_heavy.num_prefill == 4 and prefill_heavy.num_decode == 1
-    assert "predicted TTFT" in prefill_heavy.reason and "running sequences" in prefill_heavy.reason
+def sizes(workload: Workload) -> tuple[int, int]:
+    """The smallest prefill (of 1..4) and decode (of 1..6) pools the model says hold the SLOs."""
+    prefill = smallest_holding(lambda n: predict_ttft(workload, n, PROFILES.prefill)[0] <= SLO.ttft_s, 1, 4)
+    decode = smallest_holding(lambda n: predict_tpot(workload, n, PROFILES.decode)[0] <= SLO.tpot_s, 1, 6)
+    return prefill, decode
 
 
-def test_smallest_pools_answers_the_max_when_no_size_holds():
-    plan = smallest_pools(Workload(100.0, 2000, 400), SLO, PROFILES, prefill=(1, 4), decode=(1, 6))
-    assert (plan.num_prefill, plan.num_decode) == (4, 6) and not plan.prediction.holds(SLO)
-    assert "unbounded" in plan.reason
+def test_each_pool_grows_only_for_its_own_phase():
+    decode_heavy = Workload(8.0, 100, 400)
+    assert sizes(decode_heavy)[0] == 1 and sizes(decode_heavy)[1] > 1
+    assert predict(decode_heavy, *sizes(decode_heavy), PROFILES).tpot_s <= SLO.tpot_s
+    assert sizes(Workload(6.0, 2000, 4)) == (4, 1)
+
+
+def test_the_largest_size_is_the_answer_when_none_holds():
+    overload = Workload(100.0, 2000, 400)
+    assert sizes(overload) == (4, 6) and not predict(overload, 4, 6, PROFILES).holds(SLO)
+    assert format_ms(predict(overload, 4, 6, PROFILES).ttft_s) == "unbounded"
