@@ -6,7 +6,7 @@ before anything starts. `load_config(mapping)` is the only way in.
 
     model:        {path, dtype, max_model_len}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
-    decode:       {replicas, gpus_per_replica, max_running, max_waiting, ray_resources}
+    decode:       {replicas, gpus_per_replica, max_running, max_waiting, overlap_steps, ray_resources}
     colocated:    {replicas}            # > 0: one pool doing both phases instead
     kv_cache:     {block_size, num_blocks, memory_fraction}
     transfer:     {backend, timeout_s}
@@ -96,6 +96,7 @@ class DecodePoolConfig:
     gpus_per_replica: float = 1.0
     max_running: int = 64  # sequences in one decode batch
     max_waiting: int = 256  # reservations waiting for KV or admission; beyond this, 429
+    overlap_steps: bool | None = None  # queue step N+1 before reading step N's tokens; null: on a GPU only
     ray_resources: dict[str, float] = field(default_factory=dict)
 
 

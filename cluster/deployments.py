@@ -164,7 +164,8 @@ class DecodeDeployment:
         d = self.config.decode
         settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
-                                  transfer_timeout_s=self.config.transfer.timeout_s)
+                                  transfer_timeout_s=self.config.transfer.timeout_s,
+                                  overlap_steps=d.overlap_steps)
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address

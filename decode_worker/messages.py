@@ -30,6 +30,7 @@ class DecodeLoad:
     batch_size: float  # mean recent batch size of those steps
     tokens_per_s: float
     is_draining: bool
+    overlap_steps: bool  # the loop queues step N+1 before reading step N's tokens
 
 
 class QueueFull(RuntimeError):

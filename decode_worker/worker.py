@@ -177,6 +177,7 @@ class DecodeWorker:
                 batch_size=sum(b for _, b in steps) / len(steps) if steps else 0.0,
                 tokens_per_s=self._tokens_per_s(),
                 is_draining=self._draining,
+                overlap_steps=self._overlap,
             )
 
     def drain(self, timeout_s: float) -> bool:

@@ -56,6 +56,7 @@ def test_sixteen_concurrent_requests_equal_transformers(one_and_one, chat_model)
     outputs = run_concurrently(one_and_one, REQUESTS)
     for (prompt, max_tokens), output in zip(REQUESTS, outputs):
         assert output == reference_tokens(chat_model[1], prompt, max_tokens)
+    assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
     decode = one_and_one.wait_all_blocks_free()
     assert decode and all(r["num_blocks_used"] == 0 for r in decode.values()), decode
 
@@ -99,8 +100,16 @@ def test_a_cancelled_grpc_stream_frees_its_blocks(one_and_one):
     assert decode and all(r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
-def test_two_and_two_equal_transformers(chat_model):
-    server = Server("--model", str(chat_model[0]), "--prefill-replicas", "2", "--decode-replicas", "2")
+def overlapping(tmp_path) -> tuple[str, str]:
+    """`--config` of a decode loop that runs one step ahead, as on a GPU (the CPU's default reads each step)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("decode: {overlap_steps: true}\n")
+    return "--config", str(path)
+
+
+def test_two_and_two_equal_transformers(chat_model, tmp_path):
+    server = Server("--model", str(chat_model[0]), "--prefill-replicas", "2", "--decode-replicas", "2",
+                    *overlapping(tmp_path))
     try:
         outputs = run_concurrently(server, REQUESTS)
         decode = server.wait_all_blocks_free()
@@ -108,14 +117,16 @@ def test_two_and_two_equal_transformers(chat_model):
         server.stop()
     for (prompt, max_tokens), output in zip(REQUESTS, outputs):
         assert output == reference_tokens(chat_model[1], prompt, max_tokens)
-    assert len(decode) == 2 and all(r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert len(decode) == 2 and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
-def test_colocated_gives_the_same_outputs(chat_model):
-    server = Server("--model", str(chat_model[0]), "--colocated", "1")
+def test_colocated_gives_the_same_outputs(chat_model, tmp_path):
+    server = Server("--model", str(chat_model[0]), "--colocated", "1", *overlapping(tmp_path))
     try:
         outputs = run_concurrently(server, REQUESTS)
+        decode = server.wait_all_blocks_free()
     finally:
         server.stop()
     for (prompt, max_tokens), output in zip(REQUESTS, outputs):
         assert output == reference_tokens(chat_model[1], prompt, max_tokens)
+    assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
