@@ -55,12 +55,8 @@ from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from shapes import LLAMA3_8B
 
-LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
-)
 BLOCK_SIZE = 16
 LOG: list[str] = []
 STASH: dict = {}  # tensors shared between sections (kept out of the JSON)
@@ -159,7 +155,7 @@ class Counts:
 def build_models(num_blocks: int):
     import transformers
 
-    config = transformers.LlamaConfig(**LLAMA3_8B)
+    config = transformers.LlamaConfig(**LLAMA3_8B, bos_token_id=128000, eos_token_id=128001)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

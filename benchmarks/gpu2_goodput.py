@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import Server  # noqa: E402
+from shapes import LLAMA3_8B, save_random_checkpoint  # noqa: E402
 
 SLO = ["--slo-ttft-ms", "1000", "--slo-tpot-ms", "50"]  # the bench's own verdicts; compare re-judges tighter ones
 WORKLOADS = {
@@ -32,26 +30,6 @@ DEPLOYMENTS = {
     "1p1d": ["--prefill-replicas", "1", "--decode-replicas", "1"],
     "colocated2": ["--colocated", "2"],
 }
-
-
-def model_dir(tokenizer_dir: Path) -> Path:
-    """A random-weight Llama-3-8B-shaped checkpoint with the tokenizer's vocabulary."""
-    directory = Path("/tmp/llama-8b-shape")
-    if (directory / "config.json").exists():
-        return directory
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=4096, intermediate_size=14336,
-                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                      max_position_embeddings=8192, eos_token_id=2, bos_token_id=1,
-                                      rope_theta=500000.0, dtype="bfloat16")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory)
-    del model
-    torch.cuda.empty_cache()
-    for file in tokenizer_dir.iterdir():
-        shutil.copy(file, directory / file.name)
-    return directory
 
 
 def cli(*args: str, timeout_s: float, stdout: Path | None = None) -> None:
@@ -87,7 +65,7 @@ def main() -> None:
     num_requests = int(_option("--requests", "80"))
     names = [_option("--only")] if _option("--only") else list(DEPLOYMENTS)
     started = time.monotonic()
-    directory = model_dir(tokenizer_dir)
+    directory = save_random_checkpoint(Path("/tmp/llama-8b-shape"), LLAMA3_8B, tokenizer_dir)
     print(f"model ready in {time.monotonic() - started:.0f} s", flush=True)
     for name in names:
         run_deployment(name, directory, out, num_requests)

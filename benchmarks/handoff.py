@@ -41,13 +41,9 @@ from pdserve.engine.sampler import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import free_port  # noqa: E402  (tests/e2e/server.py)
+from shapes import LLAMA3_8B, TINY  # noqa: E402  (benchmarks/shapes.py)
 
-SHAPES = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
+SHAPES = {"tiny": TINY, "llama3-8b": LLAMA3_8B}
 BLOCK_SIZE = 16
 
 
@@ -55,7 +51,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
     """A model of the given shape with random weights made on the device (no files)."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(**{**SHAPES[shape], "max_position_embeddings": max_len}, architectures=["LlamaForCausalLM"])
     spec = spec_from_config(config)
     g = torch.Generator(device=device).manual_seed(0)
 
