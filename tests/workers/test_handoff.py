@@ -59,27 +59,38 @@ def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), st
     return [result.first_token] + [t for e in events for t in e.token_ids]
 
 
-def test_concurrent_handoffs_decode_to_the_engines_tokens(loaded, workers):
-    prefill, decode = workers
-    rng = random.Random(3)
-    requests = [([rng.randrange(2, 128) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 20)) for _ in range(24)]
+def engine_outputs(loaded, requests) -> list[list[int]]:
+    """The engine's own greedy tokens for each (prompt, max_tokens), one request at a time."""
     engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
-    expected = []
+    outputs = []
     for prompt, max_tokens in requests:
         seq = OfflineSequence(prompt, max_tokens)
         list(engine.generate([seq], ignore_eos=True))
-        expected.append(seq.output)
+        outputs.append(seq.output)
+    return outputs
+
+
+def run_all_at_once(prefill, decode, requests, stop_ids=None) -> list[list[int]]:
+    """`run_request` for every (prompt, max_tokens) at the same time, each on its own thread."""
     results = [None] * len(requests)
 
-    def worker(i):
-        results[i] = run_request(prefill, decode, *requests[i])
+    def one(i):
+        prompt, max_tokens = requests[i]
+        results[i] = run_request(prefill, decode, prompt, max_tokens, stop_ids=stop_ids[i] if stop_ids else frozenset())
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert results == expected
+    return results
+
+
+def test_concurrent_handoffs_decode_to_the_engines_tokens(loaded, workers):
+    prefill, decode = workers
+    rng = random.Random(3)
+    requests = [([rng.randrange(2, 128) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 20)) for _ in range(24)]
+    assert run_all_at_once(prefill, decode, requests) == engine_outputs(loaded, requests)
     assert decode.pool.num_free == decode.pool.num_blocks
     assert prefill.pool.num_free + prefill.prefix_cache.num_blocks == prefill.pool.num_blocks  # the rest: cached
 
@@ -90,12 +101,7 @@ def test_a_shared_prefix_is_computed_once_and_still_decodes_to_the_engines_token
     system = [rng.randrange(2, 128) for _ in range(42)]  # 10 full blocks of 4, then 2 tokens
     prompts = [system + [1 + i] + [rng.randrange(2, 128) for _ in range(rng.randrange(0, 9))] for i in range(4)]
     prompts.append(list(prompts[0]))  # the same prompt again: all but its last block can come from the cache
-    engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
-    expected = []
-    for prompt in prompts:
-        seq = OfflineSequence(prompt, 6)
-        list(engine.generate([seq], ignore_eos=True))
-        expected.append(seq.output)
+    expected = engine_outputs(loaded, [(prompt, 6) for prompt in prompts])
 
     results = [run_request(prefill, decode, prompt, 6) for prompt in prompts]
 
@@ -111,26 +117,11 @@ def test_stop_tokens_end_sequences_mid_batch_and_their_blocks_come_back(loaded, 
     prefill, decode = workers
     rng = random.Random(11)
     prompts = [[rng.randrange(2, 128) for _ in range(rng.randrange(3, 30))] for _ in range(8)]
-    engine = OfflineEngine(loaded, num_blocks=512, block_size=4)
-    full = []
-    for prompt in prompts:
-        seq = OfflineSequence(prompt, 16)
-        list(engine.generate([seq], ignore_eos=True))
-        full.append(seq.output)
+    full = engine_outputs(loaded, [(prompt, 16) for prompt in prompts])
     # Each even request stops at its own 4th token (the first time that token appears).
     stops = [frozenset({out[3]}) if i % 2 == 0 else frozenset() for i, out in enumerate(full)]
     expected = [out[:out.index(min(stop)) + 1] if stop else out for out, stop in zip(full, stops)]
-    results = [None] * len(prompts)
-
-    def worker(i):
-        results[i] = run_request(prefill, decode, prompts[i], 16, stop_ids=stops[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert results == expected
+    assert run_all_at_once(prefill, decode, [(prompt, 16) for prompt in prompts], stops) == expected
     assert any(len(e) < 16 for e in expected)
     deadline = time.monotonic() + 5
     while decode.pool.num_free != decode.pool.num_blocks and time.monotonic() < deadline:
