@@ -22,7 +22,7 @@ for step in "$@"; do
     pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
-    overlap) timeout 480 python3 benchmarks/gpu_overlap.py .carry/tokenizer "$OUT" > "$OUT/overlap.log" 2>&1 ;;
+    overlap) timeout 560 python3 benchmarks/gpu_overlap.py .carry/tokenizer "$OUT" > "$OUT/overlap.log" 2>&1 ;;
     nccl_tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;
     pipeline2) NCCL_DEBUG=INFO timeout 200 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" --two-gpus \
