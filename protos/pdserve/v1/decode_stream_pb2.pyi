@@ -19,7 +19,7 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "generated_token_ids", "prefill_locally", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "logprobs", "deadline_unix_s", "generated_logprobs")
+    __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "generated_token_ids", "prefill_locally", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "logprobs", "deadline_unix_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -33,7 +33,6 @@ class StreamRequest(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
-    GENERATED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -47,8 +46,7 @@ class StreamRequest(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: bool
     deadline_unix_s: float
-    generated_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., deadline_unix_s: _Optional[float] = ..., generated_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
     __slots__ = ("kv_wait_s", "prefill_s", "decode_s", "decode_steps")
