@@ -301,6 +301,7 @@ class DecodeWorker:
                 table.release()
 
     def _fail_all_steps(self, message: str, prefilling: list[DecodeSequence]) -> None:
+        """After a step raised: fail every running and prefilling sequence, forget the steps in flight."""
         with self._lock:
             steps = list(self._in_flight)
             self._in_flight.clear()
