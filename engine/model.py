@@ -20,6 +20,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from .copies import on_device
 from .kernels.activation import silu_and_mul
 from .kernels.gemv import gemv
 from .kernels.paged_attention import paged_decode_attention
@@ -81,7 +82,7 @@ class _PrefillPlan:
         if not attention.has_cached_prefix:
             return _PrefillPlan(cu_q, max(attention.q_lens), None, (), ())
         ids = [table[:-(-context // block_size)] for table, context in zip(attention.block_tables, attention.context_lens)]
-        flat = torch.tensor([i for seq in ids for i in seq], device=device)
+        flat = on_device([i for seq in ids for i in seq], torch.long, device)
         return _PrefillPlan(cu_q, max(attention.q_lens), _cumulative(attention.context_lens, device),
                             tuple(flat.split([len(seq) for seq in ids])), attention.context_lens)
 
@@ -180,7 +181,7 @@ def _linear_for(attention: _PrefillPlan | DecodeAttention, tokens: torch.Tensor)
 
 def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[B + 1] int32 offsets of packed sequences."""
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    return on_device([0, *itertools.accumulate(lengths)], torch.int32, device)
 
 
 def _gather_context(cache: torch.Tensor, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:

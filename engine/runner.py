@@ -26,7 +26,8 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
-from .sampler import PendingSample, SamplingParams, fed_back_tokens, on_device, sample_async
+from .copies import host_to_device, on_device
+from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class ModelRunner:
             blocks = torch.tensor(chunk.block_ids, dtype=torch.long)
             slots = blocks[span // self.block_size] * self.block_size + span % self.block_size
             columns.append(torch.stack([torch.tensor(chunk.token_ids, dtype=torch.long), span, slots]))
-        tokens, positions, slots = torch.cat(columns, dim=1).to(self.device)  # one host → device copy
+        tokens, positions, slots = host_to_device(torch.cat(columns, dim=1), self.device)  # one copy, no sync
         attention = PrefillAttention(
             q_starts=tuple(starts),
             q_lens=tuple(lens),

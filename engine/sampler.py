@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .copies import on_device, to_host
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -48,7 +50,7 @@ class PendingSample:
     def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprobs: torch.Tensor | None):
         self.tokens = tokens  # [B] int64 on the device: what the next step may take as its input
         self._batch, self._logprob_rows = len(tokens), logprob_rows
-        self._host = [_to_host(tokens)] + ([_to_host(logprobs)] if logprobs is not None else [])
+        self._host = [to_host(tokens)] + ([to_host(logprobs)] if logprobs is not None else [])
         self._copied = torch.cuda.Event() if tokens.is_cuda else None
         if self._copied is not None:
             self._copied.record()
@@ -161,17 +163,3 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
-
-def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device (the runner's and the sampler's step inputs). From pinned
-    memory, asynchronously: a copy from pageable memory waits for everything queued on the stream
-    (the decode step in flight)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(values: torch.Tensor) -> torch.Tensor:
-    """A device tensor's values in pinned host memory, copied asynchronously (a CPU tensor as it is)."""
-    if not values.is_cuda:
-        return values
-    return torch.empty(values.shape, dtype=values.dtype, pin_memory=True).copy_(values, non_blocking=True)
