@@ -77,6 +77,7 @@ class Observation:
     running_sequences: float  # held by the decode pool now
     prefill_tokens_per_s: float  # one prefill replica's rate on recent batches
     step_samples: tuple[StepSample, ...]  # decode (batch size, step time) pairs
+    prefix_hit_rate: float = 0.0  # the prefill replicas' prefix caches, mean
 
     @property
     def is_idle(self) -> bool:
@@ -85,7 +86,7 @@ class Observation:
 
     def workload(self) -> Workload:
         return Workload(self.arrival_rate, self.prompt_tokens, self.output_tokens,
-                        self.queued_prompt_tokens, self.running_sequences)
+                        self.queued_prompt_tokens, self.running_sequences, self.prefix_hit_rate)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def _wish(pool: str, observation: Observation, target: int, settings: PolicySett
         profile = PrefillProfile(observation.prefill_tokens_per_s)
         latency = lambda n: predict_ttft(workload, n, profile)[0]  # noqa: E731
         slo, metric = settings.slo.ttft_s, "TTFT"
-        load = lambda n: f"{workload.arrival_rate:.1f} requests/s of {workload.prompt_tokens:.0f} prompt tokens"  # noqa: E731
+        cached = f", {workload.prefix_hit_rate:.0%} from the prefix cache" if workload.prefix_hit_rate else ""
+        load = lambda n: f"{workload.arrival_rate:.1f} requests/s of {workload.prompt_tokens:.0f} prompt tokens{cached}"  # noqa: E731
     else:
         if not observation.step_samples:
             return target, "unmeasured", "no decode steps measured yet"
@@ -216,13 +218,14 @@ def observe(metrics: dict[str, dict[str, dict[str, float]]], samples: dict[str, 
     generated_per_s = sum(decode.get("tokens_per_s", {}).values())
     output_tokens = generated_per_s / arrival_rate + 1.0 if arrival_rate > 0 else 0.0  # the first comes from prefill
     rates = [r for r in prefill.get("tokens_per_s", {}).values() if r > 0]
+    hits = list(prefill.get("prefix_hit_rate", {}).values())
     pairs = [StepSample(batch, step) for series in samples.values() for batch, step in series if batch > 0 and step > 0]
     return Observation(
         arrival_rate=arrival_rate, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         queued_prompt_tokens=sum(prefill.get("queued_tokens", {}).values()),
         running_sequences=sum(decode.get("num_running", {}).values()) + sum(decode.get("num_waiting", {}).values()),
         prefill_tokens_per_s=sum(rates) / len(rates) if rates else 0.0,
-        step_samples=tuple(pairs[-64:]))
+        step_samples=tuple(pairs[-64:]), prefix_hit_rate=sum(hits) / len(hits) if hits else 0.0)
 
 
 def _weighted_mean(values: dict[str, float], weights: dict[str, float]) -> float:

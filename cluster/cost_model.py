@@ -11,10 +11,12 @@ no Ray, no offline profiling: every number comes from the replicas' reports.
 
 The model, phase by phase (both are approximations, chosen to be explainable):
 - TTFT (prefill pool, depends only on `num_prefill`): queue wait + the prefill
-  time of a typical prompt (prompt_tokens / tokens_per_s) + the KV handoff.
+  time of a typical prompt (P / tokens_per_s) + the KV handoff, where
+  P = prompt_tokens·(1 - prefix_hit_rate) is what a replica computes of it (the
+  prefix cache's hits cost no compute, and the measured rate counts none).
   Each replica is an M/D/1 queue taking 1/num_prefill of the arrivals with a
   deterministic service time S (a typical prompt): utilisation
-  rho = arrival_rate·prompt_tokens / (num_prefill·tokens_per_s) and mean wait
+  rho = arrival_rate·P / (num_prefill·tokens_per_s) and mean wait
   rho·S / (2(1 - rho)). A backlog measured now (`queued_prompt_tokens`) drains at
   the pool's rate; the wait is the larger of the two (the backlog *is* the
   steady queue when the load is steady; it dominates right after a surge).
@@ -101,6 +103,12 @@ class Workload:
     output_tokens: float  # mean generated tokens per request (the first comes from prefill)
     queued_prompt_tokens: float = 0.0  # prompt tokens waiting in the prefill pool now
     running_sequences: float = 0.0  # sequences held by the decode pool now
+    prefix_hit_rate: float = 0.0  # share of prompt tokens whose KV the prefill pool's prefix cache holds
+
+    @property
+    def computed_prompt_tokens(self) -> float:
+        """What a prefill replica computes of a mean prompt: its measured rate counts only these."""
+        return self.prompt_tokens * (1.0 - self.prefix_hit_rate)
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,8 @@ def predict_ttft(workload: Workload, num_prefill: int, prefill: PrefillProfile) 
     if num_prefill <= 0 or prefill.tokens_per_s <= 0:
         return math.inf, math.inf
     capacity = num_prefill * prefill.tokens_per_s
-    utilisation = workload.arrival_rate * workload.prompt_tokens / capacity
-    service_s = workload.prompt_tokens / prefill.tokens_per_s
+    utilisation = workload.arrival_rate * workload.computed_prompt_tokens / capacity
+    service_s = workload.computed_prompt_tokens / prefill.tokens_per_s
     backlog_s = workload.queued_prompt_tokens / capacity
     if utilisation >= 1.0:
         return math.inf, utilisation

@@ -113,8 +113,8 @@ def diagnose(result: BenchResult) -> Diagnosis:
                                                                          if errors else ""))
     summaries = [run.summary(slo) for run in result.runs]
     workload = cm.Workload(max(s.throughput_rps for s in summaries), statistics.fmean(q.prompt_tokens for q in ok),
-                           statistics.fmean(q.output_tokens for q in ok))
-    points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1))
+                           statistics.fmean(q.output_tokens for q in ok), prefix_hit_rate=prefix_hit_rate(result))
+    points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1), workload.prefix_hit_rate)
                      for run, summary in zip(result.runs, summaries)), key=lambda p: p.throughput_rps)
     broken = next((p for p in points if max(p.prefill_ratio, p.decode_ratio) > 1), None)
     bottleneck = (broken or max(points, key=lambda p: max(p.prefill_ratio, p.decode_ratio))).bottleneck
@@ -154,6 +154,13 @@ def fit_profiles(result: BenchResult) -> cm.Profiles:
     return cm.Profiles(cm.PrefillProfile(statistics.median(rates) if rates else 0.0, handoff), decode)
 
 
+def prefix_hit_rate(result: BenchResult) -> float:
+    """The prefill replicas' prefix-cache hit rate at the last report (each counts since its start)."""
+    last = [sample for run in result.runs for sample in run.pools if sample["pools"].get("prefill")]
+    rates = [r.get("prefix_hit_rate", 0.0) for r in last[-1]["pools"]["prefill"].values()] if last else []
+    return statistics.fmean(rates) if rates else 0.0
+
+
 def _replica_reports(result: BenchResult) -> list[tuple[str, dict[str, Any]]]:
     """(pool, one replica's stats) of every pool sample taken while the runs went."""
     return [(pool, stats) for run in result.runs for sample in run.pools
@@ -178,7 +185,8 @@ def max_goodput(workload: cm.Workload, num_prefill: int, num_decode: int, profil
     return low
 
 
-def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_prefill: int) -> LoadPoint:
+def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_prefill: int,
+           prefix_hit_rate: float) -> LoadPoint:
     ok = [q for q in run.requests if q.is_ok]
     timed = [q for q in ok if q.server]
     phase = sorted(q.server["queue_s"] + q.server["prefill_s"] + q.server["kv_transfer_s"] for q in timed)
@@ -186,7 +194,7 @@ def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_p
     mean = {k: statistics.fmean(q.server[k] for q in timed) if timed else 0.0
             for k in ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s")}
     client_ttft = statistics.fmean(q.ttft_s for q in timed) if timed else 0.0
-    mean_prompt = statistics.fmean(q.prompt_tokens for q in ok) if ok else 0.0
+    mean_computed = statistics.fmean(q.prompt_tokens for q in ok) * (1.0 - prefix_hit_rate) if ok else 0.0
     capacity = num_prefill * profiles.prefill.tokens_per_s
     batches = [r["batch_size"] for sample in run.pools for r in sample["pools"].get("decode", {}).values()
                if r.get("num_running", 0) > 0]
@@ -197,7 +205,7 @@ def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_p
         queue_s=mean["queue_s"], prefill_s=mean["prefill_s"], kv_transfer_s=mean["kv_transfer_s"],
         router_s=max(mean["ttft_s"] - mean["queue_s"] - mean["prefill_s"] - mean["kv_transfer_s"], 0.0),
         frontend_s=max(client_ttft - mean["ttft_s"], 0.0) if timed else 0.0,
-        prefill_utilisation=summary.throughput_rps * mean_prompt / capacity if capacity else 0.0,
+        prefill_utilisation=summary.throughput_rps * mean_computed / capacity if capacity else 0.0,
         decode_batch=statistics.fmean(batches) if batches else 0.0,
         prefill_ratio=prefill_ratio, decode_ratio=decode_ratio,
         bottleneck="prefill" if prefill_ratio >= decode_ratio else "decode",
@@ -241,7 +249,8 @@ def _rate(rps: float) -> str:
 def report(d: Diagnosis) -> str:
     """The diagnosis in plain words, with its numbers."""
     slo, w = d.slo, d.workload
-    lines = [f"pdserve diagnose: {d.deployment}; workload {w.prompt_tokens:.0f} prompt → {w.output_tokens:.0f} "
+    cached = f" ({w.prefix_hit_rate:.0%} from the prefix cache)" if w.prefix_hit_rate else ""
+    lines = [f"pdserve diagnose: {d.deployment}; workload {w.prompt_tokens:.0f} prompt{cached} → {w.output_tokens:.0f} "
              f"output tokens; SLO TTFT {1e3 * slo.ttft_s:g} ms, TPOT {1e3 * slo.tpot_s:g} ms (p90)", "",
              "   load → done  goodput | TTFT p90 = [queue prefill   KV | router front] ms | prefill p90 ×SLO "
              "| TPOT p90 ×SLO | prefill util  decode batch | bottleneck"]

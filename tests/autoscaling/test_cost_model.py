@@ -71,3 +71,11 @@ def test_the_largest_size_is_the_answer_when_none_holds():
     overload = Workload(100.0, 2000, 400)
     assert sizes(overload) == (4, 6) and not predict(overload, 4, 6, PROFILES).holds(SLO)
     assert format_ms(predict(overload, 4, 6, PROFILES).ttft_s) == "unbounded"
+
+
+def test_prefix_cache_hits_cost_the_prefill_pool_nothing_and_the_decode_pool_the_same():
+    """The measured prefill rate counts computed tokens only: a 75% hit rate makes a prompt a quarter as dear."""
+    cold, warm = Workload(6.0, 2000, 4), Workload(6.0, 2000, 4, prefix_hit_rate=0.75)
+    assert predict_ttft(warm, 1, PROFILES.prefill)[1] == pytest.approx(predict_ttft(cold, 1, PROFILES.prefill)[1] / 4)
+    assert predict_tpot(warm, 1, PROFILES.decode) == predict_tpot(cold, 1, PROFILES.decode)  # KV is the whole prompt
+    assert sizes(cold)[0] == 4 and sizes(warm)[0] < sizes(cold)[0]

@@ -1,4 +1,6 @@
 """From the replicas' custom autoscaling metrics to the policy's Observation, and back out as status and metrics."""
+import pytest
+
 from pdserve.cluster.autoscaling import observe, serve_autoscaling_config
 from pdserve.cluster.config import load_config
 from pdserve.cluster.status_cmd import format_status
@@ -11,7 +13,8 @@ NOTE = {"pools": {"prefill": {"replicas": 1, "target": 1, "reason": "no load"},
 
 
 def test_observe_sums_pools_and_derives_output_length_from_generated_tokens():
-    metrics = {"prefill": {"queued_tokens": {"p1": 300.0, "p2": 100.0}, "tokens_per_s": {"p1": 5000.0, "p2": 0.0}},
+    metrics = {"prefill": {"queued_tokens": {"p1": 300.0, "p2": 100.0}, "tokens_per_s": {"p1": 5000.0, "p2": 0.0},
+                           "prefix_hit_rate": {"p1": 0.5, "p2": 0.1}},
                "decode": {"arrivals_per_s": {"d1": 3.0, "d2": 1.0}, "prompt_tokens_mean": {"d1": 100.0, "d2": 500.0},
                           "tokens_per_s": {"d1": 150.0, "d2": 50.0}, "num_running": {"d1": 6.0, "d2": 2.0},
                           "num_waiting": {"d1": 1.0, "d2": 0.0}}}
@@ -19,6 +22,7 @@ def test_observe_sums_pools_and_derives_output_length_from_generated_tokens():
     assert (o.arrival_rate, o.prompt_tokens, o.output_tokens) == (4.0, 200.0, 51.0)
     assert (o.queued_prompt_tokens, o.running_sequences, o.prefill_tokens_per_s) == (400.0, 9.0, 5000.0)
     assert [(s.batch_size, s.step_time_s) for s in o.step_samples] == [(6.0, 0.02), (2.0, 0.012)]
+    assert o.prefix_hit_rate == pytest.approx(0.3) and o.workload().computed_prompt_tokens == pytest.approx(140.0)
     assert not o.is_idle and observe({}, {}).is_idle
 
 

@@ -83,3 +83,15 @@ def test_a_bench_where_every_request_failed_is_refused_with_the_first_error(tmp_
     assert main(["diagnose", "--from", str(path), "--out", str(tmp_path / "d")]) == 1
     assert "HTTP 503: no decode replica" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
+
+
+def test_prefix_cache_hits_count_as_no_prefill_work():
+    requests = [record(i / 4, 900, 2, 0.05, 0.1, 0.02) for i in range(40)]
+    cold = diagnose(result([Run(4.0, None, 10.0, requests, pools(4500, [(1, 0.02)]))]))
+    hot_pools = pools(4500, [(1, 0.02)])
+    for sample in hot_pools:
+        sample["pools"]["prefill"]["p0"]["prefix_hit_rate"] = 0.5
+    hot = diagnose(result([Run(4.0, None, 10.0, requests, hot_pools)]))
+    assert cold.workload.prefix_hit_rate == 0 and hot.workload.prefix_hit_rate == 0.5
+    assert hot.points[0].prefill_utilisation == pytest.approx(cold.points[0].prefill_utilisation / 2)
+    assert "50% from the prefix cache" in report(hot) and "prefix cache" not in report(cold)
