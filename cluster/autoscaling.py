@@ -70,23 +70,14 @@ class PolicySettings:
 class Observation:
     """What the pools measured over the last window (0 where nothing was measured yet)."""
 
-    arrival_rate: float  # requests reserved per second, all decode replicas together
-    prompt_tokens: float  # mean prompt length of those requests
-    output_tokens: float  # mean generated tokens per request
-    queued_prompt_tokens: float  # waiting in the prefill pool now
-    running_sequences: float  # held by the decode pool now
+    workload: Workload  # arrivals reserved on the decode pool, lengths, the backlog, running, prefix hits
     prefill_tokens_per_s: float  # one prefill replica's rate on recent batches
     step_samples: tuple[StepSample, ...]  # decode (batch size, step time) pairs
-    prefix_hit_rate: float = 0.0  # the prefill replicas' prefix caches, mean
 
     @property
     def is_idle(self) -> bool:
         """No new work: what is still running finishes (a leaving replica drains it)."""
-        return self.arrival_rate <= 0 and self.queued_prompt_tokens <= 0
-
-    def workload(self) -> Workload:
-        return Workload(self.arrival_rate, self.prompt_tokens, self.output_tokens,
-                        self.queued_prompt_tokens, self.running_sequences, self.prefix_hit_rate)
+        return self.workload.arrival_rate <= 0 and self.workload.queued_prompt_tokens <= 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +132,7 @@ def _wish(pool: str, observation: Observation, target: int, settings: PolicySett
     bounds: PoolBounds = getattr(settings, pool)
     if observation.is_idle:
         return bounds.min, "idle", "no load"
-    workload = observation.workload()
+    workload = observation.workload
     if pool == "prefill":
         if observation.prefill_tokens_per_s <= 0:
             return target, "unmeasured", "no prefill rate measured yet"
@@ -220,12 +211,12 @@ def observe(metrics: dict[str, dict[str, dict[str, float]]], samples: dict[str, 
     rates = [r for r in prefill.get("tokens_per_s", {}).values() if r > 0]
     hits = list(prefill.get("prefix_hit_rate", {}).values())
     pairs = [StepSample(batch, step) for series in samples.values() for batch, step in series if batch > 0 and step > 0]
-    return Observation(
+    workload = Workload(
         arrival_rate=arrival_rate, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         queued_prompt_tokens=sum(prefill.get("queued_tokens", {}).values()),
         running_sequences=sum(decode.get("num_running", {}).values()) + sum(decode.get("num_waiting", {}).values()),
-        prefill_tokens_per_s=sum(rates) / len(rates) if rates else 0.0,
-        step_samples=tuple(pairs[-64:]), prefix_hit_rate=sum(hits) / len(hits) if hits else 0.0)
+        prefix_hit_rate=sum(hits) / len(hits) if hits else 0.0)
+    return Observation(workload, sum(rates) / len(rates) if rates else 0.0, tuple(pairs[-64:]))
 
 
 def _weighted_mean(values: dict[str, float], weights: dict[str, float]) -> float:

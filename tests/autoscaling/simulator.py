@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.cluster.autoscaling import Observation, PolicySettings, PolicyState, decide
-from pdserve.cluster.cost_model import StepSample
+from pdserve.cluster.cost_model import StepSample, Workload
 
 Load = Callable[[float], tuple[float, float, float]]  # time -> (requests/s, prompt tokens, output tokens)
 
@@ -88,7 +88,8 @@ def simulate(load: Load, settings: PolicySettings, duration_s: float, truth: Tru
             sequences = max(sequences - finished, 0.0)
         if now - last_policy >= settings.interval_s:
             last_policy = now
-            observation = Observation(rate, prompt, output, queue_tokens, sequences, measured_rate, tuple(samples))
+            observation = Observation(Workload(rate, prompt, output, queue_tokens, sequences), measured_rate,
+                                      tuple(samples))
             state = decide(observation, state, settings, now)
             for d in state.decisions:
                 run.decisions.append((now, d.text))

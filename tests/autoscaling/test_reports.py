@@ -19,10 +19,11 @@ def test_observe_sums_pools_and_derives_output_length_from_generated_tokens():
                           "tokens_per_s": {"d1": 150.0, "d2": 50.0}, "num_running": {"d1": 6.0, "d2": 2.0},
                           "num_waiting": {"d1": 1.0, "d2": 0.0}}}
     o = observe(metrics, {"d1": [(6.0, 0.02), (0.0, 0.0)], "d2": [(2.0, 0.012)]})
-    assert (o.arrival_rate, o.prompt_tokens, o.output_tokens) == (4.0, 200.0, 51.0)
-    assert (o.queued_prompt_tokens, o.running_sequences, o.prefill_tokens_per_s) == (400.0, 9.0, 5000.0)
+    w = o.workload
+    assert (w.arrival_rate, w.prompt_tokens, w.output_tokens) == (4.0, 200.0, 51.0)
+    assert (w.queued_prompt_tokens, w.running_sequences, o.prefill_tokens_per_s) == (400.0, 9.0, 5000.0)
     assert [(s.batch_size, s.step_time_s) for s in o.step_samples] == [(6.0, 0.02), (2.0, 0.012)]
-    assert o.prefix_hit_rate == pytest.approx(0.3) and o.workload().computed_prompt_tokens == pytest.approx(140.0)
+    assert w.prefix_hit_rate == pytest.approx(0.3) and w.computed_prompt_tokens == pytest.approx(140.0)
     assert not o.is_idle and observe({}, {}).is_idle
 
 

@@ -23,13 +23,16 @@ def server(one_and_two):
 
 
 def stream(server: Server, prompt: list[int], max_tokens: int, first_token: threading.Event | None = None,
-           **sampling) -> list[int]:
+           arrivals: list[float] | None = None, **sampling) -> list[int]:
+    """The request's tokens; `first_token` is set once 5 arrived, `arrivals` gets each response's time."""
     request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
         max_tokens=max_tokens, ignore_eos=True, **sampling))
     tokens = []
     with grpc.insecure_channel(server.grpc_address) as channel:
         for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=180):
             tokens.extend(response.token_ids)
+            if arrivals is not None:
+                arrivals.append(time.monotonic())
             if first_token is not None and len(tokens) >= 5:
                 first_token.set()
     return tokens
@@ -96,9 +99,13 @@ def test_a_seeded_sampled_request_survives_a_kill_unchanged(server):
 def test_killing_the_prefill_replica_mid_prefill_loses_no_request(server, chat_model):
     prompts = [[(i * 37 + j) % 40000 + 5 for j in range(700)] for i in range(8)]
     pid = next(iter(pool_pids(server, "prefill").values()))["pid"]
+    arrivals = [[] for _ in prompts]
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream, server, p, 8) for p in prompts]
+        futures = [pool.submit(stream, server, p, 8, None, a) for p, a in zip(prompts, arrivals)]
         time.sleep(0.3)
+        killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         outputs = [f.result(timeout=240) for f in futures]
+    # Some request had no first token yet when the replica died: its prefill was queued or running.
+    assert any(a[0] > killed_at for a in arrivals), "every prefill had finished before the kill"
     assert_exact_and_recovered(server, chat_model[1], prompts, outputs, 8, "prefill", 1)
