@@ -1,8 +1,9 @@
 """What `pdserve bench` sends, and when: prompts, output lengths, Poisson arrival times.
 
 Prompts are random token ids (exact prompt and output lengths: the client sends
-`ignore_eos`), optionally after a prefix all prompts share, or the first human turn of a ShareGPT-style JSON file (its text,
-with the reply's length as `max_tokens`).
+`ignore_eos`), optionally after a prefix all prompts share, or the first human
+turn of a ShareGPT-style JSON file (its text, with the reply's length as
+`max_tokens`).
 """
 from __future__ import annotations
 

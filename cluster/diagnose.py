@@ -114,7 +114,7 @@ def diagnose(result: BenchResult) -> Diagnosis:
     summaries = [run.summary(slo) for run in result.runs]
     workload = cm.Workload(max(s.throughput_rps for s in summaries), statistics.fmean(q.prompt_tokens for q in ok),
                            statistics.fmean(q.output_tokens for q in ok), prefix_hit_rate=prefix_hit_rate(result))
-    points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1), workload.prefix_hit_rate)
+    points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1), workload)
                      for run, summary in zip(result.runs, summaries)), key=lambda p: p.throughput_rps)
     broken = next((p for p in points if max(p.prefill_ratio, p.decode_ratio) > 1), None)
     bottleneck = (broken or max(points, key=lambda p: max(p.prefill_ratio, p.decode_ratio))).bottleneck
@@ -186,7 +186,8 @@ def max_goodput(workload: cm.Workload, num_prefill: int, num_decode: int, profil
 
 
 def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_prefill: int,
-           prefix_hit_rate: float) -> LoadPoint:
+           workload: cm.Workload) -> LoadPoint:
+    """One run's load point; `workload` (the whole bench's) gives the prefix cache's hit rate."""
     ok = [q for q in run.requests if q.is_ok]
     timed = [q for q in ok if q.server]
     phase = sorted(q.server["queue_s"] + q.server["prefill_s"] + q.server["kv_transfer_s"] for q in timed)
@@ -194,7 +195,8 @@ def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_p
     mean = {k: statistics.fmean(q.server[k] for q in timed) if timed else 0.0
             for k in ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s")}
     client_ttft = statistics.fmean(q.ttft_s for q in timed) if timed else 0.0
-    mean_computed = statistics.fmean(q.prompt_tokens for q in ok) * (1.0 - prefix_hit_rate) if ok else 0.0
+    run_prompt = statistics.fmean(q.prompt_tokens for q in ok) if ok else 0.0
+    mean_computed = dataclasses.replace(workload, prompt_tokens=run_prompt).computed_prompt_tokens
     capacity = num_prefill * profiles.prefill.tokens_per_s
     batches = [r["batch_size"] for sample in run.pools for r in sample["pools"].get("decode", {}).values()
                if r.get("num_running", 0) > 0]

@@ -74,7 +74,6 @@ class ModelRunner:
             max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
         ) if use_graphs else None
         self._sampled: torch.Tensor | None = None  # the last decode_and_sample's tokens, on the device
-        self._sampled_in_graphs = False  # ... and also in the graphs' static buffer
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the calling thread's current device (CUDA keeps one per thread)."""
@@ -115,7 +114,7 @@ class ModelRunner:
         if top_source >= 0 and (self._sampled is None or top_source >= len(self._sampled)):
             raise ValueError(f"decode input source row {top_source}: the previous decode_and_sample "
                              f"had {0 if self._sampled is None else len(self._sampled)} rows")
-        if self.decode_graphs is not None and (top_source < 0 or self._sampled_in_graphs):
+        if self.decode_graphs is not None and (top_source < 0 or self._sampled_fits_graphs()):
             logits = self.decode_graphs.run(*zip(*inputs))  # token ids, positions, block ids, sources
             if logits is not None:
                 return logits
@@ -126,11 +125,14 @@ class ModelRunner:
         """One decode step and its sampling, queued; the next step's rows may name these rows as sources."""
         pending = sample_async(self.decode(inputs), params, [i.position + 1 for i in inputs])
         self._sampled = pending.tokens
-        graphs = self.decode_graphs
-        self._sampled_in_graphs = graphs is not None and len(inputs) <= graphs.max_batch
-        if self._sampled_in_graphs:
-            graphs.sampled[:len(inputs)].copy_(pending.tokens)
+        if self._sampled_fits_graphs():
+            self.decode_graphs.sampled[:len(inputs)].copy_(pending.tokens)
         return pending
+
+    def _sampled_fits_graphs(self) -> bool:
+        """The last sampled tokens are in the graphs' static buffer too (an eager step may be larger)."""
+        graphs = self.decode_graphs
+        return graphs is not None and self._sampled is not None and len(self._sampled) <= graphs.max_batch
 
     @torch.inference_mode()
     def capture_decode_graphs(self) -> None:

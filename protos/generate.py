@@ -5,7 +5,6 @@
 """
 import argparse
 import re
-import shutil
 import tempfile
 from pathlib import Path
 

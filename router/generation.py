@@ -7,7 +7,7 @@ reach them as the typed errors below, mapped once to HTTP and gRPC statuses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncGenerator, Protocol
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch.distributed import PrefixStore
 from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
 from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.ledger import LayerPiece
 from pdserve.engine.transfer.messages import (
     WIRE_VERSION,
     AckStatus,
@@ -112,7 +112,8 @@ class TorchDistSender(KvSender):
         self._channels: dict[ChannelAddress, SendChannel] = {}
         # (receiver, transfer id) -> its channel until finish; transfer ids are per receiver
         self._bound: dict[tuple[str, int], SendChannel] = {}
-        self._pending: dict[SendChannel, list[_Piece]] = {}  # pieces not yet flushed, per channel
+        # pieces not yet flushed, per channel, each with the event its export recorded
+        self._pending: dict[SendChannel, list[tuple[LayerPiece, torch.cuda.Event | None]]] = {}
 
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:
         channel = self._channel(address)
@@ -126,23 +127,24 @@ class TorchDistSender(KvSender):
         channel = self._bind(dest)
         # Snapshot now, on the caller's stream, so later compute cannot change what we send.
         payload = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
-        piece = _Piece(dest.transfer_id, layer, first_block_index, payload, _record_event(payload.device))
+        piece = LayerPiece(dest.transfer_id, layer, first_block_index, payload)
         with self._lock:
-            self._pending.setdefault(channel, []).append(piece)
+            self._pending.setdefault(channel, []).append((piece, _record_event(payload.device)))
         channel.submit(lambda: self._flush(channel))
 
     def _flush(self, channel: SendChannel) -> None:
         """Send every piece queued for `channel` so far, in one LAYERS message (channel thread)."""
         with self._lock:
-            pieces = self._pending.pop(channel, [])
-        if not pieces:
+            queued = self._pending.pop(channel, [])
+        if not queued:
             return  # an earlier flush took them
-        for piece in pieces:
-            if piece.ready is not None:
-                piece.ready.synchronize()
-        table = torch.tensor([[p.transfer_id, p.layer, p.first_block_index, p.payload.shape[1]] for p in pieces],
+        for _, ready in queued:
+            if ready is not None:
+                ready.synchronize()
+        pieces = [piece for piece, _ in queued]
+        table = torch.tensor([[p.transfer_id, p.layer, p.first_block_index, p.data.shape[1]] for p in pieces],
                              dtype=torch.int64)
-        payload = pieces[0].payload if len(pieces) == 1 else torch.cat([p.payload for p in pieces], dim=1)
+        payload = pieces[0].data if len(pieces) == 1 else torch.cat([p.data for p in pieces], dim=1)
         channel.send_pieces(table, payload)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
@@ -192,17 +194,6 @@ class TorchDistSender(KvSender):
 
 class NcclSender(TorchDistSender):
     backend = "nccl"
-
-
-@dataclass
-class _Piece:
-    """One layer's blocks of one transfer, exported and waiting for its channel."""
-
-    transfer_id: int
-    layer: int
-    first_block_index: int
-    payload: torch.Tensor
-    ready: torch.cuda.Event | None  # set once the export finished on the device
 
 
 def _record_event(device: torch.device) -> torch.cuda.Event | None:

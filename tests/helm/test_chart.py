@@ -18,7 +18,6 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import re
 from pathlib import Path
 from typing import Any
 
