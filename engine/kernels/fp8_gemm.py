@@ -1,0 +1,308 @@
+"""FP8 linear layers: y = x @ W.T (+ b) with W float8_e4m3fn and fp32 scales.
+
+Shapes:
+
+    x        [M, K]  bf16/fp16/fp32, K contiguous
+    weight   [N, K]  float8_e4m3fn, contiguous (the nn.Linear layout)
+    w_scale  [ceil(N / group_n), ceil(K / group_k)] fp32: W[i, j] = weight[i, j] * w_scale[i // group_n, j // group_k]
+    bias     [N]     optional, x's dtype
+    out      [M, N]  x's dtype, accumulated in fp32
+
+Two scale layouts reach the kernels: per row (group_n 1, group_k >= K: per-tensor and
+per-channel checkpoints) and blocks (128 x 128 in Qwen3-FP8 and DeepSeek).
+
+`fp8_matmul` (prefill, large decode batches): the activation is quantized to FP8
+dynamically, per token over groups of `group_k` columns (one group per row for
+per-row weights), and both operands go through the FP8 tensor cores:
+  * per-row weights on CUDA: `torch._scaled_mm` with rowwise scales (cuBLASLt);
+  * blocks (or shapes _scaled_mm refuses): `_fp8_gemm_kernel`, grid over
+    [BLOCK_M, BLOCK_N] output tiles, walking K in BLOCK_K <= group_k steps; each
+    step's FP8 dot product is scaled by its token scales and weight block scale
+    before it joins the fp32 accumulator (a per-row layout scales once at the end).
+`fp8_gemv` (decode steps of few rows): weight-only, the activation stays in its
+dtype; each FP8 weight tile is widened on load and scaled, so the step streams one
+byte per weight instead of two (`_fp8_gemv_kernel`, the layout of
+engine/kernels/gemv.py).
+Off CUDA both dispatch to torch references with the same numerics (fp32 math on
+the dequantized operands).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.kernels._triton import tl, triton, use_triton
+from pdserve.engine.kernels.gemv import MAX_ROWS, GemvConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_MIN_SCALE = 1e-12  # an all-zero group still gets a finite scale
+
+
+@dataclass(frozen=True)
+class Fp8GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_gemm_config(num_rows: int, k: int, group_k: int) -> Fp8GemmConfig:
+    """Fixed per shape (the launch is captured in CUDA graphs, where autotuning cannot run)."""
+    block_k = min(128, group_k, triton.next_power_of_2(k)) if group_k < k else min(128, triton.next_power_of_2(k))
+    block_m = 128 if num_rows > 64 else max(16, triton.next_power_of_2(num_rows))
+    return Fp8GemmConfig(block_m, 128, block_k, num_warps=8 if block_m == 128 else 4, num_stages=3)
+
+
+def default_gemv_config(num_rows: int, k: int, group_k: int) -> GemvConfig:
+    """Per-row scales: wide K steps (scaled once at the end); blocks: one 128-wide group per step, more rows."""
+    use_dot = num_rows > 1
+    if group_k >= k:
+        return GemvConfig(block_n=16, block_k=512, num_warps=4, num_stages=3, use_dot=use_dot)
+    return GemvConfig(block_n=32, block_k=min(group_k, 128), num_warps=4, num_stages=4, use_dot=use_dot)
+
+
+# -- activation quantization ------------------------------------------------------------------
+
+def quantize_per_token_group(x: torch.Tensor, group_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, ceil(K / group_k)] fp32) with x ~= q * scale."""
+    m, k = x.shape
+    groups = -(-k // group_k)
+    padded = F.pad(x.float(), (0, groups * group_k - k)).view(m, groups, group_k)
+    scale = padded.abs().amax(-1).clamp(min=_MIN_SCALE) / FP8_MAX  # [M, groups]
+    q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group_k)
+    return q[:, :k].contiguous(), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
+    """q [R, K] * scale[r // group_n, j // group_k], in fp32."""
+    rows, k = q.shape
+    full = scale.float().repeat_interleave(group_n, 0)[:rows].repeat_interleave(group_k, 1)[:, :k]
+    return q.float() * full
+
+
+# -- GEMM ---------------------------------------------------------------------------------------
+
+def fp8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) with x quantized per token (and group_k group) to FP8."""
+    k = x.shape[1]
+    act_group = min(group_k, k)
+    if not use_triton(x, weight):
+        return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias)
+    q, x_scale = quantize_per_token_group(x, act_group)
+    if _scaled_mm_fits(weight, group_n, group_k):
+        out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
+        return out if bias is None else out.add_(bias)
+    return fp8_gemm_triton(q, x_scale, weight, w_scale, group_n, group_k, bias, x.dtype)
+
+
+def _scaled_mm_fits(weight: torch.Tensor, group_n: int, group_k: int) -> bool:
+    """cuBLASLt's rowwise FP8 GEMM: one scale per row, both dimensions multiples of 16."""
+    n, k = weight.shape
+    return group_n == 1 and group_k >= k and n % 16 == 0 and k % 16 == 0
+
+
+def fp8_matmul_reference(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same numerics in fp32 torch: the quantized activation times the dequantized weight."""
+    q, x_scale = quantize_per_token_group(x, min(group_k, x.shape[1]))
+    a = dequantize(q, x_scale, 1, min(group_k, x.shape[1]))
+    out = a @ dequantize(weight, w_scale, group_n, group_k).t()
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_gemm_triton(
+    q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+    group_n: int, group_k: int, bias: torch.Tensor | None, out_dtype: torch.dtype,
+    config: Fp8GemmConfig | None = None,
+) -> torch.Tensor:
+    """Launches the block-scaled GEMM on an already quantized activation (any device Triton runs on)."""
+    m, k = q.shape
+    n = weight.shape[0]
+    assert q.dtype == FP8_DTYPE and weight.dtype == FP8_DTYPE and weight.shape[1] == k
+    assert q.stride(-1) == 1 and weight.is_contiguous() and w_scale.is_contiguous() and x_scale.stride(-1) == 1
+    config = config or default_gemm_config(m, k, group_k)
+    per_row = group_k >= k
+    assert per_row or group_k % config.block_k == 0, "a K step must lie inside one scale group"
+    out = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _fp8_gemm_kernel[grid](
+        q, x_scale, weight, w_scale, bias, out, m, n, k,
+        q.stride(0), x_scale.stride(0), w_scale.stride(0), out.stride(0),
+        GROUP_N=group_n, GROUP_K=group_k, PER_ROW=per_row, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWIZZLE=8,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr,  # [M, K] fp8
+    a_scale_ptr,  # [M, ceil(K / GROUP_K)] fp32 (one column when PER_ROW)
+    w_ptr,  # [N, K] fp8, contiguous
+    w_scale_ptr,  # [ceil(N / GROUP_N), ceil(K / GROUP_K)] fp32
+    bias_ptr,  # [N]; unused without HAS_BIAS
+    out_ptr,  # [M, N]
+    m, n, k,
+    stride_a, stride_as, stride_ws, stride_out,
+    GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    PER_ROW: tl.constexpr,  # one scale per row of a and of w: apply once after the K loop
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWIZZLE: tl.constexpr,  # row tiles per group of the launch order, so neighbours share W tiles in L2
+):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+    per_group = SWIZZLE * tiles_n
+    first_m = (pid // per_group) * SWIZZLE
+    size_m = tl.minimum(tiles_m - first_m, SWIZZLE)
+    tile_m = first_m + (pid % per_group) % size_m
+    tile_n = (pid % per_group) // size_m
+
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask, col_mask = rows < m, cols < n
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + offs_k[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
+    a_scales = a_scale_ptr + rows * stride_as  # [BLOCK_M] pointers to each row's first group
+    w_scales = w_scale_ptr + (cols // GROUP_N) * stride_ws
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        k_mask = start + offs_k < k
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if PER_ROW:
+            acc = tl.dot(a, tl.trans(w), acc)
+        else:
+            group = start // GROUP_K
+            s_a = tl.load(a_scales + group, mask=row_mask, other=0.0)
+            s_w = tl.load(w_scales + group, mask=col_mask, other=0.0)
+            acc += tl.dot(a, tl.trans(w)) * s_a[:, None] * s_w[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if PER_ROW:
+        acc = acc * tl.load(a_scales, mask=row_mask, other=0.0)[:, None]
+        acc = acc * tl.load(w_scales, mask=col_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# -- GEMV (weight-only) ------------------------------------------------------------------------
+
+def fp8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W.T (+ bias) for few rows, W dequantized on load; Triton on CUDA, the exact torch reference elsewhere."""
+    if use_triton(x, weight) and x.shape[0] <= MAX_ROWS:
+        return fp8_gemv_triton(x, weight, w_scale, group_n, group_k, bias)
+    return F.linear(x, dequantize(weight, w_scale, group_n, group_k).to(x.dtype), bias)
+
+
+def fp8_gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
+    bias: torch.Tensor | None = None, config: GemvConfig | None = None,
+) -> torch.Tensor:
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    assert 1 <= num_rows <= MAX_ROWS, f"fp8_gemv takes 1..{MAX_ROWS} rows, got {num_rows}"
+    assert weight.dtype == FP8_DTYPE and weight.shape[1] == k and weight.is_contiguous() and x.stride(-1) == 1
+    assert w_scale.is_contiguous() and (bias is None or bias.shape == (n,) and bias.is_contiguous())
+    config = config or default_gemv_config(num_rows, k, group_k)
+    per_row = group_k >= k
+    assert per_row or group_k % config.block_k == 0, "a K step must lie inside one scale group"
+    assert not config.use_dot or config.block_n >= 16, "tensor-core tiles are at least 16 wide"
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    num_tiles = triton.cdiv(n, config.block_n)
+    grid = (num_tiles,) if config.use_dot else (num_rows * num_tiles,)
+    _fp8_gemv_kernel[grid](
+        x, weight, w_scale, bias, out, num_rows, n, k, x.stride(0), w_scale.stride(0), out.stride(0),
+        GROUP_N=group_n, GROUP_K=group_k, PER_ROW=per_row, HAS_BIAS=bias is not None, USE_DOT=config.use_dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] fp8, contiguous
+    w_scale_ptr,  # [ceil(N / GROUP_N), ceil(K / GROUP_K)] fp32
+    bias_ptr,  # [N]; unused without HAS_BIAS
+    out_ptr,  # [M, N]
+    num_rows, n, k,
+    stride_x, stride_ws, stride_out,
+    GROUP_N: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    PER_ROW: tl.constexpr,  # one scale group over all of K: applied once after the K loop
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if USE_DOT:
+        tile = pid
+        rows = tl.arange(0, BLOCK_M)
+    else:  # row-fastest order: the programs sharing a weight tile run side by side
+        tile = pid // num_rows
+        rows = pid % num_rows + tl.arange(0, 1)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_mask, col_mask = rows < num_rows, cols < n
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
+    w_scales = w_scale_ptr + (cols // GROUP_N) * stride_ws  # [BLOCK_N] pointers to each row's first group
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        k_mask = start + offs_k < k
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)  # fp8 -> x's dtype: exact
+            if PER_ROW:
+                acc += part
+            else:
+                acc += part * tl.load(w_scales + start // GROUP_K, mask=col_mask, other=0.0)[None, :]
+        else:
+            part = w.to(tl.float32) * x.to(tl.float32)
+            if PER_ROW:
+                acc += part
+            else:
+                acc += part * tl.load(w_scales + start // GROUP_K, mask=col_mask, other=0.0)[:, None]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if USE_DOT:
+        y = acc
+    else:
+        y = tl.sum(acc, axis=1)[None, :]
+    if PER_ROW:
+        y = y * tl.load(w_scales, mask=col_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -1,0 +1,102 @@
+"""FP8 GEMM and GEMV: the Triton kernels (interpreted on the CPU) against torch references.
+
+The GEMM quantizes the activation, so its reference is the same quantized activation
+times the dequantized weight in float64; the GEMV is weight-only, so its reference is
+F.linear on the dequantized weight.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_target import DEVICE, relative_error, requires_triton
+from pdserve.engine.kernels.fp8_gemm import (
+    FP8_DTYPE,
+    Fp8GemmConfig,
+    dequantize,
+    fp8_gemm_triton,
+    fp8_gemv_triton,
+    fp8_matmul,
+    fp8_matmul_reference,
+    quantize_per_token_group,
+)
+from pdserve.engine.kernels.gemv import GemvConfig
+
+# (N, K, group_n, group_k): blocks that tile exactly, blocks with partial edges, one scale per row
+LAYOUTS = [(64, 64, 32, 32), (40, 100, 32, 32), (48, 96, 1, 96)]
+SMALL_GEMM = Fp8GemmConfig(block_m=16, block_n=32, block_k=32, num_warps=2, num_stages=1)
+
+
+def quantized_weight(n, k, group_n, group_k, seed=0):
+    """A random weight in the checkpoint layout: fp8 values and their scale grid."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) / k ** 0.5
+    grid = (-(-n // group_n), -(-k // group_k))
+    padded = F.pad(weight, (0, grid[1] * group_k - k, 0, grid[0] * group_n - n))
+    blocks = padded.view(grid[0], group_n, grid[1], group_k)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # [grid_n, grid_k]
+    full = scale.repeat_interleave(group_n, 0)[:n].repeat_interleave(group_k, 1)[:, :k]
+    return (weight / full).to(FP8_DTYPE).to(DEVICE), scale.to(DEVICE)
+
+
+def activation(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("n, k, group_n, group_k", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 19])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_gemm_matches_quantized_reference(n, k, group_n, group_k, m, with_bias):
+    weight, scale = quantized_weight(n, k, group_n, group_k)
+    x = activation(m, k, torch.bfloat16)
+    bias = torch.randn(n).to(DEVICE, torch.bfloat16) if with_bias else None
+    q, x_scale = quantize_per_token_group(x, min(group_k, k))
+    out = fp8_gemm_triton(q, x_scale, weight, scale, group_n, group_k, bias, torch.bfloat16, SMALL_GEMM)
+    ref = dequantize(q, x_scale, 1, min(group_k, k)).double() @ dequantize(weight, scale, group_n, group_k).double().t()
+    if bias is not None:
+        ref += bias.double()
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert relative_error(out, ref) < 1e-2  # bf16 output rounding
+
+
+@requires_triton
+@pytest.mark.parametrize("n, k, group_n, group_k", LAYOUTS)
+@pytest.mark.parametrize("config", [GemvConfig(8, 32, 2, 1), GemvConfig(16, 32, 2, 1, use_dot=True)], ids=["fma", "dot"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_matches_dequantized_linear(n, k, group_n, group_k, config, m):
+    weight, scale = quantized_weight(n, k, group_n, group_k)
+    x = activation(m, k, torch.bfloat16)
+    bias = torch.randn(n).to(DEVICE, torch.bfloat16)
+    out = fp8_gemv_triton(x, weight, scale, group_n, group_k, bias, config)
+    ref = F.linear(x.double(), dequantize(weight, scale, group_n, group_k).double(), bias.double())
+    assert relative_error(out, ref) < 1e-2
+
+
+def test_quantization_error_is_fp8_sized():
+    """Per-token-group quantization keeps every value to e4m3's 3 mantissa bits (relative 2^-4)."""
+    x = torch.randn(5, 300) * torch.logspace(-3, 3, 300)  # groups of very different magnitudes
+    q, scale = quantize_per_token_group(x, 128)
+    assert q.dtype == FP8_DTYPE and scale.shape == (5, 3)
+    back = dequantize(q, scale, 1, 128)
+    big = x.abs() > x.abs().view(5, -1).amax(-1, keepdim=True) * 2 ** -6  # normal range of the group
+    rel = ((back - x).abs() / x.abs())[big[:, :300]]
+    assert rel.max() <= 2 ** -4 + 1e-6
+
+
+def test_reference_is_close_to_the_unquantized_product():
+    """The FP8 product stays within FP8's error of the dense one (both operands quantized)."""
+    weight, scale = quantized_weight(64, 128, 32, 32)
+    x = torch.randn(4, 128)
+    dense = F.linear(x, dequantize(weight.cpu(), scale.cpu(), 32, 32))
+    assert relative_error(fp8_matmul_reference(x, weight.cpu(), scale.cpu(), 32, 32), dense) < 0.05
+
+
+def test_per_row_matmul_on_scaled_mm_matches_reference():
+    """The per-row layout's path: torch._scaled_mm (it runs on the CPU too) against the reference."""
+    weight, scale = quantized_weight(48, 96, 1, 96)
+    weight, scale = weight.cpu(), scale.cpu()
+    x = torch.randn(7, 96).bfloat16()
+    q, x_scale = quantize_per_token_group(x, 96)
+    out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
+    assert relative_error(out, fp8_matmul_reference(x, weight, scale, 1, 96)) < 1e-2
+    assert torch.equal(fp8_matmul(x, weight, scale, 1, 96), fp8_matmul_reference(x, weight, scale, 1, 96))
