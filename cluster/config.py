@@ -8,7 +8,7 @@ before anything starts. `load_config(mapping)` is the only way in.
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, max_running, max_waiting, overlap_steps, ray_resources}
     colocated:    {replicas}            # > 0: one pool doing both phases instead
-    kv_cache:     {block_size, num_blocks, memory_fraction}
+    kv_cache:     {block_size, num_blocks, memory_fraction, dtype}
     transfer:     {backend, timeout_s}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
                    short_prompt_tokens, api_key, ray_resources}
@@ -112,6 +112,7 @@ class KvCacheConfig:
     num_blocks: int | None = None  # None: sized from memory_fraction of free device memory
     memory_fraction: float = 0.8  # on CUDA: share of free memory after weights for KV
     cpu_num_blocks: int = 2048  # on the CPU, where free memory says little
+    dtype: str = "auto"  # auto (the model's dtype) | fp8_e4m3 (half the bytes per token; both pools must agree)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ class PdserveConfig:
 
 _CHOICES = {
     ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
+    ("kv_cache", "dtype"): {"auto", "fp8_e4m3"},
     ("transfer", "backend"): {"auto", "nccl", "cuda_ipc", "gloo", "fake"},
     ("router", "prefill_policy"): {"round_robin", "least_loaded", "prefix_aware"},
     ("router", "decode_policy"): {"round_robin", "least_loaded"},

@@ -20,7 +20,7 @@ from ray import serve
 from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDraining, Reservation
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
-from pdserve.engine.kv_cache import num_blocks_that_fit
+from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
 from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
 from pdserve.engine.roofline import Roofline
 from pdserve.engine.runner import ModelRunner
@@ -78,9 +78,9 @@ def _runner(config: PdserveConfig) -> ModelRunner:
     loaded = load_model_dir(model_dir(config), device, config.model.dtype, config.model.max_model_len)
     kv = config.kv_cache
     per_block = 2 * kv.block_size * loaded.spec.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
-    per_block *= torch.empty(0, dtype=loaded.dtype).element_size()
+    per_block *= kv_dtype(kv.dtype, loaded.dtype).itemsize
     blocks = kv.num_blocks or num_blocks_that_fit(per_block, device, kv.memory_fraction, kv.cpu_num_blocks)
-    return ModelRunner(loaded, blocks, kv.block_size)
+    return ModelRunner(loaded, blocks, kv.block_size, kv_cache_dtype=kv.dtype)
 
 
 def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:

@@ -9,12 +9,37 @@ One allocation, so a peer on the same GPU maps the whole pool once (CUDA IPC),
 and a layer's blocks for a sequence are `tensor[layer][:, block_ids]`. Scratch
 blocks (CUDA graphs' padding rows write there) sit past `spec.num_blocks`, the
 pool that block pools and transfers see.
+
+The KV dtype may differ from the model's (`kv_cache.dtype: fp8_e4m3`): the tensor then
+holds float8_e4m3fn, K and V are quantized when written (`write`: x / scale, clamped to
+e4m3's range) and dequantized where read (the attention kernels take the scales;
+`dequantize` for gathered prefixes). Scales are per tensor: one for K and one for V of
+each layer (1.0 unless the checkpoint ships `k_scale` / `v_scale`). Transfers move the
+stored bytes as they are: an FP8 pool hands off half the bytes of a bf16 one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+KV_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
+
+
+def kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for a `kv_cache.dtype` setting."""
+    if name == "auto":
+        return model_dtype
+    if name == "fp8_e4m3":
+        return FP8_KV_DTYPE
+    raise ValueError(f"kv_cache.dtype {name!r} is not one of {list(KV_DTYPES)}")
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor viewed as uint8 (same bytes): index_copy_ and the collectives have no FP8 kernels."""
+    return t.view(torch.uint8) if t.dtype == FP8_KV_DTYPE else t
 
 
 @dataclass(frozen=True)
@@ -24,8 +49,12 @@ class KvCacheSpec:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # what the pool stores: the model's dtype, or float8_e4m3fn
     device: torch.device
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype == FP8_KV_DTYPE
 
     @property
     def bytes_per_block(self) -> int:
@@ -41,24 +70,49 @@ class KvCacheSpec:
 class KvCache:
     """The KV tensor of one replica, with block-wise export and import."""
 
-    def __init__(self, spec: KvCacheSpec, num_scratch_blocks: int = 0):
-        """`num_scratch_blocks`: extra blocks after the pool's, ids num_blocks.. (outside every block pool)."""
+    def __init__(self, spec: KvCacheSpec, num_scratch_blocks: int = 0,
+                 scales: tuple[tuple[float, float], ...] | None = None):
+        """`num_scratch_blocks`: extra blocks after the pool's, ids num_blocks.. (outside every block pool);
+        `scales`: (K, V) scale per layer of an FP8 pool (default 1.0)."""
         self.spec = spec
         num_blocks = spec.num_blocks + num_scratch_blocks
         shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.tensor = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self.scales = scales if scales is not None else ((1.0, 1.0),) * spec.num_layers
+        if len(self.scales) != spec.num_layers:
+            raise ValueError(f"{len(self.scales)} KV scale pairs for {spec.num_layers} layers")
+        # [num_layers, 2, 1, 1, 1]: divides a layer's [2, T, kv_heads, head_dim] K and V at once
+        self._inverse_scales = torch.tensor([[1 / k, 1 / v] for k, v in self.scales],
+                                            device=spec.device).view(-1, 2, 1, 1, 1)
 
     def layer(self, layer: int) -> torch.Tensor:
         """[2, num_blocks, block_size, num_kv_heads, head_dim], a view."""
         return self.tensor[layer]
 
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store new tokens' K and V, kv [2, T, kv_heads, head_dim] in the model's dtype, at flat `slots` [T]."""
+        flat = self.tensor[layer].view(2, -1, self.spec.num_kv_heads, self.spec.head_dim)
+        if self.spec.is_fp8:
+            quantized = (kv.float() * self._inverse_scales[layer]).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE)
+            raw_bytes(flat).index_copy_(1, slots, raw_bytes(quantized))
+        else:
+            flat.index_copy_(1, slots, kv)
+
+    def dequantize(self, layer: int, kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored K and V of `layer` ([2, ...], K first) in `dtype`; a no-op unless the pool is FP8."""
+        if not self.spec.is_fp8:
+            return kv
+        k_scale, v_scale = self.scales[layer]
+        return torch.stack([kv[0].to(dtype) * k_scale, kv[1].to(dtype) * v_scale])
+
     def export_blocks(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
         """A contiguous copy [2, n, block_size, num_kv_heads, head_dim] of one layer's blocks."""
-        return self.tensor[layer].index_select(1, block_ids.to(self.tensor.device))
+        return raw_bytes(self.tensor[layer]).index_select(1, block_ids.to(self.tensor.device)).view(self.spec.dtype)
 
     def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor) -> None:
         """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids`."""
-        self.tensor[layer].index_copy_(1, block_ids.to(self.tensor.device), data.to(self.tensor.device))
+        raw_bytes(self.tensor[layer]).index_copy_(1, block_ids.to(self.tensor.device),
+                                                  raw_bytes(data.to(self.tensor.device)))
 
 
 def num_blocks_that_fit(bytes_per_block: int, device: torch.device, memory_fraction: float, cpu_num_blocks: int) -> int:

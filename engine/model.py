@@ -148,27 +148,27 @@ class LlamaModel:
         v = qkv[:, q_size + kv_size:].view(-1, spec.num_kv_heads, spec.head_dim)
         apply_rope(q, k, positions, self.cos_sin)  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
-        flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
-        flat.index_copy_(1, slots, qkv[:, q_size:].view(-1, 2, spec.num_kv_heads, spec.head_dim).transpose(0, 1))
+        kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, spec.num_kv_heads, spec.head_dim).transpose(0, 1))
         if isinstance(attention, DecodeAttention):
+            k_scale, v_scale = kv_cache.scales[index]
             out = paged_decode_attention(
                 q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale,
-                attention.max_context_len,
+                attention.max_context_len, k_scale, v_scale,
             )
         else:
-            out = self._prefill_attention(q, k, v, cache, attention)
+            out = self._prefill_attention(q, k, v, kv_cache, index, attention)
         return linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
 
     def _prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KvCache, index: int, plan: _PrefillPlan
     ) -> torch.Tensor:
         """Causal attention over the packed sequences; cached prefixes are read from their blocks."""
         if plan.cu_k is None:
             return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, self.scale)
-        gathered = [_gather_context(cache, ids, context) for ids, context in zip(plan.block_ids, plan.context_lens)]
-        k_all = torch.cat([g[0] for g in gathered])
-        v_all = torch.cat([g[1] for g in gathered])
+        gathered = [kv_cache.export_blocks(index, ids).flatten(1, 2)[:, :context]  # [2, context, kv_heads, head_dim]
+                    for ids, context in zip(plan.block_ids, plan.context_lens)]
+        k_all, v_all = kv_cache.dequantize(index, torch.cat(gathered, dim=1), q.dtype)  # [Tk, kv_heads, head_dim] each
         return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, self.scale, plan.cu_k)
 
 
@@ -183,9 +183,3 @@ def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[B + 1] int32 offsets of packed sequences."""
     return on_device([0, *itertools.accumulate(lengths)], torch.int32, device)
 
-
-def _gather_context(cache: torch.Tensor, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `context` tokens' K and V of one sequence (held by blocks `ids`), [context, kv_heads, head_dim] each."""
-    blocks = cache.index_select(1, ids)  # [2, n, block_size, kv_heads, head_dim]
-    kv = blocks.flatten(1, 2)[:, :context]
-    return kv[0], kv[1]

@@ -25,8 +25,8 @@ class OfflineSequence:
 
 
 class OfflineEngine:
-    def __init__(self, loaded: LoadedModel, num_blocks: int = 512, block_size: int = 16):
-        self.runner = ModelRunner(loaded, num_blocks, block_size)
+    def __init__(self, loaded: LoadedModel, num_blocks: int = 512, block_size: int = 16, kv_cache_dtype: str = "auto"):
+        self.runner = ModelRunner(loaded, num_blocks, block_size, kv_cache_dtype=kv_cache_dtype)
         self.pool = BlockPool(num_blocks, block_size)
         self.eos_ids = set(loaded.spec.eos_token_ids)
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .cuda_graphs import DecodeGraphs
-from .kv_cache import KvCache, KvCacheSpec
+from .kv_cache import KvCache, KvCacheSpec, kv_dtype
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
 from .copies import host_to_device, on_device
@@ -51,8 +51,9 @@ class DecodeInput(NamedTuple):
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 max_decode_batch: int = 64, use_cuda_graphs: bool | None = None):
-        """`use_cuda_graphs`: None means on CUDA; graphs cover decode batches up to `max_decode_batch`."""
+                 max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto"):
+        """`use_cuda_graphs`: None means on CUDA; graphs cover decode batches up to `max_decode_batch`;
+        `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3' (engine/kv_cache.py)."""
         self.model = LlamaModel(loaded)
         self.spec = loaded.spec
         self.device = loaded.device
@@ -65,7 +66,7 @@ class ModelRunner:
             block_size=block_size,
             num_kv_heads=loaded.spec.num_kv_heads,
             head_dim=loaded.spec.head_dim,
-            dtype=loaded.dtype,
+            dtype=kv_dtype(kv_cache_dtype, loaded.dtype),
             device=loaded.device,
         ), num_scratch_blocks=1 if use_graphs else 0)  # block num_blocks: the graphs' scratch block
         self.block_size = block_size

@@ -9,6 +9,10 @@ Shapes (KV layout from engine/kv_cache.py, one layer's K or V):
     context_lens  [B] int32               (tokens in the cache, the current one included)
     out           [B, num_heads, head_dim] in q's dtype
 
+The cache may hold float8_e4m3fn (an FP8 KV pool): K and V are then widened to q's
+dtype as they are loaded and scaled by their per-tensor `k_scale` / `v_scale`
+(folded into the score scale and the output, so the inner loop only casts).
+
 Query head h reads KV head h // (num_heads // num_kv_heads), as transformers'
 `repeat_kv` does. A row with context_lens 0 is padding: its output is zeros.
 
@@ -53,6 +57,8 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V per sequence; Triton on CUDA, the torch reference elsewhere.
 
@@ -63,9 +69,9 @@ def paged_decode_attention(
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
         return paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len
+            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale, v_scale
         )
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
 
 
 def paged_decode_attention_reference(
@@ -75,6 +81,8 @@ def paged_decode_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Gathers each sequence's K/V and runs a plain fp32 softmax; one sequence at a time."""
     _, num_heads, head_dim = q.shape
@@ -86,8 +94,8 @@ def paged_decode_attention_reference(
             continue
         blocks = block_tables[seq, : math.ceil(context_len / block_size)].long()
         # [context_len, num_heads, head_dim], each KV head repeated for its query heads
-        k = k_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1)
+        k = k_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1) * k_scale
+        v = v_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1) * v_scale
         scores = torch.einsum("hd,nhd->hn", q[seq].float(), k) * scale  # [num_heads, context_len]
         out[seq] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
@@ -101,6 +109,8 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Launches the two kernels; works on any device Triton runs on (the interpreter included)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -127,7 +137,7 @@ def paged_decode_attention_triton(
     block_d = triton.next_power_of_2(head_dim)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * math.log2(math.e), num_partitions,
+        scale * k_scale * math.log2(math.e), v_scale, num_partitions,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -186,7 +196,8 @@ def _decode_partition_kernel(
     context_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, P, D]: fp32 slice outputs, or `out` itself when P == 1
     lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of each slice's scaled scores
-    qk_scale,  # scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
+    qk_scale,  # scale * k_scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
+    v_scale,  # an FP8 pool's V scale (1.0 otherwise): multiplies the slice's output once
     num_partitions,  # slices per sequence (the grid's third axis)
     stride_qb, stride_qh,
     stride_kvb, stride_kvt, stride_kvh,
@@ -232,13 +243,13 @@ def _decode_partition_kernel(
         # int64: num_blocks × block stride can pass 2**31 elements on a large pool
         rows = blocks.to(tl.int64) * stride_kvb + (toks % BLOCK_SIZE) * stride_kvt + kv_head * stride_kvh
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
-        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -249,7 +260,7 @@ def _decode_partition_kernel(
     l_safe = tl.where(has_tokens, l_i, 1.0)
     tl.store(
         out_ptr + seq * stride_ob + heads[:, None] * stride_oh + part * stride_op + offs_d[None, :],
-        acc / l_safe[:, None],
+        acc * (v_scale / l_safe)[:, None],
         mask=g_mask[:, None] & d_mask[None, :],
     )
     lse = tl.where(has_tokens, m_i + tl.log2(l_safe), float("-inf"))

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
-from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.kv_cache import KvCache, raw_bytes
 from pdserve.engine.transfer.ledger import LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -79,10 +79,10 @@ class ProcessGroupPair:
         return table
 
     def send_payload(self, payload: torch.Tensor) -> None:
-        self.data.send([payload], self.peer, TAG_FORWARD).wait(self.op_timeout)
+        self.data.send([raw_bytes(payload)], self.peer, TAG_FORWARD).wait(self.op_timeout)
 
     def recv_payload(self, buf: torch.Tensor) -> None:
-        self.data.recv([buf], self.peer, TAG_FORWARD).wait(self.op_timeout)
+        self.data.recv([raw_bytes(buf)], self.peer, TAG_FORWARD).wait(self.op_timeout)
 
 
 def own_stream(device: torch.device) -> contextlib.AbstractContextManager:

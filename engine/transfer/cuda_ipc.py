@@ -19,7 +19,7 @@ import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
 from pdserve.engine.copies import on_device
-from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.kv_cache import KvCache, raw_bytes
 from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -131,8 +131,8 @@ class CudaIpcSender(TorchDistSender):
                 return  # the receiver no longer wants it (cancelled, timed out) or fenced it
             device = self.kv_cache.spec.device
             self._copy_stream().wait_event(ready)
-            src = self.kv_cache.layer(layer).index_select(1, on_device(src_block_ids, torch.long, device))
-            peer.remote[layer].index_copy_(1, on_device(dst_ids, torch.long, device), src)
+            src = raw_bytes(self.kv_cache.layer(layer)).index_select(1, on_device(src_block_ids, torch.long, device))
+            raw_bytes(peer.remote[layer]).index_copy_(1, on_device(dst_ids, torch.long, device), src)
             peer.ranges.setdefault(tid, []).append((layer, first_block_index, n))
 
         peer.channel.submit(copy)

@@ -131,6 +131,7 @@ class FakeSender(KvSender):
             receiver = _registry.get(address.port)
         if receiver is None:
             raise TransferError(f"fake receiver {address.peer_id} is gone")
-        if KvGeometry.of(receiver.kv_cache.spec) != KvGeometry.of(self.kv_cache.spec):
-            raise HandshakeError(f"KV geometry differs from receiver {address.peer_id}'s")
+        mismatch = KvGeometry.of(self.kv_cache.spec).mismatch(KvGeometry.of(receiver.kv_cache.spec))
+        if mismatch:
+            raise HandshakeError(f"receiver {address.peer_id} refused the channel: {mismatch}")
         return receiver

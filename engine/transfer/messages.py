@@ -89,6 +89,16 @@ class KvGeometry:
     def of(cls, spec: KvCacheSpec) -> KvGeometry:
         return cls(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, str(spec.dtype))
 
+    def mismatch(self, theirs: KvGeometry) -> str:
+        """Why a peer with `theirs` cannot share blocks with us ('' when it can)."""
+        if self.dtype != theirs.dtype:
+            # Same shape, other bytes: most often one pool set kv_cache.dtype: fp8_e4m3 and the other did not.
+            return (f"KV dtype {self.dtype} != peer's {theirs.dtype}: "
+                    "prefill and decode pools need the same kv_cache.dtype (and model dtype)")
+        if self != theirs:
+            return f"KV geometry {self} != peer's {theirs}"
+        return ""
+
 
 class MessageKind(enum.IntEnum):
     """Frame kinds. Sender to receiver: LAYERS..FENCED; receiver to sender: FINISHED..CANCEL."""

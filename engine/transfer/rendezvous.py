@@ -74,9 +74,7 @@ def check_hello(hello: Hello, geometry: KvGeometry) -> str:
     """Why the receiver refuses `hello`, or '' to accept."""
     if hello.wire_version != WIRE_VERSION:
         return f"wire version {hello.wire_version} != {WIRE_VERSION}"
-    if hello.geometry != geometry:
-        return f"KV geometry {hello.geometry} != receiver's {geometry}"
-    return ""
+    return hello.geometry.mismatch(geometry)
 
 
 class ChannelListener:

@@ -9,7 +9,7 @@ from multiprocessing.synchronize import Event
 
 import torch
 
-from pdserve.engine.kv_cache import KvCache, KvCacheSpec
+from pdserve.engine.kv_cache import KvCache, KvCacheSpec, raw_bytes
 from pdserve.engine.transfer import FailureReason, KvDestination, TransferError, make_sender
 
 NUM_LAYERS = 4
@@ -29,8 +29,8 @@ def make_cache(num_blocks: int = 16, seed: int | None = None, head_dim: int = 8,
 
 
 def blocks(cache: KvCache, block_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """[layers, 2, n, ...]: the given blocks of every layer."""
-    return cache.tensor[:, :, list(block_ids)]
+    """[layers, 2, n, ...]: the given blocks of every layer (an FP8 pool's as their bytes, uint8)."""
+    return raw_bytes(cache.tensor)[:, :, list(block_ids)]
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ class SendPlan:
     num_layers_before_exit: int | None = None  # die (os._exit) after this many layers
     backend: str = "gloo"
     device: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16  # the sender pool's KV dtype
 
 
 def run_sender(plan: SendPlan, may_exit: Event | None = None) -> None:
     """Child process body: push the plan's blocks over its backend, exit with SENDER_EXIT_*."""
-    cache = make_cache(seed=plan.seed, device=plan.device)
+    cache = make_cache(seed=plan.seed, device=plan.device, dtype=plan.dtype)
     sender = make_sender(plan.backend, cache, timeout_s=10.0)
     for layer in range(NUM_LAYERS):
         if layer == plan.num_layers_before_exit:
@@ -90,7 +91,7 @@ def check_two_senders_fill_their_blocks_exactly(receiver, timeout_s: float = 30.
     device = receiver.kv_cache.tensor.device
     for plan in plans:
         src_ids = [b for ids, _ in plan.src_ranges for b in ids]
-        expected = blocks(make_cache(seed=plan.seed), src_ids).to(device)
+        expected = blocks(make_cache(seed=plan.seed, dtype=plan.dtype), src_ids).to(device)
         assert torch.equal(blocks(receiver.kv_cache, plan.dest.block_ids), expected)
     written = {b for plan in plans for b in plan.dest.block_ids}
     others = [b for b in range(receiver.kv_cache.spec.num_blocks) if b not in written]
