@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .layers import GatedMlp, MoeMlp, RmsNorm
+from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
 
 log = logging.getLogger(__name__)
@@ -34,22 +36,23 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, heads * head_dim]
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    input_norm: RmsNorm
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], q, k, v rows fused
+    o: Linear  # [hidden, heads * head_dim]
+    pre_mlp_norm: RmsNorm
+    mlp: GatedMlp | MoeMlp
+    q_norm: RmsNorm | None = None  # per head, before rope (Architecture.qk_norm)
+    k_norm: RmsNorm | None = None
+    post_attn_norm: RmsNorm | None = None  # on the attention output (Architecture.sandwich_norms)
+    post_mlp_norm: RmsNorm | None = None  # on the MLP output
 
 
 @dataclass(frozen=True)
 class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
-    norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    norm: RmsNorm
+    lm_head: Linear  # [vocab, hidden]; the embedding itself when tied
 
 
 @dataclass(frozen=True)
@@ -151,40 +154,75 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked."""
+    family = spec.family
+
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         return tensors[name]
 
-    def optional(name: str) -> torch.Tensor | None:
-        return tensors.get(name)
-
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
+    def norm(name: str) -> RmsNorm:
+        return RmsNorm(put(take(name)), spec.rms_norm_eps, family.norm_offset)
+
+    def linear(prefix: str) -> Linear:
+        bias = tensors.get(f"{prefix}.bias")
+        return Linear.dense(put(take(f"{prefix}.weight")), put(bias) if bias is not None else None)
+
     layers = []
-    for i in range(spec.num_layers):
+    for i, layer_spec in enumerate(spec.layers):
         p = f"model.layers.{i}."
         q, k, v = (take(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
-        biases = [optional(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
-        qkv_bias = put(torch.cat(biases)) if all(b is not None for b in biases) else None
-        o_bias = optional(f"{p}self_attn.o_proj.bias")
         _check_shape(q, (spec.num_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.q_proj.weight")
         _check_shape(k, (spec.num_kv_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.k_proj.weight")
+        biases = [tensors.get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
+        qkv_bias = put(torch.cat(biases)) if all(b is not None for b in biases) else None
+        sandwich = family.sandwich_norms
         layers.append(LayerWeights(
-            input_norm=put(take(f"{p}input_layernorm.weight")),
-            qkv=put(torch.cat([q, k, v])),
-            qkv_bias=qkv_bias,
-            o=put(take(f"{p}self_attn.o_proj.weight")),
-            o_bias=put(o_bias) if o_bias is not None else None,
-            post_norm=put(take(f"{p}post_attention_layernorm.weight")),
-            gate_up=put(torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")])),
-            down=put(take(f"{p}mlp.down_proj.weight")),
+            input_norm=norm(f"{p}input_layernorm.weight"),
+            qkv=Linear.dense(put(torch.cat([q, k, v])), qkv_bias),
+            o=linear(f"{p}self_attn.o_proj"),
+            pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
+            mlp=_moe(tensors, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, put, take),
+            q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
+            k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
+            post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
+            post_mlp_norm=norm(f"{p}post_feedforward_layernorm.weight") if sandwich else None,
         ))
     embed = put(take("model.embed_tokens.weight"))
     _check_shape(embed, (spec.vocab_size, spec.hidden_size), "model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in tensors else put(tensors["lm_head.weight"])
-    return ModelWeights(embed, tuple(layers), put(take("model.norm.weight")), lm_head)
+    tied = spec.tie_word_embeddings or "lm_head.weight" not in tensors
+    lm_head = Linear.dense(embed if tied else put(tensors["lm_head.weight"]))
+    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
+
+
+def _gated_mlp(p: str, activation: str, put, take) -> GatedMlp:
+    gate_up = torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")])
+    return GatedMlp(Linear.dense(put(gate_up)), Linear.dense(put(take(f"{p}mlp.down_proj.weight"))), activation)
+
+
+def _moe(tensors: dict[str, torch.Tensor], p: str, spec: ModelSpec, put, take) -> MoeMlp:
+    """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter].
+
+    Checkpoints hold one tensor per expert and projection; transformers 5 may also
+    save them already stacked (`experts.gate_up_proj`, `experts.down_proj`)."""
+    names, moe = spec.family.experts, spec.moe
+    block = f"{p}{names.block}."
+    if f"{block}experts.gate_up_proj" in tensors:
+        w13, w2 = take(f"{block}experts.gate_up_proj"), take(f"{block}experts.down_proj")
+    else:
+        def expert(e: int, name: str) -> torch.Tensor:
+            return take(f"{block}experts.{e}.{name}.weight")
+
+        w13 = torch.stack([torch.cat([expert(e, names.gate), expert(e, names.up)]) for e in range(moe.num_experts)])
+        w2 = torch.stack([expert(e, names.down) for e in range(moe.num_experts)])
+    _check_shape(w13, (moe.num_experts, 2 * moe.intermediate_size, spec.hidden_size), f"{block}experts (gate/up)")
+    _check_shape(w2, (moe.num_experts, spec.hidden_size, moe.intermediate_size), f"{block}experts (down)")
+    router = Linear.dense(put(take(f"{block}gate.weight")))
+    return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
 
 
 def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec, kv_dtype
 from .loader import LoadedModel
-from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
+from .model import DecodeAttention, LayerHook, Model, PrefillAttention
 from .copies import host_to_device, on_device
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
 
@@ -54,7 +54,7 @@ class ModelRunner:
                  max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto"):
         """`use_cuda_graphs`: None means on CUDA; graphs cover decode batches up to `max_decode_batch`;
         `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3' (engine/kv_cache.py)."""
-        self.model = LlamaModel(loaded)
+        self.model = Model(loaded)
         self.spec = loaded.spec
         self.device = loaded.device
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the GPU current now, named
