@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .kernels.fp8_gemm import FP8_DTYPE, fp8_gemv, fp8_matmul
+from . import linear
+from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemv, fp8_matmul
+from .linear import Linear
 
 _METHODS = ("fp8", "compressed-tensors")
 
@@ -50,20 +51,13 @@ class Fp8Weight:
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    @property
-    def is_per_row(self) -> bool:
-        """One scale per output row (per-tensor and per-channel checkpoints): `torch._scaled_mm`'s rowwise case."""
-        return self.group_n == 1 and self.group_k >= self.weight.shape[1]
-
     def to(self, device: torch.device) -> Fp8Weight:
         return Fp8Weight(self.weight.to(device).contiguous(), self.scale.to(device, torch.float32).contiguous(),
                          self.group_n, self.group_k)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = q * s, computed in fp32 and rounded to `dtype` once."""
-        n, k = self.weight.shape
-        scale = self.scale.float().repeat_interleave(self.group_n, 0)[:n].repeat_interleave(self.group_k, 1)[:, :k]
-        return (self.weight.float() * scale).to(dtype)
+        return dequantize(self.weight, self.scale, self.group_n, self.group_k).to(dtype)
 
     def per_row_groups(self) -> Fp8Weight:
         """The same values with one scale row per weight row (so any row split or concat stays exact)."""
@@ -75,6 +69,8 @@ class Fp8Weight:
     @staticmethod
     def cat(parts: list[Fp8Weight]) -> Fp8Weight:
         """Row-wise concatenation (q|k|v, gate|up); scale blocks are kept where every part fills whole blocks."""
+        if len(parts) == 1:
+            return parts[0]
         group_k = {p.group_k for p in parts}
         if len(group_k) != 1 or len({p.weight.shape[1] for p in parts}) != 1:
             raise Fp8FormatError("fused FP8 projections must share K and the K grouping of their scales")
@@ -86,62 +82,78 @@ class Fp8Weight:
                          group_n, group_k.pop())
 
 
-def is_fp8_checkpoint(hf_config: Any) -> bool:
-    """Whether the config names an FP8 quantization this module reads (others are refused)."""
-    quant = _quantization_config(hf_config)
-    if quant is None:
-        return False
-    method = quant.get("quant_method")
-    if method not in _METHODS:
+@dataclass(frozen=True)
+class Fp8Checkpoint:
+    """How a checkpoint lays out its FP8 weights, from its quantization_config."""
+
+    block_size: tuple[int, int] | None  # (bn, bk) of block scales; None: per-tensor or per-channel scales
+
+    @staticmethod
+    def of(hf_config: Any) -> Fp8Checkpoint | None:
+        """None for an unquantized checkpoint; raises `Fp8FormatError` for a quantization this module cannot read."""
+        quant = getattr(hf_config, "quantization_config", None)
+        if quant is None:
+            return None
+        quant = quant if isinstance(quant, dict) else quant.to_dict()
+        method = quant.get("quant_method")
+        if method == "fp8":
+            if quant.get("fmt", "e4m3") != "e4m3":
+                raise Fp8FormatError(f"FP8 format {quant.get('fmt')!r} is not supported (only e4m3)")
+            return Fp8Checkpoint(_pair(quant.get("weight_block_size")))
+        if method == "compressed-tensors":
+            return Fp8Checkpoint(_compressed_tensors_block(quant))
         raise Fp8FormatError(f"quantization method {method!r} is not supported; supported: {list(_METHODS)}")
-    if method == "compressed-tensors":
-        _check_compressed_tensors(quant)
-    elif quant.get("fmt", "e4m3") != "e4m3":
-        raise Fp8FormatError(f"FP8 format {quant.get('fmt')!r} is not supported (only e4m3)")
-    return True
+
+    def weight(self, tensors: dict[str, torch.Tensor], name: str) -> Fp8Weight | None:
+        """The FP8 weight `name` (e.g. 'model.layers.0.mlp.down_proj.weight') with its scales, or None if dense."""
+        weight = tensors.get(name)
+        stem = name.removesuffix("weight")
+        scale = tensors.get(stem + "weight_scale_inv")
+        scale = scale if scale is not None else tensors.get(stem + "weight_scale")
+        if weight is None or scale is None:
+            return None
+        if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+            raise Fp8FormatError(f"{name}: has a scale but is {weight.dtype} {tuple(weight.shape)}; "
+                                 "only 2-d float8_e4m3fn weights are read")
+        n, k = weight.shape
+        scale = scale.float()
+        if scale.numel() == 1:  # per tensor
+            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k)
+        if tuple(scale.shape) == (n, 1):  # per channel
+            return Fp8Weight(weight, scale, 1, k)
+        if self.block_size is not None:
+            bn, bk = self.block_size
+            if tuple(scale.shape) == (-(-n // bn), -(-k // bk)):
+                return Fp8Weight(weight, scale, bn, bk)
+        raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] "
+                             f"weight (block size {self.block_size})")
+
+    def dequantized(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Checkpoint tensor `name`, dequantized to fp32 when it is an FP8 weight with scales."""
+        quantized = self.weight(tensors, name)
+        return tensors[name] if quantized is None else quantized.dequantize()
+
+    def linear(self, tensors: dict[str, torch.Tensor], names: list[str], bias: torch.Tensor | None,
+               device: torch.device) -> Fp8Linear | None:
+        """The FP8 Linear on `device` over the row-concatenated weights `names` (q|k|v, gate|up), or None
+        unless every one is FP8 with scales."""
+        parts = [self.weight(tensors, name) for name in names]
+        if any(p is None for p in parts):
+            return None
+        return Fp8Linear(Fp8Weight.cat(parts).to(device), bias)
 
 
-def read_fp8_weight(tensors: dict[str, torch.Tensor], name: str) -> Fp8Weight | None:
-    """The FP8 weight `name` (e.g. 'model.layers.0.mlp.down_proj.weight') with its scales, or None if dense."""
-    weight = tensors.get(name)
-    stem = name.removesuffix("weight")
-    block_scale = tensors.get(stem + "weight_scale_inv")
-    scale = block_scale if block_scale is not None else tensors.get(stem + "weight_scale")
-    if weight is None or scale is None:
+def _pair(block: Any) -> tuple[int, int] | None:
+    if block is None:
         return None
-    if weight.dtype != FP8_DTYPE:
-        raise Fp8FormatError(f"{name}: has a scale but dtype {weight.dtype}; only float8_e4m3fn weights are read")
-    n, k = weight.shape
-    scale = scale.float()
-    if scale.numel() == 1:  # per tensor
-        return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k)
-    if scale.dim() == 2 and scale.shape == (n, 1):  # per channel
-        return Fp8Weight(weight, scale, 1, k)
-    if scale.dim() == 2:  # blocks: the block size follows from the grid
-        group_n, group_k = _block_size(n, k, tuple(scale.shape))
-        if group_n is not None:
-            return Fp8Weight(weight, scale, group_n, group_k)
-    raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] weight")
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise Fp8FormatError(f"weight block size {block!r}: expected two positive integers")
+    return int(block[0]), int(block[1])
 
 
-def _block_size(n: int, k: int, grid: tuple[int, int]) -> tuple[int | None, int]:
-    """The (bn, bk) with grid == (ceil(n / bn), ceil(k / bk)), preferring the common 128 x 128."""
-    for size in (128, 64, 32, 16, 256):
-        if (-(-n // size), -(-k // size)) == grid:
-            return size, size
-    if n % grid[0] == 0 and k % grid[1] == 0:
-        return n // grid[0], k // grid[1]
-    return None, 0
-
-
-def _quantization_config(hf_config: Any) -> dict[str, Any] | None:
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant is None:
-        return None
-    return quant if isinstance(quant, dict) else quant.to_dict()
-
-
-def _check_compressed_tensors(quant: dict[str, Any]) -> None:
+def _compressed_tensors_block(quant: dict[str, Any]) -> tuple[int, int] | None:
+    """The block size of a compressed-tensors FP8 config (None without block scales); refuses other schemes."""
+    blocks = set()
     for name, group in (quant.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
         if weights.get("type") != "float" or weights.get("num_bits") != 8:
@@ -149,29 +161,37 @@ def _check_compressed_tensors(quant: dict[str, Any]) -> None:
                 f"compressed-tensors group {name!r}: only float 8-bit weights are supported, got "
                 f"type {weights.get('type')!r} with {weights.get('num_bits')} bits"
             )
-        if weights.get("strategy", "tensor") not in ("tensor", "channel", "block"):
-            raise Fp8FormatError(f"compressed-tensors group {name!r}: strategy {weights['strategy']!r} is not supported")
+        strategy = weights.get("strategy", "tensor")
+        if strategy not in ("tensor", "channel", "block"):
+            raise Fp8FormatError(f"compressed-tensors group {name!r}: strategy {strategy!r} is not supported")
+        if strategy == "block":
+            blocks.add(_pair(weights.get("block_structure")))
+    if len(blocks) > 1:
+        raise Fp8FormatError(f"compressed-tensors: several block sizes {sorted(blocks)}")
+    return blocks.pop() if blocks else None
 
 
-class Fp8Linear:
-    """y = x @ W.T (+ b) with W an `Fp8Weight`, on the FP8 kernels (engine/kernels/fp8_gemm.py)."""
+@dataclass(frozen=True, eq=False)
+class Fp8Linear(Linear):
+    """y = x @ W.T (+ b) with W an `Fp8Weight`, on the FP8 kernels (engine/kernels/fp8_gemm.py).
 
-    def __init__(self, weight: Fp8Weight, bias: torch.Tensor | None = None):
-        self.weight = weight
-        self.bias = bias
+    Like the dense Linear, at most `GEMV_MAX_ROWS` rows on CUDA (decode steps of few
+    sequences) take the GEMV, here weight-only (the activation stays bf16); more rows
+    quantize the activation and take the FP8 GEMM."""
 
-    def __call__(self, x: torch.Tensor, use_gemv: bool = False) -> torch.Tensor:
-        """`use_gemv`: a decode step of few rows, where the weight-only GEMV streams W fastest."""
+    weight: Fp8Weight
+    bias: torch.Tensor | None = None  # [N], the compute dtype
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if use_gemv:
+        if x.is_cuda and x.shape[0] <= linear.GEMV_MAX_ROWS:
             return fp8_gemv(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
         return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight (the CPU path and references)."""
-        return self.weight.dequantize(dtype)
-
-
-def dense_linear(x: torch.Tensor, weight: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference: F.linear on the dequantized weight, in x's dtype."""
-    return F.linear(x, weight.dequantize(x.dtype), bias)

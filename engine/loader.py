@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .fp8 import Fp8Checkpoint, Fp8FormatError
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
@@ -98,10 +99,14 @@ def load_model_dir(
     directory = Path(path) if path is not None else default_model_dir()
     device = torch.device(device)
     hf_config = load_hf_config(directory)
+    try:
+        fp8 = Fp8Checkpoint.of(hf_config)
+    except Fp8FormatError as e:
+        raise ModelLoadError(f"{directory}: {e}") from None
     spec = read_model_spec(directory, max_model_len)
     torch_dtype = resolve_dtype(dtype, device)
     tensors = _read_safetensors(directory)
-    weights = _arrange(tensors, spec, torch_dtype, device)
+    weights = _arrange(tensors, spec, torch_dtype, device, fp8)
     name = DEFAULT_MODEL_NAME if path is None else directory.name
     return LoadedModel(directory, name, spec, hf_config, weights, torch_dtype, device)
 
@@ -153,14 +158,32 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ModelWeights:
-    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked."""
+def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+             fp8: Fp8Checkpoint | None = None) -> ModelWeights:
+    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked.
+
+    FP8 weights (engine/fp8.py) stay FP8 in the projections on CUDA in bfloat16 (the FP8
+    kernels' output); everywhere else (the CPU, experts, any other tensor) they are
+    dequantized here."""
     family = spec.family
 
     def take(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
-        return tensors[name]
+        _present(tensors, name)
+        try:
+            return fp8.dequantized(tensors, name) if fp8 is not None else tensors[name]
+        except Fp8FormatError as e:
+            raise ModelLoadError(str(e)) from None
+
+    def projection(names: list[str], bias: torch.Tensor | None = None) -> Linear:
+        """One Linear over the row-concatenated weights `names`."""
+        if fp8 is not None and device.type == "cuda" and dtype == torch.bfloat16:
+            try:
+                quantized = fp8.linear(tensors, names, bias, device)
+            except Fp8FormatError as e:
+                raise ModelLoadError(str(e)) from None
+            if quantized is not None:
+                return quantized
+        return Linear.dense(put(torch.cat([take(n) for n in names])), bias)
 
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
@@ -170,12 +193,12 @@ def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dty
 
     def linear(prefix: str) -> Linear:
         bias = tensors.get(f"{prefix}.bias")
-        return Linear.dense(put(take(f"{prefix}.weight")), put(bias) if bias is not None else None)
+        return projection([f"{prefix}.weight"], put(bias) if bias is not None else None)
 
     layers = []
     for i, layer_spec in enumerate(spec.layers):
         p = f"model.layers.{i}."
-        q, k, v = (take(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
+        q, k, _ = (_present(tensors, f"{p}self_attn.{n}_proj.weight") for n in "qkv")  # as stored: shapes only
         _check_shape(q, (spec.num_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.q_proj.weight")
         _check_shape(k, (spec.num_kv_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.k_proj.weight")
         biases = [tensors.get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
@@ -183,10 +206,10 @@ def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dty
         sandwich = family.sandwich_norms
         layers.append(LayerWeights(
             input_norm=norm(f"{p}input_layernorm.weight"),
-            qkv=Linear.dense(put(torch.cat([q, k, v])), qkv_bias),
+            qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], qkv_bias),
             o=linear(f"{p}self_attn.o_proj"),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=_moe(tensors, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, put, take),
+            mlp=_moe(tensors, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
             q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
             k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
@@ -195,13 +218,13 @@ def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dty
     embed = put(take("model.embed_tokens.weight"))
     _check_shape(embed, (spec.vocab_size, spec.hidden_size), "model.embed_tokens.weight")
     tied = spec.tie_word_embeddings or "lm_head.weight" not in tensors
-    lm_head = Linear.dense(embed if tied else put(tensors["lm_head.weight"]))
+    lm_head = Linear.dense(embed) if tied else projection(["lm_head.weight"])
     return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
 
 
-def _gated_mlp(p: str, activation: str, put, take) -> GatedMlp:
-    gate_up = torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")])
-    return GatedMlp(Linear.dense(put(gate_up)), Linear.dense(put(take(f"{p}mlp.down_proj.weight"))), activation)
+def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
+    gate_up = projection([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"])
+    return GatedMlp(gate_up, projection([f"{p}mlp.down_proj.weight"]), activation)
 
 
 def _moe(tensors: dict[str, torch.Tensor], p: str, spec: ModelSpec, put, take) -> MoeMlp:
@@ -223,6 +246,12 @@ def _moe(tensors: dict[str, torch.Tensor], p: str, spec: ModelSpec, put, take) -
     _check_shape(w2, (moe.num_experts, spec.hidden_size, moe.intermediate_size), f"{block}experts (down)")
     router = Linear.dense(put(take(f"{block}gate.weight")))
     return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
+
+
+def _present(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
+    return tensors[name]
 
 
 def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:

@@ -18,8 +18,8 @@ def test_fp8_cache_matches_reference(context_lens, num_heads, num_kv_heads, head
     k8 = (k_cache.float() / k_scale).to(torch.float8_e4m3fn)
     v8 = (v_cache.float() / v_scale).to(torch.float8_e4m3fn)
     scale = head_dim ** -0.5
-    out = paged_decode_attention_triton(q, k8, v8, tables, lens, scale, None, k_scale, v_scale)
-    ref = paged_decode_attention_reference(q, k8, v8, tables, lens, scale, k_scale, v_scale)
+    out = paged_decode_attention_triton(q, k8, v8, tables, lens, scale, k_scale=k_scale, v_scale=v_scale)
+    ref = paged_decode_attention_reference(q, k8, v8, tables, lens, scale, k_scale=k_scale, v_scale=v_scale)
     assert out.dtype == torch.bfloat16
     assert relative_error(out, ref) < 1e-2
     # ... and the reference reads the FP8 values as the dequantized bf16 cache it stands for
