@@ -58,14 +58,18 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **overrides):
     return model
 
 
-def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_position_embeddings: int = 1024):
-    """A tiny random Llama with the default model's real tokenizer and chat template."""
+def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_position_embeddings: int = 1024,
+                         arch: str = "llama"):
+    """A tiny random model (Llama by default) with the default model's real tokenizer and chat template."""
     import shutil
 
     from pdserve.engine.loader import default_model_dir
 
     source = default_model_dir()
-    model = save_tiny_model("llama", directory, seed=seed, vocab_size=49152, num_hidden_layers=num_layers,
+    layers = {"num_hidden_layers": num_layers}
+    if arch == "gemma3":  # one global layer between local ones
+        layers = {"num_hidden_layers": 3}
+    model = save_tiny_model(arch, directory, seed=seed, vocab_size=49152, **layers,
                             max_position_embeddings=max_position_embeddings, eos_token_id=2, bos_token_id=1)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (source / name).exists():
