@@ -1,15 +1,17 @@
 """Engine speed on one GPU against its limits and against transformers `generate()`.
 
-    python benchmarks/engine_speed.py --out DIR [--sweep] [--profile] [--name engine_speed_h100_DATE]
+    python benchmarks/engine_speed.py --out DIR [--shape NAME] [--sweep] [--profile] [--name engine_speed_h100_DATE]
 
-Llama-3-8B shape, bfloat16, random weights (the same weights for the engine and
+Llama-3-8B shape by default (--shape: a key of benchmarks/shapes.py MODELS, e.g.
+qwen3-8b, qwen3-30b-a3b), bfloat16, random weights (the same weights for the engine and
 the baseline). In one run it measures the two ceilings (a large device-to-device
 copy, bytes read + written; a large bf16 matmul), checks the engine against
 transformers in bf16, times each row, and writes DIR/NAME.md (the table) and
 DIR/NAME.png (a roofline: achieved FLOP/s against arithmetic intensity).
 
 Rows (time = median):
-    decode  B=1,  1,024-token context   floor = bytes / copy rate   (weights + KV read)
+    decode  B=1,  1,024-token context   floor = bytes / copy rate   (weights + KV read; for an
+                                        MoE only the experts the step's tokens were routed to)
     decode  B=64, 1,024-token context
     prefill 1 x 2,048 tokens            floor = FLOPs / matmul rate
     prefill 8 x 512 tokens, packed
@@ -29,6 +31,9 @@ five decode shapes; if it fails, the run goes on with `linear.GEMV_MAX_ROWS = 0`
 and off side by side, and each GEMM shape at one row is timed for every
 `gemv.SWEEP_CONFIGS` entry against F.linear (from CUDA graphs, each call on
 another layer's weights so that L2 holds none of them).
+
+Other shapes than Llama-3-8B run the GEMV check (dense projections), correctness,
+the engine rows and the baseline only: the fp32 oracle of a 30B model would not fit.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
-from shapes import LLAMA3_8B
+from shapes import MODELS
 
 BLOCK_SIZE = 16
 LOG: list[str] = []
@@ -124,12 +129,22 @@ def measure_ceilings() -> tuple[float, float]:
 # ---------------------------------------------------------------- FLOP and byte counts
 
 class Counts:
+    """FLOPs and bytes of a step. An MoE's FLOPs count each token's top-k experts; its decode bytes
+    count each expert a step's tokens were routed to once (`touched`: experts read, summed over layers)."""
+
     def __init__(self, spec):
         self.spec = spec
         h, d = spec.hidden_size, spec.head_dim
-        per_layer = h * d * (spec.num_heads * 2 + spec.num_kv_heads * 2) + 3 * h * spec.intermediate_size
-        self.linear_params = spec.num_layers * per_layer
         self.head_params = spec.vocab_size * h
+        moe = spec.moe
+        self.expert_params = 0 if moe is None else 3 * h * moe.intermediate_size
+        num_experts = 0 if moe is None else moe.num_experts
+        moe_layers = sum(layer.moe for layer in spec.layers)
+        all_experts = moe_layers * num_experts * self.expert_params
+        embed = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+        self.shared_params = spec.num_params - all_experts - embed  # attention, routers, dense MLPs, norms
+        self.active_params = self.shared_params + moe_layers * (moe.top_k if moe else 0) * self.expert_params
+        self.linear_params = self.active_params  # multiplied by each token
         self.kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * d * 2
 
     def attention_flops(self, pairs: int) -> float:
@@ -140,36 +155,40 @@ class Counts:
         tokens = sum(lengths)
         pairs = sum(n * (n + 1) // 2 for n in lengths)
         flops = 2 * self.linear_params * tokens + 2 * self.head_params * len(lengths) + self.attention_flops(pairs)
-        bytes_ = 2 * (self.linear_params + self.head_params) + tokens * self.kv_bytes_per_token
+        bytes_ = 2 * (self.spec.num_params - self.head_params) + tokens * self.kv_bytes_per_token
         return flops, bytes_
 
-    def decode(self, batch: int, context: int) -> tuple[float, float]:
+    def decode(self, batch: int, context: int, touched: int | None = None) -> tuple[float, float]:
+        """`touched`: experts read in the step, all layers (None: a dense model)."""
         flops = (2 * (self.linear_params + self.head_params) * batch + self.attention_flops(batch * context))
-        weights = 2 * (self.linear_params + self.head_params) + 2 * batch * self.spec.hidden_size
+        read = self.shared_params + (touched or 0) * self.expert_params
+        weights = 2 * (read + self.head_params) + 2 * batch * self.spec.hidden_size
         bytes_ = weights + batch * context * self.kv_bytes_per_token + batch * self.kv_bytes_per_token
         return flops, bytes_
 
 
 # ---------------------------------------------------------------- models
 
-def build_models(num_blocks: int):
+def build_models(num_blocks: int, shape: str = "llama3-8b"):
     import transformers
 
-    config = transformers.LlamaConfig(**LLAMA3_8B, bos_token_id=128000, eos_token_id=128001)
+    config_class, model_class, values = MODELS[shape]
+    config = getattr(transformers, config_class)(**values, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            hf = transformers.LlamaForCausalLM(config).eval()
+            hf = getattr(transformers, model_class)(config).eval()
     finally:
         torch.set_default_dtype(default)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     spec = spec_from_config(config)
     state = dict(hf.state_dict())
-    weights = _arrange(state, spec, torch.bfloat16, torch.device("cuda"))  # shares all but fused qkv/gate_up
-    loaded = LoadedModel(Path("random-llama-3-8b"), "random-llama-3-8b", spec, config, weights,
+    # shares all but fused qkv/gate_up (and stacked experts, where transformers keeps them apart)
+    weights = _arrange(state, spec, torch.bfloat16, torch.device("cuda"))
+    loaded = LoadedModel(Path(f"random-{shape}"), f"random-{shape}", spec, config, weights,
                          torch.bfloat16, torch.device("cuda"))
     runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_decode_batch=64)
     runner.kv_cache.tensor.normal_()  # never time attention over zeros
@@ -227,7 +246,7 @@ def check_correctness(hf, runner, blocks: BlockSource, results: dict) -> None:
         "greedy_agreement": f"{agree}/{len(errors)}",
         "graph_vs_eager_rel_err": rel_err(engine_steps[-1], eager),
     }
-    say("correctness (8B shape, bf16 engine vs bf16 transformers, teacher-forced on the engine's greedy tokens):",
+    say(f"correctness ({runner.model.spec.architecture} shape, bf16 engine vs bf16 transformers, teacher-forced on the engine's greedy tokens):",
         json.dumps(results["correctness"]))
 
 
@@ -268,9 +287,13 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
         eager = gpu_ms(lambda: runner.decode_eager(inputs), warmup=2, iters=5)
         results["host_enqueue_ms"][f"B={batch}"] = timed["enqueue_ms"]
         results["host_enqueue_ms"][f"B={batch}, replay() alone"] = timed["replay_enqueue_ms"]
-        flops, bytes_ = counts.decode(batch, context)
+        touched = experts_touched(runner, inputs) if runner.spec.moe else None
+        flops, bytes_ = counts.decode(batch, context, touched)
         rows[f"decode B={batch}, ctx {context}"] = dict(kind="decode", ms=timed["ms"], wall_ms=timed["wall_ms"],
-                                                         eager_ms=eager, flops=flops, bytes=bytes_)
+                                                         eager_ms=eager, flops=flops, bytes=bytes_,
+                                                         experts_touched=touched)
+        if touched is not None:
+            say(f"decode B={batch}: {touched} experts read over {sum(l.moe for l in runner.spec.layers)} MoE layers")
         say(f"decode B={batch} ctx={context}: graph replay {timed['ms']:.3f} ms, decode() wall {timed['wall_ms']:.3f} ms, "
             f"eager {eager:.2f} ms, host enqueue {timed['enqueue_ms']:.3f} ms "
             f"(replay() alone {timed['replay_enqueue_ms']:.3f} ms), GEMV_MAX_ROWS={engine_linear.GEMV_MAX_ROWS}")
@@ -281,6 +304,26 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
         name = f"prefill {len(lengths)} x {lengths[0]}"
         rows[name] = dict(kind="prefill", ms=ms, flops=flops, bytes=bytes_)
         say(f"{name}: {ms:.2f} ms")
+
+
+def experts_touched(runner, inputs: list[DecodeInput]) -> int:
+    """Experts one decode step reads, summed over the MoE layers: an eager step of the same inputs,
+    each MoE layer's routing recorded on the way (the step writes the same K/V again)."""
+    from pdserve.engine import layers as engine_layers
+
+    counted: list[int] = []
+    fused = engine_layers.fused_moe
+
+    def counting(x, w13, w2, topk_weights, topk_ids):
+        counted.append(int(topk_ids.unique().numel()))
+        return fused(x, w13, w2, topk_weights, topk_ids)
+
+    engine_layers.fused_moe = counting
+    try:
+        runner.decode_eager(inputs)
+    finally:
+        engine_layers.fused_moe = fused
+    return sum(counted)
 
 
 def time_step_loops(runner, blocks: BlockSource, results: dict) -> None:
@@ -381,11 +424,13 @@ def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
 
 
 def gemm_shapes(runner) -> dict[str, list[torch.Tensor]]:
-    """Each decode GEMM of Llama-3-8B: its weight in every layer ([N, K] each)."""
+    """Each dense decode GEMM of the model: its weight in every layer ([N, K] each); MoE experts are not GEMVs."""
     layers = runner.model.weights.layers
-    return {"qkv": [l.qkv.weight for l in layers], "o": [l.o.weight for l in layers],
-            "gate_up": [l.mlp.gate_up.weight for l in layers], "down": [l.mlp.down.weight for l in layers],
-            "lm_head": [runner.model.weights.lm_head.weight]}
+    dense = [l.mlp for l in layers if hasattr(l.mlp, "gate_up")]
+    shapes = {"qkv": [l.qkv.weight for l in layers], "o": [l.o.weight for l in layers],
+              "gate_up": [m.gate_up.weight for m in dense], "down": [m.down.weight for m in dense],
+              "lm_head": [runner.model.weights.lm_head.weight]}
+    return {name: weights for name, weights in shapes.items() if weights}
 
 
 def check_gemv(runner, results: dict) -> None:
@@ -583,15 +628,16 @@ def check_tiny_models(results: dict) -> None:
     import tempfile
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import save_tiny_model
+    from tiny_models import ALL_ARCHITECTURES, save_tiny_model
     from pdserve.engine.loader import load_model_dir
 
     out = results["tiny_bf16"] = {}
-    prompts = [[5, 17, 33, 2, 90, 11, 7], [3, 4], list(range(100, 119)), [42]]
-    for arch in ("llama", "qwen2", "mistral"):
+    # the last prompt and its tokens pass the sliding models' window several times over
+    prompts = [[5, 17, 33, 2, 90, 11, 7], [3, 4], list(range(100, 119)), [42], [(7 * i + 3) % 120 + 2 for i in range(30)]]
+    for arch in sorted(ALL_ARCHITECTURES):
         with tempfile.TemporaryDirectory() as tmp:
             reference = save_tiny_model(arch, tmp)
-            runner = ModelRunner(load_model_dir(tmp, "cuda", "bfloat16"), num_blocks=64, block_size=4)
+            runner = ModelRunner(load_model_dir(tmp, "cuda", "bfloat16"), num_blocks=16 * len(prompts), block_size=4)
         agree, total, errors = 0, 0, []
         with torch.inference_mode():
             for i, prompt in enumerate(prompts):
@@ -619,11 +665,12 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
     lines = [
         f"# Engine speed: {results['device']}, {results['date']}",
         "",
-        f"Llama-3-8B shape, bf16, random weights; torch {results['torch']}, triton {results['triton']}, "
+        f"{results.get('shape', 'llama3-8b')} shape, bf16, random weights; torch {results['torch']}, triton {results['triton']}, "
         f"transformers {results['transformers']}.",
         f"Ceilings measured in this run: device copy {copy_bps / 1e12:.2f} TB/s (read + write), "
         f"bf16 matmul 8192³ {matmul / 1e12:.0f} TFLOP/s.",
-        "Decode floor = bytes (weights read once + KV read + KV written) / copy rate; "
+        "Decode floor = bytes (weights read once — of an MoE the experts the step's tokens were routed to — "
+        "+ KV read + KV written) / copy rate; "
         "prefill floor = FLOPs (linear + causal attention + sampled rows' lm_head) / matmul rate.",
         "",
         "| row | engine ms | floor ms | ratio to floor | MBU / MFU | host wall ms (decode()) | eager ms | "
@@ -652,7 +699,7 @@ def write_report(results: dict, out_dir: Path, name: str) -> str:
                   + json.dumps(results["vs_fp32"])]
     if "tiny_bf16" in results:
         lines += ["", "Tiny models (tests/tiny_models.py), engine bf16 on CUDA vs transformers fp32, teacher-forced "
-                  "on the reference's 32 greedy tokens x 4 prompts: " + json.dumps(results["tiny_bf16"])]
+                  "on the reference's 32 greedy tokens x 5 prompts: " + json.dumps(results["tiny_bf16"])]
     if results.get("variants"):
         lines += ["", "| variant | graph replay ms | decode() wall ms | wall - replay ms | host enqueue ms "
                   "(replay() alone) |", "|---|---|---|---|---|"]
@@ -747,7 +794,7 @@ def plot_roofline(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte of device memory)")
     ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title(f"Engine roofline, Llama-3-8B shape bf16, {results['device']}, {results['date']}", fontsize=9)
+    ax.set_title(f"Engine roofline, {results.get('shape', 'llama3-8b')} shape bf16, {results['device']}, {results['date']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -758,6 +805,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=f"engine_speed_{datetime.date.today().isoformat()}")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(MODELS),
+                        help="the model shape (benchmarks/shapes.py MODELS); others than llama3-8b run fewer sections")
     parser.add_argument("--sweep", action="store_true", help="also sweep the attention kernels' tuning knobs")
     parser.add_argument("--profile", action="store_true", help="also print GPU time per kernel of eager steps")
     parser.add_argument("--no-baseline", action="store_true")
@@ -770,11 +819,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "rows": {}, "baseline": {}, "errors": [], "variants": {}, "host_enqueue_ms": {}, "step_loops": {},
+        "shape": args.shape,
     }
     results["copy_bps"], results["matmul_flops"] = measure_ceilings()
     say(f"ceilings: copy {results['copy_bps'] / 1e12:.2f} TB/s, matmul {results['matmul_flops'] / 1e12:.0f} TFLOP/s")
     num_blocks = (64 + 8) * 65 + 1200  # the B=64 and B=8 batches, the B=1 batch, prompts
-    hf, runner = build_models(num_blocks)
+    hf, runner = build_models(num_blocks, args.shape)
     say(f"models built; GPU memory allocated {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     counts = Counts(runner.spec)
     blocks = BlockSource(num_blocks)
@@ -788,10 +838,13 @@ def main() -> None:
         sections.append(("profile", lambda: profile_steps(runner, blocks, results)))
     if args.sweep:
         sections.append(("sweep", lambda: sweep_kernels(runner, blocks, results, results["copy_bps"])))
+    if args.shape != "llama3-8b":  # the sections that read the shape; no fp32 copy of a 30B model
+        sections = [s for s in sections if s[0] in ("gemv check", "correctness", "engine")]
     if not args.no_baseline:
         sections.append(("baseline", lambda: time_baseline(hf, counts, results)))
-    sections.append(("fp32 oracle", lambda: check_against_fp32(hf, results)))
-    sections.append(("tiny models", lambda: check_tiny_models(results)))
+    if args.shape == "llama3-8b":
+        sections.append(("fp32 oracle", lambda: check_against_fp32(hf, results)))
+        sections.append(("tiny models", lambda: check_tiny_models(results)))
     for name, section in sections:
         t0 = time.perf_counter()
         try:

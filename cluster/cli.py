@@ -101,6 +101,9 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
+    from pdserve.engine.loader import ModelLoadError
+    from pdserve.engine.model_spec import UnsupportedModel
+
     from .server import serve_forever
 
     overrides = {
@@ -118,7 +121,11 @@ def _serve(args: argparse.Namespace) -> int:
         "autoscaling.downscale_delay_s": args.downscale_delay_s,
     }
     config = load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
-    serve_forever(config, args.address)
+    try:
+        serve_forever(config, args.address)
+    except (ModelLoadError, UnsupportedModel) as e:  # read before anything is deployed
+        print(f"pdserve: cannot serve {config.model.path or 'the default model'}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -99,6 +99,20 @@ def _numbers(stats: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in stats.items() if isinstance(value, (int, float))}
 
 
+def _close_parts(replica: Any, *parts: str) -> None:
+    """Drain the replica's worker, stop `parts`, close the worker: only the parts it has. A replica
+    whose __init__ failed part-way (a model it cannot run) then leaves no second traceback from here."""
+    built = vars(replica)
+    worker = built.get("worker")
+    if worker is not None:
+        worker.drain(replica.config.autoscaling.drain_timeout_s)
+    for part in parts:
+        if part in built:
+            built[part].stop()
+    if worker is not None:
+        worker.close()
+
+
 class PrefillDeployment:
     def __init__(self, config: dict[str, Any]):
         self.config = load_config(config)
@@ -147,9 +161,7 @@ class PrefillDeployment:
         return 1
 
     def __del__(self) -> None:
-        self.worker.drain(self.config.autoscaling.drain_timeout_s)
-        self.reporter.stop()
-        self.worker.close()
+        _close_parts(self, "reporter")
 
 
 class DecodeDeployment:
@@ -207,10 +219,7 @@ class DecodeDeployment:
         return 1
 
     def __del__(self) -> None:
-        self.worker.drain(self.config.autoscaling.drain_timeout_s)
-        self.reporter.stop()
-        self.server.stop()
-        self.worker.close()
+        _close_parts(self, "reporter", "server")
 
 
 @serve.ingress()

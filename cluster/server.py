@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
-from pdserve.engine.loader import default_model_dir
+from pdserve.engine.loader import default_model_dir, read_model_spec
 
 from .app import GRPC_SERVICERS, build_app
 from .autoscaling import is_autoscaled, serve_application_policy
@@ -23,6 +24,10 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
     data = config.to_dict()
     if config.model.path is None:
         data["model"]["path"] = str(default_model_dir())  # dequantised once, here, not in every replica
+    if not joining or Path(data["model"]["path"]).is_dir():
+        # A model the engine cannot run is refused here, before anything is deployed
+        # (UnsupportedModel / ModelLoadError), not by every replica inside Ray.
+        read_model_spec(data["model"]["path"], config.model.max_model_len)
     if not joining and not torch.cuda.is_available():
         for pool in ("prefill", "decode", "colocated"):
             data[pool]["gpus_per_replica"] = 0.0

@@ -2,15 +2,41 @@
 import torch
 import transformers
 
+# name -> (config class, model class, config values over tiny_config's defaults)
 ARCHITECTURES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    # head_dim from the config, not hidden / heads
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
+    # several experts per token; one dense layer (mlp_only_layers); weights not renormalised
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1],
+        norm_topk_prob=False)),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
+# Sliding-window variants: windows shorter than the test prompts and their outputs.
+SLIDING_WINDOW = 8
+SLIDING_ARCHITECTURES = {
+    "mistral_sliding": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                        {"sliding_window": SLIDING_WINDOW}),
+    # layers from max_window_layers on slide; the first attends to everything
+    "qwen2_sliding": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1)),
+    # local and global layers with their own rope bases, q/k norm, sandwich norms, soft-capped logits
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        final_logit_softcapping=30.0)),
+}
+ALL_ARCHITECTURES = {**ARCHITECTURES, **SLIDING_ARCHITECTURES}
 
 
 def tiny_config(arch: str, **overrides):
-    config_cls, _, extra = ARCHITECTURES[arch]
+    config_cls, _, extra = ALL_ARCHITECTURES[arch]
     values = dict(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -27,21 +53,23 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **overrides):
     """A random model saved to `directory` in float32; returns the transformers model."""
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
-    model = ARCHITECTURES[arch][1](config).eval()
+    model = ALL_ARCHITECTURES[arch][1](config).eval()
     model.save_pretrained(directory)
     return model
 
 
-
-
-def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_position_embeddings: int = 1024):
-    """A tiny random Llama with the default model's real tokenizer and chat template."""
+def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_position_embeddings: int = 1024,
+                         arch: str = "llama"):
+    """A tiny random model (Llama by default) with the default model's real tokenizer and chat template."""
     import shutil
 
     from pdserve.engine.loader import default_model_dir
 
     source = default_model_dir()
-    model = save_tiny_model("llama", directory, seed=seed, vocab_size=49152, num_hidden_layers=num_layers,
+    layers = {"num_hidden_layers": num_layers}
+    if arch == "gemma3":  # one global layer between local ones
+        layers = {"num_hidden_layers": 3}
+    model = save_tiny_model(arch, directory, seed=seed, vocab_size=49152, **layers,
                             max_position_embeddings=max_position_embeddings, eos_token_id=2, bos_token_id=1)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (source / name).exists():

@@ -6,7 +6,7 @@ import torch
 
 from pdserve.engine.loader import ModelLoadError, load_model_dir, resolve_dtype
 from pdserve.engine.model_spec import UnsupportedModel
-from tiny_models import save_tiny_model
+from tiny_models import SLIDING_WINDOW, save_tiny_model
 
 
 def test_missing_directory(tmp_path):
@@ -55,3 +55,26 @@ def test_bfloat16_on_the_cpu_loads(tmp_path):
     save_tiny_model("mistral", tmp_path)
     loaded = load_model_dir(tmp_path, dtype="bfloat16")
     assert loaded.weights.embed.dtype == torch.bfloat16
+
+
+def test_sliding_window_model_keeps_its_whole_context(tmp_path):
+    """The window is applied in attention, not by capping the context at it."""
+    save_tiny_model("mistral_sliding", tmp_path)
+    spec = load_model_dir(tmp_path).spec
+    assert spec.max_model_len == 256
+    assert [layer.sliding_window for layer in spec.layers] == [SLIDING_WINDOW] * 3
+
+
+def test_options_the_engine_cannot_run_are_refused(tmp_path):
+    save_tiny_model("gemma3", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attn_logit_softcapping"] = 50.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModel, match="attn_logit_softcapping"):
+        load_model_dir(tmp_path)
+
+
+def test_moe_experts_are_stacked(tmp_path):
+    save_tiny_model("mixtral", tmp_path)
+    mlp = load_model_dir(tmp_path).weights.layers[0].mlp
+    assert mlp.w13.shape == (4, 2 * 128, 64) and mlp.w2.shape == (4, 64, 128) and mlp.top_k == 2

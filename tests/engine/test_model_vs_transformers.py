@@ -1,4 +1,5 @@
-"""The engine's forward pass and greedy tokens equal transformers' on the same weights.
+"""The engine's forward pass and greedy tokens equal transformers' on the same weights,
+for each architecture of tests/tiny_models.py (sliding-window ones with prompts longer than the window).
 
 Runs where engine_target says (CPU float32 by default; e.g. CUDA bfloat16 on a GPU).
 """
@@ -9,7 +10,8 @@ from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 
-PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 3], [42]]
+LONG = [(7 * i + 3) % 120 + 2 for i in range(37)]  # over 4 windows of tiny_models.SLIDING_WINDOW
+PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 3], [42], LONG]
 
 
 def test_prefill_logits_match_transformers(tiny_model):
@@ -37,3 +39,14 @@ def test_greedy_tokens_equal_generate(tiny_model):
         expected = reference.generate(torch.tensor([seq.prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
         assert greedy_divergence(seq.output, expected[0, len(seq.prompt):].tolist(), seq.prompt, reference) is None
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_chunked_prefill_with_cached_prefix_matches_transformers(tiny_model):
+    """The long prompt in two chunks: the second attends to the first from the cache (its window, if any)."""
+    _, directory, reference = tiny_model
+    runner = ModelRunner(load_model_dir(directory, DEVICE, DTYPE_NAME), num_blocks=16, block_size=4)
+    blocks = tuple(range(-(-len(LONG) // 4)))
+    split = 21
+    runner.prefill([PrefillChunk(tuple(LONG[:split]), 0, blocks)])
+    logits = runner.prefill([PrefillChunk(tuple(LONG[split:]), split, blocks)])
+    assert_logits_close(logits[0], reference(torch.tensor([LONG])).logits[0, -1])

@@ -88,3 +88,27 @@ def test_reference_is_attention_over_the_gathered_context():
     expected = torch.nn.functional.scaled_dot_product_attention(q[0].unsqueeze(1), k, v, scale=0.125).squeeze(1)
     out = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lens, 0.125)
     assert relative_error(out[0], expected) < 1e-5
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window, max_context_len", [(1, None), (50, None), (50, 513), (4096, None)])
+def test_sliding_window_matches_reference(window, max_context_len, dtype):
+    """Contexts shorter and longer than the window; several slices over the window, or one."""
+    q, k_cache, v_cache, block_tables, lens = make_inputs([513, 37, 130, 0], 8, 2, 64, 16, dtype)
+    args = (q, k_cache, v_cache, block_tables, lens, 0.125)
+    out = paged_decode_attention_triton(*args, max_context_len, window)
+    ref = paged_decode_attention_reference(*args, window)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # padding row
+
+
+def test_reference_window_reads_the_last_tokens_only():
+    """A window of w over a context of n: the same as attending to a context holding only its last w tokens."""
+    q, k_cache, v_cache, block_tables, lens = make_inputs([45], 6, 2, 64, 16, torch.float32)
+    windowed = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lens, 0.125, window=10)
+    blocks = block_tables[0, :3].long()
+    k = k_cache[blocks].flatten(0, 1)[35:45].repeat_interleave(3, dim=1).transpose(0, 1)
+    v = v_cache[blocks].flatten(0, 1)[35:45].repeat_interleave(3, dim=1).transpose(0, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q[0].unsqueeze(1), k, v, scale=0.125).squeeze(1)
+    assert relative_error(windowed[0], expected) < 1e-5

@@ -76,3 +76,30 @@ def test_dispatcher_uses_reference_on_cpu():
     q, k, v = make_inputs([9, 4], [9, 4], 4, 2, 64, torch.bfloat16, device="cpu")
     args = (q, k, v, cu_seqlens([9, 4], device="cpu"), 9, 0.125)
     assert torch.equal(prefill_attention_varlen(*args), prefill_attention_varlen_reference(*args))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 40, 100])
+def test_sliding_window_matches_reference(window, dtype):
+    """Whole prompts and tail chunks over a cached prefix, windows shorter than some of them;
+    query blocks of 128 rows start tiles before some rows' windows (rows with no key in a tile)."""
+    q_lens, k_lens = [150, 20, 7, 300], [150, 90, 7, 300]
+    q, k, v = make_inputs(q_lens, k_lens, 8, 2, 64, dtype)
+    args = (q, k, v, cu_seqlens(q_lens), max(q_lens), 0.125, cu_seqlens(k_lens))
+    out = prefill_attention_varlen_triton(*args, window=window)
+    ref = prefill_attention_varlen_reference(*args, window=window)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+    assert relative_error(out, prefill_attention_varlen_reference(*args)) > 0.05  # the window matters
+
+
+def test_reference_window_is_transformers_sliding_window_overlay():
+    """Query i sees keys i - window < j <= i (transformers' sliding_window_overlay on the causal mask)."""
+    q, k, v = make_inputs([30], [30], 2, 2, 16, torch.float32)
+    window = 5
+    out = prefill_attention_varlen_reference(q, k, v, cu_seqlens([30]), 30, 0.25, window=window)
+    i, j = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    mask = (j <= i) & (j > i - window)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.25).transpose(0, 1)
+    assert relative_error(out, expected) < 1e-6
