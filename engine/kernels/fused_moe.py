@@ -15,14 +15,71 @@ Shapes:
 Numerics follow the dense MLP: each projection accumulates in fp32 and is rounded to
 the dtype, silu_and_mul rounds like transformers; the weighted expert outputs are
 summed in fp32 and rounded once.
+
+GPU path, four launches plus a sum, none of which reads a shape back to the host
+(so a decode step's launches can be captured in a CUDA graph):
+
+  1. align (one program): the T * k (token, slot) pairs sorted by expert into
+     `sorted_pairs`, each expert's run padded to a multiple of BLOCK_M with the
+     sentinel T * k, and `block_expert`, the expert of each BLOCK_M-row block (-1 past
+     the last used block). The buffers' length is a bound from T, k, E and BLOCK_M
+     (`max_blocks`), so the grid does not depend on the routing; unused blocks exit
+     at once, and only the touched experts' weights are read.
+  2. grouped GEMM, w13: each program owns one block of rows (one expert) and BLOCK_N
+     columns, gathers the rows of x its pairs come from, and writes gate_up[pair].
+  3. silu_and_mul (activation.py) over the T * k rows.
+  4. grouped GEMM, w2: the same blocks, multiplied by each pair's routing weight,
+     written to down[pair] (no atomics: the result does not depend on scheduling).
+  5. out = down.view(T, k, H).sum(1), accumulated in fp32.
+
+Block sizes are fixed per shape (`default_config`), never autotuned at run time
+(CUDA graphs); `fused_moe_triton(..., config=...)` lets a benchmark sweep them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.kernels._triton import use_triton
-from pdserve.engine.kernels.activation import silu_and_mul_reference
+from pdserve.engine.kernels._triton import tl, triton, use_triton
+from pdserve.engine.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int  # (token, expert) rows per block; each expert's rows are padded to a multiple
+    block_n: int  # output columns (weight rows) per program
+    block_k: int  # reduction step
+    group_m: int  # blocks that run side by side on each weight tile (L2 reuse when experts span blocks)
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        """e.g. moe(16,64,128,g1,4,4): (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
+        return f"moe({self.block_m},{self.block_n},{self.block_k},g{self.group_m},{self.num_warps},{self.num_stages})"
+
+
+def default_config(num_pairs: int, num_experts: int) -> MoeConfig:
+    """Few rows per expert (decode): the smallest tensor-core tile, every weight tile read once and
+    streamed with deep pipelining; many (prefill): larger tiles that reuse each loaded weight tile."""
+    if num_pairs <= 16 * num_experts:
+        return MoeConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    return MoeConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+
+
+# Candidates that benchmarks/moe_kernel.py times at each shape; default_config is chosen from them.
+SWEEP_CONFIGS = (
+    MoeConfig(16, 32, 256, 1, 4, 3),
+    MoeConfig(16, 64, 128, 1, 4, 4),
+    MoeConfig(16, 64, 256, 1, 4, 3),
+    MoeConfig(16, 128, 128, 1, 4, 3),
+    MoeConfig(16, 32, 128, 1, 2, 4),
+    MoeConfig(32, 64, 128, 1, 4, 4),
+    MoeConfig(64, 64, 64, 8, 4, 4),
+    MoeConfig(64, 128, 64, 8, 4, 4),
+    MoeConfig(128, 128, 64, 8, 8, 3),
+)
 
 
 def fused_moe(
@@ -60,6 +117,172 @@ def fused_moe_reference(
 
 
 def fused_moe_triton(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoeConfig | None = None,
 ) -> torch.Tensor:
-    raise NotImplementedError("the Triton kernel lands next")
+    """Launches the kernels; works on any device Triton runs on (the interpreter included)."""
+    _check_shapes(x, w13, w2, topk_weights, topk_ids)
+    assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1, "last dims contiguous"
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    config = config or default_config(num_pairs, num_experts)
+    sorted_pairs, block_expert = moe_align(topk_ids, num_experts, config.block_m)
+    weights = topk_weights.float().contiguous().view(-1)  # one per pair: pair = token * k + slot
+    gate_up = torch.empty((num_pairs, two_inter), dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, top_k, None, config)
+    hidden_act = silu_and_mul_triton(gate_up)
+    down = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    _grouped_gemm(hidden_act, w2, down, sorted_pairs, block_expert, 1, weights, config)
+    return down.view(num_tokens, top_k, hidden).sum(dim=1)  # fp32 accumulation inside the reduction
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Most BLOCK_M-row blocks any routing of num_pairs pairs over num_experts experts needs.
+
+    Every used block holds at least one pair, and each expert's blocks but its last are full."""
+    return min(num_pairs, num_pairs // block_m + min(num_experts, num_pairs))
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pairs [max_blocks * block_m], block_expert [max_blocks]) for the grouped GEMMs.
+
+    Pairs (token * k + slot) grouped by expert in increasing order, within an expert in pair
+    order; each expert's run starts a block and is padded with the sentinel T * k."""
+    num_pairs = topk_ids.numel()
+    num_blocks = max_blocks(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=topk_ids.device)
+    experts = triton.next_power_of_2(num_experts)
+    # The one-hot [CHUNK, EXPERTS] tile stays near 8K elements per step.
+    chunk = max(16, min(triton.next_power_of_2(num_pairs), 8192 // experts))
+    _moe_align_kernel[(1,)](
+        topk_ids.contiguous().view(-1), sorted_pairs, block_expert, num_pairs, num_blocks,
+        BLOCK_M=block_m, EXPERTS=experts, CHUNK=chunk, num_warps=4 if num_pairs <= 1024 else 16,
+    )
+    return sorted_pairs, block_expert
+
+
+def _grouped_gemm(a, w, out, sorted_pairs, block_expert, rows_per_a, weights, config: MoeConfig) -> None:
+    """out[pair] = a[pair // rows_per_a] @ w[expert].T (* weights[pair]) for every placed pair."""
+    n, k = w.shape[1], w.shape[2]
+    num_blocks = block_expert.numel()
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(n)))  # tiny shapes: no idle lanes
+    block_k = min(config.block_k, max(16, triton.next_power_of_2(k)))
+    grid = (num_blocks * triton.cdiv(n, block_n),)
+    _moe_gemm_kernel[grid](
+        a, w, out, sorted_pairs, block_expert, weights,
+        out.shape[0], n, k, rows_per_a, num_blocks,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        MUL_WEIGHTS=weights is not None,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32: no TF32 rounding
+        BLOCK_M=config.block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,  # [T * k] expert per pair
+    sorted_pairs_ptr,  # [num_blocks * BLOCK_M] out
+    block_expert_ptr,  # [num_blocks] out
+    num_pairs,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    EXPERTS: tl.constexpr,  # num_experts rounded up to a power of two
+    CHUNK: tl.constexpr,  # pairs per step
+):
+    experts = tl.arange(0, EXPERTS)
+    offs = tl.arange(0, CHUNK)
+    # Pass 1: pairs per expert. An id outside [0, E) matches no column and is never placed.
+    counts = tl.zeros([EXPERTS], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        ids = tl.load(ids_ptr + start + offs, mask=start + offs < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    next_row = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M  # each expert's first free row
+    # Padding everywhere first; the placed pairs overwrite it after the barrier.
+    for start in range(0, num_blocks * BLOCK_M, CHUNK):
+        rows = start + offs
+        tl.store(sorted_pairs_ptr + rows, tl.full([CHUNK], 0, tl.int32) + num_pairs, mask=rows < num_blocks * BLOCK_M)
+    for start in range(0, num_blocks, CHUNK):
+        tl.store(block_expert_ptr + start + offs, tl.full([CHUNK], -1, tl.int32), mask=start + offs < num_blocks)
+    tl.debug_barrier()
+    # Pass 2: place each pair after the earlier pairs of its expert.
+    for start in range(0, num_pairs, CHUNK):
+        pairs = start + offs
+        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EXPERTS]
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert in this chunk
+        dest = tl.sum(onehot * (next_row[None, :] + before), axis=1)
+        placed = tl.sum(onehot, axis=1) > 0
+        tl.store(sorted_pairs_ptr + dest, pairs, mask=placed)
+        tl.store(block_expert_ptr + dest // BLOCK_M, ids.to(tl.int32), mask=placed)  # every used block has a pair
+        next_row += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,  # [rows, K]; pair p reads row p // rows_per_a
+    w_ptr,  # [E, N, K]
+    out_ptr,  # [num_pairs, N]
+    sorted_pairs_ptr,  # [num_blocks * BLOCK_M]
+    block_expert_ptr,  # [num_blocks]
+    weights_ptr,  # [num_pairs] fp32; unused without MUL_WEIGHTS
+    num_pairs,
+    n,
+    k,
+    rows_per_a,
+    num_blocks,
+    stride_a,
+    stride_we,
+    stride_wn,
+    stride_out,
+    MUL_WEIGHTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # GROUP_M blocks walk the column tiles together, so a weight tile loaded for one block is
+    # still in L2 for the next blocks of the same expert (prefill), and their rows of a too.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    first_block = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_size = tl.minimum(num_blocks - first_block, GROUP_M)
+    block = first_block + (pid % (GROUP_M * tiles_n)) % group_size
+    tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+    expert = tl.load(block_expert_ptr + block)
+    if expert < 0:  # past the last used block: read nothing
+        return
+    pairs = tl.load(sorted_pairs_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_mask = pairs < num_pairs
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = (pairs // rows_per_a).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        k_mask = start + offs_k < k
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if MUL_WEIGHTS:
+        acc *= tl.load(weights_ptr + pairs, mask=row_mask, other=0.0)[:, None]
+    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
