@@ -27,7 +27,7 @@ GPU path, four launches plus a sum, none of which reads a shape back to the host
      at once, and only the touched experts' weights are read.
   2. grouped GEMM, w13: each program owns one block of rows (one expert) and BLOCK_N
      columns, gathers the rows of x its pairs come from, and writes gate_up[pair].
-  3. silu_and_mul (activation.py) over the T * k rows.
+  3. silu_and_mul (activation.py) over the T * k rows (its Triton kernel on CUDA).
   4. grouped GEMM, w2: the same blocks, multiplied by each pair's routing weight,
      written to down[pair] (no atomics: the result does not depend on scheduling).
   5. out = down.view(T, k, H).sum(1), accumulated in fp32.
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
-from pdserve.engine.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
+from pdserve.engine.kernels.activation import silu_and_mul
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def fused_moe_reference(
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert in topk_ids.unique().tolist():
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
-        hidden = silu_and_mul_reference(F.linear(x[tokens], w13[expert]))
+        hidden = silu_and_mul(F.linear(x[tokens], w13[expert]))
         # down_proj accumulated in fp32 and weighted before its one rounding, like the kernel
         down = F.linear(hidden.float(), w2[expert].float()) * topk_weights[tokens, slots].float()[:, None]
         out.index_add_(0, tokens, down.to(x.dtype).float())
@@ -137,7 +137,7 @@ def fused_moe_triton(
     weights = topk_weights.float().contiguous().view(-1)  # one per pair: pair = token * k + slot
     gate_up = torch.empty((num_pairs, two_inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, top_k, None, config)
-    hidden_act = silu_and_mul_triton(gate_up)
+    hidden_act = silu_and_mul(gate_up)  # its own dispatcher: the reference on CPU tensors (interpreted tests)
     down = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
     _grouped_gemm(hidden_act, w2, down, sorted_pairs, block_expert, 1, weights, config)
     return down.view(num_tokens, top_k, hidden).sum(dim=1)  # fp32 accumulation inside the reduction
@@ -160,11 +160,12 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=topk_ids.device)
     experts = triton.next_power_of_2(num_experts)
-    # The one-hot [CHUNK, EXPERTS] tile stays near 8K elements per step.
-    chunk = max(16, min(triton.next_power_of_2(num_pairs), 8192 // experts))
+    num_warps = 4 if num_pairs <= 1024 else 16  # prefill: more threads on the one program's loop
+    # The one-hot [CHUNK, EXPERTS] tile of a step: about 64 elements a thread.
+    chunk = max(16, min(triton.next_power_of_2(num_pairs), 64 * 32 * num_warps // experts))
     _moe_align_kernel[(1,)](
-        topk_ids.contiguous().view(-1), sorted_pairs, block_expert, num_pairs, num_blocks,
-        BLOCK_M=block_m, EXPERTS=experts, CHUNK=chunk, num_warps=4 if num_pairs <= 1024 else 16,
+        topk_ids.contiguous().view(-1), sorted_pairs, block_expert, num_pairs, num_experts, num_blocks,
+        BLOCK_M=block_m, EXPERTS=experts, CHUNK=chunk, num_warps=num_warps,
     )
     return sorted_pairs, block_expert
 
@@ -197,14 +198,16 @@ def _moe_align_kernel(
     sorted_pairs_ptr,  # [num_blocks * BLOCK_M] out
     block_expert_ptr,  # [num_blocks] out
     num_pairs,
+    num_experts,
     num_blocks,
     BLOCK_M: tl.constexpr,
     EXPERTS: tl.constexpr,  # num_experts rounded up to a power of two
     CHUNK: tl.constexpr,  # pairs per step
 ):
-    experts = tl.arange(0, EXPERTS)
     offs = tl.arange(0, CHUNK)
-    # Pass 1: pairs per expert. An id outside [0, E) matches no column and is never placed.
+    # An id outside [0, E) matches no column, so it is never placed (and no weight past E is read).
+    experts = tl.where(tl.arange(0, EXPERTS) < num_experts, tl.arange(0, EXPERTS), -2)
+    # Pass 1: pairs per expert.
     counts = tl.zeros([EXPERTS], dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
         ids = tl.load(ids_ptr + start + offs, mask=start + offs < num_pairs, other=-1)

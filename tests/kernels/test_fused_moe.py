@@ -126,3 +126,12 @@ def test_default_config_by_rows_per_expert():
 def test_dispatcher_uses_reference_on_cpu():
     inputs = [t.cpu() for t in make_inputs(3, 32, 16, 4, 2, torch.float32)]
     assert torch.equal(fused_moe(*inputs), fused_moe_reference(*inputs))
+
+
+@requires_triton
+def test_align_never_places_an_id_out_of_range():
+    """E = 6 pads to 8 columns inside the kernel: ids 6, 7 and -1 must not land in a block."""
+    ids = torch.tensor([[0, 6], [7, 1], [-1, 0]], device=DEVICE)
+    sorted_pairs, block_expert = moe_align(ids, 6, 16)
+    assert sorted(sorted_pairs[sorted_pairs < 6].tolist()) == [0, 3, 5]
+    assert block_expert.tolist()[:2] == [0, 1] and (block_expert[2:] == -1).all()
