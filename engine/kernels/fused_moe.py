@@ -19,7 +19,8 @@ summed in fp32 and rounded once.
 GPU path, four launches plus a sum, none of which reads a shape back to the host
 (so a decode step's launches can be captured in a CUDA graph):
 
-  1. align (one program): the T * k (token, slot) pairs sorted by expert into
+  1. align (one program for a decode step, two launches of one program per chunk of
+     pairs beyond): the T * k (token, slot) pairs sorted by expert into
      `sorted_pairs`, each expert's run padded to a multiple of BLOCK_M with the
      sentinel T * k, and `block_expert`, the expert of each BLOCK_M-row block (-1 past
      the last used block). The buffers' length is a bound from T, k, E and BLOCK_M
@@ -143,6 +144,10 @@ def fused_moe_triton(
     return down.view(num_tokens, top_k, hidden).sum(dim=1)  # fp32 accumulation inside the reduction
 
 
+_ALIGN_TILE = 16 * 1024  # one-hot elements per align program: 32 a thread at _ALIGN_WARPS
+_ALIGN_WARPS = 16
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Most BLOCK_M-row blocks any routing of num_pairs pairs over num_experts experts needs.
 
@@ -150,23 +155,32 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return min(num_pairs, num_pairs // block_m + min(num_experts, num_pairs))
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs [max_blocks * block_m], block_expert [max_blocks]) for the grouped GEMMs.
 
     Pairs (token * k + slot) grouped by expert in increasing order, within an expert in pair
-    order; each expert's run starts a block and is padded with the sentinel T * k."""
+    order; each expert's run starts a block and is padded with the sentinel T * k. One program
+    per `chunk` pairs (default: as many as a one-hot [chunk, E] tile of _ALIGN_TILE allows)."""
     num_pairs = topk_ids.numel()
     num_blocks = max_blocks(num_pairs, num_experts, block_m)
-    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=topk_ids.device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=topk_ids.device)
+    device = topk_ids.device
+    sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     experts = triton.next_power_of_2(num_experts)
-    num_warps = 4 if num_pairs <= 1024 else 16  # prefill: more threads on the one program's loop
-    # The one-hot [CHUNK, EXPERTS] tile of a step: about 64 elements a thread.
-    chunk = max(16, min(triton.next_power_of_2(num_pairs), 64 * 32 * num_warps // experts))
-    _moe_align_kernel[(1,)](
-        topk_ids.contiguous().view(-1), sorted_pairs, block_expert, num_pairs, num_experts, num_blocks,
-        BLOCK_M=block_m, EXPERTS=experts, CHUNK=chunk, num_warps=num_warps,
-    )
+    chunk = chunk or max(16, min(triton.next_power_of_2(num_pairs), _ALIGN_TILE // experts))
+    assert chunk & (chunk - 1) == 0, f"chunk {chunk} is not a power of two"
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    counts = torch.empty((num_chunks, experts), dtype=torch.int32, device=device)  # per chunk and expert
+    args = (topk_ids.contiguous().view(-1), counts, sorted_pairs, block_expert,
+            num_pairs, num_experts, num_blocks, num_chunks)
+    meta = dict(BLOCK_M=block_m, EXPERTS=experts, CHUNK=chunk, num_warps=_ALIGN_WARPS)
+    if num_chunks == 1:  # decode: one launch
+        _moe_align_kernel[(1,)](*args, COUNT=True, PLACE=True, **meta)
+    else:  # every chunk's counts must be stored before any chunk is placed
+        _moe_align_kernel[(num_chunks,)](*args, COUNT=True, PLACE=False, **meta)
+        _moe_align_kernel[(num_chunks,)](*args, COUNT=False, PLACE=True, **meta)
     return sorted_pairs, block_expert
 
 
@@ -195,43 +209,69 @@ def _grouped_gemm(a, w, out, sorted_pairs, block_expert, rows_per_a, weights, co
 @triton.jit
 def _moe_align_kernel(
     ids_ptr,  # [T * k] expert per pair
+    counts_ptr,  # [num_chunks, EXPERTS] pairs per chunk and expert; unused by a single program
     sorted_pairs_ptr,  # [num_blocks * BLOCK_M] out
     block_expert_ptr,  # [num_blocks] out
     num_pairs,
     num_experts,
     num_blocks,
+    num_chunks,
+    COUNT: tl.constexpr,  # store this chunk's counts and its share of the padding
+    PLACE: tl.constexpr,  # write this chunk's pairs to their rows (both: the one program does all)
     BLOCK_M: tl.constexpr,
     EXPERTS: tl.constexpr,  # num_experts rounded up to a power of two
-    CHUNK: tl.constexpr,  # pairs per step
+    CHUNK: tl.constexpr,  # pairs per program
 ):
-    offs = tl.arange(0, CHUNK)
+    chunk = tl.program_id(0)
+    columns = tl.arange(0, EXPERTS)
     # An id outside [0, E) matches no column, so it is never placed (and no weight past E is read).
-    experts = tl.where(tl.arange(0, EXPERTS) < num_experts, tl.arange(0, EXPERTS), -2)
-    # Pass 1: pairs per expert.
-    counts = tl.zeros([EXPERTS], dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        ids = tl.load(ids_ptr + start + offs, mask=start + offs < num_pairs, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
-    next_row = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M  # each expert's first free row
-    # Padding everywhere first; the placed pairs overwrite it after the barrier.
-    for start in range(0, num_blocks * BLOCK_M, CHUNK):
-        rows = start + offs
-        tl.store(sorted_pairs_ptr + rows, tl.full([CHUNK], 0, tl.int32) + num_pairs, mask=rows < num_blocks * BLOCK_M)
-    for start in range(0, num_blocks, CHUNK):
-        tl.store(block_expert_ptr + start + offs, tl.full([CHUNK], -1, tl.int32), mask=start + offs < num_blocks)
-    tl.debug_barrier()
-    # Pass 2: place each pair after the earlier pairs of its expert.
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + offs
-        ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EXPERTS]
-        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert in this chunk
-        dest = tl.sum(onehot * (next_row[None, :] + before), axis=1)
+    experts = tl.where(columns < num_experts, columns, -2)
+    pairs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
+    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, EXPERTS]
+    if COUNT:
+        if not PLACE:
+            tl.store(counts_ptr + chunk * EXPERTS + columns, tl.sum(onehot, axis=0))
+        _store_padding(sorted_pairs_ptr, num_blocks * BLOCK_M, num_pairs, chunk, num_chunks, CHUNK)
+        _store_padding(block_expert_ptr, num_blocks, -1, chunk, num_chunks, CHUNK)
+    if PLACE:
+        if COUNT:
+            total = tl.sum(onehot, axis=0)
+            earlier = tl.zeros([EXPERTS], dtype=tl.int32)
+            tl.debug_barrier()  # the padding is stored before the pairs overwrite some of it
+        else:
+            total, earlier = _counts_so_far(counts_ptr, chunk, num_chunks, EXPERTS, CHUNK)
+        blocks = (total + BLOCK_M - 1) // BLOCK_M
+        first_row = (tl.cumsum(blocks, axis=0) - blocks) * BLOCK_M + earlier  # this chunk's first row per expert
+        rank = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert in this chunk
+        dest = tl.sum(onehot * (first_row[None, :] + rank), axis=1)
         placed = tl.sum(onehot, axis=1) > 0
         tl.store(sorted_pairs_ptr + dest, pairs, mask=placed)
         tl.store(block_expert_ptr + dest // BLOCK_M, ids.to(tl.int32), mask=placed)  # every used block has a pair
-        next_row += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _store_padding(ptr, length, value, chunk, num_chunks, CHUNK: tl.constexpr):
+    """value into this program's share of ptr[:length]."""
+    share = tl.cdiv(length, num_chunks)
+    end = tl.minimum((chunk + 1) * share, length)
+    for start in range(chunk * share, end, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        tl.store(ptr + offs, tl.full([CHUNK], 0, tl.int32) + value, mask=offs < end)
+
+
+@triton.jit
+def _counts_so_far(counts_ptr, chunk, num_chunks, EXPERTS: tl.constexpr, ROWS: tl.constexpr):
+    """(pairs per expert in all chunks, pairs per expert in the chunks before this one)."""
+    columns = tl.arange(0, EXPERTS)
+    total = tl.zeros([EXPERTS], dtype=tl.int32)
+    earlier = tl.zeros([EXPERTS], dtype=tl.int32)
+    for start in range(0, num_chunks, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        counts = tl.load(counts_ptr + rows[:, None] * EXPERTS + columns[None, :], mask=(rows < num_chunks)[:, None], other=0)
+        total += tl.sum(counts, axis=0)
+        earlier += tl.sum(tl.where((rows < chunk)[:, None], counts, 0), axis=0)
+    return total, earlier
 
 
 @triton.jit
