@@ -16,8 +16,8 @@ Numerics follow the dense MLP: each projection accumulates in fp32 and is rounde
 the dtype, silu_and_mul rounds like transformers; the weighted expert outputs are
 summed in fp32 and rounded once.
 
-GPU path, four launches plus a sum, none of which reads a shape back to the host
-(so a decode step's launches can be captured in a CUDA graph):
+GPU path: five steps, none of which reads anything back to the host or sizes a
+buffer by the routing (so a decode step's launches can be captured in a CUDA graph):
 
   1. align (one program for a decode step, two launches of one program per chunk of
      pairs beyond): the T * k (token, slot) pairs sorted by expert into
