@@ -67,3 +67,11 @@ def test_greedy_tokens_match_the_model_dtype_pool(llama):
         margin = logits[expected[agree]] - logits[sequence.output[agree]]
         assert margin < 0.05 * (logits.max() - logits.min()), f"step {agree}: margin {margin:.3f}"
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_config_takes_fp8_e4m3_and_names_the_choices_otherwise():
+    from pdserve.cluster.config import ConfigError, load_config
+
+    assert load_config({"kv_cache": {"dtype": "fp8_e4m3"}}).kv_cache.dtype == "fp8_e4m3"
+    with pytest.raises(ConfigError, match="kv_cache.dtype: 'fp8' is not one of"):
+        load_config({"kv_cache": {"dtype": "fp8"}})
