@@ -2,6 +2,7 @@
 
     python benchmarks/handoff.py --device cpu  --shape tiny      --lengths 64,256,1024
     python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192
+    python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 --kv-dtype fp8_e4m3
     python benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
         --backend nccl --prefill-device cuda:0 --decode-device cuda:1
 
@@ -94,7 +95,8 @@ def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
 
     device, dtype = torch.device(args.prefill_device), _dtype(args)
     _use(device)
-    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
+    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE,
+                         kv_cache_dtype=args.kv_dtype)
     sender = make_sender(args.backend, runner.kv_cache, sender_id="bench-prefill")
     worker = PrefillWorker(runner, sender, PrefillSettings(max_batch_tokens=max(args.lengths)), "bench-prefill")
     results.put("ready")
@@ -124,7 +126,8 @@ def run(args) -> list[Sample]:
 
     device, dtype = torch.device(args.decode_device), _dtype(args)
     _use(device)
-    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE)
+    runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE,
+                         kv_cache_dtype=args.kv_dtype)
     receiver = make_receiver(args.backend, runner.kv_cache, peer_id="bench-decode")
     decode = DecodeWorker(runner, receiver, DecodeSettings(), "bench-decode")
     ctx = mp.get_context("spawn")
@@ -286,6 +289,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--lengths", default="64,256,1024")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kv-dtype", choices=("auto", "fp8_e4m3"), default="auto",
+                        help="both pools' kv_cache.dtype (fp8_e4m3: half the bytes handed off)")
     parser.add_argument("--isolate", action="store_true",
                         help="each process sees only its own GPU (CUDA_VISIBLE_DEVICES), as Ray gives replicas")
     parser.add_argument("--out", type=Path)
@@ -314,7 +319,8 @@ def main() -> None:
                  f"of the whole largest KV: {link[max(link)] / 1e9:.1f} GB/s" if link else "")
     where = (f"GPU {args.visible[0]} -> GPU {args.visible[1]}, each process seeing only its own" if args.isolate
              else f"{args.prefill_device} -> {args.decode_device}")
-    text = (f"KV handoff, {args.shape} shape, {name}, {args.backend} ({where}), {time.strftime('%Y-%m-%d')}, "
+    text = (f"KV handoff, {args.shape} shape, KV {args.kv_dtype}, {name}, {args.backend} ({where}), "
+            f"{time.strftime('%Y-%m-%d')}, "
             f"median of {args.repeats}\n\n"
             f"{table(samples, args, link)}{link_note}\n")
     print(text)
