@@ -1,10 +1,10 @@
 """The diagnosis on synthetic bench results: the phase named, the ratio moved, the words said."""
 import pytest
 
-from pdserve.cluster.bench import BenchResult, Run
-from pdserve.cluster.bench_client import RequestRecord
-from pdserve.cluster.bench_stats import Slo
-from pdserve.cluster.diagnose import diagnose, report
+from pdserve.cluster.bench.result import BenchResult, Run
+from pdserve.cluster.bench.client import RequestRecord
+from pdserve.cluster.bench.stats import Slo
+from pdserve.cluster.bench.diagnose import diagnose, report
 
 SLO = Slo(ttft_s=1.0, tpot_s=0.1)
 STATUS = {"model": "tiny", "colocated": False, "pools": {"prefill": {"p0": {}}, "decode": {"d0": {}}}}
@@ -72,7 +72,7 @@ def test_a_result_survives_its_json_round_trip():
 
 def test_a_bench_where_every_request_failed_is_refused_with_the_first_error(tmp_path, capsys):
     from pdserve.cluster.cli import main
-    from pdserve.cluster.diagnose import NothingToDiagnose
+    from pdserve.cluster.bench.diagnose import NothingToDiagnose
 
     failed = [RequestRecord(i, 8, 16, error="HTTP 503: no decode replica") for i in range(3)]
     bench = result([Run(1.0, None, 3.0, failed, pools(1000, [(1, 0.01)]))])

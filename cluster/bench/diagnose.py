@@ -19,79 +19,17 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cost_model as cm
-from .bench import BenchConfig, BenchResult, Run, main_config, run_bench
-from .bench_stats import RunSummary, Slo, percentile
+from .. import cost_model as cm
+from .diagnosis import MAX_REPLICAS, Diagnosis, LoadPoint, Split
+from .result import BenchResult, Run
+from .run import BenchConfig, main_config, run_bench
+from .stats import RunSummary, Slo, percentile
 
-MAX_REPLICAS = 8  # splits searched: p + d <= MAX_REPLICAS
 PROBE_CONCURRENCY = 4
 SWEEP_FRACTIONS = (0.4, 0.8, 1.2)  # of the probe's throughput
-
-
-@dataclass(frozen=True)
-class LoadPoint:
-    """One run, measured: its load, each phase against its SLO, and where TTFT went."""
-
-    offered_rps: float | None
-    throughput_rps: float
-    goodput_rps: float
-    ttft_p90_s: float  # as the client saw it
-    prefill_phase_p90_s: float  # the part of TTFT the prefill pool owns: queue + prefill + KV handoff
-    tpot_p90_s: float  # 0 when every answer had one token
-    queue_s: float  # means, from the server's timings
-    prefill_s: float
-    kv_transfer_s: float
-    router_s: float  # the rest of the server's TTFT: routing, the decode reservation, relaying
-    frontend_s: float  # the client's TTFT beyond the server's: HTTP proxy, network
-    prefill_utilisation: float  # arrivals' prompt tokens over the prefill pool's measured rate
-    decode_batch: float  # mean running batch per decode replica while the run went
-    prefill_ratio: float  # prefill_phase_p90_s / TTFT SLO
-    decode_ratio: float  # tpot_p90_s / TPOT SLO
-    bottleneck: str  # "prefill" | "decode": the larger ratio
-
-
-@dataclass(frozen=True)
-class Split:
-    """A prefill:decode split and the cost model's highest rate holding both SLOs there."""
-
-    num_prefill: int
-    num_decode: int
-    max_goodput_rps: float
-
-    @property
-    def per_replica_rps(self) -> float:
-        return self.max_goodput_rps / (self.num_prefill + self.num_decode)
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    deployment: str
-    colocated: bool
-    num_prefill: int
-    num_decode: int
-    slo: Slo
-    workload: cm.Workload  # mean prompt and output lengths (arrival rate: the highest throughput measured)
-    profiles: cm.Profiles
-    points: list[LoadPoint]
-    bottleneck: str
-    broken_at_rps: float | None  # lowest measured throughput where an SLO broke
-    model_bottleneck: str  # the cost model's, at the current sizes and the highest throughput measured
-    current: Split  # the sizes deployed (colocated: as 1 prefill + 1 decode)
-    baseline: Split  # the current ratio scaled up to about MAX_REPLICAS
-    best: Split
-    splits: list[Split]
-    hardware: list[str]
-
-    @property
-    def gain(self) -> float:
-        """Goodput per replica of the best split over the current ratio's, minus one (inf from zero)."""
-        if self.baseline.per_replica_rps <= 0:
-            return math.inf if self.best.per_replica_rps > 0 else 0.0
-        return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
 
 
 class NothingToDiagnose(ValueError):
@@ -321,7 +259,7 @@ async def _sweep(config: BenchConfig) -> BenchResult:
 
 def main(args: Any) -> int:
     """The `pdserve diagnose` command (flags in cli.py)."""
-    from .bench_plots import plot_diagnosis
+    from .plots import plot_diagnosis
 
     if args.source:
         result = BenchResult.load(Path(args.source))

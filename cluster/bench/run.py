@@ -9,23 +9,20 @@ phase timings all go into the JSON, which `pdserve diagnose` reads back.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime
-import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from .bench_client import BenchClient, GrpcClient, HttpClient, RequestRecord
-from .bench_stats import RunSummary, Slo, summarize
-from .bench_workload import LengthRange, Workload, arrival_times
+from .client import BenchClient, GrpcClient, HttpClient, RequestRecord
+from .result import BenchResult, Run
+from .stats import RunSummary, Slo
+from .workload import LengthRange, Workload, arrival_times
 
-FORMAT_VERSION = 1
 STATUS_INTERVAL_S = 1.0
 
 
@@ -42,50 +39,6 @@ class BenchConfig:
     slo: Slo = Slo(ttft_s=1.0, tpot_s=0.1)
     seed: int = 0
     progress: bool = True
-
-
-@dataclass
-class Run:
-    """One run: its offered load, what every request saw, and the pools while it ran."""
-
-    rate: float | None
-    concurrency: int | None
-    duration_s: float
-    requests: list[RequestRecord]
-    pools: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "pools": {pool: {replica: stats}}}
-
-    def summary(self, slo: Slo) -> RunSummary:
-        return summarize(self.requests, self.duration_s, slo, self.rate, self.concurrency)
-
-
-@dataclass
-class BenchResult:
-    target: dict[str, Any]  # url, protocol, the status the server gave at the start
-    workload: dict[str, Any]
-    slo: Slo
-    runs: list[Run]
-    date: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pdserve_bench": FORMAT_VERSION, "date": self.date, "target": self.target, "workload": self.workload,
-            "slo": dataclasses.asdict(self.slo),
-            "runs": [{"summary": dataclasses.asdict(run.summary(self.slo)), **dataclasses.asdict(run)}
-                     for run in self.runs],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "BenchResult":
-        runs = [Run(r["rate"], r["concurrency"], r["duration_s"], [RequestRecord(**q) for q in r["requests"]],
-                    r["pools"]) for r in data["runs"]]
-        return cls(data["target"], data["workload"], Slo(**data["slo"]), runs, data["date"])
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> "BenchResult":
-        return cls.from_json(json.loads(path.read_text()))
 
 
 async def run_bench(config: BenchConfig) -> BenchResult:
@@ -206,7 +159,7 @@ def main_config(args: Any) -> BenchConfig:
 
 def main(args: Any) -> int:
     """The `pdserve bench` command (flags in cli.py)."""
-    from .bench_plots import plot_bench
+    from .plots import plot_bench  # matplotlib only when plotting
 
     result = asyncio.run(run_bench(main_config(args)))
     for run in result.runs:

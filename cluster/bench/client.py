@@ -17,7 +17,7 @@ from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.router.generation import PhaseTimings
 
-from .bench_workload import RequestSpec
+from .workload import RequestSpec
 
 TIMING_FIELDS = tuple(f.name for f in fields(PhaseTimings))  # the server's pdserve_timings
 
