@@ -187,7 +187,7 @@ class DecodeDeployment:
         load = self.worker.load()
         used = load.num_blocks_total - load.num_blocks_free
         stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
-                 "engine_steps": self.engine_steps}
+                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size}
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
             weight_bytes = runner.spec.num_params * runner.kv_cache.tensor.element_size()

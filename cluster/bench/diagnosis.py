@@ -8,6 +8,14 @@ from .. import cost_model as cm
 from .stats import Slo
 
 MAX_REPLICAS = 8  # splits searched: p + d <= MAX_REPLICAS
+HOST_PARTS = {
+    "decode loop": "the decode replica's host work per step (building the step's inputs, emitting tokens, locks)",
+    "kernel launches": "Python launching the decode step's kernels one by one (no CUDA graph at this batch size)",
+    "prefill loop": "the prefill replica's host work between batches while prompts wait",
+    "router": "the router: routing, the decode reservation and relaying the stream",
+    "front end": "the HTTP/gRPC proxy and the network between the router and the client",
+    "client": "the client itself: its event loop lagged while the server had nothing waiting",
+}
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,26 @@ class LoadPoint:
     decode_batch: float  # mean running batch per decode replica while the run went
     prefill_ratio: float  # prefill_phase_p90_s / TTFT SLO
     decode_ratio: float  # tpot_p90_s / TPOT SLO
-    bottleneck: str  # "prefill" | "decode": the larger ratio
+    server_tpot_p90_s: float  # TPOT as the router saw it (0: no server timings)
+    replicas: ReplicaTimes  # what the replicas' step clocks measured while the run went
+    client_lag_s: float  # p90 of the bench client's own event-loop lag
+    phase: str  # "prefill" | "decode": the phase further past (or closer to) its SLO
+    bottleneck: str  # "prefill" | "decode" (that phase's GPU was busy) | "host"
+    host_part: str  # with "host": one of HOST_PARTS
+    host_why: str  # with "host": the measurement that names the part
+
+
+@dataclass(frozen=True)
+class ReplicaTimes:
+    """Means over a run's pool samples of what the replicas' step clocks reported (None: not reported)."""
+
+    decode_step_s: float | None = None  # wall time of a step (the period)
+    decode_gpu_step_s: float | None = None  # the GPU's busy time of a step
+    decode_launch_s: float | None = None  # host time launching a step (CUDA only, else 0)
+    decode_idle_share: float | None = None  # over samples with sequences running
+    decode_waiting: float = 0.0  # sequences reserved or admitted but not running
+    prefill_idle_share: float | None = None  # over samples with prompts queued (colocated: the decode replica's)
+    prefill_queued: float = 0.0  # prompts waiting
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,9 @@ class Diagnosis:
     workload: cm.Workload  # mean prompt and output lengths (arrival rate: the highest throughput measured)
     profiles: cm.Profiles
     points: list[LoadPoint]
-    bottleneck: str
+    bottleneck: str  # "prefill" | "decode" | "host"
+    host_part: str  # with "host": one of HOST_PARTS
+    phase: str  # the phase whose SLO broke first (or came closest)
     broken_at_rps: float | None  # lowest measured throughput where an SLO broke
     model_bottleneck: str  # the cost model's, at the current sizes and the highest throughput measured
     current: Split  # the sizes deployed (colocated: as 1 prefill + 1 decode)
@@ -63,6 +92,8 @@ class Diagnosis:
     best: Split
     splits: list[Split]
     hardware: list[str]
+    fit: StepFit
+    alone: AloneRequest | None  # a request measured with no other in flight, if the bench had one
 
     @property
     def max_replicas(self) -> int:
@@ -75,3 +106,25 @@ class Diagnosis:
         if self.baseline.per_replica_rps <= 0:
             return math.inf if self.best.per_replica_rps > 0 else 0.0
         return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
+
+
+@dataclass(frozen=True)
+class StepFit:
+    """Where the decode step-time model came from, and the deployment's real limits."""
+
+    num_points: int  # (batch, GPU time) points across the run, one per batch size
+    batch_sizes: tuple[float, ...]  # those points' batch sizes
+    anchors: tuple[tuple[int, float], ...]  # the engine's own (batch, seconds) timed at replica start
+    max_running: int | None  # decode.max_running as the replicas report it (None: not reported)
+    kv_blocks: int | None  # KV blocks of one decode replica
+    kv_block_size: int | None
+    max_by_kv: int | None  # sequences of this workload's length the KV blocks hold
+
+
+@dataclass(frozen=True)
+class AloneRequest:
+    """Medians over the requests that had the server to themselves."""
+
+    count: int
+    ttft_s: float
+    tpot_s: float | None

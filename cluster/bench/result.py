@@ -26,6 +26,7 @@ class Run:
     duration_s: float
     requests: list[RequestRecord]
     pools: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "pools": {pool: {replica: stats}}}
+    client_lag_s: float = 0.0  # p90 of the bench client's own event-loop lag while it ran (a busy client)
 
     def summary(self, slo: Slo) -> RunSummary:
         return summarize(self.requests, self.duration_s, slo, self.rate, self.concurrency)
@@ -50,7 +51,7 @@ class BenchResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "BenchResult":
         runs = [Run(r["rate"], r["concurrency"], r["duration_s"], [RequestRecord(**q) for q in r["requests"]],
-                    r["pools"]) for r in data["runs"]]
+                    r["pools"], r.get("client_lag_s", 0.0)) for r in data["runs"]]
         return cls(data["target"], data["workload"], Slo(**data["slo"]), runs, data["date"])
 
     def save(self, path: Path) -> None:

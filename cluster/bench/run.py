@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from .client import BenchClient, GrpcClient, HttpClient, RequestRecord
 from .result import BenchResult, Run
-from .stats import RunSummary, Slo
+from .stats import RunSummary, Slo, percentile
 from .workload import LengthRange, Workload, arrival_times
 
 STATUS_INTERVAL_S = 1.0
+LAG_PROBE_S = 0.01  # the client's loop is asked to wake every 10 ms; how late it wakes is its own lag
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class BenchConfig:
     progress: bool = True
 
 
-async def run_bench(config: BenchConfig) -> BenchResult:
-    """Warm up, then one run per rate."""
-    client = _client(config)
+async def run_bench(config: BenchConfig, client: BenchClient | None = None) -> BenchResult:
+    """Warm up, then one run per rate; `client`: one of your own instead of the HTTP or gRPC one."""
+    client = client or _client(config)
     try:
         status = await _status(config.url, config.api_key)
         if config.warmup:
@@ -79,16 +80,28 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
         bar.update()
 
     pools: list[dict[str, Any]] = []
+    lags: list[float] = []
     sampler = asyncio.create_task(_sample_pools(config.url, config.api_key, started, pools))
+    probe = asyncio.create_task(_probe_lag(lags))
     try:
         times = arrival_times(len(specs), rate, seed=config.seed)
         await asyncio.gather(*(one(s, r, t) for s, r, t in zip(specs, records, times)))
     finally:
         sampler.cancel()
+        probe.cancel()
         bar.close()
     first_send = min(r.sent_at for r in records)
     last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
-    return Run(rate, concurrency, last_end - first_send, records, pools)
+    lag = percentile(sorted(lags), 90) if lags else 0.0
+    return Run(rate, concurrency, last_end - first_send, records, pools, lag)
+
+
+async def _probe_lag(into: list[float]) -> None:
+    """How late the client's own event loop wakes: a client too busy to read its streams shows here."""
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_S)
+        into.append(max(time.perf_counter() - asked - LAG_PROBE_S, 0.0))
 
 
 def _status_client(url: str, api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
