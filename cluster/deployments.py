@@ -170,13 +170,14 @@ class DecodeDeployment:
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
                                   transfer_timeout_s=self.config.transfer.timeout_s,
                                   overlap_steps=d.overlap_steps)
-        # the engine's own step at batch 1 and at the batch limit, before any request (diagnose's anchors)
-        self.engine_steps = decode_step_anchors(runner, (1, d.max_running))
+        self.roofline = Roofline.measure(runner.device)
+        # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
+        # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
+        self.engine_steps = decode_step_anchors(runner, (1, d.max_running)) if self.roofline is not None else []
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
-        self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:

@@ -63,8 +63,8 @@ def diagnose(result: BenchResult) -> Diagnosis:
     profiles, fit = fit_profiles(result, workload.prompt_tokens + workload.output_tokens)
     points = sorted((_point(run, summary, slo, profiles, max(num_prefill, 1), workload, colocated)
                      for run, summary in zip(result.runs, summaries)), key=lambda p: p.throughput_rps)
-    broken = next((p for p in points if max(p.prefill_ratio, p.decode_ratio) > 1), None)
-    verdict = broken or max(points, key=lambda p: max(p.prefill_ratio, p.decode_ratio))
+    broken = next((p for p in points if p.stake_ratio > 1), None)
+    verdict = broken or max(points, key=lambda p: p.stake_ratio)
     at_current = cm.predict(workload, max(num_prefill, 1), num_decode, profiles, slo)
     splits = [Split(p, d, max_goodput(workload, p, d, profiles, slo))
               for p in range(1, MAX_REPLICAS) for d in range(1, MAX_REPLICAS - p + 1)]
@@ -124,7 +124,8 @@ def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_p
              "front": max(client_ttft - mean["ttft_s"], 0.0) if timed else 0.0}
     prefill_ratio, decode_ratio = prefill_phase / slo.ttft_s, (summary.tpot.p90 or 0.0) / slo.tpot_s
     replicas = replica_times(run, colocated)
-    verdict = decide(prefill_ratio, decode_ratio, parts, summary.tpot.p90 or 0.0, server_tpot, replicas,
+    ttft_ratio = (summary.ttft.p90 or 0.0) / slo.ttft_s
+    verdict = decide(prefill_ratio, ttft_ratio, decode_ratio, parts, summary.tpot.p90 or 0.0, server_tpot, replicas,
                      run.client_lag_s)
     return LoadPoint(
         offered_rps=summary.rate, throughput_rps=summary.throughput_rps, goodput_rps=summary.goodput_rps,
@@ -133,7 +134,7 @@ def _point(run: Run, summary: RunSummary, slo: Slo, profiles: cm.Profiles, num_p
         frontend_s=parts["front"],
         prefill_utilisation=summary.throughput_rps * mean_computed / capacity if capacity else 0.0,
         decode_batch=statistics.fmean(batches) if batches else 0.0,
-        prefill_ratio=prefill_ratio, decode_ratio=decode_ratio, server_tpot_p90_s=server_tpot, replicas=replicas,
+        prefill_ratio=prefill_ratio, decode_ratio=decode_ratio, stake_ratio=verdict.ratio, server_tpot_p90_s=server_tpot, replicas=replicas,
         client_lag_s=run.client_lag_s, phase=verdict.phase, bottleneck=verdict.bottleneck,
         host_part=verdict.host_part, host_why=verdict.why,
     )

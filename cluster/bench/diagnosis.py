@@ -37,6 +37,7 @@ class LoadPoint:
     decode_batch: float  # mean running batch per decode replica while the run went
     prefill_ratio: float  # prefill_phase_p90_s / TTFT SLO
     decode_ratio: float  # tpot_p90_s / TPOT SLO
+    stake_ratio: float  # the phase at stake's ratio: prefill's, the client's TTFT's (when it went outside), decode's
     server_tpot_p90_s: float  # TPOT as the router saw it (0: no server timings)
     replicas: ReplicaTimes  # what the replicas' step clocks measured while the run went
     client_lag_s: float  # p90 of the bench client's own event-loop lag

@@ -60,7 +60,7 @@ def _step_fit(reports: list[dict[str, Any]], workload_tokens: float) -> StepFit:
     by_kv = None
     if blocks and block_size and workload_tokens > 0:
         by_kv = blocks // max(math.ceil(workload_tokens / block_size), 1)
-    batches = tuple(sorted(_by_batch(reports, "gpu_step_time_s")))
+    batches = tuple(sorted(_by_batch(reports, "gpu_step_time_s") or _by_batch(reports, "step_time_s")))
     return StepFit(len(batches), batches, anchors, max_running, blocks, block_size, by_kv)
 
 
@@ -148,10 +148,14 @@ def hardware_lines(result: BenchResult, profiles: cm.Profiles, fit: StepFit) -> 
         lines.append("MFU and MBU: not reported by these replicas. On the CPU they are not meaningful "
                      "(no matmul or copy peak to hold them against); what is known:")
     d = profiles.decode
-    source = (f"fitted from {fit.num_points} batch size(s) measured across the run"
-              + (" and the engine's own steps at start (" + ", ".join(f"batch {b}: {1e3 * s:.1f} ms"
-                                                                      for b, s in fit.anchors) + ")"
-                 if fit.anchors else ""))
+    anchors = ", ".join(f"batch {b}: {1e3 * s:.1f} ms" for b, s in fit.anchors)
+    if fit.num_points:
+        source = f"fitted from {fit.num_points} batch size(s) measured across the run" + (
+            f" and the engine's own steps at start ({anchors})" if anchors else "")
+    elif anchors:
+        source = f"no loaded step was sampled: the engine's own steps at start ({anchors})"
+    else:
+        source = "no step was sampled: the requests' own TPOT, as a constant step"
     lines.append(f"prefill {profiles.prefill.tokens_per_s:,.0f} prompt tokens/s per replica; decode step on the GPU "
                  f"{1e3 * d.gpu_step_time(1):.1f} ms at batch 1, +{1e3 * d.per_seq_s:.3f} ms per running sequence "
                  f"({source}); the host adds {1e3 * d.host_step_time(1):.1f} ms a step at batch 1, "

@@ -71,7 +71,7 @@ def _verdict(d: Diagnosis) -> list[str]:
         lines = [f"Bottleneck: {name}. From {d.broken_at_rps:.2f} req/s " + _why(worst)]
     else:
         lines = [f"No phase broke its SLO up to {top.throughput_rps:.2f} req/s; the closest is {name} "
-                 f"({max(top.prefill_ratio, top.decode_ratio):.2f}× its SLO): " + _why(worst)]
+                 f"({top.stake_ratio:.2f}× its SLO): " + _why(worst)]
     if d.bottleneck == "host":
         lines.append(f"  The {d.phase} GPU is not what binds, so faster GPUs or another P:D ratio will not help; "
                      f"what would: {ADVICE[d.host_part]}.")
@@ -80,9 +80,8 @@ def _verdict(d: Diagnosis) -> list[str]:
 
 def _why(p: LoadPoint) -> str:
     if p.bottleneck == "host":
-        metric = "TTFT (queue + prefill + KV)" if p.phase == "prefill" else "TPOT"
-        ratio = p.prefill_ratio if p.phase == "prefill" else p.decode_ratio
-        return f"{metric} reaches {ratio:.1f}× its SLO at p90, held by {HOST_PARTS[p.host_part]}: {p.host_why}."
+        metric = "TTFT" if p.phase == "prefill" else "TPOT"
+        return f"{metric} reaches {p.stake_ratio:.1f}× its SLO at p90, held by {HOST_PARTS[p.host_part]}: {p.host_why}."
     busy = p.replicas.decode_idle_share if p.phase == "decode" else p.replicas.prefill_idle_share
     gpu = "" if busy is None else f" (its GPU busy {100 * (1 - busy):.0f}% of the time)"
     if p.phase == "prefill":
