@@ -114,6 +114,7 @@ class StepFit:
     """Where the decode step-time model came from, and the deployment's real limits."""
 
     num_points: int  # (batch, GPU time) points across the run, one per batch size
+    num_host_points: int  # (batch, host time) points: one alone makes the host's time a constant
     batch_sizes: tuple[float, ...]  # those points' batch sizes
     anchors: tuple[tuple[int, float], ...]  # the engine's own (batch, seconds) timed at replica start
     max_running: int | None  # decode.max_running as the replicas report it (None: not reported)

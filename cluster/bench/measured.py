@@ -61,7 +61,14 @@ def _step_fit(reports: list[dict[str, Any]], workload_tokens: float) -> StepFit:
     if blocks and block_size and workload_tokens > 0:
         by_kv = blocks // max(math.ceil(workload_tokens / block_size), 1)
     batches = tuple(sorted(_by_batch(reports, "gpu_step_time_s") or _by_batch(reports, "step_time_s")))
-    return StepFit(len(batches), batches, anchors, max_running, blocks, block_size, by_kv)
+    return StepFit(len(batches), len(_by_batch(_exposed(reports), "host_s")), batches, anchors, max_running, blocks,
+                   block_size, by_kv)
+
+
+def _exposed(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reports with a step clock, each with its host time per step the GPU did not hide."""
+    return [{**r, "host_s": r["step_time_s"] * r["gpu_idle_share"]} for r in reports
+            if r.get("gpu_step_time_s", 0) > 0 and r.get("gpu_idle_share") is not None]
 
 
 def _by_batch(reports: list[dict[str, Any]], key: str) -> dict[float, tuple[float, float]]:
@@ -82,9 +89,7 @@ def _decode_profile(reports: list[dict[str, Any]], fit: StepFit, limit: int) -> 
         return cm.DecodeProfile.fit(wall, limit) if wall else None
     context = fit.kv_block_size or DEFAULT_ANCHOR_CONTEXT
     gpu += [cm.StepSample(b, s, context) for b, s in fit.anchors]
-    exposed = [{**r, "host_s": r["step_time_s"] * r["gpu_idle_share"]} for r in reports
-               if r.get("gpu_step_time_s", 0) > 0 and r.get("gpu_idle_share") is not None]
-    host = [cm.StepSample(b, s) for b, (s, _) in _by_batch(exposed, "host_s").items()]
+    host = [cm.StepSample(b, s) for b, (s, _) in _by_batch(_exposed(reports), "host_s").items()]
     return cm.DecodeProfile.measured(gpu, host, limit)
 
 
@@ -159,7 +164,9 @@ def hardware_lines(result: BenchResult, profiles: cm.Profiles, fit: StepFit) -> 
     lines.append(f"prefill {profiles.prefill.tokens_per_s:,.0f} prompt tokens/s per replica; decode step on the GPU "
                  f"{1e3 * d.gpu_step_time(1):.1f} ms at batch 1, +{1e3 * d.per_seq_s:.3f} ms per running sequence "
                  f"({source}); the host adds {1e3 * d.host_step_time(1):.1f} ms a step at batch 1, "
-                 f"+{1e3 * d.host_per_seq_s:.3f} ms per sequence")
+                 f"+{1e3 * d.host_per_seq_s:.3f} ms per sequence"
+                 + (" (measured at one batch size only, so taken as constant: a run at another, such as "
+                    "the sweep's one-at-a-time run, pins its slope)" if fit.num_host_points == 1 else ""))
     kv = (f", KV blocks {fit.kv_blocks:,} ({fit.max_by_kv:,} sequences of this workload's length)"
           if fit.kv_blocks and fit.max_by_kv is not None else "")
     running = f"decode.max_running {fit.max_running}" if fit.max_running else "decode.max_running not reported"

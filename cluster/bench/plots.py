@@ -94,7 +94,8 @@ def plot_diagnosis(d: Diagnosis, path: Path) -> Path:
     ratios.plot(loads, [p.prefill_ratio for p in d.points], marker="o", label="prefill: queue+prefill+KV p90 / TTFT SLO")
     ratios.plot(loads, [p.decode_ratio for p in d.points], marker="s", label="decode: TPOT p90 / TPOT SLO")
     ratios.axhline(1.0, color="red", linestyle="--", linewidth=1)
-    ratios.set(title=f"Bottleneck: {d.bottleneck} ({d.deployment})", xlabel="throughput (req/s)",
+    verdict = f"host ({d.host_part})" if d.bottleneck == "host" else d.bottleneck
+    ratios.set(title=f"Bottleneck: {verdict} ({d.deployment})", xlabel="throughput (req/s)",
                ylabel="latency / SLO", yscale="log")
     ratios.grid(alpha=0.3)
     ratios.legend(fontsize=8)

@@ -115,7 +115,7 @@ def _no_split(d: Diagnosis) -> str:
         return ("No split holds both SLOs in the cost model, and no request ran alone in this bench, so whether a "
                 "single request meets the SLO is unmeasured (`pdserve bench --concurrency 1` measures it).")
     tpot = "-" if a.tpot_s is None else f"{1e3 * a.tpot_s:.1f} ms"
-    alone = f"measured alone ({a.count} requests, medians): TTFT {1e3 * a.ttft_s:.0f} ms, TPOT {tpot}"
+    alone = f"measured alone ({a.count} request{'s' if a.count != 1 else ''}, medians): TTFT {1e3 * a.ttft_s:.0f} ms, TPOT {tpot}"
     if a.ttft_s > slo.ttft_s or (a.tpot_s is not None and a.tpot_s > slo.tpot_s):
         return (f"No split holds both SLOs even at a trickle: a single request is slower than the SLO, {alone} "
                 "(faster replicas, shorter prompts or looser SLOs are needed, not another ratio).")

@@ -69,9 +69,9 @@ def test_slos_no_single_request_can_meet_leave_no_ratio_to_recommend():
 # The H200 case of issue 24: 256 in flight, 128-token prompts, 256-token answers, TPOT SLO 20 ms. The served
 # step took 29 ms while the GPU was busy 10.3 ms of it (the engine's own step at batch 256); one request alone
 # had TPOT 4.5 ms; the deployment ran max_running 256.
-def host_bound_pools() -> list[dict]:
-    decode = {"batch_size": 256, "num_running": 256, "num_waiting": 40, "num_context_tokens": 256 * 250,
-              "step_time_s": 0.029, "gpu_step_time_s": 0.0103, "gpu_idle_share": 1 - 0.0103 / 0.029,
+def host_bound_pools(batch=256, step=0.029, gpu=0.0103) -> list[dict]:
+    decode = {"batch_size": batch, "num_running": batch, "num_waiting": 40, "num_context_tokens": batch * 250,
+              "step_time_s": step, "gpu_step_time_s": gpu, "gpu_idle_share": 1 - gpu / step,
               "launch_time_s": 0.001, "max_running": 256, "num_blocks_total": 40000, "kv_block_size": 16,
               "engine_steps": [[1, 0.0036], [256, 0.0103]], "mbu_busy": 0.6, "mbu_wall": 0.21}
     return [{"t": i, "pools": {"prefill": {"p0": {"tokens_per_s": 200000, "queued_tokens": 0}},
@@ -81,7 +81,7 @@ def host_bound_pools() -> list[dict]:
 def test_a_gpu_idle_while_sequences_wait_is_host_bound_not_decode_bound():
     loaded = Run(None, 256, 20.0, [record(i / 20, 128, 256, 0.002, 0.01, 0.029, front=0.005) for i in range(256)],
                  host_bound_pools())
-    alone = Run(None, 1, 1.2, [record(0.0, 128, 256, 0.0, 0.01, 0.0045)], host_bound_pools()[:1])
+    alone = Run(None, 1, 1.2, [record(0.0, 128, 256, 0.0, 0.01, 0.0045)], host_bound_pools(1, 0.0045, 0.0036))
     d = diagnose(BenchResult({"status": STATUS}, {}, Slo(ttft_s=1.0, tpot_s=0.02), [alone, loaded]))
     assert d.bottleneck == "host" and d.host_part == "decode loop" and d.phase == "decode"
     text = report(d)
@@ -91,6 +91,10 @@ def test_a_gpu_idle_while_sequences_wait_is_host_bound_not_decode_bound():
     assert d.profiles.decode.max_running == 256 and d.fit.max_running == 256
     assert "MBU 60% of GPU-busy time, 21% of wall time" in text
     assert "a single request is slower" not in text
+    # the host's time per step, measured at batch 1 and 256, grows with the batch: smaller batches on more
+    # decode replicas hold the SLO
+    assert d.profiles.decode.host_per_seq_s == pytest.approx((0.0187 - 0.0009) / 255, rel=0.02)
+    assert d.best.num_decode > d.best.num_prefill and d.best.max_goodput_rps > 0, text
 
 
 def test_the_front_end_and_the_router_are_named_when_ttft_goes_outside_the_prefill_pool():
