@@ -73,8 +73,8 @@ def _verdict(d: Diagnosis) -> list[str]:
         lines = [f"No phase broke its SLO up to {top.throughput_rps:.2f} req/s; the closest is {name} "
                  f"({top.stake_ratio:.2f}× its SLO): " + _why(worst)]
     if d.bottleneck == "host":
-        lines.append(f"  The {d.phase} GPU is not what binds, so faster GPUs or another P:D ratio will not help; "
-                     f"what would: {ADVICE[d.host_part]}.")
+        lines.append(f"  The {d.phase} GPU is not what binds, so faster GPUs will not help; what would: "
+                     f"{ADVICE[d.host_part]}.")
     return lines
 
 

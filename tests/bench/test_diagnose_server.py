@@ -61,4 +61,4 @@ def test_a_client_too_busy_to_read_its_streams_reads_host_and_names_the_client(o
     assert d.bottleneck == "host" and d.host_part == "client", text
     point = d.points[0]
     assert point.tpot_p90_s >= 2 * point.server_tpot_p90_s and point.client_lag_s >= 0.005, text
-    assert "Bottleneck: HOST (client)" in text and "will not help" in text
+    assert "Bottleneck: HOST (client)" in text and "faster GPUs will not help" in text
