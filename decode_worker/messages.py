@@ -33,6 +33,7 @@ class DecodeLoad:
     launch_time_s: float  # mean host time launching a step (CUDA; near gpu_step_time_s: launch-bound)
     max_running: int  # the batch limit this replica runs with
     tokens_per_s: float
+    host_s_per_seq: float  # the decode loop's own host time per running sequence per step (not waiting for the GPU)
     is_draining: bool
     overlap_steps: bool  # the loop queues step N+1 before reading step N's tokens
 

@@ -13,7 +13,7 @@ HOST_PARTS = {
     "kernel launches": "Python launching the decode step's kernels one by one (no CUDA graph at this batch size)",
     "prefill loop": "the prefill replica's host work between batches while prompts wait",
     "router": "the router: routing, the decode reservation and relaying the stream",
-    "front end": "the HTTP/gRPC proxy and the network between the router and the client",
+    "front end": "the router's HTTP/gRPC serving of the stream and the network to the client",
     "client": "the client itself: its event loop lagged while the server had nothing waiting",
 }
 

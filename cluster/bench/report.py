@@ -13,7 +13,7 @@ ADVICE = {
     "prefill loop": "less host work between prefill batches (a larger prefill.max_batch_tokens batches more "
                     "prompts per launch)",
     "router": "more CPU for the router (more router replicas, fewer other processes on its node)",
-    "front end": "more CPU for Ray Serve's HTTP/gRPC proxy, or the client closer to the server",
+    "front end": "more router replicas (router.replicas) or more CPU on their nodes, or the client closer",
     "client": "a client that keeps up: more client processes or machines, fewer streams per process",
 }
 
