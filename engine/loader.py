@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .architectures import text_config
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
@@ -116,7 +117,7 @@ def load_hf_config(directory: Path) -> Any:
         raise ModelLoadError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
     try:
         json.loads(config_file.read_text())
-        return AutoConfig.from_pretrained(directory, local_files_only=True)
+        return text_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     except (json.JSONDecodeError, ValueError, KeyError, OSError) as e:
         if isinstance(e, UnsupportedModel):
             raise
@@ -150,7 +151,23 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(file, device="cpu"))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file: {e}") from None
-    return tensors
+    return _text_model_names(tensors)
+
+
+# A multimodal checkpoint's text model, by the names of a text-only one (the rest is left out)
+_TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+
+
+def _text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(name.startswith(tuple(_TEXT_MODEL_PREFIXES)) for name in tensors):
+        return tensors
+    renamed = {}
+    for name, tensor in tensors.items():
+        for prefix, text in _TEXT_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                renamed[text + name[len(prefix):]] = tensor
+    return renamed
 
 
 def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ModelWeights:
