@@ -141,13 +141,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .bench.run import main as bench_main
 
     return bench_main(args)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import main as diagnose_main
+    from .bench.diagnose import main as diagnose_main
 
     return diagnose_main(args)
 

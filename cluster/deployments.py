@@ -22,7 +22,7 @@ from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import num_blocks_that_fit
 from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
-from pdserve.engine.roofline import Roofline
+from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
@@ -133,13 +133,17 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        tokens_per_s = self.worker.tokens_per_s()
+        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
         stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
                  "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
                  "prefix_hit_rate": self.worker.prefix_hit_rate(),
-                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks}
-        if self.roofline is not None:
-            stats["mfu"] = self.roofline.prefill_mfu(self.worker.runner.spec, tokens_per_s)
+                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
+                 "gpu_idle_share": batches.idle_share, "gpu_batch_time_s": batches.step_busy_s,
+                 "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
+        if self.roofline is not None and batches.num_steps:
+            spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
+            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9))
+            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9))
         return stats
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
@@ -180,11 +184,14 @@ class DecodeDeployment:
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
                                   transfer_timeout_s=self.config.transfer.timeout_s,
                                   overlap_steps=d.overlap_steps)
+        self.roofline = Roofline.measure(runner.device)
+        # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
+        # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
+        self.engine_steps = decode_step_anchors(runner, (1, d.max_running)) if self.roofline is not None else []
         self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
-        self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -194,12 +201,15 @@ class DecodeDeployment:
     def stats(self) -> dict[str, Any]:
         load = self.worker.load()
         used = load.num_blocks_total - load.num_blocks_free
-        stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid()}
+        stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
+                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size}
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
             weight_bytes = runner.spec.num_params * runner.kv_cache.tensor.element_size()
             kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
-            stats["mbu"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
+            # MBU over the GPU's busy time per step and over the step's wall time, labelled
+            stats["mbu_busy"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
+            stats["mbu_wall"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
         return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
