@@ -41,6 +41,9 @@ class Architecture:
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma 3)
     experts: ExpertNames | None = None  # MoE layers' checkpoint names; None: dense only
     pre_mlp_norm: str = "post_attention_layernorm"  # the norm before the MLP, by checkpoint name
+    # Multimodal classes whose text model this family runs (their config's text_config, their
+    # weights under language_model.); images are not supported.
+    text_model_of: tuple[str, ...] = ()
 
 
 LLAMA = Architecture("llama", ("LlamaForCausalLM",), ("llama",))
@@ -53,10 +56,10 @@ MIXTRAL = Architecture("mixtral", ("MixtralForCausalLM",), ("mixtral",),
                        experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2"))
 GEMMA3 = Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), norm_offset=1.0,
                       activation="gelu_tanh", qk_norm=True, sandwich_norms=True, scale_embeddings=True,
-                      pre_mlp_norm="pre_feedforward_layernorm")
+                      pre_mlp_norm="pre_feedforward_layernorm", text_model_of=("Gemma3ForConditionalGeneration",))
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN3_MOE, MIXTRAL, GEMMA3)}
-SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
+SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes + a.text_model_of)
 # transformers' names of the activations, by what the engine calls them
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
@@ -88,6 +91,14 @@ def find_architecture(config: Any) -> Architecture | None:
     if not names:
         return next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
     return None
+
+
+def text_config(config: Any) -> Any:
+    """The config of the model the engine runs: a multimodal wrapper's text_config, else the config itself."""
+    names = set(getattr(config, "architectures", None) or [])
+    if any(names & set(a.text_model_of) for a in ARCHITECTURES.values()):
+        return config.get_text_config()
+    return config
 
 
 def layer_specs(config: Any, arch: Architecture) -> tuple[LayerSpec, ...]:

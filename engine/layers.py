@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.activation import gated_activation
+from .kernels.fused_moe import fused_moe
 from .kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_heads_
 from .linear import Linear
 
@@ -66,19 +67,4 @@ class MoeMlp:
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return experts_forward(x, self.w13, self.w2, weights.to(x.dtype), ids)
-
-
-def experts_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_k weight_k * expert_k(x) per token [T, hidden], one expert at a time, in plain torch.
-
-    Stands in for engine/kernels/fused_moe.py's `fused_moe` (same signature) until it lands.
-    """
-    out = torch.zeros_like(x)
-    for expert in topk_ids.unique().tolist():
-        rows, slot = (topk_ids == expert).nonzero(as_tuple=True)
-        gate_up = x[rows] @ w13[expert].T
-        hidden = gated_activation(gate_up, "silu") @ w2[expert].T
-        out.index_add_(0, rows, hidden * topk_weights[rows, slot, None])
-    return out
+        return fused_moe(x, self.w13, self.w2, weights, ids)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .architectures import text_config
 from .fp8 import Fp8Checkpoint, Fp8FormatError
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
@@ -85,7 +86,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def read_model_spec(path: str | os.PathLike, max_model_len: int | None = None) -> ModelSpec:
     """The spec of a model directory without loading its weights (for the router)."""
     directory = Path(path)
-    spec = spec_from_config(load_hf_config(directory), max_model_len)
+    hf_config = load_hf_config(directory)
+    spec = spec_from_config(hf_config, max_model_len)
+    try:
+        Fp8Checkpoint.of(hf_config)  # a quantization the engine cannot read is refused before any weight
+    except Fp8FormatError as e:
+        raise UnsupportedModel(str(e)) from None
     return replace(spec, eos_token_ids=_generation_eos(directory) or spec.eos_token_ids)
 
 
@@ -99,11 +105,8 @@ def load_model_dir(
     directory = Path(path) if path is not None else default_model_dir()
     device = torch.device(device)
     hf_config = load_hf_config(directory)
-    try:
-        fp8 = Fp8Checkpoint.of(hf_config)
-    except Fp8FormatError as e:
-        raise ModelLoadError(f"{directory}: {e}") from None
     spec = read_model_spec(directory, max_model_len)
+    fp8 = Fp8Checkpoint.of(hf_config)
     torch_dtype = resolve_dtype(dtype, device)
     tensors = _read_safetensors(directory)
     weights = _arrange(tensors, spec, torch_dtype, device, fp8)
@@ -121,7 +124,7 @@ def load_hf_config(directory: Path) -> Any:
         raise ModelLoadError(f"{directory}: no config.json (is this a Hugging Face model directory?)")
     try:
         json.loads(config_file.read_text())
-        return AutoConfig.from_pretrained(directory, local_files_only=True)
+        return text_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     except (json.JSONDecodeError, ValueError, KeyError, OSError) as e:
         if isinstance(e, UnsupportedModel):
             raise
@@ -155,7 +158,23 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(file, device="cpu"))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file: {e}") from None
-    return tensors
+    return _text_model_names(tensors)
+
+
+# A multimodal checkpoint's text model, by the names of a text-only one (the rest is left out)
+_TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+
+
+def _text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not any(name.startswith(tuple(_TEXT_MODEL_PREFIXES)) for name in tensors):
+        return tensors
+    renamed = {}
+    for name, tensor in tensors.items():
+        for prefix, text in _TEXT_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                renamed[text + name[len(prefix):]] = tensor
+    return renamed
 
 
 def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device,

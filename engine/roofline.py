@@ -37,8 +37,8 @@ class Roofline:
         return cls(2 * 4096 ** 3 / matmul_s, 2 * big.numel() / copy_s)
 
     def prefill_mfu(self, spec: ModelSpec, tokens_per_s: float) -> float:
-        """Achieved linear-layer FLOP/s (2 per parameter per token) over the matmul rate."""
-        return 2 * spec.num_params * tokens_per_s / self.matmul_flops_per_s
+        """Achieved linear-layer FLOP/s (2 per parameter a token multiplies with: an MoE's top-k experts) over the matmul rate."""
+        return 2 * spec.num_active_params * tokens_per_s / self.matmul_flops_per_s
 
     def decode_mbu(self, weight_bytes: int, kv_bytes_read: int, step_time_s: float) -> float:
         """Bytes one decode step must read (weights once, the batch's KV) per second over the copy rate."""

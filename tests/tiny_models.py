@@ -58,6 +58,20 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **overrides):
     return model
 
 
+def save_tiny_gemma3_multimodal(directory, seed: int = 0):
+    """A tiny random Gemma3ForConditionalGeneration (a one-layer vision tower beside gemma3's text model)."""
+    torch.manual_seed(seed)
+    text = tiny_config("gemma3").to_dict()
+    text.update(vocab_size=300)  # room for the image tokens' ids
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
 def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_position_embeddings: int = 1024,
                          arch: str = "llama"):
     """A tiny random model (Llama by default) with the default model's real tokenizer and chat template."""

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from engine_target import assert_logits_close, relative_error
 from pdserve.engine.fp8 import Fp8Checkpoint, Fp8Linear
-from pdserve.engine.loader import ModelLoadError, load_model_dir
+from pdserve.engine.loader import ModelLoadError, load_model_dir, read_model_spec
+from pdserve.engine.model_spec import UnsupportedModel
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from tiny_models import reference_tokens, save_tiny_model
@@ -145,7 +146,9 @@ def test_unsupported_quantization_is_refused_clearly(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="quantization method 'gptq' is not supported"):
+    with pytest.raises(UnsupportedModel, match="quantization method 'gptq' is not supported"):
+        read_model_spec(tmp_path)  # what `pdserve serve` checks before deploying
+    with pytest.raises(UnsupportedModel, match="quantization method 'gptq'"):
         load_model_dir(tmp_path)
 
 

@@ -9,6 +9,7 @@ from engine_target import DEVICE, DTYPE_NAME, assert_logits_close, greedy_diverg
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
+from tiny_models import save_tiny_gemma3_multimodal
 
 LONG = [(7 * i + 3) % 120 + 2 for i in range(37)]  # over 4 windows of tiny_models.SLIDING_WINDOW
 PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 3], [42], LONG]
@@ -50,3 +51,17 @@ def test_chunked_prefill_with_cached_prefix_matches_transformers(tiny_model):
     runner.prefill([PrefillChunk(tuple(LONG[:split]), 0, blocks)])
     logits = runner.prefill([PrefillChunk(tuple(LONG[split:]), split, blocks)])
     assert_logits_close(logits[0], reference(torch.tensor([LONG])).logits[0, -1])
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration: its text_config and language_model weights, text prompts only."""
+    reference = save_tiny_gemma3_multimodal(tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    assert loaded.spec.architecture == "gemma3"
+    engine = OfflineEngine(loaded, num_blocks=128, block_size=4)
+    sequences = [OfflineSequence(prompt, max_tokens=32) for prompt in PROMPTS]
+    list(engine.generate(sequences, ignore_eos=True))
+    reference.generation_config.eos_token_id = None
+    for seq in sequences:
+        expected = reference.generate(torch.tensor([seq.prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        assert greedy_divergence(seq.output, expected[0, len(seq.prompt):].tolist(), seq.prompt, reference) is None
