@@ -14,8 +14,10 @@ The KV dtype may differ from the model's (`kv_cache.dtype: fp8_e4m3`): the tenso
 holds float8_e4m3fn, K and V are quantized when written (`write`: x / scale, clamped to
 e4m3's range) and dequantized where read (the attention kernels take the scales;
 `dequantize` for gathered prefixes). Scales are per tensor: one for K and one for V of
-each layer (1.0 unless the checkpoint ships `k_scale` / `v_scale`). Transfers move the
-stored bytes as they are: an FP8 pool hands off half the bytes of a bf16 one.
+each layer (1.0 by default; `KvCache(scales=...)` takes calibrated ones). A prefill with
+no cached prefix attends over its fresh K/V before they are stored; decode and chunks
+after a cached prefix read the stored FP8. Transfers move the stored bytes as they are:
+an FP8 pool hands off half the bytes of a bf16 one.
 """
 from __future__ import annotations
 
