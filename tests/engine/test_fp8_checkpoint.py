@@ -160,3 +160,18 @@ def test_a_scale_that_fits_no_layout_is_refused_clearly(tmp_path):
     save_file(tensors, file)
     with pytest.raises(ModelLoadError, match="down_proj.weight: scale of shape \\(3, 3\\) fits no FP8 layout"):
         load_model_dir(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FP8 kernels run on CUDA (Hopper)")
+def test_on_cuda_the_projections_stay_fp8_and_stay_close(fp8_model):
+    """The loader's CUDA path: Fp8Linear projections (FP8 GEMV for decode, FP8 GEMM for prefill) in bf16."""
+    _, directory, reference = fp8_model
+    loaded = load_model_dir(directory, "cuda", "bfloat16")
+    assert isinstance(loaded.weights.layers[0].qkv, Fp8Linear)
+    logits = prefill_logits(ModelRunner(loaded, num_blocks=16, block_size=4, use_cuda_graphs=False))
+    for row, prompt in enumerate(PROMPTS):
+        assert relative_error(logits[row], reference(torch.tensor([prompt])).logits[0, -1]) < FP8_GEMM_LOGITS_TOL
+    engine = OfflineEngine(loaded, num_blocks=32, block_size=4)
+    sequence = OfflineSequence(PROMPTS[0], max_tokens=8)
+    list(engine.generate([sequence], ignore_eos=True))  # decode steps through the FP8 GEMV and CUDA graphs
+    assert len(sequence.output) == 8 and engine.pool.num_free == engine.pool.num_blocks
