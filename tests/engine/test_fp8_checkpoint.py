@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine_target import assert_logits_close, relative_error
+from fp8_models import LAYOUTS, save_fp8_model
 from pdserve.engine.fp8 import Fp8Checkpoint, Fp8Linear
 from pdserve.engine.loader import ModelLoadError, load_model_dir, read_model_spec
 from pdserve.engine.model_spec import UnsupportedModel
@@ -28,60 +29,6 @@ PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [100, 101, 102, 103, 104, 105, 106, 3]]
 # (init 0.05). The weights' 32 x 32 tiles differ in magnitude, so a scale on the wrong block
 # shows: block rows swapped give 65%.
 FP8_GEMM_LOGITS_TOL = 0.12
-
-# layout name -> (quantization_config, scale tensor name, block size or None, per-channel)
-LAYOUTS = {
-    "fp8-tensor": ({"quant_method": "fp8", "activation_scheme": "static"}, "weight_scale", None, False),
-    "fp8-block": ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                   "weight_block_size": [32, 32]}, "weight_scale_inv", (32, 32), False),
-    "ct-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                        "type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True}}}},
-                   "weight_scale", None, True),
-}
-
-
-def quantize(weight: torch.Tensor, block: tuple[int, int] | None, per_channel: bool):
-    """(fp8 weight, scale) as the checkpoints store them; W ~= q * s."""
-    n, k = weight.shape
-    if block is None:
-        amax = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().amax()
-        scale = amax.clamp(min=1e-12) / 448.0
-        return (weight / scale).to(FP8), scale.float()
-    bn, bk = block
-    grid = (-(-n // bn), -(-k // bk))
-    padded = torch.nn.functional.pad(weight, (0, grid[1] * bk - k, 0, grid[0] * bn - n))
-    scale = padded.view(grid[0], bn, grid[1], bk).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return (weight / full).to(FP8), scale
-
-
-def save_fp8_model(arch: str, directory, layout: str, **overrides):
-    """A tiny model saved in `layout` (every decoder projection FP8, lm_head and norms not);
-    returns the transformers model holding the dequantized weights (the oracle)."""
-    quant_config, scale_name, block, per_channel = LAYOUTS[layout]
-    model = save_tiny_model(arch, directory, **overrides)
-    file = directory / "model.safetensors"
-    tensors = load_file(file)
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(0)
-    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
-        # 32 x 32 tiles of different magnitudes (x0.5..2), so a scale applied to the wrong block shows
-        n, k = tensors[name].shape
-        tiles = 2.0 ** (torch.rand(-(-n // 32), -(-k // 32), generator=gen) * 2 - 1)
-        weight = tensors[name] * tiles.repeat_interleave(32, 0)[:n].repeat_interleave(32, 1)[:, :k]
-        q, scale = quantize(weight, block, per_channel)
-        tensors[name], tensors[name.removesuffix("weight") + scale_name] = q, scale
-        if layout == "fp8-tensor":
-            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.02)  # static, ignored
-        with torch.no_grad():
-            params[name].copy_(Fp8Checkpoint(block).weight(tensors, name).dequantize())
-    save_file(tensors, file, metadata={"format": "pt"})
-    config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = quant_config
-    (directory / "config.json").write_text(json.dumps(config))
-    return model
-
 
 @pytest.fixture(scope="module", params=["llama:fp8-tensor", "llama:fp8-block", "qwen2:fp8-block", "llama:ct-channel"])
 def fp8_model(request, tmp_path_factory):
