@@ -37,6 +37,7 @@ from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
@@ -49,8 +50,9 @@ def model_dir(config: PdserveConfig) -> str:
     return config.model.path or str(default_model_dir())
 
 
-def model_name(config: PdserveConfig) -> str:
-    return DEFAULT_MODEL_NAME if config.model.path is None else config.model.path.rstrip("/").split("/")[-1]
+def served_models(config: PdserveConfig) -> ServedModels:
+    """`model.served_model_name`, else `model.path` exactly as given (the embedded default model: its name)."""
+    return ServedModels(config.model.served_model_name or (config.model.path or DEFAULT_MODEL_NAME,))
 
 
 def _replica_id(pool: str) -> str:
@@ -231,11 +233,11 @@ class RouterDeployment:
             max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
             max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
-        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
+        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self._registry = registry()
 
     def __serve_build_asgi_app__(self):
-        app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app = make_http_app(self.pipeline, self.tokenizer, served_models(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
         if self.api_key is not None:
@@ -249,7 +251,7 @@ class RouterDeployment:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas, KV use and queues, as `pdserve status` shows them."""
-        return {"model": model_name(self.config), "colocated": self.config.is_colocated,
+        return {"model": served_models(self.config).primary, "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:

@@ -25,13 +25,12 @@ import grpc
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.router.auth import ApiKey
-from pdserve.router.errors import (
-    InternalError, InvalidParameter, ModelNotFound, grpc_details, grpc_status,
-)
+from pdserve.router.errors import InternalError, InvalidParameter, grpc_details, grpc_status
 from pdserve.router.generation import (
     GenerationBackend, GenerationError, GenerationRequest, SamplingOptions,
 )
 from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.served_models import ServedModels
 from pdserve.router.text import check_token_ids, encode_text
 
 logger = logging.getLogger(__name__)
@@ -50,12 +49,12 @@ class GrpcContext(Protocol):
 class GrpcFrontEnd:
     """`Generate` and `Health` of the public gRPC service, over a `GenerationBackend`."""
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Any, model_name: str, limits: RequestLimits,
+    def __init__(self, backend: GenerationBackend, tokenizer: Any, models: ServedModels, limits: RequestLimits,
                  api_key: ApiKey | None = None):
         self.backend = backend
         self.api_key = api_key
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.models = models
         self.limits = limits
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -90,8 +89,7 @@ class GrpcFrontEnd:
 
     def _generation_request(self, request: pb.GenerateRequest) -> GenerationRequest:
         """Check a `GenerateRequest` and turn it into the backend's request."""
-        if request.model and request.model != self.model_name:
-            raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves `{self.model_name}`.")
+        self.models.check(request.model)  # proto3: an empty `model` is none named
         if bool(request.prompt) == bool(request.prompt_token_ids):
             raise InvalidParameter("Set exactly one of `prompt` and `prompt_token_ids`.", "prompt")
         if request.prompt:
