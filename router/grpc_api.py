@@ -1,13 +1,10 @@
-"""The gRPC API (`pdserve.v1.Generation`): the methods Ray Serve's gRPC proxy calls on the router.
+"""The gRPC API (`pdserve.v1.Generation`): `Generate` and `Health` over a `GenerationBackend`.
 
-Ray Serve 2.60 hands a deployment method a `grpc_context`
-(`ray.serve.grpc_util.RayServegRPCContext`) when the method takes an argument of
-that name. A failing method sets the code and details on it and then raises:
-the replica wraps the exception with that code (`gRPCStatusError`) and the proxy
-ends the call, mid-stream or not, with the code and details set. A streaming
-method that only set a code and returned would end with OK, since the proxy
-copies the context back only with each message. The context is duck-typed
-here (`set_code`, `set_details`), so this module needs no Ray.
+The servicer of `router/ingress.py` calls these methods with its call's context
+(`grpc.aio.ServicerContext`). A failing method sets the code and details on the
+context and then raises; the servicer ends the call with that status, mid-stream
+or not. The context is duck-typed here (`set_code`, `set_details`,
+`invocation_metadata`), so the front end runs on any gRPC server.
 
 `Generate` checks the request as the HTTP API does (same limits, same messages),
 then relays the backend's chunks: token ids and text in every message;
