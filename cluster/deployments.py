@@ -38,6 +38,7 @@ from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
@@ -50,8 +51,9 @@ def model_dir(config: PdserveConfig) -> str:
     return config.model.path or str(default_model_dir())
 
 
-def model_name(config: PdserveConfig) -> str:
-    return DEFAULT_MODEL_NAME if config.model.path is None else config.model.path.rstrip("/").split("/")[-1]
+def served_models(config: PdserveConfig) -> ServedModels:
+    """`model.served_model_name`, else `model.path` exactly as given (the embedded default model: its name)."""
+    return ServedModels(config.model.served_model_name or (config.model.path or DEFAULT_MODEL_NAME,))
 
 
 def _replica_id(pool: str) -> str:
@@ -246,11 +248,11 @@ class RouterDeployment:
         self._registry = registry()
         router = self.config.router
         self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
-        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
+        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 
     def _http_app(self):
-        app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app = make_http_app(self.pipeline, self.tokenizer, served_models(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
         # KubeRay's probe of a Serve node (GET /-/healthz on the HTTP port, expects "success")
@@ -266,7 +268,7 @@ class RouterDeployment:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas, KV use and queues, as `pdserve status` shows them."""
-        return {"model": model_name(self.config), "colocated": self.config.is_colocated,
+        return {"model": served_models(self.config).primary, "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
     def ping(self) -> int:
