@@ -86,8 +86,14 @@ async def merged(backend: GenerationBackend,
     """Run every request at once and yield `(choice index, chunk)` as chunks arrive.
 
     The first failure ends the merge; closing it (or cancelling its consumer)
-    closes every backend generator.
+    closes every backend generator. One request (the usual case) is relayed as is:
+    no task and no queue hop per chunk.
     """
+    if len(requests) == 1:
+        async with contextlib.aclosing(backend.generate(requests[0])) as stream:
+            async for chunk in stream:
+                yield 0, chunk
+        return
     queue: asyncio.Queue[tuple[int, GenerationChunk | Exception | None]] = asyncio.Queue(len(requests))
 
     async def pump(index: int, request: GenerationRequest) -> None:
