@@ -3,6 +3,7 @@
     cluster = RayCluster(net, logs)
     cluster.start_node("a", {"pnode": 2}, head=True)     # `ray start --head --block` on host a
     cluster.start_node("b", {"dnode": 1})                # a worker node on host b
+    cluster.kill_node("b"); cluster.rejoin("b")          # host b dies, and comes back
     server = PdserveOnHost(cluster, "a", model_dir, config_yaml)   # `pdserve serve --address HEAD`
     server.stop(); cluster.stop()                        # by pid only: never `ray stop`
 
@@ -49,6 +50,7 @@ class RayCluster:
             "RAY_agent_register_timeout_ms": "120000",
         }
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.resources: dict[str, dict[str, float]] = {}
         self.head: Host | None = None
 
     @property
@@ -70,8 +72,13 @@ class RayCluster:
                 if attempt == attempts:
                     raise
 
+    def rejoin(self, name: str) -> None:
+        """A worker node on host `name` again, offering what the last one did."""
+        self.start_node(name, self.resources[name])
+
     def _start_node(self, name: str, resources: dict[str, float], head: bool, timeout_s: float = 120) -> None:
         host = self.net.hosts[name]
+        self.resources[name] = resources
         temp_dir = Path(f"/tmp/{host.namespace}-ray")  # short: Ray's socket paths must fit 107 bytes
         role = ["--head", "--port", str(GCS_PORT), "--include-dashboard=false"] if head else ["--address", self.address]
         command = [str(Path(sys.executable).parent / "ray"), "start", "--block", *role,
