@@ -27,6 +27,7 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.transfer import make_receiver, make_sender
+from pdserve.engine.transfer.addresses import interface_address
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
@@ -69,6 +70,11 @@ def _node_host() -> str:
     return ray.util.get_node_ip_address()
 
 
+def _kv_host(config: PdserveConfig) -> str | None:
+    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
+    return interface_address(config.transfer.interface) if config.transfer.interface else None
+
+
 # A replica's engine thread runs Python between GPU waits without letting go of the GIL; at
 # Python's default 5 ms switch interval each KV-channel or stream-thread step behind it can wait
 # that long, which the handoff pays per message. 1 ms bounds the wait at little cost.
@@ -109,7 +115,7 @@ class PrefillDeployment:
         runner = _runner(self.config)
         self.replica_id = _replica_id("prefill")
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s)
+                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config))
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
         self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
@@ -167,7 +173,8 @@ class DecodeDeployment:
         self.replica_id = _replica_id("colocated" if colocated else "decode")
         host = _node_host()
         receiver = None if colocated else make_receiver(
-            transfer_backend(self.config, runner), runner.kv_cache, host=host, peer_id=self.replica_id,
+            transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
+            peer_id=self.replica_id,
             timeout_s=self.config.transfer.timeout_s)
         d = self.config.decode
         settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
