@@ -31,7 +31,7 @@ from pdserve.engine.transfer.addresses import interface_address
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
-    DeadlineExceeded, InvalidRequest, Overloaded, TransferFailed, TryElsewhere, Unavailable,
+    Overloaded, TryElsewhere, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.ingress import Ingress, IngressSettings
@@ -149,9 +149,7 @@ class PrefillDeployment:
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except PrefillFailed as e:
-            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest,
-                     "transfer_failed": TransferFailed}.get(e.code, Unavailable)
-            raise error(f"prefill replica {self.replica_id}: {e}") from None
+            raise failure_error(e.code, f"prefill replica {self.replica_id}: {e}") from None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
