@@ -171,9 +171,19 @@ def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
                     f"{row.get('gpu_idle', float('nan')):.2f} | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq |")
             say(line)
             ROWS.append(line)
+            diagnose(out, f"8b-{name.replace(' ', '').replace('+', '')}")
             single(server, out, name)
         finally:
             server.stop()
+
+
+def diagnose(out: Path, name: str) -> None:
+    """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the whole load)."""
+    result = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "diagnose", "--from",
+                             f"/tmp/serving_plane/{name}-c0.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
+                             "--out", f"/tmp/serving_plane/{name}-diagnose"], capture_output=True, text=True, timeout=120)
+    (out / f"{name}-diagnose.txt").write_text(result.stdout + result.stderr[-2000:])
+    say(result.stdout)
 
 
 def single(server: Server, out: Path, name: str) -> None:
