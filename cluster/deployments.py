@@ -27,10 +27,11 @@ from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.transfer import make_receiver, make_sender
+from pdserve.engine.transfer.addresses import interface_address
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
-    DeadlineExceeded, InvalidRequest, Overloaded, TransferFailed, TryElsewhere, Unavailable,
+    Overloaded, TryElsewhere, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.ingress import Ingress, IngressSettings
@@ -38,6 +39,7 @@ from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
@@ -50,8 +52,9 @@ def model_dir(config: PdserveConfig) -> str:
     return config.model.path or str(default_model_dir())
 
 
-def model_name(config: PdserveConfig) -> str:
-    return DEFAULT_MODEL_NAME if config.model.path is None else config.model.path.rstrip("/").split("/")[-1]
+def served_models(config: PdserveConfig) -> ServedModels:
+    """`model.served_model_name`, else `model.path` exactly as given (the embedded default model: its name)."""
+    return ServedModels(config.model.served_model_name or (config.model.path or DEFAULT_MODEL_NAME,))
 
 
 def _replica_id(pool: str) -> str:
@@ -65,6 +68,11 @@ def _node_host() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _kv_host(config: PdserveConfig) -> str | None:
+    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
+    return interface_address(config.transfer.interface) if config.transfer.interface else None
 
 
 # A replica's engine thread runs Python between GPU waits without letting go of the GIL; at
@@ -122,7 +130,7 @@ class PrefillDeployment:
         runner = _runner(self.config)
         self.replica_id = _replica_id("prefill")
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s)
+                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config))
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
         self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
@@ -156,9 +164,7 @@ class PrefillDeployment:
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except PrefillFailed as e:
-            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest,
-                     "transfer_failed": TransferFailed}.get(e.code, Unavailable)
-            raise error(f"prefill replica {self.replica_id}: {e}") from None
+            raise failure_error(e.code, f"prefill replica {self.replica_id}: {e}") from None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
@@ -178,7 +184,8 @@ class DecodeDeployment:
         self.replica_id = _replica_id("colocated" if colocated else "decode")
         host = _node_host()
         receiver = None if colocated else make_receiver(
-            transfer_backend(self.config, runner), runner.kv_cache, host=host, peer_id=self.replica_id,
+            transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
+            peer_id=self.replica_id,
             timeout_s=self.config.transfer.timeout_s)
         d = self.config.decode
         settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
@@ -256,11 +263,11 @@ class RouterDeployment:
         self._registry = registry()
         router = self.config.router
         self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
-        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
+        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 
     def _http_app(self):
-        app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app = make_http_app(self.pipeline, self.tokenizer, served_models(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
         # KubeRay's probe of a Serve node (GET /-/healthz on the HTTP port, expects "success")
@@ -276,7 +283,7 @@ class RouterDeployment:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas, KV use and queues, as `pdserve status` shows them."""
-        return {"model": model_name(self.config), "colocated": self.config.is_colocated,
+        return {"model": served_models(self.config).primary, "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
     def ping(self) -> int:

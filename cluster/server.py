@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.loader import default_model_dir, read_model_spec
+from pdserve.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, read_model_spec
 
 from .app import build_app
 from .autoscaling import is_autoscaled, serve_application_policy
@@ -24,6 +24,7 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
     data = config.to_dict()
     if config.model.path is None:
         data["model"]["path"] = str(default_model_dir())  # dequantised once, here, not in every replica
+        data["model"]["served_model_name"] = list(config.model.served_model_name) or [DEFAULT_MODEL_NAME]
     if not joining or Path(data["model"]["path"]).is_dir():
         # A model the engine cannot run is refused here, before anything is deployed
         # (UnsupportedModel / ModelLoadError), not by every replica inside Ray.
@@ -40,9 +41,10 @@ def start(config: PdserveConfig, address: str | None) -> None:
     from ray import serve
 
     if address:
+        # Joining: each replica's listeners bind the address Ray reports for its own node.
         ray.init(address=address)
     else:
-        # Everything on loopback: the KV channels, the token streams and Ray itself.
+        # One machine: Ray's node address is loopback, so the KV channels and token streams are too.
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
     # The router replicas listen on router.http_port / grpc_port themselves (router/ingress.py).
     serve.start(proxy_location="Disabled")

@@ -59,7 +59,7 @@ class TorchDistReceiver(KvReceiver):
         self._peer_id = peer_id or f"receiver-{uuid.uuid4().hex[:8]}"
         self._channels: dict[int, ReceiveChannel] = {}
         self._lock = threading.Lock()
-        self._listener = ChannelListener(port, self._check, self._accept, timeout_s)
+        self._listener = ChannelListener(host, port, self._check, self._accept, timeout_s)
 
     @property
     def address(self) -> ChannelAddress:
@@ -78,7 +78,8 @@ class TorchDistReceiver(KvReceiver):
     def _accept(self, store: PrefixStore, number: int, hello: Hello) -> None:
         with self._lock:
             self._channels[number] = ReceiveChannel(
-                store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget)
+                store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget,
+                self._host)
 
     def _forget(self, channel: ReceiveChannel) -> None:
         with self._lock:
@@ -102,9 +103,11 @@ class TorchDistSender(KvSender):
 
     backend = "gloo"
 
-    def __init__(self, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0,
+                 host: str | None = None):
         super().__init__(kv_cache)
         self._timeout_s = timeout_s
+        self._host = host  # the local address channels bind; None: the one that routes to each receiver
         spec = kv_cache.spec
         sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
         self._hello = Hello(WIRE_VERSION, KvGeometry.of(spec), sender_id, device_uuid(spec.device))
@@ -189,7 +192,8 @@ class TorchDistSender(KvSender):
         return channel
 
     def _open(self, address: ChannelAddress) -> SendChannel:
-        return SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s)
+        return SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s,
+                           host=self._host)
 
 
 class NcclSender(TorchDistSender):
