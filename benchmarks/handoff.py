@@ -268,7 +268,7 @@ def _visible(devices: str | None):
 
 def _use(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # "cuda" names no index, which set_device refuses
 
 
 def _dtype(args) -> torch.dtype:
