@@ -1,0 +1,31 @@
+"""What each rank runs in the TP tests (module-level: spawned processes import them)."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pdserve.engine.parallel import CollectiveTimeout, TensorParallel
+
+
+def collectives(tp: TensorParallel) -> dict:
+    x = torch.full((3,), float(tp.rank + 1))
+    tp.all_reduce(x)
+    gathered = tp.all_gather(torch.tensor([[tp.rank, 10 + tp.rank]]), dim=-1)
+    command = tp.broadcast({"step": 7, "rows": [1, 2, 3]} if tp.is_leader else None)
+    return {"sum": x.tolist(), "gathered": gathered.tolist(), "command": command}
+
+
+def one_rank_dies(tp: TensorParallel) -> str:
+    """Rank 1 exits without a word; rank 0's next collective must end with CollectiveTimeout, not hang."""
+    tp.barrier()
+    if tp.rank == 1:
+        os._exit(0)
+    time.sleep(0.5)
+    started = time.monotonic()
+    try:
+        tp.all_reduce(torch.ones(4))
+    except CollectiveTimeout as e:
+        return f"raised after {time.monotonic() - started:.1f}s: {e}"
+    return "no error"
