@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 
 from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
+from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 
@@ -68,7 +69,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
     ) for _ in range(spec.num_layers))
     embed = w(spec.vocab_size, h)
     weights = ModelWeights(embed, layers, torch.ones(h, device=device, dtype=dtype), w(spec.vocab_size, h))
-    return LoadedModel(Path("."), shape, spec, config, weights, dtype, device)
+    return LoadedModel(Path("."), shape, spec, config, weights, dtype, device, ShardLayout.of(spec))
 
 
 @dataclass(frozen=True)

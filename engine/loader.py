@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
+from .sharding import COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_MLP, ShardLayout
+from .weight_reader import WeightFileError, WeightReader
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]; this rank's heads at TP > 1
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # [hidden, heads * head_dim]
     o_bias: torch.Tensor | None
@@ -61,6 +63,7 @@ class LoadedModel:
     weights: ModelWeights
     dtype: torch.dtype
     device: torch.device
+    layout: ShardLayout  # which heads and MLP columns these weights hold (all of them at TP 1)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -90,17 +93,20 @@ def load_model_dir(
     device: torch.device | str = "cpu",
     dtype: str = "auto",
     max_model_len: int | None = None,
+    rank: int = 0,
+    tp_size: int = 1,
 ) -> LoadedModel:
-    """Load a model directory (None: the embedded default model) onto `device`."""
+    """Load a model directory (None: the embedded default model) onto `device`;
+    with `tp_size` > 1, only TP rank `rank`'s shard of it (engine/sharding.py)."""
     directory = Path(path) if path is not None else default_model_dir()
     device = torch.device(device)
     hf_config = load_hf_config(directory)
     spec = read_model_spec(directory, max_model_len)
     torch_dtype = resolve_dtype(dtype, device)
-    tensors = _read_safetensors(directory)
-    weights = _arrange(tensors, spec, torch_dtype, device)
+    layout = ShardLayout.of(spec, rank, tp_size)
+    weights = _arrange(_open_weights(directory), spec, layout, torch_dtype, device)
     name = DEFAULT_MODEL_NAME if path is None else directory.name
-    return LoadedModel(directory, name, spec, hf_config, weights, torch_dtype, device)
+    return LoadedModel(directory, name, spec, hf_config, weights, torch_dtype, device, layout)
 
 
 def load_hf_config(directory: Path) -> Any:
@@ -134,62 +140,62 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _open_weights(directory: Path) -> WeightReader:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors.update(load_file(file, device="cpu"))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file: {e}") from None
-    return tensors
+    try:
+        return WeightReader.open(files)
+    except WeightFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
-def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> ModelWeights:
-    def take(name: str) -> torch.Tensor:
-        if name not in tensors:
+def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: torch.dtype,
+             device: torch.device) -> ModelWeights:
+    def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
+        if name not in reader:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
-        return tensors[name]
+        try:
+            return reader.read(name, *layout.slices(kind))
+        except WeightFileError as e:
+            raise ModelLoadError(str(e)) from None
 
-    def optional(name: str) -> torch.Tensor | None:
-        return tensors.get(name)
+    def optional(name: str, kind: str = REPLICATED) -> torch.Tensor | None:
+        return take(name, kind) if name in reader else None
 
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
+    def check(name: str, shape: tuple[int, ...]) -> str:
+        if name in reader and reader.shape(name) != shape:
+            raise ModelLoadError(f"weight {name!r} has shape {reader.shape(name)}, the config says {shape}")
+        return name
+
     layers = []
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        q, k, v = (take(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
-        biases = [optional(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
+        check(f"{p}self_attn.q_proj.weight", (spec.num_heads * spec.head_dim, spec.hidden_size))
+        check(f"{p}self_attn.k_proj.weight", (spec.num_kv_heads * spec.head_dim, spec.hidden_size))
+        kinds = {"q": COLUMN_Q, "k": COLUMN_KV, "v": COLUMN_KV}
+        q, k, v = (take(f"{p}self_attn.{n}_proj.weight", kinds[n]) for n in "qkv")
+        # a bias takes its weight's rows (a 1-d slice of the same range)
+        biases = [optional(f"{p}self_attn.{n}_proj.bias", kinds[n]) for n in "qkv"]
         qkv_bias = put(torch.cat(biases)) if all(b is not None for b in biases) else None
-        o_bias = optional(f"{p}self_attn.o_proj.bias")
-        _check_shape(q, (spec.num_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.q_proj.weight")
-        _check_shape(k, (spec.num_kv_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.k_proj.weight")
+        o_bias = optional(f"{p}self_attn.o_proj.bias") if layout.holds_row_parallel_bias else None
         layers.append(LayerWeights(
             input_norm=put(take(f"{p}input_layernorm.weight")),
             qkv=put(torch.cat([q, k, v])),
             qkv_bias=qkv_bias,
-            o=put(take(f"{p}self_attn.o_proj.weight")),
+            o=put(take(f"{p}self_attn.o_proj.weight", ROW_ATTENTION)),
             o_bias=put(o_bias) if o_bias is not None else None,
             post_norm=put(take(f"{p}post_attention_layernorm.weight")),
-            gate_up=put(torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")])),
-            down=put(take(f"{p}mlp.down_proj.weight")),
+            gate_up=put(torch.cat([take(f"{p}mlp.gate_proj.weight", COLUMN_MLP),
+                                   take(f"{p}mlp.up_proj.weight", COLUMN_MLP)])),
+            down=put(take(f"{p}mlp.down_proj.weight", ROW_MLP)),
         ))
-    embed = put(take("model.embed_tokens.weight"))
-    _check_shape(embed, (spec.vocab_size, spec.hidden_size), "model.embed_tokens.weight")
-    lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in tensors else put(tensors["lm_head.weight"])
+    embed = put(take(check("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))))
+    lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in reader else put(take("lm_head.weight"))
     return ModelWeights(embed, tuple(layers), put(take("model.norm.weight")), lm_head)
-
-
-def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
-    if tuple(t.shape) != shape:
-        raise ModelLoadError(f"weight {name!r} has shape {tuple(t.shape)}, the config says {shape}")
 
 
 def default_model_dir(cache_root: str | os.PathLike | None = None) -> Path:

@@ -30,6 +30,7 @@ from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
 from .model_spec import ModelSpec, rope_frequencies
+from .parallel import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,14 @@ class _PrefillPlan:
 class LlamaModel:
     """Weights plus the rope table; stateless otherwise (the KV cache is passed in)."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, tp: TensorParallel | None = None):
+        """`tp`: the rank's TP group (None: alone); `loaded` must hold this rank's shard."""
         self.spec: ModelSpec = loaded.spec
+        self.tp = tp or TensorParallel.single()
+        if (self.tp.rank, self.tp.size) != (loaded.layout.rank, loaded.layout.size):
+            raise ValueError(f"weights of TP rank {loaded.layout.rank}/{loaded.layout.size} "
+                             f"given to rank {self.tp.rank}/{self.tp.size}")
+        self.num_heads, self.num_kv_heads = loaded.layout.num_heads, loaded.layout.num_kv_heads  # this rank's
         self.weights = loaded.weights
         self.dtype = loaded.dtype
         self.device = loaded.device
@@ -122,7 +129,7 @@ class LlamaModel:
                 normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
             hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache, linear)
             normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down)
+            hidden = self.tp.all_reduce(linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down))
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
@@ -140,17 +147,17 @@ class LlamaModel:
         kv_cache: KvCache,
         linear: Linear,
     ) -> torch.Tensor:
-        spec = self.spec
+        head_dim, num_heads, num_kv_heads = self.spec.head_dim, self.num_heads, self.num_kv_heads
         qkv = linear(x, layer.qkv, layer.qkv_bias)
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
-        v = qkv[:, q_size + kv_size:].view(-1, spec.num_kv_heads, spec.head_dim)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
         apply_rope(q, k, positions, self.cos_sin)  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
-        flat = cache.view(2, -1, spec.num_kv_heads, spec.head_dim)
+        flat = cache.view(2, -1, num_kv_heads, head_dim)
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
-        flat.index_copy_(1, slots, qkv[:, q_size:].view(-1, 2, spec.num_kv_heads, spec.head_dim).transpose(0, 1))
+        flat.index_copy_(1, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))
         if isinstance(attention, DecodeAttention):
             out = paged_decode_attention(
                 q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale,
@@ -158,7 +165,7 @@ class LlamaModel:
             )
         else:
             out = self._prefill_attention(q, k, v, cache, attention)
-        return linear(out.reshape(-1, q_size), layer.o, layer.o_bias)
+        return self.tp.all_reduce(linear(out.reshape(-1, q_size), layer.o, layer.o_bias))
 
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan

@@ -29,3 +29,16 @@ def one_rank_dies(tp: TensorParallel) -> str:
     except CollectiveTimeout as e:
         return f"raised after {time.monotonic() - started:.1f}s: {e}"
     return "no error"
+
+
+def generate_greedy(tp: TensorParallel, model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    """This rank's shard, the same greedy generation on every rank: outputs and the rank's KV heads."""
+    from pdserve.engine.loader import load_model_dir
+    from pdserve.engine.offline import OfflineEngine, OfflineSequence
+
+    loaded = load_model_dir(model_dir, "cpu", "float32", rank=tp.rank, tp_size=tp.size)
+    engine = OfflineEngine(loaded, num_blocks=64, block_size=4, tp=tp)
+    sequences = [OfflineSequence(list(p), max_tokens) for p in prompts]
+    list(engine.generate(sequences, ignore_eos=True))
+    return {"outputs": [s.output for s in sequences], "kv_heads": engine.runner.kv_cache.spec.num_kv_heads,
+            "qkv_rows": loaded.weights.layers[0].qkv.shape[0]}
