@@ -52,13 +52,16 @@ class KvCache:
         """[2, num_blocks, block_size, num_kv_heads, head_dim], a view."""
         return self.tensor[layer]
 
-    def export_blocks(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy [2, n, block_size, num_kv_heads, head_dim] of one layer's blocks."""
-        return self.tensor[layer].index_select(1, block_ids.to(self.tensor.device))
+    def export_blocks(self, layer: int, block_ids: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """A contiguous copy [2, n, block_size, kv heads, head_dim] of one layer's blocks (of some heads only)."""
+        blocks = self.tensor[layer].index_select(1, block_ids.to(self.tensor.device))
+        return blocks if heads == slice(None) else blocks[:, :, :, heads].contiguous()
 
-    def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor) -> None:
-        """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids`."""
-        self.tensor[layer].index_copy_(1, block_ids.to(self.tensor.device), data.to(self.tensor.device))
+    def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor,
+                      heads: slice = slice(None)) -> None:
+        """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids` (and `heads`)."""
+        self.tensor[layer][:, :, :, heads].index_copy_(1, block_ids.to(self.tensor.device),
+                                                       data.to(self.tensor.device))
 
 
 def num_blocks_that_fit(bytes_per_block: int, device: torch.device, memory_fraction: float, cpu_num_blocks: int) -> int:

@@ -118,7 +118,7 @@ class PrefillWorker:
         """Queue a prompt; the future resolves to a PrefillResult or raises PrefillFailed."""
         if not prompt:
             raise PrefillFailed("empty prompt", "invalid")
-        if destination.channel is None:
+        if not destination.channels:
             raise PrefillFailed("no KV destination", "invalid")
         job = PrefillJob(request_id, tuple(prompt), params, destination, deadline, Future())
         with self._lock:
