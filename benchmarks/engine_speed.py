@@ -24,7 +24,7 @@ next is queued, and queued one ahead of the read (the decode loop on the GPU); t
 the decode worker's own steady-state step period, reading each step and one ahead.
 
 The Triton GEMV (engine/kernels/gemv.py) is checked first against F.linear on the
-five decode shapes; if it fails, the run goes on with `model.GEMV_MAX_ROWS = 0`
+five decode shapes; if it fails, the run goes on with `linear.GEMV_MAX_ROWS = 0`
 (F.linear everywhere) and says so. Decode B=1, 8, 64 are timed with the GEMV on
 and off side by side, and each GEMM shape at one row is timed for every
 `gemv.SWEEP_CONFIGS` entry against F.linear (from CUDA graphs, each call on
@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from pdserve.engine import model as engine_model
+from pdserve.engine import linear as engine_linear
 from pdserve.engine.kernels import gemv as gemv_kernel
 from pdserve.engine.loader import LoadedModel, _arrange
 from pdserve.engine.model_spec import spec_from_config
@@ -277,7 +277,7 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
                                                          eager_ms=eager, flops=flops, bytes=bytes_)
         say(f"decode B={batch} ctx={context}: graph replay {timed['ms']:.3f} ms, decode() wall {timed['wall_ms']:.3f} ms, "
             f"eager {eager:.2f} ms, host enqueue {timed['enqueue_ms']:.3f} ms "
-            f"(replay() alone {timed['replay_enqueue_ms']:.3f} ms), GEMV_MAX_ROWS={engine_model.GEMV_MAX_ROWS}")
+            f"(replay() alone {timed['replay_enqueue_ms']:.3f} ms), GEMV_MAX_ROWS={engine_linear.GEMV_MAX_ROWS}")
     for lengths in ([2048], [512] * 8):
         chunks = [PrefillChunk(tuple(torch.randint(0, vocab, (n,)).tolist()), 0, blocks.take(n)) for n in lengths]
         ms = gpu_ms(lambda: runner.prefill(chunks), warmup=2, iters=8)
@@ -359,7 +359,7 @@ def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
     """Decode B=1, 8, 64 with the Triton GEMV on (GEMV_MAX_ROWS as shipped) and off (0), side by side.
     B=64 is past the bound either way: its two rows measure the noise."""
     graphs, vocab = runner.decode_graphs, runner.spec.vocab_size
-    shipped = engine_model.GEMV_MAX_ROWS  # 0 if check_gemv turned it off
+    shipped = engine_linear.GEMV_MAX_ROWS  # 0 if check_gemv turned it off
     for batch in (1, 8, 64):
         inputs = decode_inputs(blocks, batch, 1024, vocab)
         for label, max_rows in (("on", shipped), ("off", 0)):
@@ -367,7 +367,7 @@ def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
             if label == "on" and not shipped:
                 results["variants"][name] = dict(error="skipped: the GEMV is off for this run")
                 continue
-            engine_model.GEMV_MAX_ROWS = max_rows
+            engine_linear.GEMV_MAX_ROWS = max_rows
             graphs._graphs.pop(graphs.size_for(batch), None)  # recaptured with this setting
             try:
                 timed = time_decode(runner, inputs)
@@ -379,7 +379,7 @@ def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
             results["variants"][name] = timed
             say(f"variant {name}: graph replay {timed['ms']:.3f} ms, decode() wall {timed['wall_ms']:.3f} ms, "
                 f"host enqueue {timed['enqueue_ms']:.3f} ms (replay() alone {timed['replay_enqueue_ms']:.3f} ms)")
-    engine_model.GEMV_MAX_ROWS = shipped
+    engine_linear.GEMV_MAX_ROWS = shipped
     for size in [s for s in graphs.sizes if s <= 8 or s == 64]:
         graphs._graphs.pop(size, None)  # captured again, with the shipped setting, when next needed
 
@@ -387,8 +387,9 @@ def compare_gemv(runner, blocks: BlockSource, results: dict) -> None:
 def gemm_shapes(runner) -> dict[str, list[torch.Tensor]]:
     """Each decode GEMM of Llama-3-8B: its weight in every layer ([N, K] each)."""
     layers = runner.model.weights.layers
-    return {"qkv": [l.qkv for l in layers], "o": [l.o for l in layers], "gate_up": [l.gate_up for l in layers],
-            "down": [l.down for l in layers], "lm_head": [runner.model.weights.lm_head]}
+    return {"qkv": [l.qkv.weight for l in layers], "o": [l.o.weight for l in layers],
+            "gate_up": [l.mlp.gate_up.weight for l in layers], "down": [l.mlp.down.weight for l in layers],
+            "lm_head": [runner.model.weights.lm_head.weight]}
 
 
 def check_gemv(runner, results: dict) -> None:
@@ -407,7 +408,7 @@ def check_gemv(runner, results: dict) -> None:
                 out[f"{name} M={rows}"] = f"{type(e).__name__}: {e}"[:300]
     failed = {k: v for k, v in out.items() if not isinstance(v, float) or not v < 2e-2}
     if failed:
-        engine_model.GEMV_MAX_ROWS = 0
+        engine_linear.GEMV_MAX_ROWS = 0
     say(f"gemv check (rel. err vs F.linear fp32): {json.dumps(out)}"
         + (f" -> FAILED {sorted(failed)}: the run uses F.linear (GEMV_MAX_ROWS=0)" if failed else ""))
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from pdserve.engine.layers import GatedMlp, RmsNorm
+from pdserve.engine.linear import Linear
 from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.sharding import ShardLayout
@@ -60,15 +62,19 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
         return (torch.randn(*shape_, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
 
     h, d = spec.hidden_size, spec.head_dim
+
+    def norm():
+        return RmsNorm(torch.ones(h, device=device, dtype=dtype), spec.rms_norm_eps)
+
     layers = tuple(LayerWeights(
-        input_norm=torch.ones(h, device=device, dtype=dtype),
-        qkv=w((spec.num_heads + 2 * spec.num_kv_heads) * d, h), qkv_bias=None,
-        o=w(h, spec.num_heads * d), o_bias=None,
-        post_norm=torch.ones(h, device=device, dtype=dtype),
-        gate_up=w(2 * spec.intermediate_size, h), down=w(h, spec.intermediate_size),
+        input_norm=norm(),
+        qkv=Linear.dense(w((spec.num_heads + 2 * spec.num_kv_heads) * d, h)),
+        o=Linear.dense(w(h, spec.num_heads * d)),
+        pre_mlp_norm=norm(),
+        mlp=GatedMlp(Linear.dense(w(2 * spec.intermediate_size, h)), Linear.dense(w(h, spec.intermediate_size)), "silu"),
     ) for _ in range(spec.num_layers))
     embed = w(spec.vocab_size, h)
-    weights = ModelWeights(embed, layers, torch.ones(h, device=device, dtype=dtype), w(spec.vocab_size, h))
+    weights = ModelWeights(embed, layers, norm(), Linear.dense(w(spec.vocab_size, h)))
     return LoadedModel(Path("."), shape, spec, config, weights, dtype, device, ShardLayout.of(spec))
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .kv_cache import KvCache
-from .model import DecodeAttention, LlamaModel
+from .model import DecodeAttention, Model
 from .sampler import fed_back_tokens
 
 
@@ -51,7 +51,7 @@ def decode_batch_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaModel, kv_cache: KvCache, max_batch: int, max_blocks: int, scratch_slot: int):
+    def __init__(self, model: Model, kv_cache: KvCache, max_batch: int, max_blocks: int, scratch_slot: int):
         self.model, self.kv_cache = model, kv_cache
         self.sizes = decode_batch_sizes(max_batch)
         self.max_batch, self.max_blocks = max_batch, max_blocks

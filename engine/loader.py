@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .layers import GatedMlp, MoeMlp, RmsNorm
+from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
 from .sharding import COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_MLP, ShardLayout
 from .weight_reader import WeightFileError, WeightReader
@@ -36,22 +38,23 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]; this rank's heads at TP > 1
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, heads * head_dim]
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    input_norm: RmsNorm
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], q, k, v rows fused; a TP rank's heads only
+    o: Linear  # [hidden, heads * head_dim]
+    pre_mlp_norm: RmsNorm
+    mlp: GatedMlp | MoeMlp
+    q_norm: RmsNorm | None = None  # per head, before rope (Architecture.qk_norm)
+    k_norm: RmsNorm | None = None
+    post_attn_norm: RmsNorm | None = None  # on the attention output (Architecture.sandwich_norms)
+    post_mlp_norm: RmsNorm | None = None  # on the MLP output
 
 
 @dataclass(frozen=True)
 class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
-    norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    norm: RmsNorm
+    lm_head: Linear  # [vocab, hidden]; the embedding itself when tied
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,10 @@ def _open_weights(directory: Path) -> WeightReader:
 
 def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: torch.dtype,
              device: torch.device) -> ModelWeights:
+    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked;
+    of a TP rank, only its slices (`layout`)."""
+    family = spec.family
+
     def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
         if name not in reader:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
@@ -171,31 +178,71 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             raise ModelLoadError(f"weight {name!r} has shape {reader.shape(name)}, the config says {shape}")
         return name
 
+    def norm(name: str) -> RmsNorm:
+        return RmsNorm(put(take(name)), spec.rms_norm_eps, family.norm_offset)
+
+    def row_parallel(prefix: str, kind: str) -> Linear:
+        # Partial sums are all-reduced over the ranks: exactly one adds the bias.
+        bias = optional(f"{prefix}.bias") if layout.holds_row_parallel_bias else None
+        return Linear.dense(put(take(f"{prefix}.weight", kind)), put(bias) if bias is not None else None)
+
     layers = []
-    for i in range(spec.num_layers):
+    for i, layer_spec in enumerate(spec.layers):
         p = f"model.layers.{i}."
         check(f"{p}self_attn.q_proj.weight", (spec.num_heads * spec.head_dim, spec.hidden_size))
         check(f"{p}self_attn.k_proj.weight", (spec.num_kv_heads * spec.head_dim, spec.hidden_size))
         kinds = {"q": COLUMN_Q, "k": COLUMN_KV, "v": COLUMN_KV}
         q, k, v = (take(f"{p}self_attn.{n}_proj.weight", kinds[n]) for n in "qkv")
-        # a bias takes its weight's rows (a 1-d slice of the same range)
-        biases = [optional(f"{p}self_attn.{n}_proj.bias", kinds[n]) for n in "qkv"]
+        biases = [optional(f"{p}self_attn.{n}_proj.bias", kinds[n]) for n in "qkv"]  # a bias: its weight's rows
         qkv_bias = put(torch.cat(biases)) if all(b is not None for b in biases) else None
-        o_bias = optional(f"{p}self_attn.o_proj.bias") if layout.holds_row_parallel_bias else None
+        sandwich = family.sandwich_norms
         layers.append(LayerWeights(
-            input_norm=put(take(f"{p}input_layernorm.weight")),
-            qkv=put(torch.cat([q, k, v])),
-            qkv_bias=qkv_bias,
-            o=put(take(f"{p}self_attn.o_proj.weight", ROW_ATTENTION)),
-            o_bias=put(o_bias) if o_bias is not None else None,
-            post_norm=put(take(f"{p}post_attention_layernorm.weight")),
-            gate_up=put(torch.cat([take(f"{p}mlp.gate_proj.weight", COLUMN_MLP),
-                                   take(f"{p}mlp.up_proj.weight", COLUMN_MLP)])),
-            down=put(take(f"{p}mlp.down_proj.weight", ROW_MLP)),
+            input_norm=norm(f"{p}input_layernorm.weight"),
+            qkv=Linear.dense(put(torch.cat([q, k, v])), qkv_bias),
+            o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
+            pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
+            mlp=_moe(reader, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, put, take),
+            q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
+            k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
+            post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
+            post_mlp_norm=norm(f"{p}post_feedforward_layernorm.weight") if sandwich else None,
         ))
     embed = put(take(check("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))))
-    lm_head = embed if spec.tie_word_embeddings or "lm_head.weight" not in reader else put(take("lm_head.weight"))
-    return ModelWeights(embed, tuple(layers), put(take("model.norm.weight")), lm_head)
+    tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
+    lm_head = Linear.dense(embed if tied else put(take("lm_head.weight")))
+    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
+
+
+def _gated_mlp(p: str, activation: str, put, take) -> GatedMlp:
+    gate_up = torch.cat([take(f"{p}mlp.gate_proj.weight", COLUMN_MLP), take(f"{p}mlp.up_proj.weight", COLUMN_MLP)])
+    down = take(f"{p}mlp.down_proj.weight", ROW_MLP)
+    return GatedMlp(Linear.dense(put(gate_up)), Linear.dense(put(down)), activation)
+
+
+def _moe(reader: WeightReader, p: str, spec: ModelSpec, put, take) -> MoeMlp:
+    """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter].
+
+    Checkpoints hold one tensor per expert and projection; transformers 5 may also
+    save them already stacked (`experts.gate_up_proj`, `experts.down_proj`)."""
+    names, moe = spec.family.experts, spec.moe
+    block = f"{p}{names.block}."
+    if f"{block}experts.gate_up_proj" in reader:
+        w13, w2 = take(f"{block}experts.gate_up_proj"), take(f"{block}experts.down_proj")
+    else:
+        def expert(e: int, name: str) -> torch.Tensor:
+            return take(f"{block}experts.{e}.{name}.weight")
+
+        w13 = torch.stack([torch.cat([expert(e, names.gate), expert(e, names.up)]) for e in range(moe.num_experts)])
+        w2 = torch.stack([expert(e, names.down) for e in range(moe.num_experts)])
+    _check_shape(w13, (moe.num_experts, 2 * moe.intermediate_size, spec.hidden_size), f"{block}experts (gate/up)")
+    _check_shape(w2, (moe.num_experts, spec.hidden_size, moe.intermediate_size), f"{block}experts (down)")
+    router = Linear.dense(put(take(f"{block}gate.weight")))
+    return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
+
+
+def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ModelLoadError(f"weight {name!r} has shape {tuple(t.shape)}, the config says {shape}")
 
 
 def default_model_dir(cache_root: str | os.PathLike | None = None) -> Path:

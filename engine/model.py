@@ -1,4 +1,4 @@
-"""The Llama-family forward pass over the paged KV cache.
+"""The forward pass over the paged KV cache, one for every family of engine/architectures.py.
 
 One function per phase, over packed tensors (T = tokens in the batch, B = sequences):
 
@@ -9,6 +9,10 @@ One function per phase, over packed tensors (T = tokens in the batch, B = sequen
 each possibly the tail of a longer context already in the cache: chunked prefill)
 or a `DecodeAttention` (one new token per sequence, reading its blocks in place).
 Only the rows in `logit_rows` reach the vocabulary projection.
+
+What differs between families is read from the spec's `Architecture` (norm
+style, q/k norm, sandwich norms, embedding scale) and `LayerSpec`s (sliding
+window, rope table); the layer objects (engine/layers.py) hold the rest.
 """
 from __future__ import annotations
 
@@ -21,11 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .copies import on_device
-from .kernels.activation import silu_and_mul
-from .kernels.gemv import gemv
 from .kernels.paged_attention import paged_decode_attention
 from .kernels.prefill_attention import prefill_attention_varlen
-from .kernels.rms_norm import add_rms_norm, rms_norm
 from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
@@ -57,13 +58,6 @@ class DecodeAttention:
 
 
 LayerHook = Callable[[int], None]
-Linear = Callable[..., torch.Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias)
-
-# Decode steps on CUDA with at most this many sequences run their linear layers
-# through the Triton GEMV (engine/kernels/gemv.py), which streams each weight
-# faster than cuBLAS at one row; more rows, prefill and the CPU use F.linear.
-# 0 turns it off (benchmarks/engine_speed.py compares both in one run).
-GEMV_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -88,8 +82,8 @@ class _PrefillPlan:
                             tuple(flat.split([len(seq) for seq in ids])), attention.context_lens)
 
 
-class LlamaModel:
-    """Weights plus the rope table; stateless otherwise (the KV cache is passed in)."""
+class Model:
+    """Weights plus the rope tables; stateless otherwise (the KV cache is passed in)."""
 
     def __init__(self, loaded: LoadedModel, tp: TensorParallel | None = None):
         """`tp`: the rank's TP group (None: alone); `loaded` must hold this rank's shard."""
@@ -99,12 +93,17 @@ class LlamaModel:
             raise ValueError(f"weights of TP rank {loaded.layout.rank}/{loaded.layout.size} "
                              f"given to rank {self.tp.rank}/{self.tp.size}")
         self.num_heads, self.num_kv_heads = loaded.layout.num_heads, loaded.layout.num_kv_heads  # this rank's
+        self.family = loaded.spec.family
         self.weights = loaded.weights
         self.dtype = loaded.dtype
         self.device = loaded.device
-        inv_freq, scaling = rope_frequencies(loaded.hf_config, self.device)
-        self.cos_sin = build_cos_sin_cache(inv_freq, self.spec.max_model_len, scaling)  # [max_len, head_dim]
-        self.scale = self.spec.head_dim ** -0.5
+        self.cos_sin: dict[str, torch.Tensor] = {}  # per rope table named by the layers, [max_len, head_dim]
+        for rope in sorted({layer.rope for layer in self.spec.layers}):
+            inv_freq, scaling = rope_frequencies(loaded.hf_config, self.device, rope)
+            self.cos_sin[rope] = build_cos_sin_cache(inv_freq, self.spec.max_model_len, scaling)
+        # Gemma rounds sqrt(hidden) to the compute dtype before scaling the embeddings
+        self.embed_scale = (torch.tensor(self.spec.hidden_size ** 0.5, dtype=self.dtype).item()
+                            if self.family.scale_embeddings else None)
 
     def forward(
         self,
@@ -116,25 +115,32 @@ class LlamaModel:
         kv_cache: KvCache,
         on_layer_done: LayerHook | None = None,
     ) -> torch.Tensor:
-        spec = self.spec
         if isinstance(attention, PrefillAttention):
             attention = _PrefillPlan.of(attention, kv_cache.spec.block_size, tokens.device)
-        linear = _linear_for(attention, tokens)
         hidden = F.embedding(tokens, self.weights.embed)  # [T, hidden]
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         residual = None
         for index, layer in enumerate(self.weights.layers):
             if residual is None:
-                residual, normed = hidden, rms_norm(hidden, layer.input_norm, spec.rms_norm_eps)
+                residual, normed = hidden, layer.input_norm(hidden)
             else:  # residual += hidden, in place
-                normed, residual = add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache, linear)
-            normed, residual = add_rms_norm(hidden, residual, layer.post_norm, spec.rms_norm_eps)
-            hidden = self.tp.all_reduce(linear(silu_and_mul(linear(normed, layer.gate_up)), layer.down))
+                normed, residual = layer.input_norm.add(hidden, residual)
+            # o and the MLP's last projection are row-parallel: partial sums until all-reduced
+            hidden = self.tp.all_reduce(self._attention(index, layer, normed, positions, slots, attention, kv_cache))
+            if layer.post_attn_norm is not None:
+                hidden = layer.post_attn_norm(hidden)
+            normed, residual = layer.pre_mlp_norm.add(hidden, residual)
+            hidden = self.tp.all_reduce(layer.mlp(normed))
+            if layer.post_mlp_norm is not None:
+                hidden = layer.post_mlp_norm(hidden)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
-        normed, _ = add_rms_norm(rows, residual.index_select(0, logit_rows), self.weights.norm, spec.rms_norm_eps)
-        return linear(normed, self.weights.lm_head).float()  # [B, vocab]
+        normed, _ = self.weights.norm.add(rows, residual.index_select(0, logit_rows))
+        logits = self.weights.lm_head(normed).float()  # [B, vocab]
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _attention(
         self,
@@ -145,45 +151,44 @@ class LlamaModel:
         slots: torch.Tensor,
         attention: _PrefillPlan | DecodeAttention,
         kv_cache: KvCache,
-        linear: Linear,
     ) -> torch.Tensor:
-        head_dim, num_heads, num_kv_heads = self.spec.head_dim, self.num_heads, self.num_kv_heads
-        qkv = linear(x, layer.qkv, layer.qkv_bias)
+        spec, layer_spec = self.spec, self.spec.layers[index]
+        head_dim, num_heads, num_kv_heads = spec.head_dim, self.num_heads, self.num_kv_heads
+        qkv = layer.qkv(x)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q = qkv[:, :q_size].view(-1, num_heads, head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
-        apply_rope(q, k, positions, self.cos_sin)  # in place, on views of qkv
+        if layer.q_norm is not None:  # in place, on views of qkv
+            layer.q_norm.heads_(q)
+            layer.k_norm.heads_(k)
+        apply_rope(q, k, positions, self.cos_sin[layer_spec.rope])  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         flat = cache.view(2, -1, num_kv_heads, head_dim)
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
         flat.index_copy_(1, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))
+        window = layer_spec.sliding_window
         if isinstance(attention, DecodeAttention):
             out = paged_decode_attention(
-                q, cache[0], cache[1], attention.block_tables, attention.context_lens, self.scale,
-                attention.max_context_len,
+                q, cache[0], cache[1], attention.block_tables, attention.context_lens, spec.scale,
+                attention.max_context_len, window,
             )
         else:
-            out = self._prefill_attention(q, k, v, cache, attention)
-        return self.tp.all_reduce(linear(out.reshape(-1, q_size), layer.o, layer.o_bias))
+            out = self._prefill_attention(q, k, v, cache, attention, window)
+        return layer.o(out.reshape(-1, q_size))
 
     def _prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, plan: _PrefillPlan,
+        window: int | None,
     ) -> torch.Tensor:
         """Causal attention over the packed sequences; cached prefixes are read from their blocks."""
+        scale = self.spec.scale
         if plan.cu_k is None:
-            return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, self.scale)
+            return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, scale, window=window)
         gathered = [_gather_context(cache, ids, context) for ids, context in zip(plan.block_ids, plan.context_lens)]
         k_all = torch.cat([g[0] for g in gathered])
         v_all = torch.cat([g[1] for g in gathered])
-        return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, self.scale, plan.cu_k)
-
-
-def _linear_for(attention: _PrefillPlan | DecodeAttention, tokens: torch.Tensor) -> Linear:
-    """The GEMV for decode steps of few sequences on CUDA, F.linear otherwise."""
-    if isinstance(attention, DecodeAttention) and tokens.is_cuda and tokens.shape[0] <= GEMV_MAX_ROWS:
-        return gemv
-    return F.linear
+        return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, scale, plan.cu_k, window=window)
 
 
 def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """What the engine needs to know of a model, read from its transformers config.
 
-Supported: the Llama family — Llama, Qwen2 (q/k/v bias) and Mistral. Anything
-else is refused with `UnsupportedModel`, naming what is supported.
+Supported: the families of engine/architectures.py — Llama, Qwen2, Mistral, Qwen3,
+Qwen3-MoE, Mixtral and Gemma 3 (text). Anything else is refused with
+`UnsupportedModel`, naming what is supported.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MistralForCausalLM": "mistral",
-}
+from .architectures import (
+    ACTIVATIONS, ARCHITECTURES, SUPPORTED_CLASSES, Architecture, LayerSpec, MoeSpec, find_architecture,
+    layer_specs, moe_spec,
+)
+
 # Rope variants whose frequencies do not depend on the sequence length.
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}
 
@@ -25,10 +26,10 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    architecture: str
+    architecture: str  # a key of architectures.ARCHITECTURES
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # of the dense MLP
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -37,33 +38,65 @@ class ModelSpec:
     max_model_len: int
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
+    layers: tuple[LayerSpec, ...] = ()
+    moe: MoeSpec | None = None
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    attn_logit_softcap: float | None = None  # the same on attention scores (kernels: not yet)
+
+    @property
+    def family(self) -> Architecture:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 
     @property
     def num_params(self) -> int:
-        """Parameters, for FLOP and byte counts."""
+        """Parameters, for byte counts (every expert)."""
+        return self._params(self.moe.num_experts if self.moe else 0)
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token multiplies with (its top-k experts), for FLOP counts."""
+        return self._params(self.moe.top_k if self.moe else 0)
+
+    def _params(self, experts: int) -> int:
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
+        dense = 3 * self.hidden_size * self.intermediate_size
+        sparse = 0 if self.moe is None else (
+            experts * 3 * self.hidden_size * self.moe.intermediate_size + self.moe.num_experts * self.hidden_size)
+        mlps = sum(sparse if layer.moe else dense for layer in self.layers) if self.layers else self.num_layers * dense
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+        return self.num_layers * (attn + 2 * self.hidden_size) + mlps + embed + self.hidden_size
 
 
 def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec:
     """Check a transformers `PretrainedConfig` and turn it into a `ModelSpec`."""
-    architecture = _architecture(config)
-    rope_type = rope_parameters(config).get("rope_type", "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModel(f"rope type {rope_type!r} is not supported; supported: {sorted(SUPPORTED_ROPE_TYPES)}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+    arch = find_architecture(config)
+    if arch is None:
+        names = list(getattr(config, "architectures", None) or []) or getattr(config, "model_type", "?")
+        raise UnsupportedModel(f"architecture {names!r} is not supported; supported: {SUPPORTED_CLASSES}")
+    layers = layer_specs(config, arch)
+    for rope in sorted({layer.rope for layer in layers}):
+        rope_type = rope_parameters(config, rope).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModel(f"rope type {rope_type!r} is not supported; supported: {sorted(SUPPORTED_ROPE_TYPES)}")
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if ACTIVATIONS.get(activation) != arch.activation:
+        raise UnsupportedModel(f"{arch.name}: hidden activation {activation!r} is not supported "
+                               f"(only {[k for k, v in ACTIVATIONS.items() if v == arch.activation]})")
+    _refuse_options(config)
     context = int(config.max_position_embeddings)
-    context = min(context, _sliding_window_limit(config))
     if max_model_len is not None:
         if max_model_len > context:
             raise UnsupportedModel(f"max_model_len {max_model_len} exceeds the model's context of {context} tokens")
         context = max_model_len
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = getattr(config, "query_pre_attn_scalar", None)
     return ModelSpec(
-        architecture=architecture,
+        architecture=arch.name,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -75,51 +108,50 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
         max_model_len=context,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         eos_token_ids=_eos_ids(config),
+        layers=layers,
+        moe=moe_spec(config, arch),
+        attention_scale=float(scalar) ** -0.5 if scalar else None,
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None) or None,
+        attn_logit_softcap=getattr(config, "attn_logit_softcapping", None) or None,
     )
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """transformers 5 keeps rope settings in `rope_parameters`; older configs in `rope_scaling`."""
+def _refuse_options(config: Any) -> None:
+    """Config switches that would change the outputs in ways the engine does not implement."""
+    for option in ("mlp_bias", "use_bidirectional_attention"):
+        if getattr(config, option, False):
+            raise UnsupportedModel(f"{option}=True is not supported")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UnsupportedModel("attn_logit_softcapping is not supported (the attention kernels do not cap scores)")
+
+
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """transformers 5 keeps rope settings in `rope_parameters` (Gemma 3: one dict per layer type);
+    older configs in `rope_scaling`."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
     params = dict(params)
     params.setdefault("rope_type", params.get("type", "default"))
     return params
 
 
-def rope_frequencies(config: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2], attention scaling), from transformers' own rope table."""
+def rope_frequencies(config: Any, device: torch.device | str = "cpu", layer_type: str | None = None
+                     ) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2], attention scaling) of one layer type, from transformers' own rope table."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope_type = rope_parameters(config)["rope_type"]
+    params = rope_parameters(config, layer_type)
+    rope_type = params["rope_type"]
     if rope_type == "default":
-        theta = rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         return inv_freq.to(device), 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+    per_type = isinstance((getattr(config, "rope_parameters", None) or {}).get(layer_type), dict)
+    kwargs = {"layer_type": layer_type} if per_type else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
     return inv_freq.float(), float(scaling)
-
-
-def _architecture(config: Any) -> str:
-    names = list(getattr(config, "architectures", None) or [])
-    model_type = getattr(config, "model_type", "")
-    for name in names:
-        if name in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[name]
-    if not names and model_type in SUPPORTED_ARCHITECTURES.values():
-        return model_type
-    raise UnsupportedModel(
-        f"architecture {names or model_type!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-    )
-
-
-def _sliding_window_limit(config: Any) -> int:
-    # The engine attends over the whole context; a sliding window shorter than the
-    # context would change the outputs, so the context is capped at the window.
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
-        window = None
-    return int(window) if window else 1 << 30
 
 
 def _eos_ids(config: Any) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ import torch
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec
 from .loader import LoadedModel
-from .model import DecodeAttention, LayerHook, LlamaModel, PrefillAttention
+from .model import DecodeAttention, LayerHook, Model, PrefillAttention
 from .parallel import TensorParallel
 from .copies import host_to_device, on_device
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
@@ -56,7 +56,7 @@ class ModelRunner:
                  tp: TensorParallel | None = None):
         """`use_cuda_graphs`: None means on CUDA (and a TP group graphs can hold); graphs cover decode
         batches up to `max_decode_batch`. `tp`: this rank's TP group, `loaded` its shard."""
-        self.model = LlamaModel(loaded, tp)
+        self.model = Model(loaded, tp)
         self.tp = self.model.tp
         self.spec = loaded.spec
         self.device = loaded.device

@@ -36,6 +36,9 @@ def check_tp_size(spec: ModelSpec, size: int) -> None:
     """Refuse a TP size the model's head counts or MLP width do not divide."""
     if size < 1:
         raise UnsupportedModel(f"tensor_parallel_size must be >= 1, got {size}")
+    if size > 1 and spec.moe is not None:
+        raise UnsupportedModel(f"tensor_parallel_size {size}: MoE models run at TP 1 for now "
+                               "(their experts are not sharded yet)")
     problems = []
     if spec.num_heads % size:
         problems.append(f"{spec.num_heads} attention heads")

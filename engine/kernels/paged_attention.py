@@ -11,6 +11,8 @@ Shapes (KV layout from engine/kv_cache.py, one layer's K or V):
 
 Query head h reads KV head h // (num_heads // num_kv_heads), as transformers'
 `repeat_kv` does. A row with context_lens 0 is padding: its output is zeros.
+With a sliding `window` the query (the last token) sees only the last `window`
+tokens of its context (itself included), as transformers' sliding_window_overlay.
 
 GPU path, flash-decoding style, two launches:
   1. `_decode_partition_kernel`, grid (B, num_kv_heads, num_partitions): each
@@ -18,7 +20,7 @@ GPU path, flash-decoding style, two launches:
      once per group) over one slice of the context, walks it in BLOCK_N-token
      tiles gathered through the block table in place, and keeps an fp32 online
      softmax. It writes the slice's normalised output and its log-sum-exp.
-     Each sequence cuts ITS OWN context into the grid's num_partitions slices
+     Each sequence cuts ITS OWN context (or the window of it) into the grid's num_partitions slices
      (a multiple of BLOCK_N tokens each, read on the device from context_lens),
      so a launch sized without a host-side bound (a CUDA graph captured once for
      every context length) still spreads a short context over the slices.
@@ -53,6 +55,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale)·V per sequence; Triton on CUDA, the torch reference elsewhere.
 
@@ -63,9 +66,9 @@ def paged_decode_attention(
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
         return paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len
+            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, window
         )
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
 def paged_decode_attention_reference(
@@ -75,6 +78,7 @@ def paged_decode_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Gathers each sequence's K/V and runs a plain fp32 softmax; one sequence at a time."""
     _, num_heads, head_dim = q.shape
@@ -86,8 +90,9 @@ def paged_decode_attention_reference(
             continue
         blocks = block_tables[seq, : math.ceil(context_len / block_size)].long()
         # [context_len, num_heads, head_dim], each KV head repeated for its query heads
-        k = k_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1)
-        v = v_cache[blocks].flatten(0, 1)[:context_len].float().repeat_interleave(group_size, dim=1)
+        first = max(0, context_len - window) if window else 0
+        k = k_cache[blocks].flatten(0, 1)[first:context_len].float().repeat_interleave(group_size, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[first:context_len].float().repeat_interleave(group_size, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[seq].float(), k) * scale  # [num_heads, context_len]
         out[seq] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
@@ -101,6 +106,7 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Launches the two kernels; works on any device Triton runs on (the interpreter included)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -113,6 +119,9 @@ def paged_decode_attention_triton(
     group_size = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
+    if window:
+        max_context_len = min(max_context_len, window)
+    window = window or 0  # 0: the whole context
     num_partitions = _num_partitions(num_seqs, num_kv_heads, max(max_context_len, 1), q.device)
 
     out = torch.empty_like(q)
@@ -127,7 +136,7 @@ def paged_decode_attention_triton(
     block_d = triton.next_power_of_2(head_dim)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * math.log2(math.e), num_partitions,
+        scale * math.log2(math.e), num_partitions, window,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -145,7 +154,7 @@ def paged_decode_attention_triton(
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            partial, lse, context_lens, out, num_partitions,
+            partial, lse, context_lens, out, num_partitions, window,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
@@ -164,10 +173,16 @@ def _num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: int, devi
 
 
 @triton.jit
-def _slice_tokens(context_len, num_partitions, BLOCK_N: tl.constexpr):
-    """Tokens per slice of one sequence: its context over the slices, rounded up to BLOCK_N (>= BLOCK_N)."""
-    per_slice = tl.cdiv(context_len, num_partitions)
+def _slice_tokens(span, num_partitions, BLOCK_N: tl.constexpr):
+    """Tokens per slice of one sequence: its span over the slices, rounded up to BLOCK_N (>= BLOCK_N)."""
+    per_slice = tl.cdiv(span, num_partitions)
     return tl.maximum(tl.cdiv(per_slice, BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit
+def _first_token(context_len, window):
+    """The first context position the query sees: 0, or the window's start (window 0: none)."""
+    return tl.where(window > 0, tl.maximum(context_len - window, 0), 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,6 +203,7 @@ def _decode_partition_kernel(
     lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of each slice's scaled scores
     qk_scale,  # scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
     num_partitions,  # slices per sequence (the grid's third axis)
+    window,  # a sliding window's keys (0: the whole context)
     stride_qb, stride_qh,
     stride_kvb, stride_kvt, stride_kvh,
     stride_btb,
@@ -205,8 +221,9 @@ def _decode_partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    partition_size = _slice_tokens(context_len, num_partitions, BLOCK_N)
-    start = part * partition_size
+    first = _first_token(context_len, window)
+    partition_size = _slice_tokens(context_len - first, num_partitions, BLOCK_N)
+    start = first + part * partition_size
     end = tl.minimum(start + partition_size, context_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -263,6 +280,7 @@ def _decode_reduce_kernel(
     context_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, D]
     num_partitions,  # slices per sequence in the partition kernel's grid
+    window,  # as the partition kernel's
     stride_pb, stride_ph, stride_pp,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
@@ -274,8 +292,9 @@ def _decode_reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    partition_size = _slice_tokens(context_len, num_partitions, BLOCK_N)
-    num_used = tl.cdiv(context_len, partition_size)  # only slices that hold tokens
+    span = context_len - _first_token(context_len, window)
+    partition_size = _slice_tokens(span, num_partitions, BLOCK_N)
+    num_used = tl.cdiv(span, partition_size)  # only slices that hold tokens
 
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)

@@ -10,7 +10,9 @@ Shapes (sequences packed back to back, no padding):
 
 Chunked prefill: a sequence may have fewer queries than keys (q_len <= k_len);
 its queries are then the LAST q_len positions, so query i sees keys
-j <= i + (k_len - q_len) (bottom-right aligned causal mask).
+j <= i + (k_len - q_len) (bottom-right aligned causal mask). With a sliding
+`window`, also only j > i + (k_len - q_len) - window: the last `window` keys,
+itself included (transformers' sliding_window_overlay).
 Query head h reads KV head h // (num_heads // num_kv_heads).
 
 GPU path: grid (ceil(max_seqlen_q / BLOCK_M), B, num_heads); each program
@@ -39,10 +41,11 @@ def prefill_attention_varlen(
     max_seqlen_q: int,
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     if use_triton(q, k, v, cu_seqlens_q):
-        return prefill_attention_varlen_triton(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k)
-    return prefill_attention_varlen_reference(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k)
+        return prefill_attention_varlen_triton(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k, window)
+    return prefill_attention_varlen_reference(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k, window)
 
 
 def prefill_attention_varlen_reference(
@@ -53,6 +56,7 @@ def prefill_attention_varlen_reference(
     max_seqlen_q: int,
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One torch SDPA call per sequence, in fp32 (max_seqlen_q is unused here)."""
     starts_q = cu_seqlens_q.tolist()
@@ -64,6 +68,8 @@ def prefill_attention_varlen_reference(
         q_len, k_len = q_rows.stop - q_rows.start, k_rows.stop - k_rows.start
         # bottom-right causal: equals is_causal when q_len == k_len
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        if window:
+            mask = mask.triu(k_len - q_len - window + 1)
         attended = F.scaled_dot_product_attention(
             q[q_rows].transpose(0, 1).float(),  # [H, q_len, D]
             k[k_rows].transpose(0, 1).float(),  # [KVH, k_len, D]
@@ -84,6 +90,7 @@ def prefill_attention_varlen_triton(
     max_seqlen_q: int,
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
@@ -97,7 +104,7 @@ def prefill_attention_varlen_triton(
     grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), window or 0,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
@@ -122,6 +129,7 @@ def _prefill_kernel(
     cu_seqlens_q_ptr,  # [B + 1] int32
     cu_seqlens_k_ptr,  # [B + 1] int32
     qk_scale,  # scale * log2(e): the softmax runs in base 2
+    window,  # a sliding window's keys (0: every earlier key)
     stride_qt, stride_qh,
     stride_kvt, stride_kvh,
     stride_ot, stride_oh,
@@ -155,21 +163,29 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # keys past the last query's causal limit are never needed
+    # keys past the last query's causal limit are never needed, nor (with a window) keys
+    # before the first query's window: start at the tile holding its first key
     n_end = tl.minimum(k_len, (m_block + 1) * BLOCK_M + causal_offset)
-    for n_start in range(0, n_end, BLOCK_N):
+    n_first = 0
+    if window > 0:
+        n_first = tl.maximum(m_block * BLOCK_M + causal_offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    for n_start in range(n_first, n_end, BLOCK_N):
         keys = n_start + offs_n
         kv_mask = (keys < k_len)[:, None] & d_mask[None, :]
         kv_offs = kv_base + keys.to(tl.int64)[:, None] * stride_kvt + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = (keys[None, :] <= offs_m[:, None] + causal_offset) & (keys[None, :] < k_len)
+        if window > 0:
+            visible = visible & (keys[None, :] > offs_m[:, None] + causal_offset - window)
         scores = tl.where(visible, scores, float("-inf"))
-        # every query row sees key 0, and padded rows (past q_len) see it too, so no row of
-        # the first tile is all -inf and m_new stays finite
+        # A row may see no key of a tile (before its window, or past its causal limit while
+        # another row needs the tile): m_new is then -inf, and subtracting 0 instead keeps
+        # exp2 at 0 rather than NaN.
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
         v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -178,6 +194,6 @@ def _prefill_kernel(
     out_rows = (q_start + offs_m).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(
         out_ptr + out_rows[:, None] + offs_d[None, :],
-        acc / l_i[:, None],
+        acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
         mask=m_mask[:, None] & d_mask[None, :],
     )

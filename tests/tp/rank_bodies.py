@@ -41,4 +41,4 @@ def generate_greedy(tp: TensorParallel, model_dir: str, prompts: list[list[int]]
     sequences = [OfflineSequence(list(p), max_tokens) for p in prompts]
     list(engine.generate(sequences, ignore_eos=True))
     return {"outputs": [s.output for s in sequences], "kv_heads": engine.runner.kv_cache.spec.num_kv_heads,
-            "qkv_rows": loaded.weights.layers[0].qkv.shape[0]}
+            "qkv_rows": loaded.weights.layers[0].qkv.out_features}

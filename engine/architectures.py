@@ -1,0 +1,128 @@
+"""The model families the engine runs, each a declarative description of how it differs.
+
+One forward pass (engine/model.py) serves every family; it reads an
+`Architecture` for what sets a family apart (norm style, activation, q/k norm,
+sandwich norms, embedding scale, MoE routing and weight names) and the
+`LayerSpec`s of one model's config for what differs per layer (sliding window,
+rope table, MoE or dense MLP). Adding a family is adding an entry here (and, for
+a new kind of layer, the layer in engine/layers.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """Where an MoE block keeps its router and experts in the checkpoint: `{block}.gate.weight`,
+    `{block}.experts.{e}.{gate|up|down}.weight`."""
+
+    block: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What one family's forward pass does differently from Llama's."""
+
+    name: str
+    hf_classes: tuple[str, ...]  # config.architectures entries that mean this family
+    model_types: tuple[str, ...]  # config.model_type values (configs without `architectures`)
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): Gemma's (1 + w)
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # RMSNorm over each q and k head before rope (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # also a norm after attention and after the MLP (Gemma 3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma 3)
+    experts: ExpertNames | None = None  # MoE layers' checkpoint names; None: dense only
+    pre_mlp_norm: str = "post_attention_layernorm"  # the norm before the MLP, by checkpoint name
+
+
+LLAMA = Architecture("llama", ("LlamaForCausalLM",), ("llama",))
+QWEN2 = Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",))
+MISTRAL = Architecture("mistral", ("MistralForCausalLM",), ("mistral",))
+QWEN3 = Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), qk_norm=True)
+QWEN3_MOE = Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), qk_norm=True,
+                         experts=ExpertNames())
+MIXTRAL = Architecture("mixtral", ("MixtralForCausalLM",), ("mixtral",),
+                       experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2"))
+GEMMA3 = Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), norm_offset=1.0,
+                      activation="gelu_tanh", qk_norm=True, sandwich_norms=True, scale_embeddings=True,
+                      pre_mlp_norm="pre_feedforward_layernorm")
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN3_MOE, MIXTRAL, GEMMA3)}
+SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
+# transformers' names of the activations, by what the engine calls them
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer does that another may not."""
+
+    sliding_window: int | None  # keys a query sees, itself included; None: the whole context
+    rope: str  # which rope table: FULL_ATTENTION or SLIDING_ATTENTION (Gemma 3 has one each)
+    moe: bool  # a sparse MoE block instead of the dense MLP
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    renormalize: bool  # top-k probabilities divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
+
+
+def find_architecture(config: Any) -> Architecture | None:
+    """The family of a transformers config, or None if the engine has none for it."""
+    names = list(getattr(config, "architectures", None) or [])
+    for arch in ARCHITECTURES.values():
+        if any(name in arch.hf_classes for name in names):
+            return arch
+    model_type = getattr(config, "model_type", "")
+    if not names:
+        return next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
+    return None
+
+
+def layer_specs(config: Any, arch: Architecture) -> tuple[LayerSpec, ...]:
+    """Each layer's window, rope table and MLP kind, from the config's layer_types and MoE fields."""
+    window = getattr(config, "sliding_window", None) or None
+    types = getattr(config, "layer_types", None)
+    if types is None:  # Mistral, Mixtral: one window (or none) for every layer
+        types = [SLIDING_ATTENTION if window else FULL_ATTENTION] * config.num_hidden_layers
+    return tuple(
+        LayerSpec(
+            sliding_window=int(window) if kind == SLIDING_ATTENTION and window else None,
+            rope=SLIDING_ATTENTION if kind == SLIDING_ATTENTION else FULL_ATTENTION,
+            moe=_is_moe_layer(config, arch, i),
+        )
+        for i, kind in enumerate(types)
+    )
+
+
+def moe_spec(config: Any, arch: Architecture) -> MoeSpec | None:
+    if arch.experts is None:
+        return None
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
+    return MoeSpec(
+        num_experts=int(num_experts),
+        top_k=int(config.num_experts_per_tok),
+        intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        renormalize=bool(getattr(config, "norm_topk_prob", True)),
+    )
+
+
+def _is_moe_layer(config: Any, arch: Architecture, index: int) -> bool:
+    """Mixtral: every layer. Qwen3-MoE: every decoder_sparse_step-th, except mlp_only_layers."""
+    if arch.experts is None:
+        return False
+    if index in (getattr(config, "mlp_only_layers", None) or ()):
+        return False
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return (index + 1) % step == 0

@@ -1,0 +1,58 @@
+"""The projections of the model: `y = x @ W.T (+ b)`, whatever W is stored as.
+
+The model only calls `proj(x)`. A `Linear` hides how its weight is held (a dense
+tensor in the compute dtype here; FP8 with scales in engine/fp8.py) and which
+kernel multiplies: on CUDA, inputs of at most `GEMV_MAX_ROWS` rows (decode steps
+of few sequences) go through the Triton GEMV (engine/kernels/gemv.py), which
+streams a weight faster than cuBLAS at one row; more rows and the CPU use
+F.linear. Sharding is decided at load time: a shard is just a smaller Linear.
+
+    Linear.dense(weight [N, K], bias [N] | None)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.gemv import gemv
+
+# At most this many rows on CUDA run through the Triton GEMV; 0 turns it off
+# (benchmarks/engine_speed.py compares both in one run). Read at each call.
+GEMV_MAX_ROWS = 8
+
+
+class Linear:
+    """A projection `y = x @ W.T (+ b)`; subclasses hold the weight in their own format."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in_features] -> [M, out_features] in x's dtype."""
+        raise NotImplementedError
+
+    @staticmethod
+    def dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Linear":
+        """A weight [N, K] in the compute dtype (the nn.Linear layout)."""
+        return DenseLinear(weight, bias)
+
+
+@dataclass(frozen=True, eq=False)
+class DenseLinear(Linear):
+    weight: torch.Tensor  # [N, K], contiguous
+    bias: torch.Tensor | None = None  # [N]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
