@@ -57,6 +57,7 @@ from pdserve.engine.weight_reader import WeightReader
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from pdserve.decode_worker.outbox import Outbox, TokenBatch
 from shapes import LLAMA3_8B
 
 BLOCK_SIZE = 16
@@ -330,12 +331,16 @@ def worker_step_ms(runner, batch: int, context: int, overlap: bool, max_tokens: 
     times: list[list[float]] = [[] for _ in range(batch)]
     finished = threading.Semaphore(0)
 
-    def sink_for(i: int):
-        def sink(event):
-            times[i].extend([time.perf_counter()] * len(event.token_ids))
-            if event.is_final:
-                finished.release()
-        return sink
+    rows: dict[int, int] = {}  # transfer id -> i
+
+    def deliver(batch: TokenBatch):
+        now = time.perf_counter()
+        for transfer_id in batch.transfer_ids:
+            times[rows[transfer_id]].append(now)
+        for _ in batch.endings:
+            finished.release()
+
+    outbox = Outbox(deliver)
 
     gen = torch.Generator().manual_seed(batch)
     deadline = time.time() + 300
@@ -343,8 +348,9 @@ def worker_step_ms(runner, batch: int, context: int, overlap: bool, max_tokens: 
         for i in range(batch):
             prompt = tuple(torch.randint(0, runner.spec.vocab_size, (context - max_tokens // 2,), generator=gen).tolist())
             reservation = worker.reserve(f"r{i}", len(prompt), max_tokens, deadline)
+            rows[reservation.transfer_id] = i
             worker.open(StreamStart(reservation.transfer_id, f"r{i}", prompt, (), True, max_tokens, SamplingParams(),
-                                    frozenset(), deadline), sink_for(i))
+                                    frozenset(), deadline), outbox)
         for _ in range(batch):
             assert finished.acquire(timeout=60), "the worker did not finish"
     finally:

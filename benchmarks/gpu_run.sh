@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the serving pipeline on a GPU. Run from the repo root on the device
 # machine with .carry carried (Ray's site from ../shared/tools/gpu-site, tokenizer files):
-#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench] [overlap]  (one GPU)
+#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench] [overlap] [plane] [serving8b]  (one GPU)
 #   bash benchmarks/gpu_run.sh [nccl_tests] [pipeline2] [handoff2] [goodput2]     (two GPUs)
 set -u
 export PYTHONUNBUFFERED=1
@@ -22,6 +22,8 @@ for step in "$@"; do
     pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
+    plane) timeout 400 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane > "$OUT/plane.log" 2>&1 ;;
+    serving8b) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
     overlap) timeout 560 python3 benchmarks/gpu_overlap.py .carry/tokenizer "$OUT" > "$OUT/overlap.log" 2>&1 ;;
     nccl_tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
                tests/transfer/test_cuda_ipc.py > "$OUT/nccl_tests.log" 2>&1 ;;

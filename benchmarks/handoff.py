@@ -149,6 +149,8 @@ def run(args) -> list[Sample]:
 
 
 def _one(decode, requests, results, length: int, stream_start) -> Sample:
+    from pdserve.decode_worker.outbox import Outbox, TokenBatch
+
     prompt = [(i * 7919) % 30000 + 1 for i in range(length)]
     reservation = decode.reserve("bench", length, 3, time.time() + 120)
     requests.put(("push", prompt, reservation.destination))
@@ -160,14 +162,14 @@ def _one(decode, requests, results, length: int, stream_start) -> Sample:
     first_out = threading.Event()
     times: list[float] = []
 
-    def sink(event):
-        if event.token_ids:
+    def deliver(batch: TokenBatch):
+        if batch.token_ids:
             times.append(time.monotonic())
-        if event.is_final:
+        if batch.endings:
             first_out.set()
 
     decode.open(stream_start(reservation.transfer_id, "bench", tuple(prompt), (result.first_token,), False, 3,
-                             SamplingParams(), frozenset(), time.time() + 120), sink)
+                             SamplingParams(), frozenset(), time.time() + 120), Outbox(deliver))
     assert first_out.wait(120) and len(times) == 2
     step = times[1] - times[0]  # one decode step, measured on this very sequence
     copy = _copy_time(decode.runner, length)

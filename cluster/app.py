@@ -19,9 +19,6 @@ from .autoscaling import serve_autoscaling_config
 from .config import PdserveConfig, ReplicaRange, load_config
 from .deployments import DecodeDeployment, PrefillDeployment, RouterDeployment
 
-GRPC_SERVICERS = ["pdserve.protos.pdserve.v1.generate_pb2_grpc.add_GenerationServicer_to_server"]
-
-
 def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     """The pdserve application: router → prefill pool → decode pool (or one colocated pool)."""
     config = args if isinstance(args, PdserveConfig) else load_config(args)
@@ -39,7 +36,7 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
                              config.decode.gpus_per_replica, config.decode.ray_resources, config,
                              DECODE_POLICIES[config.router.decode_policy]).bind(plain)
     router = serve.deployment(RouterDeployment).options(
-        name="router", num_replicas=1, max_ongoing_requests=10_000,
+        name="router", num_replicas=config.router.replicas, max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
     )
     return router.bind(plain, prefill, decode)

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--router-replicas", type=int,
+                       help="router processes, each listening on the HTTP and gRPC ports (default 1)")
     serve.add_argument("--address", help="join this Ray cluster instead of starting one")
     serve.add_argument("--api-key", help="require this bearer key (or set PDSERVE_API_KEY)")
     serve.add_argument("--slo-ttft-ms", type=float)
@@ -111,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
         "router.http_host": args.http_host,
         "router.http_port": args.http_port,
         "router.grpc_port": args.grpc_port,
+        "router.replicas": args.router_replicas,
         "router.api_key": args.api_key or os.environ.get("PDSERVE_API_KEY"),
         "slo.ttft_ms": args.slo_ttft_ms,
         "slo.tpot_ms": args.slo_tpot_ms,

@@ -11,7 +11,7 @@ before anything starts. `load_config(mapping)` is the only way in.
     kv_cache:     {block_size, num_blocks, memory_fraction}
     transfer:     {backend, timeout_s}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
-                   short_prompt_tokens, api_key, ray_resources}
+                   short_prompt_tokens, api_key, ray_resources, replicas}
     slo:          {ttft_ms, tpot_ms}
     autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
@@ -130,6 +130,7 @@ class RouterConfig:
     short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
     api_key: str | None = None
     ray_resources: dict[str, float] = field(default_factory=dict)
+    replicas: int = 1  # each binds http_port and grpc_port too (SO_REUSEPORT): the kernel spreads connections
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ _POSITIVE = {
     ("decode", "max_running"), ("decode", "max_waiting"),
     ("kv_cache", "block_size"), ("kv_cache", "num_blocks"), ("kv_cache", "cpu_num_blocks"),
     ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),
-    ("autoscaling", "interval_s"), ("limits", "max_body_bytes"),
+    ("autoscaling", "interval_s"), ("limits", "max_body_bytes"), ("router", "replicas"),
     ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
     ("limits", "request_timeout_s"), ("model", "max_model_len"),
 }

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 from fastapi.responses import PlainTextResponse
@@ -33,6 +33,7 @@ from pdserve.router.generation import (
     DeadlineExceeded, InvalidRequest, Overloaded, TransferFailed, TryElsewhere, Unavailable,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
+from pdserve.router.ingress import Ingress, IngressSettings
 from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
@@ -80,7 +81,8 @@ def _runner(config: PdserveConfig) -> ModelRunner:
     per_block = 2 * kv.block_size * loaded.spec.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
     per_block *= torch.empty(0, dtype=loaded.dtype).element_size()
     blocks = kv.num_blocks or num_blocks_that_fit(per_block, device, kv.memory_fraction, kv.cpu_num_blocks)
-    return ModelRunner(loaded, blocks, kv.block_size)
+    # CUDA graphs for every batch size the decode loop may run
+    return ModelRunner(loaded, blocks, kv.block_size, max_decode_batch=config.decode.max_running)
 
 
 def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
@@ -213,9 +215,9 @@ class DecodeDeployment:
         self.worker.close()
 
 
-@serve.ingress()
 class RouterDeployment:
-    """HTTP (OpenAI API) through Serve's HTTP proxy; gRPC `pdserve.v1.Generation` through its gRPC proxy."""
+    """The ingress: HTTP (OpenAI API) and gRPC `pdserve.v1.Generation` on the router's own listeners
+    (router/ingress.py), shared by every router replica of a node; Ray Serve's proxies stay off."""
 
     def __init__(self, config: dict[str, Any], prefill: Any, decode: Any):
         self.config = load_config(config)
@@ -231,13 +233,18 @@ class RouterDeployment:
             max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
             max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
-        self.grpc = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
         self._registry = registry()
+        router = self.config.router
+        self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
+        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
+        self.ingress.start(self._http_app(), grpc_front)
 
-    def __serve_build_asgi_app__(self):
+    def _http_app(self):
         app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
+        # KubeRay's probe of a Serve node (GET /-/healthz on the HTTP port, expects "success")
+        app.add_api_route("/-/healthz", lambda: PlainTextResponse("success"), methods=["GET"])
         if self.api_key is not None:
             app.add_middleware(ApiKeyMiddleware, api_key=self.api_key)
         return app
@@ -252,9 +259,10 @@ class RouterDeployment:
         return {"model": model_name(self.config), "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
-    async def Generate(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
-        async for response in self.grpc.Generate(request, grpc_context):
-            yield response
+    def ping(self) -> int:
+        return 1
 
-    async def Health(self, request: Any, grpc_context: Any = None) -> Any:
-        return await self.grpc.Health(request, grpc_context)
+    def __del__(self) -> None:
+        ingress = getattr(self, "ingress", None)  # None when the constructor failed before it
+        if ingress is not None:
+            ingress.stop()

@@ -9,7 +9,7 @@ import torch
 
 from pdserve.engine.loader import default_model_dir
 
-from .app import GRPC_SERVICERS, build_app
+from .app import build_app
 from .autoscaling import is_autoscaled, serve_application_policy
 from .config import PdserveConfig, load_config
 
@@ -39,11 +39,8 @@ def start(config: PdserveConfig, address: str | None) -> None:
     else:
         # Everything on loopback: the KV channels, the token streams and Ray itself.
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
-    router = config.router
-    serve.start(
-        http_options={"host": router.http_host, "port": router.http_port},
-        grpc_options={"port": router.grpc_port, "grpc_servicer_functions": GRPC_SERVICERS},
-    )
+    # The router replicas listen on router.http_port / grpc_port themselves (router/ingress.py).
+    serve.start(proxy_location="Disabled")
     if is_autoscaled(config):
         _deploy_with_policy(config)
     else:

@@ -29,6 +29,7 @@ class DecodeLoad:
     step_time_s: float  # mean recent decode step time
     batch_size: float  # mean recent batch size of those steps
     tokens_per_s: float
+    host_s_per_seq: float  # the decode loop's own host time per running sequence per step (not waiting for the GPU)
     is_draining: bool
     overlap_steps: bool  # the loop queues step N+1 before reading step N's tokens
 

@@ -6,16 +6,17 @@
         └──deadline passes, cancelled, transfer failed──▶ FAILED (blocks freed)
 
 RESERVED holds blocks for prompt + max_tokens, so a running sequence never runs
-out of KV. Every state past RESERVED has a sink that receives the token events.
+out of KV. Every state past RESERVED has an outbox (its router's stream) that
+receives its tokens and its `Ending`.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable
-
 from pdserve.engine.block_pool import BlockTable
 from pdserve.engine.sampler import SamplingParams
+
+from .outbox import Outbox
 
 
 class SequenceState(enum.Enum):
@@ -26,25 +27,6 @@ class SequenceState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Tokens produced in one step for one sequence; the last event carries finish or error."""
-
-    token_ids: tuple[int, ...] = ()
-    logprobs: tuple[float, ...] = ()
-    finish_reason: str | None = None  # "stop" | "length"
-    error: str | None = None
-    error_code: str | None = None  # "deadline" | "transfer_failed" | "invalid" | "unavailable"
-    timings: dict[str, float] | None = None  # on the finish event: kv_wait_s, prefill_s, decode_s, decode_steps
-
-    @property
-    def is_final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-Sink = Callable[[TokenEvent], None]
 
 
 @dataclass
@@ -60,7 +42,7 @@ class DecodeSequence:
     generated: list[int] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
-    sink: Sink | None = None
+    outbox: Outbox | None = None  # where its tokens go, once a stream opened it
     num_prefilled: int = 0  # tokens whose KV is in the cache (local chunked prefill)
     opened_at: float = 0.0
     admitted_at: float = 0.0

@@ -1,16 +1,17 @@
-"""The decode replica's gRPC server: one server stream of token chunks per request.
+"""The decode replica's gRPC server: one stream of token batches per subscribed router.
 
-The router opens `DecodeStream.Stream` on the replica that holds the request's
-reservation. Tokens produced while a message is being sent are coalesced into the
-next one, so a slow client gets several tokens per message instead of a backlog.
-A cancelled call aborts the request, which frees its blocks at once.
+A router process opens `Subscribe` once per decode replica, then `Open`s each
+reservation on it; every engine step's tokens for that router's requests travel
+as one `TokenBatch` message. Batches produced while one is being sent are merged
+into the next, so a slow router gets fewer, larger messages instead of a backlog.
+A subscription that closes (router gone) aborts its requests, which frees their
+blocks at once; `Release` does the same for one request (its client left).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -18,7 +19,7 @@ from pdserve.engine.sampler import SamplingParams
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
-from .sequence import TokenEvent
+from .outbox import Outbox, TokenBatch
 from .worker import DecodeWorker, StreamStart
 
 log = logging.getLogger(__name__)
@@ -35,50 +36,49 @@ def stream_start(request: pb.StreamRequest) -> StreamStart:
     )
 
 
+def batch_message(batch: TokenBatch) -> pb.TokenBatch:
+    """The proto of a batch: columns copied in bulk, endings one by one (one per finished request)."""
+    message = pb.TokenBatch(transfer_ids=batch.transfer_ids, token_ids=batch.token_ids, logprobs=batch.logprobs)
+    for e in batch.endings:
+        ending = message.endings.add(transfer_id=e.transfer_id, finish_reason=e.finish_reason or "",
+                                     error=e.error or "", error_code=e.error_code or "")
+        if e.timings:
+            ending.timings.CopyFrom(pb.DecodeTimings(**e.timings))
+    return message
+
+
 class DecodeStreamService(pb_grpc.DecodeStreamServicer):
-    def __init__(self, worker: DecodeWorker, executor: ThreadPoolExecutor):
+    def __init__(self, worker: DecodeWorker):
         self.worker = worker
-        self.executor = executor  # waits for KV landing block a thread each
+        self._subscribers: dict[str, Outbox] = {}
 
-    async def Stream(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext):
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext):
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        start = stream_start(request)
-
-        def sink(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        opening = loop.run_in_executor(self.executor, self.worker.open, start, sink)
-        finished = False
+        batches: asyncio.Queue[TokenBatch] = asyncio.Queue()
+        outbox = Outbox(lambda batch: loop.call_soon_threadsafe(batches.put_nowait, batch), request.subscriber_id)
+        self._subscribers[request.subscriber_id] = outbox
         try:
-            while not finished:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                chunk, finished = _merge(batch)
-                yield chunk
+            yield pb.TokenBatch()  # registered: the router may Open now
+            while True:
+                merged = await batches.get()
+                while not batches.empty():
+                    merged.extend(batches.get_nowait())
+                yield batch_message(merged)
         finally:
-            if not finished:
-                self.worker.abort(request.transfer_id, "stream closed by the router")
-            await asyncio.shield(opening)
+            self._subscribers.pop(request.subscriber_id, None)
+            self.worker.abort_subscriber(outbox, "the router's stream closed")
+
+    async def Open(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> pb.OpenReply:
+        outbox = self._subscribers.get(request.subscriber_id)
+        if outbox is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no subscription {request.subscriber_id!r} on this decode replica")
+        self.worker.open(stream_start(request), outbox)
+        return pb.OpenReply()
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         self.worker.abort(request.transfer_id, request.reason or "released by the router")
         return pb.ReleaseReply()
-
-
-def _merge(events: list[TokenEvent]) -> tuple[pb.TokenChunk, bool]:
-    chunk = pb.TokenChunk()
-    for event in events:
-        chunk.token_ids.extend(event.token_ids)
-        chunk.logprobs.extend(event.logprobs)
-        if event.finish_reason:
-            chunk.finish_reason = event.finish_reason
-        if event.error:
-            chunk.error, chunk.error_code = event.error, event.error_code or "unavailable"
-        if event.timings:
-            chunk.timings.CopyFrom(pb.DecodeTimings(**event.timings))
-    return chunk, bool(chunk.finish_reason or chunk.error)
 
 
 class StreamServer:
@@ -86,7 +86,6 @@ class StreamServer:
 
     def __init__(self, worker: DecodeWorker, host: str = "127.0.0.1", port: int = 0):
         self.worker = worker
-        self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kv-wait")
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._host, self._port = host, port
@@ -103,7 +102,7 @@ class StreamServer:
 
     async def _start(self) -> None:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_DecodeStreamServicer_to_server(DecodeStreamService(self.worker, self._executor), self._server)
+        pb_grpc.add_DecodeStreamServicer_to_server(DecodeStreamService(self.worker), self._server)
         self._port = self._server.add_insecure_port(f"{self._host}:{self._port}")
         await self._server.start()
         self._ready.set()
@@ -113,4 +112,3 @@ class StreamServer:
         future.result(timeout=grace_s + 5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-        self._executor.shutdown(wait=False, cancel_futures=True)

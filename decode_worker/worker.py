@@ -3,8 +3,10 @@
 One engine thread owns the model and loops: admit sequences whose KV landed,
 advance local prefills by one chunk under the token budget, then one decode
 step over every running sequence. Other threads (Ray calls, the gRPC stream
-server) talk to it through `reserve`, `open` and `abort`, all under one lock.
-Tokens leave through each sequence's sink.
+server) talk to it through `reserve`, `open` and `abort`, all under one lock;
+none of them waits for the engine (a KV landing is polled by the loop, not
+waited for on a thread). Tokens leave through each sequence's subscriber
+`Outbox`, flushed once per step: one message per router per step.
 
 On the GPU the loop runs one step ahead (`DecodeSettings.overlap_steps`): it
 queues step N+1, whose rows take step N's sampled tokens on the device, before
@@ -28,7 +30,8 @@ from pdserve.engine.sampler import PendingSample, SampleResult, SamplingParams, 
 from pdserve.engine.transfer.base import KvReceiver
 
 from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
-from .sequence import DecodeSequence, SequenceState, Sink, TokenEvent
+from .outbox import Ending, Outbox
+from .sequence import DecodeSequence, SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class DecodeWorker:
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
         self._sequences: dict[int, DecodeSequence] = {}
         self._ready: deque[DecodeSequence] = deque()  # WAITING or PREFILLING, in arrival order
+        self._landing: list[DecodeSequence] = []  # LANDING: the loop polls their transfers
+        self._unflushed: set[Outbox] = set()  # outboxes written since the last flush
         self._running: list[DecodeSequence] = []
         self._in_flight: deque[_Step] = deque()  # oldest first; at most two, for a moment
         self._overlap = runner.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
@@ -99,6 +104,8 @@ class DecodeWorker:
         self._stopped = False
         self._draining = False
         self._step_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (seconds, batch size)
+        self._host_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (host seconds of a loop turn, batch size)
+        self._waited_s = 0.0  # of this loop turn, spent waiting for the device's tokens
         self._tokens_out: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{replica_id}", daemon=True)
         self._thread.start()
@@ -130,30 +137,37 @@ class DecodeWorker:
         log.debug("[%s] reserved %d blocks as transfer %d", request_id, len(table.block_ids), transfer_id)
         return Reservation(transfer_id, destination, self.stream_address, self.replica_id)
 
-    def open(self, start: StreamStart, sink: Sink) -> None:
-        """Attach a stream to a reservation; with remote prefill, blocks until the KV landed."""
+    def open(self, start: StreamStart, outbox: Outbox) -> None:
+        """Attach a reservation to a subscriber's outbox and start it; never waits for the KV."""
         with self._lock:
-            seq = self._sequences.get(start.transfer_id)
-            if seq is None or seq.state is not SequenceState.RESERVED:
-                sink(TokenEvent(error=f"no open reservation {start.transfer_id} on {self.replica_id}",
-                                error_code="invalid"))
-                return
-            if len(start.prompt) > seq.num_prompt_tokens or start.max_tokens > seq.max_tokens + len(start.generated):
-                self._fail(seq, "the stream asks for more tokens than were reserved", "invalid", sink)
-                return
-            seq.prompt, seq.generated = list(start.prompt), list(start.generated)
-            seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
-            seq.deadline, seq.sink, seq.opened_at = min(seq.deadline, start.deadline), sink, time.monotonic()
-            if seq.generated and seq.finish_reason():  # prefill's first token already ends it
-                self._cancel_transfer(seq)
-                self._finish(seq, seq.finish_reason())
-                return
-            seq.state = SequenceState.PREFILLING if start.prefill_locally else SequenceState.LANDING
-        if start.prefill_locally:
+            self._open(start, outbox)
+            self._flush()
+
+    def _open(self, start: StreamStart, outbox: Outbox) -> None:
+        seq = self._sequences.get(start.transfer_id)
+        if seq is None or seq.state is not SequenceState.RESERVED:
+            outbox.end(Ending(start.transfer_id, error=f"no open reservation {start.transfer_id} on {self.replica_id}",
+                              error_code="invalid"))
+            self._unflushed.add(outbox)
+            return
+        seq.outbox = outbox
+        if len(start.prompt) > seq.num_prompt_tokens or start.max_tokens > seq.max_tokens + len(start.generated):
+            self._fail(seq, "the stream asks for more tokens than were reserved", "invalid")
+            return
+        seq.prompt, seq.generated = list(start.prompt), list(start.generated)
+        seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
+        seq.deadline, seq.opened_at = min(seq.deadline, start.deadline), time.monotonic()
+        if seq.generated and seq.finish_reason():  # prefill's first token already ends it
             self._cancel_transfer(seq)
+            self._finish(seq, seq.finish_reason())
+        elif start.prefill_locally:
+            self._cancel_transfer(seq)
+            seq.state = SequenceState.PREFILLING
             self._make_ready(seq)
         else:
-            self._await_landing(seq)
+            seq.state = SequenceState.LANDING
+            self._landing.append(seq)
+            self._lock.notify()
 
     def abort(self, transfer_id: int, reason: str = "cancelled") -> None:
         """Drop a request wherever it is (client gone, router gave up); frees its blocks."""
@@ -161,7 +175,14 @@ class DecodeWorker:
             seq = self._sequences.get(transfer_id)
             if seq is not None:
                 log.info("[%s] aborted: %s", seq.request_id, reason)
-                self._fail(seq, reason, "cancelled", sink=None)
+                self._fail(seq, reason, "cancelled", notify=False)
+
+    def abort_subscriber(self, outbox: Outbox, reason: str) -> None:
+        """Drop every request whose tokens go to `outbox` (its router's stream closed)."""
+        with self._lock:
+            for seq in [s for s in self._sequences.values() if s.outbox is outbox]:
+                self._fail(seq, reason, "cancelled", notify=False)
+            self._unflushed.discard(outbox)
 
     def load(self) -> DecodeLoad:
         with self._lock:
@@ -176,6 +197,7 @@ class DecodeWorker:
                 step_time_s=sum(s for s, _ in steps) / len(steps) if steps else 0.0,
                 batch_size=sum(b for _, b in steps) / len(steps) if steps else 0.0,
                 tokens_per_s=self._tokens_per_s(),
+                host_s_per_seq=_per_seq(self._host_stats),
                 is_draining=self._draining,
                 overlap_steps=self._overlap,
             )
@@ -193,7 +215,8 @@ class DecodeWorker:
         with self._lock:
             self._stopped = True
             for seq in list(self._sequences.values()):
-                self._fail(seq, f"decode replica {self.replica_id} is shutting down", "unavailable", seq.sink)
+                self._fail(seq, f"decode replica {self.replica_id} is shutting down", "unavailable")
+            self._flush()
             self._lock.notify_all()
         self._thread.join(timeout=5)
         if self.receiver is not None:
@@ -206,13 +229,18 @@ class DecodeWorker:
         while True:
             with self._lock:
                 self._expire_deadlines()
+                self._poll_landings()
                 while not (self._stopped or self._ready or self._running or self._in_flight):
-                    self._lock.wait(timeout=0.1)
+                    # A landing is polled, so wait briefly while one is pending.
+                    self._lock.wait(timeout=0.001 if self._landing else 0.1)
                     self._expire_deadlines()
+                    self._poll_landings()
                 if self._stopped:
                     return
+                turn_started, self._waited_s = time.monotonic(), 0.0
                 prefill_batch = self._take_prefill_chunks()
                 self._admit_ready()
+                self._flush()
             try:
                 if prefill_batch:
                     self._run_prefill(prefill_batch)
@@ -221,6 +249,8 @@ class DecodeWorker:
                 keep = 1 if launched and self._overlap else 0
                 while len(self._in_flight) > keep:
                     self._complete(self._in_flight[0])
+                if launched and not prefill_batch:  # the host's own share of a decode turn
+                    self._host_stats.append((time.monotonic() - turn_started - self._waited_s, len(self._running)))
             except Exception as e:  # a step failing must fail its sequences, not the replica
                 log.exception("decode step failed")
                 self._fail_all_steps(f"decode step failed: {e}", [s for s, _ in prefill_batch])
@@ -254,6 +284,7 @@ class DecodeWorker:
             if done_rows:
                 seqs = [s for _, s in done_rows]
                 self._accept(_sample(logits[[r for r, _ in done_rows]], seqs), seqs)
+            self._flush()
 
     def _admit_ready(self) -> None:
         while self._ready and len(self._running) < self.settings.max_running:
@@ -287,7 +318,9 @@ class DecodeWorker:
 
     def _complete(self, step: _Step) -> None:
         """Read the oldest step's tokens (waiting for that step alone) and hand them out."""
+        waiting_from = time.monotonic()
         result = step.sample.result()
+        self._waited_s += time.monotonic() - waiting_from
         with self._lock:
             self._in_flight.popleft()
             now = time.monotonic()
@@ -299,6 +332,7 @@ class DecodeWorker:
                 self._accept(result.select([r for r, _ in live]), [s for _, s in live])
             for table in step.released:
                 table.release()
+            self._flush()
 
     def _fail_all_steps(self, message: str, prefilling: list[DecodeSequence]) -> None:
         """After a step raised: fail every running and prefilling sequence, forget the steps in flight."""
@@ -306,10 +340,11 @@ class DecodeWorker:
             steps = list(self._in_flight)
             self._in_flight.clear()
             for seq in self._running + prefilling:
-                self._fail(seq, message, "unavailable", seq.sink)
+                self._fail(seq, message, "unavailable")
             for step in steps:
                 for table in step.released:
                     table.release()
+            self._flush()
 
     def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
         """Emit each sequence's sampled token, finish those that stop (lock held)."""
@@ -318,33 +353,46 @@ class DecodeWorker:
         for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
             seq.generated.append(token)
             seq.num_steps += 1
+            seq.outbox.token(seq.transfer_id, token, logprob)
+            self._unflushed.add(seq.outbox)
             reason = seq.finish_reason()
-            logprobs = (logprob,) if logprob is not None else ()
-            seq.sink(TokenEvent((token,), logprobs))
             if reason:
                 self._finish(seq, reason)
 
     # ---- state changes (lock held) --------------------------------------------------
 
-    def _await_landing(self, seq: DecodeSequence) -> None:
-        timeout = max(0.0, min(seq.deadline - time.time(), self.settings.transfer_timeout_s))
-        outcome = self.receiver.wait(seq.transfer_id, timeout)
-        with self._lock:
+    def _poll_landings(self) -> None:
+        """Move each LANDING sequence whose KV landed to WAITING; fail those whose transfer failed or timed out."""
+        if not self._landing:
+            return
+        now, still = time.monotonic(), []
+        for seq in self._landing:
             if seq.state is not SequenceState.LANDING:
-                return  # aborted meanwhile
-            seq.kv_wait_s = time.monotonic() - seq.opened_at
+                continue  # aborted or expired meanwhile
+            outcome = self.receiver.poll(seq.transfer_id)
+            if outcome is None and now - seq.opened_at > self.settings.transfer_timeout_s:
+                outcome = self.receiver.wait(seq.transfer_id, 0.0)
+            if outcome is None:
+                still.append(seq)
+                continue
+            seq.kv_wait_s = now - seq.opened_at
             if not outcome.is_ok:
-                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}",
-                           "transfer_failed", seq.sink)
-                return
+                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}", "transfer_failed")
+                continue
             seq.num_prefilled = seq.num_prompt_tokens
             seq.state = SequenceState.WAITING
-        self._make_ready(seq)
+            self._make_ready(seq)
+        self._landing = still
 
     def _make_ready(self, seq: DecodeSequence) -> None:
-        with self._lock:
-            self._ready.append(seq)
-            self._lock.notify()
+        self._ready.append(seq)
+        self._lock.notify()
+
+    def _flush(self) -> None:
+        """Hand every outbox written since the last flush its batch (lock held)."""
+        for outbox in self._unflushed:
+            outbox.flush()
+        self._unflushed.clear()
 
     def _cancel_transfer(self, seq: DecodeSequence) -> None:
         if self.receiver is not None:
@@ -355,16 +403,22 @@ class DecodeWorker:
         decode_s = time.monotonic() - seq.admitted_at if seq.admitted_at else 0.0
         timings = {"kv_wait_s": seq.kv_wait_s, "prefill_s": seq.prefill_s, "decode_s": decode_s,
                    "decode_steps": seq.num_steps}
-        seq.sink(TokenEvent(finish_reason=reason, timings=timings))
+        self._end(seq, Ending(seq.transfer_id, finish_reason=reason, timings=timings))
         self._release(seq)
 
-    def _fail(self, seq: DecodeSequence, message: str, code: str, sink: Sink | None) -> None:
+    def _end(self, seq: DecodeSequence, ending: Ending) -> None:
+        if seq.outbox is not None:
+            seq.outbox.end(ending)
+            self._unflushed.add(seq.outbox)
+
+    def _fail(self, seq: DecodeSequence, message: str, code: str, notify: bool = True) -> None:
+        """End a sequence with an error (told to its subscriber unless `notify` is False) and free its blocks."""
         if seq.state in (SequenceState.FINISHED, SequenceState.FAILED):
             return
         was_landing = seq.state in (SequenceState.RESERVED, SequenceState.LANDING)
         seq.state = SequenceState.FAILED
-        if sink is not None:
-            sink(TokenEvent(error=message, error_code=code))
+        if notify:
+            self._end(seq, Ending(seq.transfer_id, error=message, error_code=code))
         if was_landing:
             self._cancel_transfer(seq)
         self._release(seq)
@@ -383,7 +437,7 @@ class DecodeWorker:
     def _expire_deadlines(self) -> None:
         now = time.time()
         for seq in [s for s in self._sequences.values() if s.deadline < now]:
-            self._fail(seq, "the request's deadline passed", "deadline", seq.sink)
+            self._fail(seq, "the request's deadline passed", "deadline")
 
     def _num_waiting(self) -> int:
         return len(self._sequences) - len(self._running)
@@ -394,6 +448,12 @@ class DecodeWorker:
             return 0.0
         span = samples[-1][0] - samples[0][0]
         return sum(n for _, n in samples[1:]) / span if span > 0 else 0.0
+
+
+def _per_seq(samples: deque[tuple[float, int]]) -> float:
+    """Seconds per running sequence, over recent (seconds, sequences) samples."""
+    total = sum(n for _, n in samples)
+    return sum(t for t, _ in samples) / total if total else 0.0
 
 
 def _sample(logits, seqs: list[DecodeSequence]) -> SampleResult:

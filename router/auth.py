@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from .errors import Unauthenticated, openai_error_body
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/-/healthz"})
 
 
 class ApiKey:

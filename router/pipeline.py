@@ -6,10 +6,12 @@ For each `GenerationRequest`:
 2. prefill on a prefill replica, which pushes the KV straight into those blocks
    and returns the first token — unless the request prefills on the decode
    replica itself (colocated pools, short prompts);
-3. open the decode replica's gRPC token stream and relay it, detokenized and cut
+3. open the reservation on the router's subscription to that decode replica
+   (router/decode_streams.py: one gRPC stream per replica carries every request's
+   tokens, a message per engine step) and relay its tokens, detokenized and cut
    at stop strings.
-A reservation whose stream never opens is released; a stream the client leaves
-is cancelled, which frees the blocks on the decode replica at once.
+A reservation that is not seen to its end (never opened, the client left, a stop
+string matched) is released, which frees its blocks on the decode replica at once.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import grpc
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
+from .decode_streams import DecodeStreams, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
     Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage,
@@ -59,7 +62,7 @@ class Pipeline:
         self.eos_token_ids = eos_token_ids
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._streams = DecodeStreams()
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -105,48 +108,63 @@ class Pipeline:
         """One try: reserve, prefill (unless the decode replica does it), stream until finished."""
         request = run.request
         reservation = await self._reserve(request)
-        stub = pb_grpc.DecodeStreamStub(self._channel(reservation.stream_address))
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
         local = (self.settings.colocated or bool(run.generated)
                  or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
-        stream_opened, call = False, None
+        subscription, ended = None, False
         try:
             if not local:
                 result = await self._prefill(request, reservation, run.seed)
                 run.timings.update(queue_s=result.queue_s, prefill_s=result.prefill_s,
                                    kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
                                    prefill_replica=result.replica_id)
-                yield run.accept([result.first_token], [result.first_logprob])
+                yield run.accept([result.first_token], [result.first_logprob] if request.sampling.logprobs else None)
                 if run.relay.is_stopped or run.is_done():
                     yield self._last(run, "length", reservation)  # _last says "stop" for a stop string
                     return
-            call = stub.Stream(self._stream_request(run, reservation, local),
-                               timeout=max(request.deadline - time.time(), 0.001))
-            async for message in call:
-                stream_opened = True  # the replica has the stream: it frees the blocks from now on
-                if message.error:
-                    raise _chunk_error(message, reservation.replica_id)
-                if message.token_ids:
-                    yield run.accept(list(message.token_ids), list(message.logprobs) or [None] * len(message.token_ids))
+            subscription = await self._subscribe(reservation)
+            feed = subscription.feed(reservation.transfer_id)
+            await subscription.stub.Open(self._stream_request(run, reservation, local, subscription.subscriber_id),
+                                         timeout=max(min(request.deadline - time.time(), 30.0), 0.001))
+            while True:
+                item = await self._next(feed, request, reservation)
+                if item.token_ids:
+                    yield run.accept(item.token_ids, item.logprobs if request.sampling.logprobs else None)
                     if run.relay.is_stopped:
-                        call.cancel()
                         yield self._last(run, "stop", reservation)
                         return
-                if message.finish_reason:
-                    if local and message.timings.prefill_s:
-                        run.timings.update(prefill_s=message.timings.prefill_s, prefill_replica=reservation.replica_id)
-                    yield self._last(run, message.finish_reason, reservation)
+                if item.ending is not None:
+                    ended = True
+                    if item.ending.error:
+                        raise _ending_error(item.ending, reservation.replica_id)
+                    if local and item.ending.timings.prefill_s:
+                        run.timings.update(prefill_s=item.ending.timings.prefill_s,
+                                           prefill_replica=reservation.replica_id)
+                    yield self._last(run, item.ending.finish_reason, reservation)
                     return
-            raise _Retriable(f"decode replica {reservation.replica_id} ended the stream without finishing")
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded("the request's deadline passed while decoding") from None
             raise _Retriable(f"decode replica {reservation.replica_id} failed: {e.code().name}: {e.details()}") from None
         finally:
-            if call is not None:
-                call.cancel()  # a no-op once finished; frees the blocks at once when the client left
-            if not stream_opened:  # detached: this runs even when the client has gone
-                self._detached(self._release(stub, reservation.transfer_id))
+            if subscription is not None:
+                subscription.forget(reservation.transfer_id)
+            if not ended:  # detached: this runs even when the client has gone; frees the blocks at once
+                self._detached(self._release(reservation))
+
+    async def _subscribe(self, reservation: Any) -> Subscription:
+        try:
+            return await self._streams.subscription(reservation.stream_address)
+        except (StreamLost, asyncio.TimeoutError) as e:
+            raise _Retriable(f"decode replica {reservation.replica_id}: cannot subscribe: {e}") from None
+
+    async def _next(self, feed: Any, request: GenerationRequest, reservation: Any) -> FeedItem:
+        """The request's next tokens or ending; its deadline bounds the wait."""
+        try:
+            item = await feed.next(max(request.deadline - time.time(), 0.001))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while decoding") from None
+        if item.lost and not item.token_ids and item.ending is None:
+            raise _Retriable(f"decode replica {reservation.replica_id}: {item.lost}")
+        return item
 
     async def health(self) -> HealthStatus:
         pools = {"decode": self.decode} if self.settings.colocated else {"prefill": self.prefill, "decode": self.decode}
@@ -187,9 +205,7 @@ class Pipeline:
 
     def _release_orphan(self, call: asyncio.Task) -> None:
         if not call.cancelled() and call.exception() is None:
-            reservation = call.result()
-            stub = pb_grpc.DecodeStreamStub(self._channel(reservation.stream_address))
-            self._detached(self._release(stub, reservation.transfer_id))
+            self._detached(self._release(call.result()))
 
     def _detached(self, work: Any) -> asyncio.Task:
         """A task outside the request's context: neither the client leaving nor Ray Serve's
@@ -213,7 +229,7 @@ class Pipeline:
         except Exception as e:  # the replica died: Ray Serve brings one back within the deadline
             raise _Retriable(f"prefill failed: {_first_line(e)}") from None
 
-    def _stream_request(self, run: "_Run", reservation: Any, local: bool) -> pb.StreamRequest:
+    def _stream_request(self, run: "_Run", reservation: Any, local: bool, subscriber_id: str) -> pb.StreamRequest:
         s = run.request.sampling
         stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
         return pb.StreamRequest(
@@ -221,7 +237,7 @@ class Pipeline:
             prompt_token_ids=run.request.prompt_token_ids, generated_token_ids=run.generated,
             prefill_locally=local, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(stop_ids), logprobs=s.logprobs,
-            deadline_unix_s=run.request.deadline,
+            deadline_unix_s=run.request.deadline, subscriber_id=subscriber_id,
         )
 
     def _last(self, run: "_Run", reason: str, reservation: Any) -> GenerationChunk:
@@ -238,16 +254,13 @@ class Pipeline:
                                  decode_replica=reservation.replica_id, **run.timings),
         )
 
-    async def _release(self, stub: pb_grpc.DecodeStreamStub, transfer_id: int) -> None:
+    async def _release(self, reservation: Any) -> None:
+        stub = pb_grpc.DecodeStreamStub(self._streams.channel(reservation.stream_address))
         try:
-            await stub.Release(pb.ReleaseRequest(transfer_id=transfer_id, reason="stream never opened"), timeout=5)
+            await stub.Release(pb.ReleaseRequest(transfer_id=reservation.transfer_id,
+                                                 reason="not seen to its end by the router"), timeout=5)
         except grpc.aio.AioRpcError as e:  # the replica is gone, and its blocks with it
-            log.warning("could not release reservation %d: %s", transfer_id, e.details())
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
-        return self._channels[address]
+            log.warning("could not release reservation %d: %s", reservation.transfer_id, e.details())
 
 
 class _Retriable(Exception):
@@ -270,23 +283,24 @@ class _Run:
     timings: dict = field(default_factory=dict)
     first_token_at: float | None = None
 
-    def accept(self, token_ids: list[int], logprobs: list[float | None]) -> GenerationChunk:
+    def accept(self, token_ids: list[int], logprobs: list[float | None] | None) -> GenerationChunk:
+        """`logprobs` None: the request did not ask for them."""
         self.first_token_at = self.first_token_at or time.monotonic()
         self.generated.extend(token_ids)
         out = self.relay.add(token_ids)
-        wanted = self.request.sampling.logprobs
-        return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs) if wanted else None)
+        return GenerationChunk(tuple(token_ids), out.text,
+                               tuple(lp or 0.0 for lp in logprobs) if logprobs is not None else None)
 
     def is_done(self) -> bool:
         """All max_tokens sent (the first token alone can be all of them)."""
         return len(self.generated) >= self.request.sampling.max_tokens
 
 
-def _chunk_error(chunk: pb.TokenChunk, replica: str) -> Exception:
-    message = f"decode replica {replica}: {chunk.error}"
-    if chunk.error_code in _ERROR_CODES:
-        return _ERROR_CODES[chunk.error_code](message)
-    return _Retriable(message, is_transfer=chunk.error_code == "transfer_failed")
+def _ending_error(ending: pb.Ending, replica: str) -> Exception:
+    message = f"decode replica {replica}: {ending.error}"
+    if ending.error_code in _ERROR_CODES:
+        return _ERROR_CODES[ending.error_code](message)
+    return _Retriable(message, is_transfer=ending.error_code == "transfer_failed")
 
 
 def _first_line(error: Exception) -> str:

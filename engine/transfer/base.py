@@ -1,6 +1,6 @@
 """The two ends of the KV transfer plane: a receiver (decode side) and a sender (prefill side).
 
-Receiver verbs: `address`, `expect`, `wait`, `cancel`, `close`.
+Receiver verbs: `address`, `expect`, `wait` (or `poll`), `cancel`, `close`.
 Sender verbs: `connect`, `send_layer`, `finish`, `close`.
 A transfer on the receiver: expect() before the sender starts; wait() returns an
 outcome (a value, never an exception for transport failures) and forgets the
@@ -47,6 +47,13 @@ class KvReceiver(abc.ABC):
         """Block until the transfer landed whole or failed, at most `timeout_s`; then forget it."""
         outcome, writer = self._ledger.wait(transfer_id, timeout_s)
         if writer is not None and not outcome.is_ok:
+            self._fence(writer, transfer_id)
+        return outcome
+
+    def poll(self, transfer_id: int) -> TransferOutcome | None:
+        """The outcome once the transfer landed whole or failed (then forgotten); None while open."""
+        outcome, writer = self._ledger.poll(transfer_id)
+        if writer is not None and outcome is not None and not outcome.is_ok:
             self._fence(writer, transfer_id)
         return outcome
 

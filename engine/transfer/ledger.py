@@ -6,7 +6,7 @@ A transfer's life on the receiver:
                  blocks of them; OK once FINISHes covered every head of this pool
                  (one sender at TP 1; several prefill ranks may each send some heads)
     failure   -> failed outcome with a reason (peer gone, channel error, timeout)
-    wait() or cancel() -> forgotten; later data for it is dropped.
+    wait(), a poll() that finds it ended, or cancel() -> forgotten; later data for it is dropped.
 Writes into the pool happen under the book's lock, so once `cancel` or `wait`
 returns, no write for that transfer is in progress or will start.
 """
@@ -165,6 +165,17 @@ class TransferLedger:
                 detail = f"not complete after {timeout_s:.3g} s"
                 self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.TIMEOUT, detail))
         return entry.outcome, entry.writer
+
+    def poll(self, transfer_id: int) -> tuple[TransferOutcome | None, Hashable | None]:
+        """The outcome if the transfer ended (then forgotten), None while it is still open; never blocks."""
+        with self._lock:
+            entry = self._expected.get(transfer_id)
+            if entry is None:
+                return TransferOutcome.failed(transfer_id, FailureReason.UNKNOWN_TRANSFER, "not expected"), None
+            if entry.outcome is None:
+                return None, None
+            del self._expected[transfer_id]
+            return entry.outcome, entry.writer
 
     def cancel(self, transfer_id: int) -> Hashable | None:
         """Forget the transfer; return the writer admitted to it (cuda_ipc must fence it), if any."""

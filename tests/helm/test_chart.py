@@ -35,7 +35,6 @@ CHART_DIR = ROOT / "helm" / "pdserve"
 CRD_SCHEMA = Path(__file__).parent / "schemas" / "kuberay-v1.7.0-rayservice.schema.json"
 KUBE_VERSION = "1.36.0"  # a current Kubernetes release, for lint and the core schemas
 RELEASE, NAMESPACE = "demo", "serving"
-GRPC_SERVICER = "pdserve.protos.pdserve.v1.generate_pb2_grpc.add_GenerationServicer_to_server"
 
 # Value sets that must render (and lint) cleanly.
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -271,7 +270,7 @@ def test_services_and_ports(chart):
     assert (head_ports["serve"], head_ports["serve-grpc"]) == (18000, 19000)
     for name in ("prefill", "decode"):
         probe = ray_container(pod_templates(rayservice)[name])["readinessProbe"]
-        assert probe["httpGet"] == {"path": "/health", "port": 18000}
+        assert "local_raylet_healthz" in " ".join(probe["exec"]["command"])  # no router, no Serve port there
     # The head has no probe of ours: KubeRay deploys the app only once the head is ready.
     assert "readinessProbe" not in ray_container(pod_templates(rayservice)["head"])
 
@@ -362,7 +361,7 @@ def test_every_documented_value_reaches_the_manifests(chart):
         assert args[name]["gpus_per_replica"] == gpus
     assert args["slo"] == {"ttft_ms": 250, "tpot_ms": 40}
     assert (args["router"]["http_port"], args["router"]["grpc_port"]) == (8001, 9001)
-    assert (serve["http_options"]["port"], serve["grpc_options"]["port"]) == (8001, 9001)
+    assert serve["proxy_location"] == "Disabled"  # the router replicas listen on the ports themselves
     assert "8001" in notes(manifests) and "9001" in notes(manifests)
 
 
@@ -403,16 +402,14 @@ def test_serve_config_is_valid_for_ray_serve_and_pdserve(chart, values):
     (app,) = config["applications"]
     assert app["import_path"] == "pdserve.cluster.app:build_app"
     assert app["route_prefix"] == "/"
-    assert config["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
-    assert config["http_options"]["host"] == "0.0.0.0"
+    assert config["proxy_location"] == "Disabled" and "http_options" not in config
+    assert app["args"]["router"]["http_host"] == "0.0.0.0"
 
     args = copy.deepcopy(app["args"])
     if not pdserve_knows_ray_resources():  # see test_pools_are_pinned_through_a_pdserve_config_key
         for section in pool_sections(args):
             section.pop("ray_resources", None)
     loaded = pdserve_config.load_config(args)
-    assert loaded.router.http_port == config["http_options"]["port"]
-    assert loaded.router.grpc_port == config["grpc_options"]["port"]
     assert not loaded.is_colocated
     # The args are pdserve's own: loading and writing them back changes nothing.
     assert pdserve_config.load_config(loaded.to_dict()) == loaded

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pdserve.decode_worker.sequence import TokenEvent
+from pdserve.decode_worker.outbox import Outbox, TokenBatch
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
@@ -43,20 +43,22 @@ def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), st
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
     result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
-    events: list[TokenEvent] = []
+    batches: list[TokenBatch] = []
     done = threading.Event()
 
-    def sink(event):
-        events.append(event)
-        if event.is_final:
+    def deliver(batch: TokenBatch):
+        batches.append(batch)
+        if batch.endings:
             done.set()
 
     start = StreamStart(reservation.transfer_id, "r", tuple(prompt), (result.first_token,), False, max_tokens,
                         params, stop_ids, deadline)
-    decode.open(start, sink)
+    decode.open(start, Outbox(deliver))
     assert done.wait(60)
-    assert events[-1].error is None, events[-1].error
-    return [result.first_token] + [t for e in events for t in e.token_ids]
+    ending = batches[-1].endings[-1]
+    assert ending.error is None and ending.transfer_id == reservation.transfer_id, ending.error
+    assert {t for b in batches for t in b.transfer_ids} <= {reservation.transfer_id}
+    return [result.first_token] + [t for b in batches for t in b.token_ids]
 
 
 def engine_outputs(loaded, requests) -> list[list[int]]:

@@ -233,12 +233,9 @@ pdserve.cluster.app:build_app from the pdserve config.
     "policy_function" "pdserve.cluster.autoscaling:PdserveAutoscalingPolicy"
     "policy_kwargs" (dict "config" $config)) }}
 {{- end }}
+{{- /* Ray Serve's proxies stay off: the router replicas (on the head) listen on the ports themselves. */}}
 {{- dict
-    "proxy_location" "EveryNode"
-    "http_options" (dict "host" "0.0.0.0" "port" (int $v.router.httpPort))
-    "grpc_options" (dict
-        "port" (int $v.router.grpcPort)
-        "grpc_servicer_functions" (list "pdserve.protos.pdserve.v1.generate_pb2_grpc.add_GenerationServicer_to_server"))
+    "proxy_location" "Disabled"
     "applications" (list $app) | toPrettyJson }}
 {{- end }}
 

@@ -34,13 +34,18 @@ class DecodeStreamStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Stream = channel.unary_stream(
-                '/pdserve.internal.v1.DecodeStream/Stream',
+        self.Subscribe = channel.unary_stream(
+                '/pdserve.internal.v2.DecodeStream/Subscribe',
+                request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.FromString,
+                _registered_method=True)
+        self.Open = channel.unary_unary(
+                '/pdserve.internal.v2.DecodeStream/Open',
                 request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.SerializeToString,
-                response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.FromString,
+                response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.OpenReply.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
-                '/pdserve.internal.v1.DecodeStream/Release',
+                '/pdserve.internal.v2.DecodeStream/Release',
                 request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.ReleaseReply.FromString,
                 _registered_method=True)
@@ -49,14 +54,23 @@ class DecodeStreamStub:
 class DecodeStreamServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Stream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Subscribe(self, request, context):
+        """The router's stream of token batches. Its first message is empty (the
+        subscription is registered); closing it aborts every request opened on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Open(self, request, context):
+        """Attach a reservation to a subscription and start decoding it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Frees a reservation whose stream will never open (prefill failed, client gone).
+        """Frees a reservation (stream never opened, or the client left).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,10 +79,15 @@ class DecodeStreamServicer:
 
 def add_DecodeStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Stream': grpc.unary_stream_rpc_method_handler(
-                    servicer.Stream,
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.SerializeToString,
+            ),
+            'Open': grpc.unary_unary_rpc_method_handler(
+                    servicer.Open,
                     request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.FromString,
-                    response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.SerializeToString,
+                    response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.OpenReply.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -77,9 +96,9 @@ def add_DecodeStreamServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'pdserve.internal.v1.DecodeStream', rpc_method_handlers)
+            'pdserve.internal.v2.DecodeStream', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('pdserve.internal.v1.DecodeStream', rpc_method_handlers)
+    server.add_registered_method_handlers('pdserve.internal.v2.DecodeStream', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -87,7 +106,7 @@ class DecodeStream:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Stream(request,
+    def Subscribe(request,
             target,
             options=(),
             channel_credentials=None,
@@ -100,9 +119,36 @@ class DecodeStream:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/pdserve.internal.v1.DecodeStream/Stream',
+            '/pdserve.internal.v2.DecodeStream/Subscribe',
+            pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.SerializeToString,
+            pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Open(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.internal.v2.DecodeStream/Open',
             pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.SerializeToString,
-            pdserve_dot_v1_dot_decode__stream__pb2.TokenChunk.FromString,
+            pdserve_dot_v1_dot_decode__stream__pb2.OpenReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,7 +173,7 @@ class DecodeStream:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pdserve.internal.v1.DecodeStream/Release',
+            '/pdserve.internal.v2.DecodeStream/Release',
             pdserve_dot_v1_dot_decode__stream__pb2.ReleaseRequest.SerializeToString,
             pdserve_dot_v1_dot_decode__stream__pb2.ReleaseReply.FromString,
             options,

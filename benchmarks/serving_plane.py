@@ -1,0 +1,216 @@
+"""The serving plane against the engine, on one GPU, in one call: what reaches the clients.
+
+    python benchmarks/serving_plane.py TOKENIZER_DIR OUT_DIR [--parts plane,8b,single] [--seconds S]
+
+Parts (each prints its rows; the table is written last, to OUT_DIR/serving_plane.md):
+  plane   a 2-layer model (the GPU idles): output tokens/s over HTTP SSE and over gRPC from several
+          `pdserve bench` client processes at once, with 1 and 2 router replicas.
+  8b      Llama-3-8B shape (random bf16 weights, the tokenizer's vocabulary), 128-token prompts,
+          256-token answers, 256 in flight: the decode worker's own steady step at batch 256
+          (DecodeWorker alone, no server) against what clients receive from `--colocated 1` and
+          1 prefill + 1 decode (half the GPU each); the served decode step from the replicas' reports.
+  single  the 8B shape with one request in flight: TTFT minus the server's own queue + prefill + KV
+          parts, and the 128-token prefill against its floor (the weights read once).
+Clients are `pdserve bench` processes (closed loop, `--concurrency` each); their tokens/s add up
+because they run over the same window. Host time per running sequence per step and the GPU-idle
+share come from the decode replicas' reports.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server import Server  # noqa: E402
+from shapes import LLAMA3_8B, save_random_checkpoint  # noqa: E402
+
+TINY_2L = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, max_position_embeddings=4096)
+ROWS: list[str] = []
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def bench_clients(server: Server, out: Path, name: str, clients: int, in_flight: int, requests_each: int,
+                  prompt: str, output: str, grpc: bool) -> dict:
+    """`clients` bench processes at once, `in_flight // clients` requests in flight each; summed."""
+    procs, files = [], []
+    for i in range(clients):
+        file = out / f"{name}-c{i}.json"
+        files.append(file)
+        command = [sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
+                   "--prompt-tokens", prompt, "--output-tokens", output, "--num-requests", str(requests_each),
+                   "--concurrency", str(max(in_flight // clients, 1)), "--warmup", "2", "--seed", str(i),
+                   "--out", str(file)]
+        if grpc:
+            command += ["--grpc", server.grpc_address]
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        if p.returncode:
+            say(f"  client exited {p.returncode}: {err.decode()[-400:]}")
+    summaries, pools = [], []
+    for file in files:
+        if file.exists():
+            run = json.loads(file.read_text())["runs"][-1]
+            summaries.append(run["summary"])
+            pools += run["pools"]
+    if not summaries:
+        return {"tokens_per_s": 0.0}
+    ttft = [s["ttft"]["p50"] for s in summaries if s["ttft"]]
+    tpot = [s["tpot"]["p50"] for s in summaries if s["tpot"]]
+    return {"tokens_per_s": sum(s["output_tokens_per_s"] for s in summaries),
+            "failed": sum(s.get("num_failed", 0) for s in summaries),
+            "ttft_p50_ms": 1e3 * statistics.median(ttft) if ttft else float("nan"),
+            "tpot_p50_ms": 1e3 * statistics.median(tpot) if tpot else float("nan"),
+            **decode_reports(pools)}
+
+
+def decode_reports(pools: list[dict]) -> dict:
+    """The decode replicas' step time, batch, host time and GPU-idle share, over the busiest samples."""
+    samples = [r for snap in pools for pool in ("decode", "colocated") for r in snap["pools"].get(pool, {}).values()
+               if r.get("batch_size", 0) > 0]
+    if not samples:
+        return {}
+    top = max(s["batch_size"] for s in samples)
+    busy = [s for s in samples if s["batch_size"] >= 0.9 * top]
+
+    def median(key: str) -> float:
+        values = [s[key] for s in busy if key in s]
+        return statistics.median(values) if values else float("nan")
+
+    return {"batch": median("batch_size"), "step_ms": 1e3 * median("step_time_s"),
+            "gpu_idle": median("gpu_idle_share"), "host_us_per_seq": 1e6 * median("host_s_per_seq")}
+
+
+def part_plane(tokenizer: Path, out: Path, seconds: float) -> None:
+    directory = save_random_checkpoint(Path("/tmp/tiny-2l"), TINY_2L, tokenizer)
+    config = write_config(out / "plane.yaml", "decode: {max_running: 512, max_waiting: 1024}\n"
+                                              "kv_cache: {memory_fraction: 0.3}\n")
+    for routers in (1, 2):
+        server = Server("--model", str(directory), "--colocated", "1", "--config", str(config),
+                        "--router-replicas", str(routers))
+        try:
+            for grpc in (False, True):
+                for in_flight in (512,):
+                    clients = 6
+                    each = max(int(in_flight * seconds / 16 / clients), 8)  # ~`seconds` at ~6 ms a token
+                    row = bench_clients(server, out, f"plane-r{routers}-{'grpc' if grpc else 'http'}-{in_flight}",
+                                        clients, in_flight, each, "64", "256", grpc)
+                    line = (f"| plane | {'gRPC' if grpc else 'HTTP'} | routers {routers} | {in_flight} in flight, "
+                            f"{clients} clients | {row['tokens_per_s']:,.0f} tok/s | TPOT p50 {row.get('tpot_p50_ms', 0):.1f} ms"
+                            f" | step {row.get('step_ms', float('nan')):.2f} ms at batch {row.get('batch', 0):.0f}"
+                            f" | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq | GPU idle "
+                            f"{row.get('gpu_idle', float('nan')):.2f} | failed {row.get('failed', 0)} |")
+                    say(line)
+                    ROWS.append(line)
+        finally:
+            server.stop()
+
+
+def engine_worker_step(directory: Path, batch: int, context: int) -> float:
+    """The decode worker's own steady step (ms) at `batch` sequences of `context` tokens, no server."""
+    from engine_speed import worker_step_ms
+
+    from pdserve.engine.loader import load_model_dir
+    from pdserve.engine.runner import ModelRunner
+
+    loaded = load_model_dir(directory, torch.device("cuda", 0), "bfloat16")
+    runner = ModelRunner(loaded, num_blocks=batch * (context + 256) // 16 + 64, block_size=16, max_decode_batch=batch)
+    try:
+        return worker_step_ms(runner, batch, context, overlap=True, max_tokens=256)["ms"]
+    finally:
+        del runner, loaded
+        torch.cuda.empty_cache()
+
+
+def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
+    directory = save_random_checkpoint(Path("/tmp/llama3-8b"), LLAMA3_8B, tokenizer)
+    own_ms = engine_worker_step(directory, 256, 256)
+    line = f"| 8B | engine | the decode worker alone | batch 256, 256 context | {256 / own_ms * 1e3:,.0f} tok/s | step {own_ms:.2f} ms |"
+    say(line)
+    ROWS.append(line)
+    deployments = {
+        "colocated 1": (["--colocated", "1"], "decode: {max_running: 256, max_waiting: 512}\n"),
+        "1P+1D": (["--prefill-replicas", "1", "--decode-replicas", "1"],
+                  "decode: {max_running: 256, max_waiting: 512, gpus_per_replica: 0.5}\n"
+                  "prefill: {gpus_per_replica: 0.5}\nkv_cache: {memory_fraction: 0.35}\n"),
+    }
+    for name, (flags, yaml) in deployments.items():
+        config = write_config(out / f"8b-{name.replace(' ', '')}.yaml", yaml)
+        server = Server("--model", str(directory), *flags, "--config", str(config), "--router-replicas", "2")
+        try:
+            row = bench_clients(server, out, f"8b-{name.replace(' ', '').replace('+', '')}", 4, 256,
+                                max(int(256 * seconds / 256 / 0.012 / 4), 64), "128", "256", False)
+            ratio = row["tokens_per_s"] / (256 / own_ms * 1e3)
+            line = (f"| 8B | {name} | served, HTTP | 256 in flight | {row['tokens_per_s']:,.0f} tok/s "
+                    f"({ratio:.2f} of the worker alone) | served step {row.get('step_ms', float('nan')):.2f} ms at "
+                    f"batch {row.get('batch', 0):.0f} ({row.get('step_ms', float('nan')) / own_ms:.2f}x) | TPOT p50 "
+                    f"{row['tpot_p50_ms']:.1f} ms | TTFT p50 {row['ttft_p50_ms']:.0f} ms | GPU idle "
+                    f"{row.get('gpu_idle', float('nan')):.2f} | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq |")
+            say(line)
+            ROWS.append(line)
+            if name == "colocated 1" or name == "1P+1D":
+                single(server, out, name)
+        finally:
+            server.stop()
+
+
+def single(server: Server, out: Path, name: str) -> None:
+    """One request in flight: the TTFT the server does not explain, and prefill against its floor."""
+    file = out / f"single-{name.replace(' ', '').replace('+', '')}.json"
+    subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
+                    "--prompt-tokens", "128", "--output-tokens", "16", "--num-requests", "30", "--concurrency", "1",
+                    "--warmup", "3", "--out", str(file)], check=False, timeout=300)
+    records = [r for r in json.loads(file.read_text())["runs"][-1]["requests"] if r.get("server")]
+    outside = [r["chunk_s"][0] - r["server"]["queue_s"] - r["server"]["prefill_s"] - r["server"]["kv_transfer_s"]
+               for r in records if r["chunk_s"]]
+    prefill = [r["server"]["prefill_s"] for r in records]
+    floor_ms = 2 * 8.03e9 / 4.18e12 * 1e3  # bf16 weights read once at the copy rate
+    line = (f"| 8B | {name} | 1 in flight | 128-token prompt | TTFT p50 "
+            f"{1e3 * statistics.median(r['chunk_s'][0] for r in records):.1f} ms, outside queue+prefill+KV "
+            f"{1e3 * statistics.median(outside):.1f} ms | prefill p50 {1e3 * statistics.median(prefill):.2f} ms "
+            f"({1e3 * statistics.median(prefill) / floor_ms:.2f}x its {floor_ms:.2f} ms floor) |")
+    say(line)
+    ROWS.append(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tokenizer", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--parts", default="plane,8b")
+    parser.add_argument("--seconds", type=float, default=12.0, help="rough length of each bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for part in args.parts.split(","):
+        try:
+            {"plane": part_plane, "8b": part_8b}[part](args.tokenizer, args.out, args.seconds)
+        except Exception as e:  # one part failing still leaves the others' rows
+            say(f"part {part} failed: {type(e).__name__}: {e}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    head = (f"# Serving plane, {device}, {datetime.date.today()} ({time.monotonic() - started:.0f} s)\n\n"
+            "| model | deployment | what | load | clients receive | more |\n|---|---|---|---|---|---|\n")
+    (args.out / "serving_plane.md").write_text(head + "\n".join(ROWS) + "\n")
+    say(head + "\n".join(ROWS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The router's end of the decode replicas' token streams.
+
+One `Subscription` per decode replica address: a single `Subscribe` stream whose
+batches (one per engine step) are split into per-request `Feed`s. A request
+registers its feed before it opens its reservation, so no token can arrive
+before someone listens. A subscription whose stream breaks (replica gone) ends
+every feed with `StreamLost`; the next request to that address subscribes anew.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
+from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+class StreamLost(Exception):
+    """The decode replica's stream broke or ended before the request's ending arrived."""
+
+
+@dataclass
+class FeedItem:
+    """What a request received since it last looked: tokens, then maybe its ending."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ending: pb.Ending | None = None
+    lost: str = ""  # the stream broke: why
+
+
+class Feed:
+    """One request's tokens from a subscription, collected until the request reads them."""
+
+    def __init__(self) -> None:
+        self._item = FeedItem()
+        self._event = asyncio.Event()
+
+    def push(self, token_ids: list[int], logprobs: list[float]) -> None:
+        self._item.token_ids += token_ids
+        self._item.logprobs += logprobs
+        self._event.set()
+
+    def end(self, ending: pb.Ending) -> None:
+        self._item.ending = ending
+        self._event.set()
+
+    def lose(self, why: str) -> None:
+        self._item.lost = why
+        self._event.set()
+
+    async def next(self, timeout_s: float) -> FeedItem:
+        """Everything received since the last call; waits at most `timeout_s` (asyncio.TimeoutError)."""
+        if not self._event.is_set():
+            await asyncio.wait_for(self._event.wait(), timeout=timeout_s)
+        item, self._item = self._item, FeedItem()
+        self._event.clear()
+        return item
+
+
+class Subscription:
+    """The `Subscribe` stream to one decode replica, demultiplexed by transfer id."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.stub = pb_grpc.DecodeStreamStub(channel)
+        self.subscriber_id = uuid.uuid4().hex
+        self.is_alive = True
+        self._feeds: dict[int, Feed] = {}
+        self._registered = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ready(self) -> None:
+        """Until the replica has registered this subscription (its first, empty message)."""
+        await asyncio.wait_for(asyncio.shield(self._registered), timeout=SUBSCRIBE_TIMEOUT_S)
+
+    def feed(self, transfer_id: int) -> Feed:
+        feed = self._feeds[transfer_id] = Feed()
+        if not self.is_alive:
+            feed.lose("the decode replica's stream is closed")
+        return feed
+
+    def forget(self, transfer_id: int) -> None:
+        self._feeds.pop(transfer_id, None)
+
+    async def _run(self) -> None:
+        why = "the decode replica ended its stream"
+        call = self.stub.Subscribe(pb.SubscribeRequest(subscriber_id=self.subscriber_id))
+        try:
+            async for batch in call:
+                if not self._registered.done():
+                    self._registered.set_result(None)
+                self._dispatch(batch)
+        except grpc.aio.AioRpcError as e:
+            why = f"{e.code().name}: {e.details()}"
+        except asyncio.CancelledError:
+            why = "the router closed the stream"
+            call.cancel()
+        finally:
+            self.is_alive = False
+            if not self._registered.done():
+                self._registered.set_exception(StreamLost(why))
+            for feed in self._feeds.values():
+                feed.lose(why)
+            self._feeds.clear()
+
+    def _dispatch(self, batch: pb.TokenBatch) -> None:
+        ids, tokens, logprobs = batch.transfer_ids, batch.token_ids, batch.logprobs
+        if len(ids) == 1 or (ids and len(set(ids)) == len(ids)):  # the usual step: one token each
+            for tid, token, lp in zip(ids, tokens, logprobs):
+                feed = self._feeds.get(tid)
+                if feed is not None:
+                    feed.push([token], [lp])
+        elif ids:  # merged steps: group first so a request wakes once
+            grouped: dict[int, tuple[list[int], list[float]]] = {}
+            for tid, token, lp in zip(ids, tokens, logprobs):
+                entry = grouped.setdefault(tid, ([], []))
+                entry[0].append(token)
+                entry[1].append(lp)
+            for tid, (t, lp) in grouped.items():
+                feed = self._feeds.get(tid)
+                if feed is not None:
+                    feed.push(t, lp)
+        for ending in batch.endings:
+            feed = self._feeds.pop(ending.transfer_id, None)
+            if feed is not None:
+                feed.end(ending)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class DecodeStreams:
+    """The router process's subscriptions, one per decode replica address, made on first use."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    async def subscription(self, address: str) -> Subscription:
+        """The live subscription to `address`, subscribing (again) if there is none."""
+        subscription = self._subscriptions.get(address)
+        if subscription is None or not subscription.is_alive:
+            subscription = self._subscriptions[address] = Subscription(self.channel(address))
+        await subscription.ready()
+        return subscription

@@ -1,0 +1,119 @@
+"""The router replica's own listeners: HTTP (the OpenAI app) and gRPC (`pdserve.v1.Generation`).
+
+Every router replica binds the same HTTP and gRPC ports with SO_REUSEPORT, so the
+kernel spreads client connections over the replicas of a node and each token goes
+from the replica that made it straight to its client: no proxy relays it (Ray
+Serve's proxies stay off). The listeners run on their own thread and event loop
+(uvloop where installed), so they serve the same with or without Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvicorn
+
+from pdserve.protos.pdserve.v1 import generate_pb2_grpc
+
+from .errors import grpc_details, grpc_status
+from .generation import GenerationError
+from .grpc_api import GrpcFrontEnd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    host: str
+    http_port: int
+    grpc_port: int
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServicer):
+    """The public gRPC service on a grpc.aio server: a failure ends the call with its status."""
+
+    def __init__(self, front: GrpcFrontEnd):
+        self.front = front
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext):
+        try:
+            async for message in self.front.Generate(request, context):
+                yield message
+        except GenerationError as error:
+            await context.abort(grpc_status(error), grpc_details(error))
+
+    async def Health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self.front.Health(request, context)
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other router replicas on this node may bind too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class Ingress:
+    """HTTP and gRPC listeners on one thread; `start` returns once both accept connections."""
+
+    def __init__(self, settings: IngressSettings):
+        self.settings = settings
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="router-ingress", daemon=True)
+        self._thread.start()
+
+    def run(self, work: Any, timeout_s: float = 60.0) -> Any:
+        """Run a coroutine on the ingress loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=timeout_s)
+
+    def start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
+        self.run(self._start(http_app, grpc_front))
+
+    async def _start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
+        s = self.settings
+        config = uvicorn.Config(http_app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=30, backlog=2048)
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[_shared_socket(s.host, s.http_port)]))
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(grpc_front), self._grpc)
+        if self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}") == 0:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
+        await self._grpc.start()
+        for _ in range(500):  # uvicorn sets `started` once its socket serves
+            if self._http.started or self._http_task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self._http_task.done():
+            self._http_task.result()  # raises what stopped it
+        log.info("router ingress: HTTP %s:%d, gRPC %s:%d", s.host, s.http_port, s.host, s.grpc_port)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        async def shutdown() -> None:
+            self._http.should_exit = True
+            await self._grpc.stop(grace_s)
+            await asyncio.wait_for(self._http_task, timeout=grace_s + 3)
+
+        try:
+            self.run(shutdown(), timeout_s=grace_s + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,98 @@
+"""The decode replica's token streams over real gRPC: one Subscribe stream carries every request
+opened on it, a message per engine step, and closing it frees every block its requests held."""
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from pdserve.decode_worker.stream_server import StreamServer
+from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.engine.loader import load_model_dir
+from pdserve.engine.runner import ModelRunner
+from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
+from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
+from test_handoff import engine_outputs
+from tiny_models import save_tiny_model
+
+PROMPTS = [[5, 9, 13], [7] * 11, list(range(2, 30)), [3, 1, 4, 1, 5, 9, 2, 6]]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("stream")
+    save_tiny_model("llama", directory, max_position_embeddings=512)
+    return load_model_dir(directory)
+
+
+@pytest.fixture
+def served(loaded):
+    worker = DecodeWorker(ModelRunner(loaded, 256, 4), None, DecodeSettings(), "decode-stream-test")
+    server = StreamServer(worker)
+    yield worker, server
+    server.stop()
+    worker.close()
+
+
+def stream_request(transfer_id: int, prompt: list[int], subscriber: str) -> pb.StreamRequest:
+    return pb.StreamRequest(request_id=f"r{transfer_id}", transfer_id=transfer_id, prompt_token_ids=prompt,
+                            prefill_locally=True, max_tokens=MAX_TOKENS, top_p=1.0, seed=1,
+                            deadline_unix_s=time.time() + 60, subscriber_id=subscriber)
+
+
+async def subscribe_and_open(address: str, worker: DecodeWorker, prompts, read_until_done: bool):
+    """Open every prompt on one subscription; collect tokens per transfer id and count messages."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.DecodeStreamStub(channel)
+        call = stub.Subscribe(pb.SubscribeRequest(subscriber_id="router-1"))
+        stream = call.__aiter__()
+        assert not (await stream.__anext__()).transfer_ids  # registered
+        ids = [worker.reserve(f"r{i}", len(p), MAX_TOKENS, time.time() + 60).transfer_id for i, p in enumerate(prompts)]
+        for transfer_id, prompt in zip(ids, prompts):
+            await stub.Open(stream_request(transfer_id, prompt, "router-1"))
+        tokens = {i: [] for i in ids}
+        endings, messages = {}, 0
+        while read_until_done and len(endings) < len(ids):
+            batch = await stream.__anext__()
+            messages += 1
+            for tid, token in zip(batch.transfer_ids, batch.token_ids):
+                tokens[tid].append(token)
+            endings.update({e.transfer_id: e for e in batch.endings})
+        if not read_until_done:
+            await stream.__anext__()  # some tokens flowed; then the router goes away
+        call.cancel()
+        return [tokens[i] for i in ids], endings, messages
+
+
+def test_one_stream_carries_every_request_a_message_per_step(loaded, served):
+    worker, server = served
+    outputs, endings, messages = asyncio.run(subscribe_and_open(server.address, worker, PROMPTS, True))
+    assert outputs == engine_outputs(loaded, [(p, MAX_TOKENS) for p in PROMPTS])
+    assert all(e.finish_reason == "length" and not e.error for e in endings.values())
+    # 4 requests x 12 tokens: about one message per step (prefill steps add a few), far below 48
+    assert messages <= MAX_TOKENS + len(PROMPTS) + 2
+    assert worker.pool.num_free == worker.pool.num_blocks
+
+
+def test_closing_the_subscription_frees_every_block_at_once(served):
+    worker, server = served
+    asyncio.run(subscribe_and_open(server.address, worker, [[2] * 40] * 3, False))
+    deadline = time.monotonic() + 5
+    while worker.pool.num_free != worker.pool.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.pool.num_free == worker.pool.num_blocks
+    assert worker.load().num_running == 0
+
+
+def test_open_on_an_unknown_subscription_is_refused(served):
+    worker, server = served
+
+    async def open_unknown():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            transfer_id = worker.reserve("r", 3, MAX_TOKENS, time.time() + 60).transfer_id
+            await pb_grpc.DecodeStreamStub(channel).Open(stream_request(transfer_id, [1, 2, 3], "nobody"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        asyncio.run(open_unknown())
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
