@@ -7,6 +7,7 @@ that the caller passes in (cluster/ picks the address; engine/ knows no Ray):
     tp = TensorParallel.join(Rendezvous(host, port), rank, size, device)
     tp.all_reduce(x)          # in place, after the row-parallel projections (o, down)
     cmd = tp.broadcast(cmd)   # the leader's step inputs reach every rank (rank 0 sends)
+    tp.broadcast_(tokens)     # the leader's sampled tokens, on the device, on every rank
 
 Size 1 is `TensorParallel.single()`: every collective is a no-op. Every collective
 waits at most `timeout_s`: a dead rank ends its peers' steps with
@@ -113,6 +114,13 @@ class TensorParallel:
         work = self.group.allgather([parts], [x.contiguous()])
         self._wait(work, "all_gather", device_side=self._is_nccl)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), in place."""
+        if self.size == 1:
+            return x
+        self._wait(self.group.broadcast(x, 0), "broadcast", device_side=self._is_nccl)
+        return x
 
     def broadcast(self, obj: Any = None) -> Any:
         """The leader's `obj` on every rank (picklable; the others pass None)."""

@@ -129,6 +129,8 @@ class ModelRunner:
     def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
         """One decode step and its sampling, queued; the next step's rows may name these rows as sources."""
         pending = sample_async(self.decode(inputs), params, [i.position + 1 for i in inputs])
+        # Every TP rank feeds the leader's tokens back (a rank's own draw may differ when sampling).
+        self.tp.broadcast_(pending.tokens)
         self._sampled = pending.tokens
         if self._sampled_fits_graphs():
             self.decode_graphs.sampled[:len(inputs)].copy_(pending.tokens)
