@@ -28,6 +28,9 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
 
 
+_IDLE_FOREVER = datetime.timedelta(days=365)
+
+
 class CollectiveTimeout(RuntimeError):
     """A collective of the TP group failed or did not complete in time (a rank died or hangs)."""
 
@@ -122,8 +125,12 @@ class TensorParallel:
         self._wait(self.group.broadcast(x, 0), "broadcast", device_side=self._is_nccl)
         return x
 
-    def broadcast(self, obj: Any = None) -> Any:
-        """The leader's `obj` on every rank (picklable; the others pass None)."""
+    def broadcast(self, obj: Any = None, idle: bool = False) -> Any:
+        """The leader's `obj` on every rank (picklable; the others pass None).
+
+        `idle`: a follower waiting for the next step waits without a deadline (a replica may
+        be idle for hours; a gloo wait that times out poisons the group). It still ends when
+        the leader's process is gone: the socket breaks."""
         if self.size == 1:
             return obj
         if self.is_leader:
@@ -131,7 +138,10 @@ class TensorParallel:
             length = torch.tensor([payload.numel()], dtype=torch.int64)
         else:
             length = torch.zeros(1, dtype=torch.int64)
-        self._wait(self.control.broadcast(length, 0), "broadcast")
+        forever = idle and not self.is_leader
+        # gloo applies the group's timeout inside the collective too: an idle wait names its own
+        work = self.control.broadcast(length, 0, _IDLE_FOREVER) if forever else self.control.broadcast(length, 0)
+        self._wait(work, "broadcast", forever=forever)
         if not self.is_leader:
             payload = torch.empty(int(length.item()), dtype=torch.uint8)
         self._wait(self.control.broadcast(payload, 0), "broadcast")
@@ -147,9 +157,11 @@ class TensorParallel:
         self.group = self.control = None
         self._store = None
 
-    def _wait(self, work: dist.Work, what: str, device_side: bool = False) -> None:
+    def _wait(self, work: dist.Work, what: str, device_side: bool = False, forever: bool = False) -> None:
         try:
-            if device_side:
+            if forever:
+                work.wait(_IDLE_FOREVER)
+            elif device_side:
                 # NCCL: the stream waits for the collective; the group's own timeout aborts it
                 # (a host-side deadline here would break CUDA graph capture).
                 work.wait()

@@ -100,7 +100,7 @@ def follow(runner: ModelRunner, sender: KvSender | None = None) -> None:
     runner.bind_thread()
     try:
         while True:
-            command: tuple[Any, ...] = runner.tp.broadcast()
+            command: tuple[Any, ...] = runner.tp.broadcast(idle=True)
             kind = command[0]
             if kind == _STOP:
                 return

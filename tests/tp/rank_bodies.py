@@ -105,3 +105,11 @@ def decode_group(tp: TensorParallel, model_dir: str, block_ids: tuple[int, ...],
         return {"landed": outcome.is_ok, "tokens": tokens}
     finally:
         receiver.close()
+
+
+def idle_follower(tp: TensorParallel) -> object:
+    """The leader sends its first step long after the collective timeout: the follower still gets it."""
+    if tp.is_leader:
+        time.sleep(3.0)
+        return tp.broadcast(("step", 1))
+    return tp.broadcast(idle=True)

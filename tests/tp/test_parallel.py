@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pdserve.engine.parallel import TensorParallel
-from rank_bodies import collectives, one_rank_dies
+from rank_bodies import collectives, idle_follower, one_rank_dies
 from ranks import run_ranks
 
 
@@ -24,3 +24,7 @@ def test_collectives_over_two_ranks():
 def test_a_dead_rank_ends_the_collective_of_its_peer():
     survivor = run_ranks(one_rank_dies, 2, collective_timeout_s=5.0)[0]  # rank 1's result: its exit
     assert survivor.startswith("raised"), survivor
+
+
+def test_an_idle_follower_waits_past_the_collective_timeout_for_the_next_step():
+    assert run_ranks(idle_follower, 2, collective_timeout_s=1.0) == [("step", 1), ("step", 1)]
