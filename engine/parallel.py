@@ -41,8 +41,9 @@ class Rendezvous:
 
     host: str
     port: int
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # each collective's bound
     key: str = "tp"  # a prefix, so one store can host several groups
+    join_timeout_s: float | None = None  # how long ranks may take to meet (None: timeout_s)
 
 
 class TensorParallel:
@@ -69,7 +70,7 @@ class TensorParallel:
         """Build this rank's groups; blocks until every rank joined (at most `rendezvous.timeout_s`)."""
         if size == 1:
             return cls.single()
-        timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
+        timeout = datetime.timedelta(seconds=rendezvous.join_timeout_s or rendezvous.timeout_s)
         if store is None:
             store = TCPStore(rendezvous.host, rendezvous.port, world_size=size, is_master=rank == 0,
                              timeout=timeout, wait_for_workers=False)

@@ -18,14 +18,15 @@ the leader's worker fails its requests, and the replica is replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .parallel import TensorParallel
+from .parallel import CollectiveTimeout
 from .runner import DecodeInput, ModelRunner, PrefillChunk
 from .sampler import PendingSample, SamplingParams
 from .transfer.base import KvSender
@@ -62,6 +63,7 @@ class TpRunner:
         self.runner, self.tp, self.sender = runner, runner.tp, sender
         self.kv_cache, self.spec, self.device, self.block_size = (
             runner.kv_cache, runner.spec, runner.device, runner.block_size)
+        self.broken: CollectiveTimeout | None = None  # the group failed: the replica must be replaced
 
     def bind_thread(self) -> None:
         self.runner.bind_thread()
@@ -72,20 +74,35 @@ class TpRunner:
 
         `ends`: transfers this step completes, which the followers finish by themselves
         (the leader's caller finishes the leader's part, and learns how it went)."""
-        self.tp.broadcast((_PREFILL, chunks, tuple(pushes), tuple(ends)))
-        return _prefill(self.runner, self.sender, chunks, pushes)
+        with self._watch():
+            self.tp.broadcast((_PREFILL, chunks, tuple(pushes), tuple(ends)))
+            return _prefill(self.runner, self.sender, chunks, pushes)
 
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:
-        self.tp.broadcast((_DECODE, inputs))
-        return self.runner.decode(inputs)
+        with self._watch():
+            self.tp.broadcast((_DECODE, inputs))
+            return self.runner.decode(inputs)
 
     def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
-        self.tp.broadcast((_DECODE_AND_SAMPLE, inputs, params))
-        return self.runner.decode_and_sample(inputs, params)
+        with self._watch():
+            self.tp.broadcast((_DECODE_AND_SAMPLE, inputs, params))
+            return self.runner.decode_and_sample(inputs, params)
 
     def capture_decode_graphs(self) -> None:
-        self.tp.broadcast((_CAPTURE,))
-        self.runner.capture_decode_graphs()
+        with self._watch():
+            self.tp.broadcast((_CAPTURE,))
+            self.runner.capture_decode_graphs()
+
+    @contextlib.contextmanager
+    def _watch(self) -> Iterator[None]:
+        """Remember a broken group: every later step would fail the same way."""
+        if self.broken is not None:
+            raise CollectiveTimeout(f"the TP group is broken: {self.broken}")
+        try:
+            yield
+        except CollectiveTimeout as e:
+            self.broken = e
+            raise
 
     def stop(self) -> None:
         """End the followers' loops (they return from `follow`)."""
