@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pdserve.cluster.bench import BenchResult  # noqa: E402
-from pdserve.cluster.bench_stats import Slo  # noqa: E402
+from pdserve.cluster.bench.result import BenchResult  # noqa: E402
+from pdserve.cluster.bench.stats import Slo  # noqa: E402
 
 DEPLOYMENTS = {"1p1d": "1 prefill + 1 decode (disaggregated)", "colocated2": "colocated × 2"}
 SLOS = (Slo(1.0, 0.050), Slo(0.5, 0.025), Slo(0.5, 0.015))  # (TTFT s, TPOT s), p-any: per request

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import Server  # noqa: E402
 from shapes import LLAMA_1B, save_random_checkpoint  # noqa: E402
 
-from pdserve.cluster.bench import BenchResult  # noqa: E402
+from pdserve.cluster.bench.result import BenchResult  # noqa: E402
 
 WORKLOAD = ["--prompt-tokens", "64:256", "--output-tokens", "256", "--rates", "inf", "--warmup", "2"]
 CONCURRENCY = {1: 8, 32: 160}  # in flight -> requests per run

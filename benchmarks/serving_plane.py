@@ -51,8 +51,10 @@ def bench_clients(server: Server, out: Path, name: str, clients: int, in_flight:
                   prompt: str, output: str, grpc: bool) -> dict:
     """`clients` bench processes at once, `in_flight // clients` requests in flight each; summed."""
     procs, files = [], []
+    scratch = Path("/tmp/serving_plane")  # the clients' JSON and plots stay here; the table goes to `out`
+    scratch.mkdir(exist_ok=True)
     for i in range(clients):
-        file = out / f"{name}-c{i}.json"
+        file = scratch / f"{name}-c{i}.json"
         files.append(file)
         command = [sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
                    "--prompt-tokens", prompt, "--output-tokens", output, "--num-requests", str(requests_each),
@@ -96,6 +98,7 @@ def decode_reports(pools: list[dict]) -> dict:
         return statistics.median(values) if values else float("nan")
 
     return {"batch": median("batch_size"), "step_ms": 1e3 * median("step_time_s"),
+            "decode_tokens_per_s": median("tokens_per_s"),
             "gpu_idle": median("gpu_idle_share"), "host_us_per_seq": 1e6 * median("host_s_per_seq")}
 
 
@@ -116,6 +119,7 @@ def part_plane(tokenizer: Path, out: Path, seconds: float) -> None:
                     line = (f"| plane | {'gRPC' if grpc else 'HTTP'} | routers {routers} | {in_flight} in flight, "
                             f"{clients} clients | {row['tokens_per_s']:,.0f} tok/s | TPOT p50 {row.get('tpot_p50_ms', 0):.1f} ms"
                             f" | step {row.get('step_ms', float('nan')):.2f} ms at batch {row.get('batch', 0):.0f}"
+                            f" | decode makes {row.get('decode_tokens_per_s', float('nan')):,.0f} tok/s"
                             f" | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq | GPU idle "
                             f"{row.get('gpu_idle', float('nan')):.2f} | failed {row.get('failed', 0)} |")
                     say(line)
@@ -154,27 +158,37 @@ def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
     }
     for name, (flags, yaml) in deployments.items():
         config = write_config(out / f"8b-{name.replace(' ', '')}.yaml", yaml)
-        server = Server("--model", str(directory), *flags, "--config", str(config), "--router-replicas", "2")
+        server = Server("--model", str(directory), *flags, "--config", str(config), "--router-replicas", "4")
         try:
-            row = bench_clients(server, out, f"8b-{name.replace(' ', '').replace('+', '')}", 4, 256,
-                                max(int(256 * seconds / 256 / 0.012 / 4), 64), "128", "256", False)
+            row = bench_clients(server, out, f"8b-{name.replace(' ', '').replace('+', '')}", 6, 256,
+                                max(int(256 * seconds / 256 / 0.012 / 6), 64), "128", "256", False)
             ratio = row["tokens_per_s"] / (256 / own_ms * 1e3)
             line = (f"| 8B | {name} | served, HTTP | 256 in flight | {row['tokens_per_s']:,.0f} tok/s "
                     f"({ratio:.2f} of the worker alone) | served step {row.get('step_ms', float('nan')):.2f} ms at "
                     f"batch {row.get('batch', 0):.0f} ({row.get('step_ms', float('nan')) / own_ms:.2f}x) | TPOT p50 "
-                    f"{row['tpot_p50_ms']:.1f} ms | TTFT p50 {row['ttft_p50_ms']:.0f} ms | GPU idle "
+                    f"{row['tpot_p50_ms']:.1f} ms | TTFT p50 {row['ttft_p50_ms']:.0f} ms | decode makes "
+                    f"{row.get('decode_tokens_per_s', float('nan')):,.0f} tok/s | GPU idle "
                     f"{row.get('gpu_idle', float('nan')):.2f} | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq |")
             say(line)
             ROWS.append(line)
-            if name == "colocated 1" or name == "1P+1D":
-                single(server, out, name)
+            diagnose(out, f"8b-{name.replace(' ', '').replace('+', '')}")
+            single(server, out, name)
         finally:
             server.stop()
 
 
+def diagnose(out: Path, name: str) -> None:
+    """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the whole load)."""
+    result = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "diagnose", "--from",
+                             f"/tmp/serving_plane/{name}-c0.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
+                             "--out", f"/tmp/serving_plane/{name}-diagnose"], capture_output=True, text=True, timeout=120)
+    (out / f"{name}-diagnose.txt").write_text(result.stdout + result.stderr[-2000:])
+    say(result.stdout)
+
+
 def single(server: Server, out: Path, name: str) -> None:
     """One request in flight: the TTFT the server does not explain, and prefill against its floor."""
-    file = out / f"single-{name.replace(' ', '').replace('+', '')}.json"
+    file = Path("/tmp/serving_plane") / f"single-{name.replace(' ', '').replace('+', '')}.json"
     subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
                     "--prompt-tokens", "128", "--output-tokens", "16", "--num-requests", "30", "--concurrency", "1",
                     "--warmup", "3", "--out", str(file)], check=False, timeout=300)

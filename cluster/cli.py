@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model: prefill and decode pools behind HTTP and gRPC")
     serve.add_argument("--config", help="a config.yaml (flags below override it)")
     serve.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the names clients send as `model` (responses carry the first; /v1/models lists "
+                            "them all; any other name gets 404). Default: the --model value exactly as given, "
+                            "or SmolLM2-135M-Instruct for the embedded model")
     serve.add_argument("--prefill-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--decode-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--colocated", type=int, help="N replicas doing both phases instead (the baseline)")
@@ -110,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "model.path": args.model,
+        "model.served_model_name": args.served_model_name,
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,
@@ -140,13 +145,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .bench.run import main as bench_main
 
     return bench_main(args)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import main as diagnose_main
+    from .bench.diagnose import main as diagnose_main
 
     return diagnose_main(args)
 

@@ -4,6 +4,7 @@
 land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
+<<<<<<< HEAD
     model:        {path, dtype, max_model_len}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
@@ -11,6 +12,12 @@ before anything starts. `load_config(mapping)` is the only way in.
                    overlap_steps, ray_resources}
     colocated:    {replicas, gpus_per_replica, tensor_parallel_size}  # replicas > 0: one pool doing both phases
 A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node (N ranks).
+=======
+    model:        {path, served_model_name, dtype, max_model_len}
+    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
+    decode:       {replicas, gpus_per_replica, max_running, max_waiting, overlap_steps, ray_resources}
+    colocated:    {replicas}            # > 0: one pool doing both phases instead
+>>>>>>> main
     kv_cache:     {block_size, num_blocks, memory_fraction}
     transfer:     {backend, timeout_s}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
@@ -80,6 +87,8 @@ class ReplicaRange:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
+    # names clients may send as `model` (the first is the one responses carry); empty: `path` as given
+    served_model_name: tuple[str, ...] = ()
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_model_len: int | None = None  # None: the model's own context length
 
@@ -260,6 +269,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _build(hint, value, where)
     if typing.get_origin(hint) is dict:
         return _resources(value, where)
+    if typing.get_origin(hint) is tuple:
+        return _names(value, where)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
     if value is None:
         if type(None) in options:
@@ -293,6 +304,16 @@ def _resources(value: Any, where: str) -> dict[str, float]:
             raise ConfigError(f"{where}: {name!r}: expected a resource name and an amount >= 0, got {amount!r}")
         out[name] = float(amount)
     return out
+
+
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    """One name or a list of distinct, non-empty names."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{where}: expected a name or a list of non-empty names, got {value!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: names must differ, got {value!r}")
+    return tuple(names)
 
 
 def _check(config: PdserveConfig) -> None:
@@ -333,6 +354,8 @@ def _to_plain(value: Any) -> Any:
         return value.min if not value.is_autoscaled else str(value)
     if dataclasses.is_dataclass(value):
         return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return list(value)
     return value
 
 

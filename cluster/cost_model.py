@@ -22,7 +22,10 @@ The model, phase by phase (both are approximations, chosen to be explainable):
   steady queue when the load is steady; it dominates right after a surge).
   rho >= 1: the queue grows without bound and TTFT is infinite.
 - TPOT (decode pool, depends only on `num_decode`): the step time at the batch
-  each replica would run, step(n) = a + b·n + c·n·context. The batch comes from
+  each replica would run, step(n) = a + b·n + c·n·context on the GPU, plus the
+  host time per step the GPU did not hide, h(n) = h0 + h1·n (both measured: the
+  replicas time their GPU's busy time per step beside the step's wall time,
+  `DecodeProfile.measured`). The batch comes from
   Little's law: each replica produces n / step(n) tokens a second and must
   produce arrival_rate·output_tokens / num_decode, so
   n = k·a / (1 - k·(b + c·context)) with k = arrival_rate·output_tokens / num_decode.
@@ -34,6 +37,7 @@ smaller headroom, which is its hysteresis).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -58,16 +62,44 @@ class StepSample:
 
 @dataclass(frozen=True)
 class DecodeProfile:
-    """A decode replica's step time, step(n) = base_s + per_seq_s·n + per_seq_token_s·n·context."""
+    """A decode replica's step time: on the GPU base_s + per_seq_s·n + per_seq_token_s·n·context,
+    plus the host's exposed time host_base_s + host_per_seq_s·n."""
 
     base_s: float
     per_seq_s: float = 0.0
     per_seq_token_s: float = 0.0
     max_running: int = 64
+    host_base_s: float = 0.0
+    host_per_seq_s: float = 0.0
 
     def step_time(self, batch_size: float, context_tokens: float = 0.0) -> float:
-        """Seconds one decode step takes at this batch size and mean context."""
+        """Seconds one decode step takes at this batch size and mean context (what TPOT sees)."""
+        return self.gpu_step_time(batch_size, context_tokens) + self.host_step_time(batch_size)
+
+    def gpu_step_time(self, batch_size: float, context_tokens: float = 0.0) -> float:
+        """The GPU's busy time of one step."""
         return self.base_s + batch_size * (self.per_seq_s + self.per_seq_token_s * context_tokens)
+
+    def host_step_time(self, batch_size: float) -> float:
+        """Host time per step the GPU did not hide (0 where it was not measured)."""
+        return self.host_base_s + self.host_per_seq_s * batch_size
+
+    @property
+    def slope_s(self) -> float:
+        """Seconds a running sequence adds to a step at no context, GPU and host together."""
+        return self.per_seq_s + self.host_per_seq_s
+
+    @classmethod
+    def measured(cls, gpu: Sequence[StepSample], host: Sequence[StepSample], max_running: int = 64) -> "DecodeProfile":
+        """The GPU part fitted from (batch, GPU busy time) samples, the engine's own steps timed at start
+        among them (so a run at one loaded batch size is never extrapolated alone); the host part from
+        (batch, wall - busy) samples, a constant when they hold one batch size."""
+        fitted = cls.fit(gpu, max_running)
+        usable = [s for s in host if s.batch_size > 0 and s.step_time_s > 0]
+        if not usable:
+            return fitted
+        h = cls.fit([StepSample(s.batch_size, s.step_time_s) for s in usable])
+        return dataclasses.replace(fitted, host_base_s=h.base_s, host_per_seq_s=h.per_seq_s)
 
     @classmethod
     def fit(cls, samples: Sequence[StepSample], max_running: int = 64) -> "DecodeProfile":
@@ -153,11 +185,11 @@ def predict_tpot(workload: Workload, num_decode: int, decode: DecodeProfile) -> 
         return math.inf, math.inf
     context = workload.prompt_tokens + workload.output_tokens / 2.0  # mean over a sequence's life
     tokens_per_s = workload.arrival_rate * max(workload.output_tokens - 1.0, 0.0) / num_decode
-    slope = decode.per_seq_s + decode.per_seq_token_s * context
+    slope = decode.slope_s + decode.per_seq_token_s * context
     denominator = 1.0 - tokens_per_s * slope
     if denominator <= 0:
         return math.inf, math.inf
-    little = tokens_per_s * decode.base_s / denominator  # n = k·step(n), solved for n
+    little = tokens_per_s * (decode.base_s + decode.host_base_s) / denominator  # n = k·step(n), solved for n
     running = max(little, workload.running_sequences / num_decode)
     if running > decode.max_running:
         return math.inf, running

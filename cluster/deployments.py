@@ -21,9 +21,14 @@ from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDrainin
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import num_blocks_that_fit
+<<<<<<< HEAD
 from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline
+=======
+from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.roofline import Roofline, decode_step_anchors
+>>>>>>> main
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
@@ -41,6 +46,7 @@ from pdserve.router.limits import RequestLimits
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
@@ -54,8 +60,9 @@ def model_dir(config: PdserveConfig) -> str:
     return config.model.path or str(default_model_dir())
 
 
-def model_name(config: PdserveConfig) -> str:
-    return DEFAULT_MODEL_NAME if config.model.path is None else config.model.path.rstrip("/").split("/")[-1]
+def served_models(config: PdserveConfig) -> ServedModels:
+    """`model.served_model_name`, else `model.path` exactly as given (the embedded default model: its name)."""
+    return ServedModels(config.model.served_model_name or (config.model.path or DEFAULT_MODEL_NAME,))
 
 
 def _replica_id(pool: str) -> str:
@@ -145,6 +152,7 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
+<<<<<<< HEAD
         tokens_per_s = self.worker.tokens_per_s()
         stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
                  "queued_tokens": self.worker.queued_tokens(),
@@ -154,6 +162,19 @@ class PrefillDeployment:
         if self.roofline is not None:
             # the replica's rate over all its GPUs' matmul rate
             stats["mfu"] = self.roofline.prefill_mfu(self.worker.runner.spec, tokens_per_s) / self.ranks.tp.size
+=======
+        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
+        stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
+                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
+                 "prefix_hit_rate": self.worker.prefix_hit_rate(),
+                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
+                 "gpu_idle_share": batches.idle_share, "gpu_batch_time_s": batches.step_busy_s,
+                 "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
+        if self.roofline is not None and batches.num_steps:
+            spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
+            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9))
+            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9))
+>>>>>>> main
         return stats
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
@@ -207,11 +228,18 @@ class DecodeDeployment:
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
                                   transfer_timeout_s=self.config.transfer.timeout_s,
                                   overlap_steps=d.overlap_steps)
+<<<<<<< HEAD
         self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
+=======
+        self.roofline = Roofline.measure(runner.device)
+        # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
+        # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
+        self.engine_steps = decode_step_anchors(runner, (1, d.max_running)) if self.roofline is not None else []
+        self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
+>>>>>>> main
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
-        self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -222,13 +250,19 @@ class DecodeDeployment:
         load = self.worker.load()
         used = load.num_blocks_total - load.num_blocks_free
         stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
+<<<<<<< HEAD
                  "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
+=======
+                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size}
+>>>>>>> main
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
             size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
             weight_bytes = runner.spec.num_params * runner.kv_cache.tensor.element_size() // size
             kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
-            stats["mbu"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
+            # MBU over the GPU's busy time per step and over the step's wall time, labelled
+            stats["mbu_busy"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
+            stats["mbu_wall"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
         return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -282,11 +316,11 @@ class RouterDeployment:
         self._registry = registry()
         router = self.config.router
         self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
-        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, model_name(self.config), self.limits, self.api_key)
+        grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 
     def _http_app(self):
-        app = make_http_app(self.pipeline, self.tokenizer, model_name(self.config), self.limits)
+        app = make_http_app(self.pipeline, self.tokenizer, served_models(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
         # KubeRay's probe of a Serve node (GET /-/healthz on the HTTP port, expects "success")
@@ -302,7 +336,7 @@ class RouterDeployment:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas, KV use and queues, as `pdserve status` shows them."""
-        return {"model": model_name(self.config), "colocated": self.config.is_colocated,
+        return {"model": served_models(self.config).primary, "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
     def ping(self) -> int:

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from pdserve.engine.loader import default_model_dir
+from pdserve.engine.loader import DEFAULT_MODEL_NAME, default_model_dir
 
 from .app import build_app
 from .autoscaling import is_autoscaled, serve_application_policy
@@ -23,6 +23,7 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
     data = config.to_dict()
     if config.model.path is None:
         data["model"]["path"] = str(default_model_dir())  # dequantised once, here, not in every replica
+        data["model"]["served_model_name"] = list(config.model.served_model_name) or [DEFAULT_MODEL_NAME]
     if not joining and not torch.cuda.is_available():
         for pool in ("prefill", "decode", "colocated"):
             data[pool]["gpus_per_replica"] = 0.0

@@ -31,7 +31,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 _SHOWN = {"queued_tokens", "queued_requests", "tokens_per_s", "prefix_hit_rate", "num_running", "num_waiting", "num_blocks_used",
-          "num_blocks_free", "step_time_s", "is_draining"}
+          "num_blocks_free", "step_time_s", "gpu_step_time_s", "gpu_idle_share", "max_running", "is_draining"}
 
 
 def _short(value: Any) -> str:

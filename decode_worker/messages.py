@@ -26,8 +26,12 @@ class DecodeLoad:
     num_waiting: int  # reserved or admitted-but-not-running requests
     num_blocks_free: int
     num_blocks_total: int
-    step_time_s: float  # mean recent decode step time
+    step_time_s: float  # mean recent decode step period (wall time, what TPOT sees)
     batch_size: float  # mean recent batch size of those steps
+    gpu_step_time_s: float  # mean device time of one of those steps (engine/step_timing.py)
+    gpu_idle_share: float  # 1 - device busy / wall over the recent steps
+    launch_time_s: float  # mean host time launching a step (CUDA; near gpu_step_time_s: launch-bound)
+    max_running: int  # the batch limit this replica runs with
     tokens_per_s: float
     host_s_per_seq: float  # the decode loop's own host time per running sequence per step (not waiting for the GPU)
     is_draining: bool

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import PendingSample, SampleResult, SamplingParams, sample
+from pdserve.engine.step_timing import StepClock
 from pdserve.engine.transfer.base import KvReceiver
 
 from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
@@ -76,7 +77,6 @@ class _Step:
 
     seqs: list[DecodeSequence]
     rows: dict[int, int]  # transfer id -> row
-    launched_at: float
     sample: PendingSample | None = None
     released: list[BlockTable] = field(default_factory=list)  # freed while this step might write them
 
@@ -98,12 +98,11 @@ class DecodeWorker:
         self._running: list[DecodeSequence] = []
         self._in_flight: deque[_Step] = deque()  # oldest first; at most two, for a moment
         self._overlap = runner.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
-        self._last_step_end = 0.0
         self._transfer_ids = itertools.count(1)
         self._lock = threading.Condition()
         self._stopped = False
         self._draining = False
-        self._step_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (seconds, batch size)
+        self._clock = StepClock(runner.device)  # device busy time per step beside the step period
         self._host_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (host seconds of a loop turn, batch size)
         self._waited_s = 0.0  # of this loop turn, spent waiting for the device's tokens
         self._tokens_out: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens)
@@ -185,8 +184,8 @@ class DecodeWorker:
             self._unflushed.discard(outbox)
 
     def load(self) -> DecodeLoad:
+        steps = self._clock.times()
         with self._lock:
-            steps = list(self._step_stats)
             return DecodeLoad(
                 replica_id=self.replica_id,
                 num_running=len(self._running),
@@ -194,8 +193,12 @@ class DecodeWorker:
                 num_waiting=self._num_waiting(),
                 num_blocks_free=self.pool.num_free,
                 num_blocks_total=self.pool.num_blocks,
-                step_time_s=sum(s for s, _ in steps) / len(steps) if steps else 0.0,
-                batch_size=sum(b for _, b in steps) / len(steps) if steps else 0.0,
+                step_time_s=steps.wall_s,
+                batch_size=steps.size,
+                gpu_step_time_s=steps.step_busy_s,
+                gpu_idle_share=steps.idle_share,
+                launch_time_s=steps.launch_s,
+                max_running=self.settings.max_running,
                 tokens_per_s=self._tokens_per_s(),
                 host_s_per_seq=_per_seq(self._host_stats),
                 is_draining=self._draining,
@@ -231,6 +234,7 @@ class DecodeWorker:
                 self._expire_deadlines()
                 self._poll_landings()
                 while not (self._stopped or self._ready or self._running or self._in_flight):
+                    self._clock.waiting()
                     # A landing is polled, so wait briefly while one is pending.
                     self._lock.wait(timeout=0.001 if self._landing else 0.1)
                     self._expire_deadlines()
@@ -270,7 +274,8 @@ class DecodeWorker:
 
     def _run_prefill(self, batch: list[tuple[DecodeSequence, PrefillChunk]]) -> None:
         started = time.monotonic()
-        logits = self.runner.prefill([chunk for _, chunk in batch])
+        with self._clock.work():  # the device's time, not a step point
+            logits = self.runner.prefill([chunk for _, chunk in batch])
         elapsed = time.monotonic() - started
         done_rows = []
         with self._lock:
@@ -311,9 +316,10 @@ class DecodeWorker:
                 inputs.append(decode_input(seq, source))
             if not batch:
                 return False
-            step = _Step(batch, {s.transfer_id: row for row, s in enumerate(batch)}, time.monotonic())
+            step = _Step(batch, {s.transfer_id: row for row, s in enumerate(batch)})
             self._in_flight.append(step)  # before the launch: blocks freed from now on wait for it
-        step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch])
+        with self._clock.work(len(batch)):
+            step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch])
         return True
 
     def _complete(self, step: _Step) -> None:
@@ -321,12 +327,9 @@ class DecodeWorker:
         waiting_from = time.monotonic()
         result = step.sample.result()
         self._waited_s += time.monotonic() - waiting_from
+        self._clock.step_done()
         with self._lock:
             self._in_flight.popleft()
-            now = time.monotonic()
-            # The step's own time: from when the device could start it (launch, or the step before ending).
-            self._step_stats.append((now - max(step.launched_at, self._last_step_end), len(step.seqs)))
-            self._last_step_end = now
             live = [(row, s) for row, s in enumerate(step.seqs) if s.state is SequenceState.RUNNING]
             if live:  # rows of sequences aborted or finished meanwhile are dropped
                 self._accept(result.select([r for r, _ in live]), [s for _, s in live])

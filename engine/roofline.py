@@ -1,8 +1,13 @@
-"""How close a replica runs to its GPU's limits: MFU for prefill, MBU for decode.
+"""How close a replica runs to its GPU's limits: MFU for prefill, MBU for decode; the engine's own step times.
 
 The two ceilings are measured once when a replica starts (a bf16 matmul and a
 device-to-device copy, a few milliseconds), not taken from a datasheet. On the
 CPU there is no meaningful peak, and `Roofline.measure` returns None.
+
+`decode_step_anchors` times the engine's own decode step at a few batch sizes at
+start (scratch rows in block 0, short context: what the step costs when nothing
+else runs), on the CPU too; the step-time model that `pdserve diagnose` fits from a
+run's measured points is anchored by them.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .model_spec import ModelSpec
+from .runner import DecodeInput, ModelRunner
+from .sampler import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,31 @@ class Roofline:
         return (weight_bytes + kv_bytes_read) / step_time_s / self.copy_bytes_per_s
 
 
+def decode_step_anchors(runner: ModelRunner, batch_sizes: tuple[int, ...], repeats: int = 3) -> list[tuple[int, float]]:
+    """(batch size, seconds) of the engine's decode step and sampling, back to back, before the replica serves.
+
+    Every row writes its K/V into block 0 (free at start; a sequence writes every slot
+    it later reads), so the pool's blocks need not be allocated."""
+    position = min(runner.block_size, runner.spec.max_model_len) - 1
+    anchors = []
+    for batch in sorted(set(b for b in batch_sizes if b > 0)):
+        inputs = [DecodeInput(0, position, (0,))] * batch
+        params = [SamplingParams()] * batch
+        step = lambda: runner.decode_and_sample(inputs, params).result()  # noqa: E731
+        anchors.append((batch, _timed(step, runner.device, repeats)))
+    return anchors
+
+
 def _timed(work, device: torch.device, repeats: int = 10) -> float:
     work()
-    torch.cuda.synchronize(device)
+    _synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         work()
-    torch.cuda.synchronize(device)
+    _synchronize(device)
     return (time.perf_counter() - started) / repeats
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -32,6 +32,7 @@ from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.step_timing import StepClock, StepTimes
 from pdserve.engine.transfer.base import KvSender
 from pdserve.engine.transfer.messages import KvDestination, TransferError
 
@@ -112,6 +113,7 @@ class PrefillWorker:
         self._draining = False
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-finish")
         self._rates: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, seconds) of recent batches
+        self._clock = StepClock(runner.device)  # device busy time per batch beside the batch period
         self._thread = threading.Thread(target=self._loop, name=f"prefill-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -150,6 +152,10 @@ class PrefillWorker:
             tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)
         return tokens / seconds if seconds > 0 else 0.0
 
+    def batch_times(self) -> StepTimes:
+        """Device busy time per batch beside the batch period, and the device's idle share."""
+        return self._clock.times()
+
     def drain(self, timeout_s: float) -> bool:
         """Take no new prompts; finish the queued ones. True if the queue emptied in time."""
         end = time.monotonic() + timeout_s
@@ -177,6 +183,7 @@ class PrefillWorker:
         while True:
             with self._lock:
                 while not self._stopped and not self._queue:
+                    self._clock.waiting()
                     self._lock.wait(timeout=0.1)
                 if self._stopped:
                     return
@@ -184,6 +191,7 @@ class PrefillWorker:
             if batch:
                 self._run(batch)
             else:
+                self._clock.waiting()  # waiting for decode to take KV is not host time
                 time.sleep(0.005)  # no blocks free: wait for transfers to finish
 
     def _next_batch(self) -> list[tuple[PrefillJob, PrefillChunk]]:
@@ -239,8 +247,10 @@ class PrefillWorker:
 
         started = time.monotonic()
         try:
-            logits = self.runner.prefill([chunk for _, chunk in batch], pushes, ends)
+            with self._clock.work(sum(len(c.token_ids) for _, c in batch)):
+                logits = self.runner.prefill([chunk for _, chunk in batch], pushes, ends)
             _wait_for_device(logits)
+            self._clock.step_done()
         except (TransferError, RuntimeError) as e:
             log.exception("prefill batch failed")
             with self._lock:

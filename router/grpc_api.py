@@ -1,13 +1,10 @@
-"""The gRPC API (`pdserve.v1.Generation`): the methods Ray Serve's gRPC proxy calls on the router.
+"""The gRPC API (`pdserve.v1.Generation`): `Generate` and `Health` over a `GenerationBackend`.
 
-Ray Serve 2.60 hands a deployment method a `grpc_context`
-(`ray.serve.grpc_util.RayServegRPCContext`) when the method takes an argument of
-that name. A failing method sets the code and details on it and then raises:
-the replica wraps the exception with that code (`gRPCStatusError`) and the proxy
-ends the call, mid-stream or not, with the code and details set. A streaming
-method that only set a code and returned would end with OK, since the proxy
-copies the context back only with each message. The context is duck-typed
-here (`set_code`, `set_details`), so this module needs no Ray.
+The servicer of `router/ingress.py` calls these methods with its call's context
+(`grpc.aio.ServicerContext`). A failing method sets the code and details on the
+context and then raises; the servicer ends the call with that status, mid-stream
+or not. The context is duck-typed here (`set_code`, `set_details`,
+`invocation_metadata`), so the front end runs on any gRPC server.
 
 `Generate` checks the request as the HTTP API does (same limits, same messages),
 then relays the backend's chunks: token ids and text in every message;
@@ -25,13 +22,12 @@ import grpc
 
 from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.router.auth import ApiKey
-from pdserve.router.errors import (
-    InternalError, InvalidParameter, ModelNotFound, grpc_details, grpc_status,
-)
+from pdserve.router.errors import InternalError, InvalidParameter, grpc_details, grpc_status
 from pdserve.router.generation import (
     GenerationBackend, GenerationError, GenerationRequest, SamplingOptions,
 )
 from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.served_models import ServedModels
 from pdserve.router.text import check_token_ids, encode_text
 
 logger = logging.getLogger(__name__)
@@ -50,12 +46,12 @@ class GrpcContext(Protocol):
 class GrpcFrontEnd:
     """`Generate` and `Health` of the public gRPC service, over a `GenerationBackend`."""
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Any, model_name: str, limits: RequestLimits,
+    def __init__(self, backend: GenerationBackend, tokenizer: Any, models: ServedModels, limits: RequestLimits,
                  api_key: ApiKey | None = None):
         self.backend = backend
         self.api_key = api_key
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.models = models
         self.limits = limits
 
     async def Generate(self, request: pb.GenerateRequest,
@@ -90,8 +86,7 @@ class GrpcFrontEnd:
 
     def _generation_request(self, request: pb.GenerateRequest) -> GenerationRequest:
         """Check a `GenerateRequest` and turn it into the backend's request."""
-        if request.model and request.model != self.model_name:
-            raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves `{self.model_name}`.")
+        self.models.check(request.model)  # proto3: an empty `model` is none named
         if bool(request.prompt) == bool(request.prompt_token_ids):
             raise InvalidParameter("Set exactly one of `prompt` and `prompt_token_ids`.", "prompt")
         if request.prompt:

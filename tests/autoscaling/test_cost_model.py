@@ -79,3 +79,26 @@ def test_prefix_cache_hits_cost_the_prefill_pool_nothing_and_the_decode_pool_the
     assert predict_ttft(warm, 1, PROFILES.prefill)[1] == pytest.approx(predict_ttft(cold, 1, PROFILES.prefill)[1] / 4)
     assert predict_tpot(warm, 1, PROFILES.decode) == predict_tpot(cold, 1, PROFILES.decode)  # KV is the whole prompt
     assert sizes(cold)[0] == 4 and sizes(warm)[0] < sizes(cold)[0]
+
+
+def test_the_step_model_is_the_gpu_table_fitted_plus_the_hosts_exposed_time():
+    """A synthetic table: the GPU's step 3.6 ms + 0.027 ms per sequence, the host's exposed 1 ms + 0.07 ms."""
+    gpu = [StepSample(n, 0.0036 + 0.000027 * n) for n in (1, 16, 64, 256)]
+    host = [StepSample(n, 0.001 + 0.00007 * n) for n in (16, 64, 256)]
+    profile = DecodeProfile.measured(gpu, host, max_running=256)
+    assert profile.base_s == pytest.approx(0.0036) and profile.per_seq_s == pytest.approx(0.000027)
+    assert profile.host_base_s == pytest.approx(0.001) and profile.host_per_seq_s == pytest.approx(0.00007)
+    assert profile.step_time(256) == pytest.approx(0.0036 + 0.000027 * 256 + 0.001 + 0.00007 * 256)
+    assert profile.max_running == 256
+    without_host = DecodeProfile.measured(gpu, [], max_running=256)
+    load = Workload(40.0, 128, 256)
+    assert predict_tpot(load, 1, profile)[0] > predict_tpot(load, 1, without_host)[0]
+
+
+def test_one_loaded_batch_size_is_anchored_by_the_engines_own_steps_not_extrapolated():
+    loaded = [StepSample(256, 0.0103)] * 5  # every report of the run at one batch size
+    alone = DecodeProfile.fit(loaded)
+    assert alone.base_s == pytest.approx(0.0103) and alone.per_seq_s == 0  # alone: a constant, batch 1 as slow
+    anchored = DecodeProfile.measured(loaded + [StepSample(1, 0.0036), StepSample(256, 0.0103)], [])
+    assert anchored.gpu_step_time(1) == pytest.approx(0.0036, rel=0.01)
+    assert anchored.gpu_step_time(256) == pytest.approx(0.0103, rel=0.01)

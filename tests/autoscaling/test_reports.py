@@ -47,3 +47,18 @@ def test_status_says_sizes_targets_and_the_last_decision_in_words():
     assert "decode: 2 running, target 3" in text and "prefill: 1 running, target 1" in text
     assert "last decision: decode: 2 → 3, predicted TPOT 71 ms > SLO 60 ms at 38 running sequences" in text
     assert "autoscaling: off" in format_status({"model": "m", "pools": {"decode": {"d1": {}}}, "autoscaling": {}})
+
+
+def test_status_and_metrics_show_each_replicas_gpu_idle_share():
+    from pdserve.router.metrics import RouterMetrics
+
+    pools = {"decode": {"d1": {"num_running": 8, "gpu_idle_share": 0.64, "gpu_step_time_s": 0.0103, "mbu_busy": 0.6,
+                               "mbu_wall": 0.21}},
+             "prefill": {"p1": {"queued_requests": 3, "gpu_idle_share": 0.05}}}
+    text = format_status({"model": "m", "pools": pools, "autoscaling": {}})
+    assert "gpu_idle_share=0.64" in text and "gpu_idle_share=0.05" in text and "gpu_step_time_s=0.0103" in text
+    metrics = RouterMetrics().render(pools)
+    assert 'pdserve_decode_gpu_idle_share{pool="decode",replica="d1"} 0.64' in metrics
+    assert 'pdserve_prefill_gpu_idle_share{pool="prefill",replica="p1"} 0.05' in metrics
+    assert 'pdserve_decode_mbu_busy{pool="decode",replica="d1"} 0.6' in metrics
+    assert 'pdserve_decode_mbu_wall{pool="decode",replica="d1"} 0.21' in metrics

@@ -1,10 +1,10 @@
 """The diagnosis on synthetic bench results: the phase named, the ratio moved, the words said."""
 import pytest
 
-from pdserve.cluster.bench import BenchResult, Run
-from pdserve.cluster.bench_client import RequestRecord
-from pdserve.cluster.bench_stats import Slo
-from pdserve.cluster.diagnose import diagnose, report
+from pdserve.cluster.bench.result import BenchResult, Run
+from pdserve.cluster.bench.client import RequestRecord
+from pdserve.cluster.bench.stats import Slo
+from pdserve.cluster.bench.diagnose import diagnose, report
 
 SLO = Slo(ttft_s=1.0, tpot_s=0.1)
 STATUS = {"model": "tiny", "colocated": False, "pools": {"prefill": {"p0": {}}, "decode": {"d0": {}}}}
@@ -58,8 +58,53 @@ def test_long_answers_in_big_batches_are_decode_bound_and_want_more_decode_repli
 def test_slos_no_single_request_can_meet_leave_no_ratio_to_recommend():
     slow = Run(1.0, None, 10.0, [record(i, 900, 2, 0.0, 3.0, 0.02) for i in range(10)], pools(300, [(1, 0.02)]))
     d = diagnose(result([slow]))
-    assert d.best.max_goodput_rps == 0
-    assert "No split holds both SLOs" in report(d)
+    assert d.best.max_goodput_rps == 0 and d.alone is None
+    assert "No split holds both SLOs" in report(d) and "single request meets the SLO is unmeasured" in report(d)
+    alone = Run(None, 1, 3.1, [record(0.0, 900, 2, 0.0, 3.0, 0.02)], pools(300, [(1, 0.02)]))
+    measured = diagnose(result([alone, slow]))
+    assert measured.alone.count == 1 and measured.alone.ttft_s > SLO.ttft_s
+    assert "a single request is slower than the SLO" in report(measured)
+
+
+# The H200 case of issue 24: 256 in flight, 128-token prompts, 256-token answers, TPOT SLO 20 ms. The served
+# step took 29 ms while the GPU was busy 10.3 ms of it (the engine's own step at batch 256); one request alone
+# had TPOT 4.5 ms; the deployment ran max_running 256.
+def host_bound_pools(batch=256, step=0.029, gpu=0.0103) -> list[dict]:
+    decode = {"batch_size": batch, "num_running": batch, "num_waiting": 40, "num_context_tokens": batch * 250,
+              "step_time_s": step, "gpu_step_time_s": gpu, "gpu_idle_share": 1 - gpu / step,
+              "launch_time_s": 0.001, "max_running": 256, "num_blocks_total": 40000, "kv_block_size": 16,
+              "engine_steps": [[1, 0.0036], [256, 0.0103]], "mbu_busy": 0.6, "mbu_wall": 0.21}
+    return [{"t": i, "pools": {"prefill": {"p0": {"tokens_per_s": 200000, "queued_tokens": 0}},
+                               "decode": {"d0": decode}}} for i in range(5)]
+
+
+def test_a_gpu_idle_while_sequences_wait_is_host_bound_not_decode_bound():
+    loaded = Run(None, 256, 20.0, [record(i / 20, 128, 256, 0.002, 0.01, 0.029, front=0.005) for i in range(256)],
+                 host_bound_pools())
+    alone = Run(None, 1, 1.2, [record(0.0, 128, 256, 0.0, 0.01, 0.0045)], host_bound_pools(1, 0.0045, 0.0036))
+    d = diagnose(BenchResult({"status": STATUS}, {}, Slo(ttft_s=1.0, tpot_s=0.02), [alone, loaded]))
+    assert d.bottleneck == "host" and d.host_part == "decode loop" and d.phase == "decode"
+    text = report(d)
+    assert "Bottleneck: HOST (decode loop)" in text and "idled 64% of each step" in text, text
+    # the GPU model comes from the engine's own steps, not one loaded point: 3.6 ms at batch 1, not 29 ms
+    assert d.profiles.decode.gpu_step_time(1) == pytest.approx(0.0036, rel=0.05), text
+    assert d.profiles.decode.max_running == 256 and d.fit.max_running == 256
+    assert "MBU 60% of GPU-busy time, 21% of wall time" in text
+    assert "a single request is slower" not in text
+    # the host's time per step, measured at batch 1 and 256, grows with the batch: smaller batches on more
+    # decode replicas hold the SLO
+    assert d.profiles.decode.host_per_seq_s == pytest.approx((0.0187 - 0.0009) / 255, rel=0.02)
+    assert d.best.num_decode > d.best.num_prefill and d.best.max_goodput_rps > 0, text
+
+
+def test_the_front_end_and_the_router_are_named_when_ttft_goes_outside_the_prefill_pool():
+    slow_router = [record(i / 4, 64, 2, 0.001, 0.01, 0.02, front=0.01) for i in range(40)]
+    for r in slow_router:  # 1.5 s between the prefill result and the first token: routing, reservation, relay
+        r.server["ttft_s"] += 1.5
+        r.chunk_s = [c + 1.5 for c in r.chunk_s]
+        r.e2e_s += 1.5
+    d = diagnose(result([Run(4.0, None, 10.0, slow_router, pools(4500, [(1, 0.02)]))]))
+    assert (d.bottleneck, d.host_part, d.phase) == ("host", "router", "prefill"), report(d)
 
 
 def test_a_result_survives_its_json_round_trip():
@@ -72,7 +117,7 @@ def test_a_result_survives_its_json_round_trip():
 
 def test_a_bench_where_every_request_failed_is_refused_with_the_first_error(tmp_path, capsys):
     from pdserve.cluster.cli import main
-    from pdserve.cluster.diagnose import NothingToDiagnose
+    from pdserve.cluster.bench.diagnose import NothingToDiagnose
 
     failed = [RequestRecord(i, 8, 16, error="HTTP 503: no decode replica") for i in range(3)]
     bench = result([Run(1.0, None, 3.0, failed, pools(1000, [(1, 0.01)]))])

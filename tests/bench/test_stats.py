@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from pdserve.cluster.bench_client import RequestRecord
-from pdserve.cluster.bench_stats import Latency, Slo, meets_slo, percentile, summarize
-from pdserve.cluster.bench_workload import LengthRange, Workload, arrival_times
+from pdserve.cluster.bench.client import RequestRecord
+from pdserve.cluster.bench.stats import Latency, Slo, meets_slo, percentile, summarize
+from pdserve.cluster.bench.workload import LengthRange, Workload, arrival_times
 
 
 def record(ttft: float, tpot: float, tokens: int = 11, error: str | None = None) -> RequestRecord:

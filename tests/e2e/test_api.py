@@ -16,13 +16,16 @@ from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 KEY = "sk-test-123"
+ALIAS = "tiny-chat"
 
 
 @pytest.fixture(scope="module")
 def server(chat_model, tmp_path_factory):
     config = tmp_path_factory.mktemp("config") / "config.yaml"
     config.write_text("decode: {max_running: 2, max_waiting: 3}\nprefill: {max_queued_requests: 4}\n")
-    s = Server("--model", str(chat_model[0]), "--config", str(config), api_key=KEY)
+    # served as the path exactly as given (what `--model` alone serves) and an alias
+    s = Server("--model", str(chat_model[0]), "--served-model-name", str(chat_model[0]), ALIAS,
+               "--config", str(config), api_key=KEY)
     yield s
     s.stop()
 
@@ -125,3 +128,47 @@ def test_bad_grpc_input_gets_a_status_with_a_message(server):
             with pytest.raises(grpc.RpcError) as error:
                 list(stub.Generate(request, metadata=metadata, timeout=30))
             assert error.value.code() == code and error.value.details()
+
+
+def test_the_path_as_given_and_every_alias_are_served_and_others_are_404(server, chat_model):
+    path = str(chat_model[0])
+    assert [m.id for m in client(server).models.list().data] == [path, ALIAS]
+    for name in (path, ALIAS, None):
+        extra = {} if name is None else {"model": name}
+        response = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
+        assert response.status_code == 200 and response.json()["model"] == path, response.text
+    with pytest.raises(openai.NotFoundError) as refused:
+        client(server).completions.create(model="tiny", prompt="hi", max_tokens=2)
+    message = refused.value.body["message"]
+    assert "`tiny`" in message and f"`{path}`" in message and f"`{ALIAS}`" in message
+
+
+def test_grpc_applies_the_same_names(server, chat_model):
+    metadata = [("authorization", f"Bearer {KEY}")]
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        for name in (str(chat_model[0]), ALIAS, ""):
+            request = pb.GenerateRequest(prompt="hi", model=name, sampling=pb.SamplingParams(max_tokens=2))
+            assert list(stub.Generate(request, metadata=metadata, timeout=60))[-1].finish_reason
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", model="tiny"), metadata=metadata, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND and f"`{ALIAS}`" in refused.value.details()
+
+
+def test_oversized_bodies_get_413_and_the_connection_and_server_go_on(server):
+    declared = b'{"prompt": "' + b"x" * (64 << 20) + b'"}'
+
+    def chunked():  # no Content-Length: cut where the count passes the limit
+        yield b'{"prompt": "'
+        for _ in range(1024):
+            yield b"x" * 65536
+
+    headers = {**server.headers, "content-type": "application/json"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        for content in (declared, chunked()):
+            response = http.post("/v1/completions", content=content)
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+        ok = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text

@@ -48,6 +48,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "decode": {"replicas": 2, "minReplicas": 0, "maxReplicas": 8},
     },
     "pvc model": {"model": {"pvc": "llama-weights", "path": "/mnt/models/llama-3-8b-instruct"}},
+    "served model names": {"model": {"servedModelName": ["llama-3-8b", "meta-llama/Llama-3.1-8B-Instruct"]}},
     "other ports": {"router": {"httpPort": 18000, "grpcPort": 19000}},
     "hub download, opted in": {"model": {"hub": {"repo": "org/model", "tokenSecret": "hf-token"}}},
     "pools not pinned": {"placement": {"pinPoolsToGroups": False}},
@@ -79,6 +80,7 @@ BAD_VALUE_SETS: dict[str, tuple[dict[str, Any], str]] = {
     "no GPU": ({"prefill": {"gpusPerReplica": 0}}, "/prefill/gpusPerReplica"),
     "no model given (empty path)": ({"model": {"path": ""}}, "no model given"),
     "no model given (null path)": ({"model": {"path": None}}, "no model given"),
+    "an empty served model name": ({"model": {"servedModelName": [""]}}, "/model/servedModelName/0"),
     "hub download without a token secret": (
         {"model": {"hub": {"repo": "org/model"}}}, "opt in by also setting model.hub.tokenSecret",
     ),
@@ -333,6 +335,14 @@ def test_model_sources(chart):
         assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
         assert "HF_HUB_OFFLINE" not in env_of(ray_container(template))
     assert pdserve_args(rayservice)["model"]["path"] == "/models/hub/model"
+    assert pdserve_args(rayservice)["model"]["served_model_name"] == ["org/model"]  # not the download directory
+
+
+def test_served_model_names_reach_the_config_and_default_to_the_path(chart):
+    assert "served_model_name" not in pdserve_args(the_rayservice(render(chart)))["model"]
+    names = VALUE_SETS["served model names"]["model"]["servedModelName"]
+    rayservice = the_rayservice(render(chart, VALUE_SETS["served model names"]))
+    assert pdserve_args(rayservice)["model"]["served_model_name"] == names
 
 
 def test_every_documented_value_reaches_the_manifests(chart):
@@ -381,7 +391,7 @@ def test_defaults_render_as_documented(chart):
 def test_every_value_is_documented_in_the_readme():
     readme = (ROOT / "helm" / "README.md").read_text()
     for key in (
-        "image.repository", "image.tag", "model.path", "model.pvc",
+        "image.repository", "image.tag", "model.path", "model.servedModelName", "model.pvc",
         "prefill.replicas", "prefill.minReplicas", "prefill.maxReplicas", "prefill.gpusPerReplica",
         "decode.replicas", "decode.minReplicas", "decode.maxReplicas", "decode.gpusPerReplica",
         "slo.ttftMs", "slo.tpotMs", "router.httpPort", "router.grpcPort",

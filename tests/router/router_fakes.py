@@ -11,6 +11,7 @@ from pdserve.router.generation import (
     GenerationChunk, GenerationError, GenerationRequest, HealthStatus, PhaseTimings, Usage,
 )
 from pdserve.router.limits import RequestLimits
+from pdserve.router.served_models import ServedModels
 
 WORDS = ["<unk>", "<s>", "</s>", "user:", "assistant:", "system:", "hello", "world", "the", "quick",
          "brown", "fox", "jumps", "over", "lazy", "dog", "stop", "!"]
@@ -19,6 +20,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 MODEL = "tiny-model"
+ALIAS = "/models/tiny-model"  # a second served name, spelled as a path
+SERVED = ServedModels((MODEL, ALIAS))
 LIMITS = RequestLimits(max_model_len=64, max_body_bytes=4096, max_tokens=48, max_n=4, max_stop=3,
                        request_timeout_s=30.0)
 

@@ -10,7 +10,7 @@ from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.router.generation import DeadlineExceeded, GenerationError, Overloaded, Unavailable
 from pdserve.router.grpc_api import GrpcFrontEnd
 
-from router_fakes import LIMITS, MODEL, ids
+from router_fakes import ALIAS, LIMITS, MODEL, SERVED, ids
 
 
 class FakeContext:
@@ -35,7 +35,7 @@ def generate(front_end: GrpcFrontEnd, request: pb.GenerateRequest, context: Fake
 
 @pytest.fixture
 def front_end(backend, tokenizer) -> GrpcFrontEnd:
-    return GrpcFrontEnd(backend, tokenizer, MODEL, LIMITS)
+    return GrpcFrontEnd(backend, tokenizer, SERVED, LIMITS)
 
 
 def test_generate_streams_tokens_and_ends_with_usage_and_timings(front_end, backend):
@@ -61,6 +61,21 @@ def test_generate_defaults(front_end, backend):
     sampling = request.sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (16, 0.0, 1.0, 0)
     assert sampling.seed is None and not sampling.logprobs
+
+
+@pytest.mark.parametrize("name", ["", MODEL, ALIAS])
+def test_no_model_or_any_served_name_is_served(front_end, name):
+    context = FakeContext()
+    messages = generate(front_end, pb.GenerateRequest(prompt="hello", model=name), context)
+    assert context.code is None and messages[-1].finish_reason
+
+
+def test_an_unknown_model_is_not_found_naming_the_served_ones(front_end):
+    context = FakeContext()
+    with pytest.raises(GenerationError):
+        generate(front_end, pb.GenerateRequest(prompt="hello", model=MODEL.upper()), context)
+    assert context.code == grpc.StatusCode.NOT_FOUND
+    assert f"`{MODEL}`" in context.details and f"`{ALIAS}`" in context.details
 
 
 BAD_REQUESTS = {

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from pdserve.router.generation import DeadlineExceeded, Overloaded, Unavailable
 from pdserve.router.openai_api import make_http_app
 
-from router_fakes import LIMITS, MODEL, ids
+from router_fakes import ALIAS, LIMITS, MODEL, SERVED, ids
 
 COMPLETION = {"model": MODEL, "prompt": "hello world", "max_tokens": 3}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 3}
@@ -17,7 +17,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture
 def client(backend, tokenizer):
-    with TestClient(make_http_app(backend, tokenizer, MODEL, LIMITS)) as test_client:
+    with TestClient(make_http_app(backend, tokenizer, SERVED, LIMITS)) as test_client:
         yield test_client
 
 
@@ -304,10 +304,11 @@ def test_an_unknown_path_has_an_openai_error_body(client):
 
 # ---- models and health ----------------------------------------------------------------------
 
-def test_models_lists_the_one_model(client):
+def test_models_lists_exactly_the_served_names(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
-    assert [(m["id"], m["object"], m["owned_by"]) for m in body["data"]] == [(MODEL, "model", "pdserve")]
+    assert [(m["id"], m["object"], m["owned_by"]) for m in body["data"]] == [
+        (MODEL, "model", "pdserve"), (ALIAS, "model", "pdserve")]
 
 
 def test_health_follows_the_backend(client, backend):
@@ -323,3 +324,18 @@ def test_health_follows_the_backend(client, backend):
 def test_model_may_be_left_out_as_in_vllm(client):
     response = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
     assert response.status_code == 200, response.text
+    assert response.json()["model"] == MODEL
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_every_served_name_is_accepted_and_answered_with_the_first(client, path):
+    body = {**(COMPLETION if path == "/v1/completions" else CHAT), "model": ALIAS}
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == MODEL
+
+
+def test_an_unknown_model_is_404_naming_the_served_ones(client):
+    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"}), 404)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert "`tiny`" in error["message"] and f"`{MODEL}`" in error["message"] and f"`{ALIAS}`" in error["message"]

@@ -6,20 +6,21 @@ import json
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 import uvicorn
 
 from pdserve.router.openai_api import make_http_app
 
-from router_fakes import LIMITS, MODEL, EchoBackend
+from router_fakes import ALIAS, EchoBackend, LIMITS, MODEL, SERVED
 
 
 @pytest.fixture(scope="module")
 def served(tokenizer):
     """A uvicorn server on a free port of 127.0.0.1, in a thread; yields (base_url, backend)."""
     backend = EchoBackend(tokenizer)
-    server = uvicorn.Server(uvicorn.Config(make_http_app(backend, tokenizer, MODEL, LIMITS),
+    server = uvicorn.Server(uvicorn.Config(make_http_app(backend, tokenizer, SERVED, LIMITS),
                                            host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -82,7 +83,26 @@ def test_errors_reach_the_client_typed(client):
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, ALIAS]
+
+
+def test_an_oversized_body_is_413_and_the_connection_stays_usable(served):
+    """Through a real socket: 64 MiB declared, then an endless chunked upload, then a normal call on it."""
+    base_url, _ = served
+    declared = json.dumps({"model": MODEL, "prompt": "x" * (64 << 20)}).encode()
+
+    def chunked():  # gives no length: the server counts and stops reading past the limit
+        yield b'{"prompt": "'
+        for _ in range(1024):
+            yield b"x" * 65536
+
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for content in (declared, chunked()):
+            response = http.post("/completions", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+        ok = http.post("/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
 
 
 def test_a_disconnected_stream_cancels_the_backend(client, served):
@@ -102,7 +122,7 @@ def test_a_disconnected_stream_cancels_the_backend(client, served):
 def test_disconnect_before_any_token_is_sent_cancels_the_backend(backend, tokenizer, stream):
     """At the ASGI level: the client leaves while the backend is still waiting on its first token."""
     backend.hang_after = 0
-    app = make_http_app(backend, tokenizer, MODEL, LIMITS)
+    app = make_http_app(backend, tokenizer, SERVED, LIMITS)
     body = json.dumps({"model": MODEL, "prompt": "hello", "stream": stream, "n": 2}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",

@@ -94,6 +94,9 @@ def test_concurrent_handoffs_decode_to_the_engines_tokens(loaded, workers):
     requests = [([rng.randrange(2, 128) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 20)) for _ in range(24)]
     assert run_all_at_once(prefill, decode, requests) == engine_outputs(loaded, requests)
     assert decode.pool.num_free == decode.pool.num_blocks
+    load, batches = decode.load(), prefill.batch_times()  # the step clocks measured both loops
+    assert load.gpu_step_time_s > 0 and load.step_time_s > 0 and 0 <= load.gpu_idle_share <= 1
+    assert batches.step_busy_s > 0 and 0 <= batches.idle_share <= 1
     assert prefill.pool.num_free + prefill.prefix_cache.num_blocks == prefill.pool.num_blocks  # the rest: cached
 
 

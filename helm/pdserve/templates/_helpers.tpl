@@ -206,8 +206,16 @@ chart's own values, merged over `config`. It is the Serve application's args.
 {{- if $v.placement.pinPoolsToGroups }}
 {{- $_ := set $router "ray_resources" (dict "router" 1) }}
 {{- end }}
+{{- $model := dict "path" (include "pdserve.modelPath" .) "dtype" $v.model.dtype }}
+{{- $names := $v.model.servedModelName | default list }}
+{{- if and (not $names) $v.model.hub.repo }}
+{{- $names = list $v.model.hub.repo }}
+{{- end }}
+{{- if $names }}
+{{- $_ := set $model "served_model_name" $names }}
+{{- end }}
 {{- $managed := dict
-    "model" (dict "path" (include "pdserve.modelPath" .) "dtype" $v.model.dtype)
+    "model" $model
     "prefill" (include "pdserve.poolConfig" (dict "root" . "name" "prefill") | fromJson)
     "decode" (include "pdserve.poolConfig" (dict "root" . "name" "decode") | fromJson)
     "router" $router

@@ -9,24 +9,22 @@ phase timings all go into the JSON, which `pdserve diagnose` reads back.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime
-import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from .bench_client import BenchClient, GrpcClient, HttpClient, RequestRecord
-from .bench_stats import RunSummary, Slo, summarize
-from .bench_workload import LengthRange, Workload, arrival_times
+from .client import BenchClient, GrpcClient, HttpClient, RequestRecord
+from .result import BenchResult, Run
+from .stats import RunSummary, Slo, percentile
+from .workload import LengthRange, Workload, arrival_times
 
-FORMAT_VERSION = 1
 STATUS_INTERVAL_S = 1.0
+LAG_PROBE_S = 0.01  # the client's loop is asked to wake every 10 ms; how late it wakes is its own lag
 
 
 @dataclass(frozen=True)
@@ -44,53 +42,9 @@ class BenchConfig:
     progress: bool = True
 
 
-@dataclass
-class Run:
-    """One run: its offered load, what every request saw, and the pools while it ran."""
-
-    rate: float | None
-    concurrency: int | None
-    duration_s: float
-    requests: list[RequestRecord]
-    pools: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "pools": {pool: {replica: stats}}}
-
-    def summary(self, slo: Slo) -> RunSummary:
-        return summarize(self.requests, self.duration_s, slo, self.rate, self.concurrency)
-
-
-@dataclass
-class BenchResult:
-    target: dict[str, Any]  # url, protocol, the status the server gave at the start
-    workload: dict[str, Any]
-    slo: Slo
-    runs: list[Run]
-    date: str = field(default_factory=lambda: datetime.datetime.now().isoformat(timespec="seconds"))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pdserve_bench": FORMAT_VERSION, "date": self.date, "target": self.target, "workload": self.workload,
-            "slo": dataclasses.asdict(self.slo),
-            "runs": [{"summary": dataclasses.asdict(run.summary(self.slo)), **dataclasses.asdict(run)}
-                     for run in self.runs],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "BenchResult":
-        runs = [Run(r["rate"], r["concurrency"], r["duration_s"], [RequestRecord(**q) for q in r["requests"]],
-                    r["pools"]) for r in data["runs"]]
-        return cls(data["target"], data["workload"], Slo(**data["slo"]), runs, data["date"])
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: Path) -> "BenchResult":
-        return cls.from_json(json.loads(path.read_text()))
-
-
-async def run_bench(config: BenchConfig) -> BenchResult:
-    """Warm up, then one run per rate."""
-    client = _client(config)
+async def run_bench(config: BenchConfig, client: BenchClient | None = None) -> BenchResult:
+    """Warm up, then one run per rate; `client`: one of your own instead of the HTTP or gRPC one."""
+    client = client or _client(config)
     try:
         status = await _status(config.url, config.api_key)
         if config.warmup:
@@ -126,16 +80,28 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
         bar.update()
 
     pools: list[dict[str, Any]] = []
+    lags: list[float] = []
     sampler = asyncio.create_task(_sample_pools(config.url, config.api_key, started, pools))
+    probe = asyncio.create_task(_probe_lag(lags))
     try:
         times = arrival_times(len(specs), rate, seed=config.seed)
         await asyncio.gather(*(one(s, r, t) for s, r, t in zip(specs, records, times)))
     finally:
         sampler.cancel()
+        probe.cancel()
         bar.close()
     first_send = min(r.sent_at for r in records)
     last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
-    return Run(rate, concurrency, last_end - first_send, records, pools)
+    lag = percentile(sorted(lags), 90) if lags else 0.0
+    return Run(rate, concurrency, last_end - first_send, records, pools, lag)
+
+
+async def _probe_lag(into: list[float]) -> None:
+    """How late the client's own event loop wakes: a client too busy to read its streams shows here."""
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_S)
+        into.append(max(time.perf_counter() - asked - LAG_PROBE_S, 0.0))
 
 
 def _status_client(url: str, api_key: str | None, timeout_s: float) -> httpx.AsyncClient:
@@ -206,7 +172,7 @@ def main_config(args: Any) -> BenchConfig:
 
 def main(args: Any) -> int:
     """The `pdserve bench` command (flags in cli.py)."""
-    from .bench_plots import plot_bench
+    from .plots import plot_bench  # matplotlib only when plotting
 
     result = asyncio.run(run_bench(main_config(args)))
     for run in result.runs:

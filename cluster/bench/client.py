@@ -17,7 +17,7 @@ from pdserve.protos.pdserve.v1 import generate_pb2 as pb
 from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
 from pdserve.router.generation import PhaseTimings
 
-from .bench_workload import RequestSpec
+from .workload import RequestSpec
 
 TIMING_FIELDS = tuple(f.name for f in fields(PhaseTimings))  # the server's pdserve_timings
 
@@ -82,13 +82,17 @@ class HttpClient:
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    _take_event(json.loads(line[6:]), record, time.perf_counter() - started)
+                    self.take_event(json.loads(line[6:]), record, time.perf_counter() - started)
             record.e2e_s = time.perf_counter() - started
         except httpx.HTTPError as e:
             record.error = f"{type(e).__name__}: {e}"
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    def take_event(self, event: dict, record: RequestRecord, at: float) -> None:
+        """One SSE event into the record (a subclass may do more with it: the bench's consumer is this)."""
+        _take_event(event, record, at)
 
 
 def _take_event(event: dict, record: RequestRecord, at: float) -> None:

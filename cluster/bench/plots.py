@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-if TYPE_CHECKING:
-    from .bench import BenchResult, Run
-    from .diagnose import Diagnosis
+from .diagnosis import Diagnosis  # noqa: E402
+from .result import BenchResult, Run  # noqa: E402
 
-def _label(run: "Run") -> str:
+def _label(run: Run) -> str:
     return f"{run.rate:g} req/s" if run.rate is not None else f"concurrency {run.concurrency or 'all'}"
 
 
-def plot_latency_cdfs(result: "BenchResult", path: Path) -> Path:
+def plot_latency_cdfs(result: BenchResult, path: Path) -> Path:
     """TTFT, TPOT, ITL and E2E CDFs in ms, with the SLOs drawn where they apply."""
     metrics = {
         "TTFT": (lambda r: [q.ttft_s for q in r.requests if q.is_ok], result.slo.ttft_s),
@@ -42,7 +40,7 @@ def plot_latency_cdfs(result: "BenchResult", path: Path) -> Path:
     return path
 
 
-def plot_goodput(result: "BenchResult", path: Path) -> Path:
+def plot_goodput(result: BenchResult, path: Path) -> Path:
     """Throughput and goodput (req/s) against the offered rate, SLO attainment on a second axis."""
     runs = sorted((r for r in result.runs if r.rate is not None), key=lambda r: r.rate)
     summaries = [r.summary(result.slo) for r in runs]
@@ -67,7 +65,7 @@ def plot_goodput(result: "BenchResult", path: Path) -> Path:
     return path
 
 
-def plot_bench(result: "BenchResult", stem: Path) -> list[Path]:
+def plot_bench(result: BenchResult, stem: Path) -> list[Path]:
     """`<stem>-latency.png`, and `<stem>-goodput.png` when the runs had offered rates."""
     paths = [plot_latency_cdfs(result, stem.with_name(stem.name + "-latency.png"))]
     if any(run.rate is not None for run in result.runs):
@@ -75,10 +73,8 @@ def plot_bench(result: "BenchResult", stem: Path) -> list[Path]:
     return paths
 
 
-def plot_diagnosis(d: "Diagnosis", path: Path) -> Path:
+def plot_diagnosis(d: Diagnosis, path: Path) -> Path:
     """Where TTFT goes per load, each phase against its SLO per load, and goodput by P:D split."""
-    from .diagnose import MAX_REPLICAS
-
     fig, (phases, ratios, splits) = plt.subplots(1, 3, figsize=(18, 4.8))
     loads = [p.throughput_rps for p in d.points]
     labels = [f"{x:.2f}" for x in loads]
@@ -98,13 +94,14 @@ def plot_diagnosis(d: "Diagnosis", path: Path) -> Path:
     ratios.plot(loads, [p.prefill_ratio for p in d.points], marker="o", label="prefill: queue+prefill+KV p90 / TTFT SLO")
     ratios.plot(loads, [p.decode_ratio for p in d.points], marker="s", label="decode: TPOT p90 / TPOT SLO")
     ratios.axhline(1.0, color="red", linestyle="--", linewidth=1)
-    ratios.set(title=f"Bottleneck: {d.bottleneck} ({d.deployment})", xlabel="throughput (req/s)",
+    verdict = f"host ({d.host_part})" if d.bottleneck == "host" else d.bottleneck
+    ratios.set(title=f"Bottleneck: {verdict} ({d.deployment})", xlabel="throughput (req/s)",
                ylabel="latency / SLO", yscale="log")
     ratios.grid(alpha=0.3)
     ratios.legend(fontsize=8)
 
     row = sorted(d.splits, key=lambda s: s.num_prefill / (s.num_prefill + s.num_decode))
-    row = [s for s in row if s.num_prefill + s.num_decode >= MAX_REPLICAS - 1 or s in (d.best, d.baseline)]
+    row = [s for s in row if s.num_prefill + s.num_decode >= d.max_replicas - 1 or s in (d.best, d.baseline)]
     colours = ["tab:green" if s == d.best else "tab:orange" if s == d.baseline else "tab:grey" for s in row]
     splits.bar([f"{s.num_prefill}:{s.num_decode}" for s in row], [s.per_replica_rps for s in row], color=colours)
     gain = "" if d.gain <= 1e-6 or d.gain == float("inf") else f", +{100 * d.gain:.0f}% over the current ratio (orange)"

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from .bench_client import RequestRecord
-from .cost_model import Slo  # one SLO for the bench, the diagnosis and the autoscaler
+from .client import RequestRecord
+from ..cost_model import Slo  # one SLO for the bench, the diagnosis and the autoscaler
 
 QUANTILES = (50, 90, 99)
 SERVER_PHASES = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "tpot_s", "e2e_s")

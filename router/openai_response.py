@@ -1,0 +1,327 @@
+"""One accepted OpenAI API call: its backend requests, running them, and the response's spelling.
+
+A call's life: `plan_requests` checks the sampling fields and fans the prompts
+out into one `GenerationRequest` per choice, prompt-major → `Call.respond` runs
+them concurrently on the backend (`merged`) → one JSON body, or SSE chunks
+ending in `data: [DONE]`. Completions and chat differ only in their `Dialect`.
+
+When streaming, the `PhaseTimings` of the choice that finished last ride as a
+top-level `pdserve_timings` key on the last content chunk (the one whose
+`finish_reason` ends the request), and inside `usage` of the usage chunk when
+`stream_options.include_usage` is set; no extra empty-choices chunk is sent
+unless usage is asked for.
+
+A failure before the first token raises (the app answers with its status);
+after streaming began it becomes `data: {"error": {...}}` then `data: [DONE]`.
+A client that disconnects cancels its backend generators at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pdserve.router.errors import InternalError, openai_error_body
+from pdserve.router.generation import (
+    GenerationBackend, GenerationChunk, GenerationError, GenerationRequest, PhaseTimings, SamplingOptions,
+)
+from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.openai_schema import RequestBody
+from pdserve.router.sse import DONE, EventStream, sse_data
+from pdserve.router.text import check_token_ids, token_text
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# ---- from a body to backend requests ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """The backend requests of one call, prompt-major: choice i is request i."""
+
+    requests: list[GenerationRequest]
+    prompt_tokens: int  # each prompt counted once, whatever n is
+    logprobs: bool
+
+
+def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_tokens: int, request_id: str,
+                  limits: RequestLimits, tokenizer: Any) -> Plan:
+    """Check the sampling fields against the limits and fan the prompts out into n requests each."""
+    limits.check_n(body.n)
+    check_sampling(body.temperature, body.top_p, body.top_k)
+    stop = body.stop_strings()
+    limits.check_stop(stop)
+    stop_token_ids = tuple(body.stop_token_ids or ())
+    check_token_ids(list(stop_token_ids), tokenizer, "stop_token_ids")
+    requested_max, max_param = body.requested_max_tokens()
+    logprobs = body.wants_logprobs()
+    deadline = limits.deadline()
+    requests = []
+    for ids in prompts:
+        limits.check_prompt_length(len(ids), body.prompt_field)
+        max_tokens = limits.resolve_max_tokens(requested_max, len(ids), default_max_tokens, max_param)
+        for j in range(body.n):
+            sampling = SamplingOptions(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                seed=None if body.seed is None else body.seed + j, stop=stop, stop_token_ids=stop_token_ids,
+                ignore_eos=body.ignore_eos, logprobs=logprobs,
+            )
+            choice_id = f"{request_id}-{len(requests)}"
+            requests.append(GenerationRequest(choice_id, tuple(ids), sampling, deadline))
+    return Plan(requests, sum(len(ids) for ids in prompts), logprobs)
+
+
+# ---- running the choices ---------------------------------------------------------------------
+
+async def merged(backend: GenerationBackend,
+                 requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Run every request at once and yield `(choice index, chunk)` as chunks arrive.
+
+    The first failure ends the merge; closing it (or cancelling its consumer)
+    closes every backend generator. One request (the usual case) is relayed as is:
+    no task and no queue hop per chunk.
+    """
+    if len(requests) == 1:
+        async with contextlib.aclosing(backend.generate(requests[0])) as stream:
+            async for chunk in stream:
+                yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | Exception | None]] = asyncio.Queue(len(requests))
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        stream = backend.generate(request)
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except Exception as error:  # handed to the consumer, which raises it
+            await queue.put((index, error))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    num_chars: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    timings: PhaseTimings | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text.append(chunk.text)
+        self.num_chars += len(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs or ())
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.timings = chunk.timings or self.timings
+
+
+def _usage(plan: Plan, states: list[ChoiceState]) -> dict:
+    """OpenAI usage (the router's own count of what it relayed) plus `pdserve_timings`."""
+    completion = sum(len(s.token_ids) for s in states)
+    return {
+        "prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
+        "total_tokens": plan.prompt_tokens + completion, "pdserve_timings": _request_timings(states),
+    }
+
+
+def _request_timings(states: list[ChoiceState]) -> dict | None:
+    """The timings of the choice that finished last (its e2e is the request's)."""
+    timed = [s.timings for s in states if s.timings is not None]
+    return asdict(max(timed, key=lambda t: t.e2e_s)) if timed else None
+
+
+# ---- the two response dialects ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one endpoint spells its bodies: completions and chat differ only here."""
+
+    kind: Literal["completion", "chat"]
+    tokenizer: Any
+    top_logprobs: int = 0  # chat: alternatives asked for (pdserve returns the chosen token only)
+
+    @property
+    def id_prefix(self) -> str:
+        return "cmpl-" if self.kind == "completion" else "chatcmpl-"
+
+    def object(self, streaming: bool) -> str:
+        if self.kind == "completion":
+            return "text_completion"
+        return "chat.completion.chunk" if streaming else "chat.completion"
+
+    def choice(self, index: int, text: str, token_ids: list[int], logprobs: list[float] | None,
+               finish_reason: str | None, streaming: bool, text_offset: int = 0) -> dict:
+        """One entry of `choices`: whole (a response) or a delta (a stream chunk)."""
+        spelled = None if logprobs is None else self._logprobs(token_ids, logprobs, text_offset)
+        if self.kind == "completion":
+            body = {"index": index, "text": text}
+        elif streaming:
+            body = {"index": index, "delta": {"content": text} if text else {}}
+        else:
+            body = {"index": index, "message": {"role": "assistant", "content": text}}
+        return {**body, "logprobs": spelled, "finish_reason": finish_reason}
+
+    def role_choice(self, index: int) -> dict:
+        """The first chat stream chunk of a choice, naming the assistant's role."""
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float], text_offset: int) -> dict:
+        tokens = [token_text(t, self.tokenizer) for t in token_ids]
+        if self.kind == "completion":
+            offsets = []
+            for token in tokens:
+                offsets.append(text_offset)
+                text_offset += len(token)
+            return {"tokens": tokens, "token_logprobs": list(logprobs),
+                    "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+        content = []
+        for token, lp in zip(tokens, logprobs):
+            entry = {"token": token, "logprob": lp, "bytes": list(token.encode())}
+            content.append({**entry, "top_logprobs": [entry] if self.top_logprobs else []})
+        return {"content": content, "refusal": None}
+
+
+# ---- the call --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Call:
+    """One accepted API call, ready to run."""
+
+    plan: Plan
+    dialect: Dialect
+    model: str
+    request_id: str
+    stream: bool
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self, choices: list[dict], streaming: bool) -> dict:
+        return {"id": self.dialect.id_prefix + self.request_id, "object": self.dialect.object(streaming),
+                "created": self.created, "model": self.model, "choices": choices}
+
+    async def respond(self, backend: GenerationBackend, request: Request) -> Response:
+        """Run the call; until the response starts, a client that leaves cancels it (`ClientGone`)."""
+        events = merged(backend, self.plan.requests)
+        if not self.stream:
+            body = await _unless_client_leaves(request, self._whole(events))
+            return JSONResponse(body, headers={"X-Request-Id": self.request_id})
+        try:  # the first event comes before the 200, so an early refusal keeps its status
+            first = await _unless_client_leaves(request, anext(events, None))
+        except BaseException:
+            await events.aclose()
+            raise
+        return EventStream(self._sse(events, first), close=events.aclose,
+                           headers={"X-Request-Id": self.request_id, "Cache-Control": "no-cache"})
+
+    async def _whole(self, events: AsyncIterator[tuple[int, GenerationChunk]]) -> dict:
+        states = [ChoiceState() for _ in self.plan.requests]
+        async with contextlib.aclosing(events):
+            async for index, chunk in events:
+                states[index].add(chunk)
+        choices = [
+            self.dialect.choice(i, "".join(s.text), s.token_ids, s.logprobs if self.plan.logprobs else None,
+                                s.finish_reason, streaming=False)
+            for i, s in enumerate(states)
+        ]
+        return {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
+
+    async def _sse(self, events: AsyncIterator[tuple[int, GenerationChunk]],
+                   first: tuple[int, GenerationChunk] | None) -> AsyncIterator[str]:
+        states = [ChoiceState() for _ in self.plan.requests]
+        extra = {"usage": None} if self.include_usage else {}
+        try:
+            if self.dialect.kind == "chat":
+                for i in range(len(states)):
+                    yield sse_data({**self.envelope([self.dialect.role_choice(i)], True), **extra})
+            async with contextlib.aclosing(events):
+                pending = [first] if first is not None else []
+                async for index, chunk in _prepend(pending, events):
+                    yield sse_data(self._chunk_body(index, chunk, states, extra))
+            if self.include_usage:
+                yield sse_data({**self.envelope([], True), "usage": _usage(self.plan, states)})
+        except Exception as error:
+            yield sse_data(openai_error_body(as_generation_error(error, self.request_id)))
+        yield DONE
+
+    def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState], extra: dict) -> dict:
+        state = states[index]
+        offset = state.num_chars
+        state.add(chunk)
+        logprobs = list(chunk.logprobs or ()) if self.plan.logprobs else None
+        choice = self.dialect.choice(index, chunk.text, list(chunk.token_ids), logprobs, chunk.finish_reason,
+                                     streaming=True, text_offset=offset)
+        body = {**self.envelope([choice], True), **extra}
+        if chunk.finish_reason and all(s.finish_reason for s in states):
+            body["pdserve_timings"] = _request_timings(states)
+        return body
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response began."""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; if the client disconnects first, `work` is cancelled and `ClientGone` raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _prepend(head: list, rest: AsyncIterator) -> AsyncIterator:
+    """`head`'s items, then `rest`'s."""
+    for item in head:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def as_generation_error(error: Exception, request_id: str) -> GenerationError:
+    """A `GenerationError` as is; anything else logged and hidden behind a 500."""
+    if isinstance(error, GenerationError):
+        return error
+    logger.exception("request %s failed", request_id, exc_info=error)
+    return InternalError("The server had an error while processing your request.")

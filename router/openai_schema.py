@@ -1,0 +1,131 @@
+"""The request bodies of the OpenAI API: what /v1/completions and /v1/chat/completions accept.
+
+Unknown fields and wrong JSON types are refused (strict pydantic models);
+`parse_body` turns the first problem into an OpenAI-style 400, never
+FastAPI's 422. OpenAI features pdserve does not serve are accepted only at
+their neutral value.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdserve.router.errors import InvalidParameter
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class RequestBody(BaseModel):
+    """Fields both endpoints take."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None  # as in vLLM: absent means the served model
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    user: str | None = None  # accepted, unused
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    # field -> the one value pdserve accepts besides null: OpenAI features it does not serve
+    neutral_values: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
+    prompt_field: ClassVar[str]
+
+    def check_unsupported(self) -> None:
+        """Refuse OpenAI features pdserve does not serve, unless set to their neutral value."""
+        for name, neutral in self.neutral_values.items():
+            value = getattr(self, name)
+            if value is not None and value != neutral:
+                raise InvalidParameter(f"`{name}` is not supported by pdserve.", name, "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParameter(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options", "invalid_value",
+            )
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The completion budget asked for, and the field that asked."""
+        return self.max_tokens, "max_tokens"
+
+    def wants_logprobs(self) -> bool:
+        raise NotImplementedError
+
+
+class CompletionBody(RequestBody):
+    prompt: Any  # text, token ids, or a list of either: checked by `text.prompt_token_ids`
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    neutral_values = {**RequestBody.neutral_values, "echo": False, "suffix": "", "best_of": 1}
+    prompt_field = "prompt"
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+
+class ChatBody(RequestBody):
+    messages: Any  # checked by `chat.parse_messages`
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    prompt_field = "messages"
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidParameter("`top_logprobs` requires `logprobs` to be true.", "top_logprobs", "invalid_value")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise InvalidParameter("Set `max_tokens` or `max_completion_tokens`, not both.",
+                                   "max_completion_tokens", "invalid_value")
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+
+def parse_body(cls: type[RequestBody], payload: dict) -> Any:
+    """Validate `payload` into `cls`, turning the first problem into an OpenAI-style 400."""
+    try:
+        body = cls.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else None
+        if first["type"] == "extra_forbidden":
+            raise InvalidParameter(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+        if first["type"] == "missing":
+            raise InvalidParameter(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+        code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
+        raise InvalidParameter(f"Invalid value for '{name}': {first['msg']}.", name, code) from None
+    body.check_unsupported()
+    return body
