@@ -4,20 +4,13 @@
 land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
-<<<<<<< HEAD
-    model:        {path, dtype, max_model_len}
+    model:        {path, served_model_name, dtype, max_model_len}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
                    overlap_steps, ray_resources}
     colocated:    {replicas, gpus_per_replica, tensor_parallel_size}  # replicas > 0: one pool doing both phases
 A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node (N ranks).
-=======
-    model:        {path, served_model_name, dtype, max_model_len}
-    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
-    decode:       {replicas, gpus_per_replica, max_running, max_waiting, overlap_steps, ray_resources}
-    colocated:    {replicas}            # > 0: one pool doing both phases instead
->>>>>>> main
     kv_cache:     {block_size, num_blocks, memory_fraction}
     transfer:     {backend, timeout_s}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,

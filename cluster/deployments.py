@@ -21,14 +21,9 @@ from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDrainin
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import num_blocks_that_fit
-<<<<<<< HEAD
 from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
 from pdserve.engine.parallel import TensorParallel
-from pdserve.engine.roofline import Roofline
-=======
-from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
 from pdserve.engine.roofline import Roofline, decode_step_anchors
->>>>>>> main
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
@@ -152,19 +147,9 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-<<<<<<< HEAD
-        tokens_per_s = self.worker.tokens_per_s()
+        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
         stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
                  "queued_tokens": self.worker.queued_tokens(),
-                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
-                 "prefix_hit_rate": self.worker.prefix_hit_rate(),
-                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks}
-        if self.roofline is not None:
-            # the replica's rate over all its GPUs' matmul rate
-            stats["mfu"] = self.roofline.prefill_mfu(self.worker.runner.spec, tokens_per_s) / self.ranks.tp.size
-=======
-        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
-        stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
                  "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
                  "prefix_hit_rate": self.worker.prefix_hit_rate(),
                  "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
@@ -172,9 +157,9 @@ class PrefillDeployment:
                  "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
         if self.roofline is not None and batches.num_steps:
             spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
-            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9))
-            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9))
->>>>>>> main
+            gpus = self.ranks.tp.size  # the replica's rate over all its GPUs' matmul rate
+            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9)) / gpus
+            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9)) / gpus
         return stats
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
@@ -228,15 +213,11 @@ class DecodeDeployment:
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
                                   transfer_timeout_s=self.config.transfer.timeout_s,
                                   overlap_steps=d.overlap_steps)
-<<<<<<< HEAD
-        self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
-=======
         self.roofline = Roofline.measure(runner.device)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
-        self.engine_steps = decode_step_anchors(runner, (1, d.max_running)) if self.roofline is not None else []
-        self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
->>>>>>> main
+        self.engine_steps = decode_step_anchors(self.tp_runner, (1, d.max_running)) if self.roofline is not None else []
+        self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
@@ -250,11 +231,8 @@ class DecodeDeployment:
         load = self.worker.load()
         used = load.num_blocks_total - load.num_blocks_free
         stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
-<<<<<<< HEAD
+                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size,
                  "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
-=======
-                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size}
->>>>>>> main
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
             size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
