@@ -3,7 +3,7 @@ import httpx
 import pytest
 
 from pdserve.engine.tokenizer import load_tokenizer
-from server import Server
+from e2e.server import Server  # tests/e2e/server.py
 from tiny_models import reference_tokens
 
 pytestmark = pytest.mark.e2e
