@@ -12,7 +12,7 @@ before anything starts. `load_config(mapping)` is the only way in.
     colocated:    {replicas, gpus_per_replica, tensor_parallel_size}  # replicas > 0: one pool doing both phases
 A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node (N ranks).
     kv_cache:     {block_size, num_blocks, memory_fraction}
-    transfer:     {backend, timeout_s}
+    transfer:     {backend, timeout_s, interface}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
                    short_prompt_tokens, api_key, ray_resources, replicas}
     slo:          {ttft_ms, tpot_ms}
@@ -126,6 +126,9 @@ class KvCacheConfig:
 class TransferConfig:
     backend: str = "auto"  # auto | nccl | cuda_ipc | gloo | fake
     timeout_s: float = 30.0  # one handoff's bound, within the request's deadline
+    # The network interface KV channels use on every node (a multi-homed host's fast NIC);
+    # None: the address Ray reports for the node
+    interface: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,12 @@ from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
+from pdserve.engine.transfer.addresses import interface_address
 from pdserve.engine.transfer.group import ReceiverGroup
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
-    DeadlineExceeded, InvalidRequest, Overloaded, TransferFailed, TryElsewhere, Unavailable,
+    Overloaded, TryElsewhere, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.ingress import Ingress, IngressSettings
@@ -71,6 +72,11 @@ def _node_host() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _kv_host(config: PdserveConfig) -> str | None:
+    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
+    return interface_address(config.transfer.interface) if config.transfer.interface else None
 
 
 # A replica's engine thread runs Python between GPU waits without letting go of the GIL; at
@@ -134,7 +140,8 @@ class PrefillDeployment:
         self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), _device())
         runner = _runner(self.config, self.ranks.tp)
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
+                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config),
+                             shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
@@ -171,9 +178,7 @@ class PrefillDeployment:
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except PrefillFailed as e:
-            error = {"deadline": DeadlineExceeded, "invalid": InvalidRequest,
-                     "transfer_failed": TransferFailed}.get(e.code, Unavailable)
-            raise error(f"prefill replica {self.replica_id}: {e}") from None
+            raise failure_error(e.code, f"prefill replica {self.replica_id}: {e}") from None
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
@@ -202,8 +207,8 @@ class DecodeDeployment:
         self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, _device())
         runner = _runner(self.config, self.ranks.tp)
         receiver = None if colocated else make_receiver(
-            transfer_backend(self.config, runner), runner.kv_cache, host=host, peer_id=self.replica_id,
-            timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
+            transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
+            peer_id=self.replica_id, timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         if receiver is not None and self.ranks.actors:  # every rank's receiver, as one
             receiver = ReceiverGroup([receiver, *self.ranks.receivers()])

@@ -50,10 +50,15 @@ class Registry:
         return dict(self._notes)
 
 
+# Ray's own resource of the head node: the registry lives there, beside Serve's controller, so
+# losing a worker node never loses it (and if it dies anyway, it restarts and replicas re-report).
+_ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def registry() -> Any:
     """The cluster's registry actor, created by whoever asks first."""
     return Registry.options(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True,
-                            lifetime="detached").remote()
+                            lifetime="detached", resources=_ON_HEAD_NODE, max_restarts=-1).remote()
 
 
 class Reporter:

@@ -36,9 +36,10 @@ def start(config: PdserveConfig, address: str | None) -> None:
     from ray import serve
 
     if address:
+        # Joining: each replica's listeners bind the address Ray reports for its own node.
         ray.init(address=address)
     else:
-        # Everything on loopback: the KV channels, the token streams and Ray itself.
+        # One machine: Ray's node address is loopback, so the KV channels and token streams are too.
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
     # The router replicas listen on router.http_port / grpc_port themselves (router/ingress.py).
     serve.start(proxy_location="Disabled")

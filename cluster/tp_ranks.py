@@ -121,7 +121,7 @@ class RankActor:
         from pdserve.engine.tp_runner import follow
         from pdserve.engine.transfer import make_receiver, make_sender
 
-        from .deployments import transfer_backend
+        from .deployments import _kv_host, transfer_backend
 
         runner = ModelRunner(self.loaded, num_blocks, self.config.kv_cache.block_size,
                              max_decode_batch=self.config.decode.max_running, tp=self.tp)
@@ -129,10 +129,11 @@ class RankActor:
         backend, timeout = transfer_backend(self.config, runner), self.config.transfer.timeout_s
         sender = None
         if self.pool == "prefill":
-            sender = make_sender(backend, runner.kv_cache, sender_id=self.rank_id, timeout_s=timeout, shard=shard)
+            sender = make_sender(backend, runner.kv_cache, sender_id=self.rank_id, timeout_s=timeout,
+                                 host=_kv_host(self.config), shard=shard)
         elif self.pool == "decode":
-            self.receiver = make_receiver(backend, runner.kv_cache, host=self.host, peer_id=self.rank_id,
-                                          timeout_s=timeout, shard=shard)
+            self.receiver = make_receiver(backend, runner.kv_cache, host=_kv_host(self.config) or self.host,
+                                          peer_id=self.rank_id, timeout_s=timeout, shard=shard)
 
         def run() -> None:
             try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pdserve.engine.failures import FailureCode
+
 
 @dataclass(frozen=True)
 class Ending:
@@ -17,7 +19,7 @@ class Ending:
     transfer_id: int
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
-    error_code: str | None = None  # a FailureCode value
+    error_code: FailureCode | None = None
     timings: dict[str, float] | None = None  # kv_wait_s, prefill_s, decode_s, decode_steps
 
 

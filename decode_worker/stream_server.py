@@ -41,7 +41,7 @@ def batch_message(batch: TokenBatch) -> pb.TokenBatch:
     message = pb.TokenBatch(transfer_ids=batch.transfer_ids, token_ids=batch.token_ids, logprobs=batch.logprobs)
     for e in batch.endings:
         ending = message.endings.add(transfer_id=e.transfer_id, finish_reason=e.finish_reason or "",
-                                     error=e.error or "", error_code=e.error_code or "")
+                                     error=e.error or "", error_code=e.error_code.value if e.error_code else "")
         if e.timings:
             ending.timings.CopyFrom(pb.DecodeTimings(**e.timings))
     return message

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
+from pdserve.engine.failures import FailureCode
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import PendingSample, SampleResult, SamplingParams, sample
 from pdserve.engine.step_timing import StepClock
@@ -146,12 +147,12 @@ class DecodeWorker:
         seq = self._sequences.get(start.transfer_id)
         if seq is None or seq.state is not SequenceState.RESERVED:
             outbox.end(Ending(start.transfer_id, error=f"no open reservation {start.transfer_id} on {self.replica_id}",
-                              error_code="invalid"))
+                              error_code=FailureCode.INVALID))
             self._unflushed.add(outbox)
             return
         seq.outbox = outbox
         if len(start.prompt) > seq.num_prompt_tokens or start.max_tokens > seq.max_tokens + len(start.generated):
-            self._fail(seq, "the stream asks for more tokens than were reserved", "invalid")
+            self._fail(seq, "the stream asks for more tokens than were reserved", FailureCode.INVALID)
             return
         seq.prompt, seq.generated = list(start.prompt), list(start.generated)
         seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
@@ -174,13 +175,13 @@ class DecodeWorker:
             seq = self._sequences.get(transfer_id)
             if seq is not None:
                 log.info("[%s] aborted: %s", seq.request_id, reason)
-                self._fail(seq, reason, "cancelled", notify=False)
+                self._fail(seq, reason, FailureCode.CANCELLED, notify=False)
 
     def abort_subscriber(self, outbox: Outbox, reason: str) -> None:
         """Drop every request whose tokens go to `outbox` (its router's stream closed)."""
         with self._lock:
             for seq in [s for s in self._sequences.values() if s.outbox is outbox]:
-                self._fail(seq, reason, "cancelled", notify=False)
+                self._fail(seq, reason, FailureCode.CANCELLED, notify=False)
             self._unflushed.discard(outbox)
 
     def load(self) -> DecodeLoad:
@@ -218,7 +219,7 @@ class DecodeWorker:
         with self._lock:
             self._stopped = True
             for seq in list(self._sequences.values()):
-                self._fail(seq, f"decode replica {self.replica_id} is shutting down", "unavailable")
+                self._fail(seq, f"decode replica {self.replica_id} is shutting down", FailureCode.UNAVAILABLE)
             self._flush()
             self._lock.notify_all()
         self._thread.join(timeout=5)
@@ -343,7 +344,7 @@ class DecodeWorker:
             steps = list(self._in_flight)
             self._in_flight.clear()
             for seq in self._running + prefilling:
-                self._fail(seq, message, "unavailable")
+                self._fail(seq, message, FailureCode.UNAVAILABLE)
             for step in steps:
                 for table in step.released:
                     table.release()
@@ -380,7 +381,7 @@ class DecodeWorker:
                 continue
             seq.kv_wait_s = now - seq.opened_at
             if not outcome.is_ok:
-                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}", "transfer_failed")
+                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}", FailureCode.TRANSFER_FAILED)
                 continue
             seq.num_prefilled = seq.num_prompt_tokens
             seq.state = SequenceState.WAITING
@@ -414,7 +415,7 @@ class DecodeWorker:
             seq.outbox.end(ending)
             self._unflushed.add(seq.outbox)
 
-    def _fail(self, seq: DecodeSequence, message: str, code: str, notify: bool = True) -> None:
+    def _fail(self, seq: DecodeSequence, message: str, code: FailureCode, notify: bool = True) -> None:
         """End a sequence with an error (told to its subscriber unless `notify` is False) and free its blocks."""
         if seq.state in (SequenceState.FINISHED, SequenceState.FAILED):
             return
@@ -440,7 +441,7 @@ class DecodeWorker:
     def _expire_deadlines(self) -> None:
         now = time.time()
         for seq in [s for s in self._sequences.values() if s.deadline < now]:
-            self._fail(seq, "the request's deadline passed", "deadline")
+            self._fail(seq, "the request's deadline passed", FailureCode.DEADLINE)
 
     def _num_waiting(self) -> int:
         return len(self._sequences) - len(self._running)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
+from pdserve.engine.failures import FailureCode
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
@@ -44,9 +45,9 @@ class PrefillOverloaded(RuntimeError):
 
 
 class PrefillFailed(RuntimeError):
-    """Prefill or its KV push failed; `code` says how ("transfer_failed", "deadline", "invalid")."""
+    """Prefill or its KV push failed; `code` says how."""
 
-    def __init__(self, message: str, code: str):
+    def __init__(self, message: str, code: FailureCode):
         super().__init__(message)
         self.code = code
 
@@ -121,9 +122,9 @@ class PrefillWorker:
                destination: KvDestination, deadline: float) -> Future:
         """Queue a prompt; the future resolves to a PrefillResult or raises PrefillFailed."""
         if not prompt:
-            raise PrefillFailed("empty prompt", "invalid")
+            raise PrefillFailed("empty prompt", FailureCode.INVALID)
         if not destination.channels:
-            raise PrefillFailed("no KV destination", "invalid")
+            raise PrefillFailed("no KV destination", FailureCode.INVALID)
         job = PrefillJob(request_id, tuple(prompt), params, destination, deadline, Future())
         with self._lock:
             if self._stopped or self._draining:
@@ -169,7 +170,7 @@ class PrefillWorker:
         with self._lock:
             self._stopped = True
             for job in self._queue:
-                self._fail(job, f"prefill replica {self.replica_id} is shutting down", "unavailable")
+                self._fail(job, f"prefill replica {self.replica_id} is shutting down", FailureCode.UNAVAILABLE)
             self._queue.clear()
             self._lock.notify_all()
         self._thread.join(timeout=5)
@@ -200,7 +201,7 @@ class PrefillWorker:
         for job in list(self._queue):
             if job.deadline < now:
                 self._queue.remove(job)
-                self._fail(job, "the request's deadline passed before prefill", "deadline")
+                self._fail(job, "the request's deadline passed before prefill", FailureCode.DEADLINE)
                 continue
             if budget <= 0:
                 break
@@ -256,7 +257,7 @@ class PrefillWorker:
             with self._lock:
                 for job, _ in batch:
                     self._queue.remove(job)
-                    self._fail(job, f"prefill failed: {e}", "transfer_failed" if isinstance(e, TransferError) else "unavailable")
+                    self._fail(job, f"prefill failed: {e}", FailureCode.TRANSFER_FAILED if isinstance(e, TransferError) else FailureCode.UNAVAILABLE)
                     # finish() on an incomplete transfer tells the receiver at once that it failed.
                     self._finisher.submit(self._abandon_transfer, job.destination)
             return
@@ -287,7 +288,7 @@ class PrefillWorker:
             self.sender.finish(job.destination, num_blocks, self._timeout(job))
         except TransferError as e:
             with self._lock:
-                self._fail(job, f"KV transfer failed: {e}", "transfer_failed")
+                self._fail(job, f"KV transfer failed: {e}", FailureCode.TRANSFER_FAILED)
             return
         wait = time.monotonic() - computed_at
         with self._lock:
@@ -308,7 +309,7 @@ class PrefillWorker:
         except TransferError:
             pass  # expected: the transfer was incomplete
 
-    def _fail(self, job: PrefillJob, message: str, code: str) -> None:
+    def _fail(self, job: PrefillJob, message: str, code: FailureCode) -> None:
         """Fail a job that is no longer queued (lock held); frees its blocks."""
         job.state = PrefillState.FAILED
         if job.table is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncGenerator, Protocol
 
+from pdserve.engine.failures import FailureCode
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -129,3 +131,21 @@ class TryElsewhere(GenerationError):
 class DeadlineExceeded(GenerationError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+# The one mapping of a worker's FailureCode to the error the front ends answer with.
+_FAILURE_ERRORS: dict[FailureCode, type[GenerationError]] = {
+    FailureCode.DEADLINE: DeadlineExceeded,
+    FailureCode.INVALID: InvalidRequest,
+    FailureCode.TRANSFER_FAILED: TransferFailed,
+    FailureCode.UNAVAILABLE: Unavailable,
+    FailureCode.CANCELLED: Unavailable,
+}
+
+
+def failure_error(code: FailureCode | str, message: str) -> GenerationError:
+    """The error a worker's failure becomes at the edge (unknown codes: Unavailable)."""
+    try:
+        return _FAILURE_ERRORS[FailureCode(code)](message)
+    except ValueError:
+        return Unavailable(message)

@@ -31,14 +31,13 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 from .decode_streams import DecodeStreams, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
-    Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage,
+    Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage, failure_error,
 )
 from .metrics import RouterMetrics
 from .relay import TextRelay
 
 log = logging.getLogger(__name__)
 
-_ERROR_CODES = {"deadline": DeadlineExceeded, "invalid": InvalidRequest}
 MAX_ATTEMPTS = 20  # bounded anyway by the request's deadline
 MAX_TRANSFER_RETRIES = 1  # a handoff that failed is retried once through another pair
 RETRY_BACKOFF_S = 0.25
@@ -297,10 +296,11 @@ class _Run:
 
 
 def _ending_error(ending: pb.Ending, replica: str) -> Exception:
-    message = f"decode replica {replica}: {ending.error}"
-    if ending.error_code in _ERROR_CODES:
-        return _ERROR_CODES[ending.error_code](message)
-    return _Retriable(message, is_transfer=ending.error_code == "transfer_failed")
+    """A decode failure: the request's own (deadline, invalid) ends it; the replica's is retried elsewhere."""
+    error = failure_error(ending.error_code, f"decode replica {replica}: {ending.error}")
+    if isinstance(error, (DeadlineExceeded, InvalidRequest)):
+        return error
+    return _Retriable(error.message, is_transfer=isinstance(error, TransferFailed))
 
 
 def _first_line(error: Exception) -> str:

@@ -4,7 +4,7 @@ One interface, several backends picked by where the two ends live: `nccl`
 (different GPUs), `cuda_ipc` (one GPU: the receiver's pool mapped once),
 `gloo` (CPU), and `fake` (in-process, with fault injection, for tests).
 
-    receiver = make_receiver("gloo", kv_cache, host=node_ip)      # decode replica
+    receiver = make_receiver("gloo", kv_cache, host=node_ip)      # decode replica, listening on node_ip
     receiver.expect(tid, block_ids); dest = receiver.destination(tid, block_ids)
     sender = make_sender("gloo", kv_cache)                         # prefill replica
     sender.send_layer(dest, layer, src_block_ids, first_block_index)   # per layer, returns at once
@@ -92,16 +92,19 @@ def make_receiver(backend: str, kv_cache: KvCache, host: str = "127.0.0.1", port
 
 
 def make_sender(backend: str, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0,
-                faults: FaultInjection | None = None, shard: KvShard | None = None) -> KvSender:
-    """A sender for `backend`; `faults` only for `fake`; `shard` as for `make_receiver`."""
+                faults: FaultInjection | None = None, host: str | None = None,
+                shard: KvShard | None = None) -> KvSender:
+    """A sender for `backend`, binding local address `host` (None: whichever routes to each receiver);
+    `faults` only for `fake`; `shard` as for `make_receiver`."""
     if faults is not None and backend != "fake":
         raise ValueError("fault injection is only for the fake backend")
     if backend == "fake":
         return FakeSender(kv_cache, faults or FaultInjection(), shard=shard)
+    kwargs = dict(sender_id=sender_id, timeout_s=timeout_s, host=host, shard=shard)
     if backend == "gloo":
-        return TorchDistSender(kv_cache, sender_id=sender_id, timeout_s=timeout_s, shard=shard)
+        return TorchDistSender(kv_cache, **kwargs)
     if backend == "nccl":
-        return NcclSender(kv_cache, sender_id=sender_id, timeout_s=timeout_s, shard=shard)
+        return NcclSender(kv_cache, **kwargs)
     if backend == "cuda_ipc":
-        return CudaIpcSender(kv_cache, sender_id=sender_id, timeout_s=timeout_s, shard=shard)
+        return CudaIpcSender(kv_cache, **kwargs)
     raise ValueError(f"unknown transfer backend {backend!r}; choose from {BACKENDS}")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.addresses import address_toward, interface_of, is_loopback
 from pdserve.engine.transfer.ledger import ALL_HEADS, LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -98,10 +99,29 @@ def own_stream(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(torch.cuda.Stream(device))
 
 
-def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float) -> ProcessGroupPair:
-    """Build this end's groups; blocks until the peer builds its end (at most `timeout_s`)."""
+def _gloo_options(host: str, timeout: datetime.timedelta) -> dist.ProcessGroupGloo._Options:
+    """Gloo bound to `host`: the address it listens on and tells the peer (not the hostname's)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return options
+
+
+def _point_nccl_at(host: str) -> None:
+    """NCCL's bootstrap and socket transport on `host`'s interface (a user's own setting wins).
+
+    NCCL reads only its environment, once per process; loopback is left to NCCL's
+    own choice, which works on one machine.
+    """
+    interface = None if is_loopback(host) else interface_of(host)
+    if interface is not None:
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={interface}")
+
+
+def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float, host: str) -> ProcessGroupPair:
+    """Build this end's groups on local address `host`; blocks until the peer builds its end (at most `timeout_s`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    control = dist.ProcessGroupGloo(PrefixStore("control/", store), rank, 2, timeout)
+    control = dist.ProcessGroupGloo(PrefixStore("control/", store), rank, 2, _gloo_options(host, timeout))
     if data_backend == "gloo":
         data = control
     elif data_backend == "nccl":
@@ -110,6 +130,7 @@ def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float
         # On a stuck or dead peer, abort this pair's communicator but keep the process:
         # torch's default (3) ends the whole replica, and with it every other request.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        _point_nccl_at(host)
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)
@@ -122,10 +143,11 @@ class ReceiveChannel:
     """The receiver's end of one channel: a thread that applies frames to the ledger."""
 
     def __init__(self, store: PrefixStore, number: int, hello: Hello, ledger: TransferLedger, kv_cache: KvCache,
-                 data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None],
+                 data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None], host: str,
                  heads: slice = ALL_HEADS):
         """`heads`: where on the pool's head axis this sender's heads go (all at TP 1)."""
         self.number = number
+        self._host = host
         self._heads = heads
         self.sender_id = hello.sender_id
         self._store, self._ledger, self._kv = store, ledger, kv_cache
@@ -168,7 +190,7 @@ class ReceiveChannel:
 
     def _run(self) -> None:
         try:
-            self._pair = open_pair(self._store, RECEIVER, self._data_backend, self._timeout_s)
+            self._pair = open_pair(self._store, RECEIVER, self._data_backend, self._timeout_s, self._host)
             self._store = None  # only the groups need it now; a closed receiver's store must be able to stop
             with own_stream(self._kv.tensor.device):
                 while self._handle(self._pair.recv_frame(TAG_FORWARD)):
@@ -231,8 +253,9 @@ class SendChannel:
     _CLOSE = object()  # queue marker: say CLOSE (if still possible) and stop
 
     def __init__(self, address: ChannelAddress, hello: Hello, data_backend: str, device: torch.device,
-                 timeout_s: float, on_cancel: Callable[[int], None] | None = None):
+                 timeout_s: float, on_cancel: Callable[[int], None] | None = None, host: str | None = None):
         self.address = address
+        self._host = host  # None: the address that routes to the receiver
         self._hello, self._data_backend, self._timeout_s = hello, data_backend, timeout_s
         self._device = device
         self._on_cancel = on_cancel
@@ -290,7 +313,8 @@ class SendChannel:
     def _run(self) -> None:
         try:
             store, number = connect(self.address, self._hello, self._timeout_s)
-            self._pair = open_pair(store, SENDER, self._data_backend, self._timeout_s)
+            host = self._host or address_toward(self.address.host)
+            self._pair = open_pair(store, SENDER, self._data_backend, self._timeout_s, host)
             self._reply_thread.start()
             self.connected.set_result(number)
             with own_stream(self._device):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -82,17 +83,36 @@ def check_hello(hello: Hello, geometry: KvGeometry) -> str:
     return ""
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port` only: the store's own would listen on every interface."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        raise TransferError(f"cannot listen for KV channels on {host}:{port}: {e}") from e
+    return sock
+
+
 class ChannelListener:
-    """The receiver's `TCPStore` and the thread that admits new senders."""
+    """The receiver's `TCPStore`, listening on `host`, and the thread that admits new senders."""
 
     def __init__(
         self,
+        host: str,
         port: int,
         check: Callable[[Hello], str],
         on_accept: Callable[[PrefixStore, int, Hello], None],
         timeout_s: float,
     ):
-        self._store = TCPStore("0.0.0.0", port, is_master=True, timeout=_seconds(timeout_s), wait_for_workers=False)
+        sock = _listening_socket(host, port)
+        port = sock.getsockname()[1]
+        # The store takes the socket over (and closes it when it stops).
+        self._store = TCPStore(host, port, is_master=True, timeout=_seconds(timeout_s), wait_for_workers=False,
+                               master_listen_fd=sock.detach())
         self._check = check
         self._on_accept = on_accept
         self._timeout_s = timeout_s

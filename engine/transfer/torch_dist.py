@@ -61,7 +61,7 @@ class TorchDistReceiver(KvReceiver):
         self._peer_id = peer_id or f"receiver-{uuid.uuid4().hex[:8]}"
         self._channels: dict[int, ReceiveChannel] = {}
         self._lock = threading.Lock()
-        self._listener = ChannelListener(port, self._check, self._accept, timeout_s)
+        self._listener = ChannelListener(host, port, self._check, self._accept, timeout_s)
 
     @property
     def address(self) -> ChannelAddress:
@@ -85,7 +85,7 @@ class TorchDistReceiver(KvReceiver):
         with self._lock:
             self._channels[number] = ReceiveChannel(
                 store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget,
-                heads)
+                self._host, heads)
 
     def _forget(self, channel: ReceiveChannel) -> None:
         with self._lock:
@@ -110,9 +110,10 @@ class TorchDistSender(KvSender):
     backend = "gloo"
 
     def __init__(self, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0,
-                 shard: KvShard | None = None):
+                 host: str | None = None, shard: KvShard | None = None):
         super().__init__(kv_cache, shard)
         self._timeout_s = timeout_s
+        self._host = host  # the local address channels bind; None: the one that routes to each receiver
         sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
         self._hello = Hello(WIRE_VERSION, self.geometry, sender_id, device_uuid(kv_cache.spec.device), self.shard)
         self._lock = threading.Lock()
@@ -203,7 +204,8 @@ class TorchDistSender(KvSender):
         return channel
 
     def _open(self, address: ChannelAddress) -> SendChannel:
-        return SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s)
+        return SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s,
+                           host=self._host)
 
 
 class NcclSender(TorchDistSender):
