@@ -57,6 +57,8 @@ from pdserve.engine import linear as engine_linear
 from pdserve.engine.kernels import gemv as gemv_kernel
 from pdserve.engine.loader import LoadedModel, _arrange
 from pdserve.engine.model_spec import spec_from_config
+from pdserve.engine.sharding import ShardLayout
+from pdserve.engine.weight_reader import WeightReader
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
@@ -187,10 +189,11 @@ def build_models(num_blocks: int, shape: str = "llama3-8b"):
     hf.generation_config.pad_token_id = 0
     spec = spec_from_config(config)
     state = dict(hf.state_dict())
+    layout = ShardLayout.of(spec)
     # shares all but fused qkv/gate_up (and stacked experts, where transformers keeps them apart)
-    weights = _arrange(state, spec, torch.bfloat16, torch.device("cuda"))
+    weights = _arrange(WeightReader.of_tensors(state), spec, layout, torch.bfloat16, torch.device("cuda"))
     loaded = LoadedModel(Path(f"random-{shape}"), f"random-{shape}", spec, config, weights,
-                         torch.bfloat16, torch.device("cuda"))
+                         torch.bfloat16, torch.device("cuda"), layout)
     runner = ModelRunner(loaded, num_blocks=num_blocks, block_size=BLOCK_SIZE, max_decode_batch=64)
     runner.kv_cache.tensor.normal_()  # never time attention over zeros
     return hf, runner

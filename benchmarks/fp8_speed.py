@@ -49,6 +49,8 @@ from pdserve.engine.kernels.gemv import GemvConfig
 from pdserve.engine.loader import LoadedModel, _arrange
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
+from pdserve.engine.sharding import ShardLayout
+from pdserve.engine.weight_reader import WeightReader
 from shapes import LLAMA3_8B
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,16 +133,19 @@ def fp8_model(config, hf, layout: str) -> LoadedModel:
                 state[name], state[stem + ("weight_scale_inv" if block else "weight_scale")] = q, scale
                 param.copy_(checkpoint.weight(state, name).dequantize(param.dtype))
     spec = spec_from_config(config)
-    weights = _arrange(state, spec, torch.bfloat16, torch.device("cuda"), checkpoint)
+    shards = ShardLayout.of(spec)
+    weights = _arrange(WeightReader.of_tensors(state), spec, shards, torch.bfloat16, torch.device("cuda"), checkpoint)
     assert isinstance(weights.layers[0].qkv, Fp8Linear), "the loader did not keep the projections FP8"
     return LoadedModel(Path(f"random-fp8-{layout}"), f"random-fp8-{layout}", spec, config, weights,
-                       torch.bfloat16, torch.device("cuda"))
+                       torch.bfloat16, torch.device("cuda"), shards)
 
 
 def bf16_model(config, hf) -> LoadedModel:
     spec = spec_from_config(config)
-    weights = _arrange(dict(hf.state_dict()), spec, torch.bfloat16, torch.device("cuda"))
-    return LoadedModel(Path("random-bf16"), "random-bf16", spec, config, weights, torch.bfloat16, torch.device("cuda"))
+    shards = ShardLayout.of(spec)
+    weights = _arrange(WeightReader.of_tensors(dict(hf.state_dict())), spec, shards, torch.bfloat16, torch.device("cuda"))
+    return LoadedModel(Path("random-bf16"), "random-bf16", spec, config, weights, torch.bfloat16,
+                       torch.device("cuda"), shards)
 
 
 def runner_for(loaded: LoadedModel, kv_dtype: str) -> ModelRunner:

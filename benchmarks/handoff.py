@@ -39,6 +39,7 @@ from pdserve.engine.layers import GatedMlp, RmsNorm
 from pdserve.engine.linear import Linear
 from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
+from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 
@@ -75,7 +76,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, max_len: 
     ) for _ in range(spec.num_layers))
     embed = w(spec.vocab_size, h)
     weights = ModelWeights(embed, layers, norm(), Linear.dense(w(spec.vocab_size, h)))
-    return LoadedModel(Path("."), shape, spec, config, weights, dtype, device)
+    return LoadedModel(Path("."), shape, spec, config, weights, dtype, device, ShardLayout.of(spec))
 
 
 @dataclass(frozen=True)

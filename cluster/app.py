@@ -18,6 +18,7 @@ from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 from .autoscaling import serve_autoscaling_config
 from .config import PdserveConfig, ReplicaRange, load_config
 from .deployments import DecodeDeployment, PrefillDeployment, RouterDeployment
+from .tp_ranks import placement
 
 def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     """The pdserve application: router → prefill pool → decode pool (or one colocated pool)."""
@@ -50,6 +51,7 @@ def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resou
     return serve.deployment(cls).options(
         name=name,
         **sizing,
+        **placement(config, name, gpus, resources),  # TP N: N bundles on one node, the ranks in 1..N-1
         max_ongoing_requests=10_000,  # the workers bound their own queues and answer 429
         # the routing policy ranks replicas on what they report (record_routing_stats)
         request_router_config=RequestRouterConfig(request_router_class=policy, request_routing_stats_period_s=0.5),

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--decode-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--colocated", type=int, help="N replicas doing both phases instead (the baseline)")
+    serve.add_argument("--prefill-tp", type=int, help="tensor-parallel GPUs per prefill replica (default 1)")
+    serve.add_argument("--decode-tp", type=int, help="tensor-parallel GPUs per decode replica (default 1)")
+    serve.add_argument("--colocated-tp", type=int, help="tensor-parallel GPUs per colocated replica (default 1)")
     serve.add_argument("--http-host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--grpc-port", type=int)
@@ -118,6 +121,9 @@ def _serve(args: argparse.Namespace) -> int:
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,
+        "prefill.tensor_parallel_size": args.prefill_tp,
+        "decode.tensor_parallel_size": args.decode_tp,
+        "colocated.tensor_parallel_size": args.colocated_tp,
         "router.http_host": args.http_host,
         "router.http_port": args.http_port,
         "router.grpc_port": args.grpc_port,

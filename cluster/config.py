@@ -5,9 +5,12 @@ land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
     model:        {path, served_model_name, dtype, max_model_len}
-    prefill:      {replicas: 2 | "1:4", gpus_per_replica, max_batch_tokens, max_queued_requests, ray_resources}
-    decode:       {replicas, gpus_per_replica, max_running, max_waiting, overlap_steps, ray_resources}
-    colocated:    {replicas}            # > 0: one pool doing both phases instead
+    prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
+                   max_queued_requests, ray_resources}
+    decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
+                   overlap_steps, ray_resources}
+    colocated:    {replicas, gpus_per_replica, tensor_parallel_size}  # replicas > 0: one pool doing both phases
+A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node (N ranks).
     kv_cache:     {block_size, num_blocks, memory_fraction, dtype}
     transfer:     {backend, timeout_s, interface}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
@@ -86,7 +89,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PrefillPoolConfig:
     replicas: ReplicaRange = ReplicaRange(1, 1)
-    gpus_per_replica: float = 1.0
+    gpus_per_replica: float = 1.0  # per TP rank
+    tensor_parallel_size: int = 1  # ranks (GPUs) per replica, on one node
     max_batch_tokens: int = 2048  # token budget of one prefill batch; longer prompts are chunked
     max_queued_requests: int = 256  # beyond this, requests get 429
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources a replica needs
@@ -95,7 +99,8 @@ class PrefillPoolConfig:
 @dataclass(frozen=True)
 class DecodePoolConfig:
     replicas: ReplicaRange = ReplicaRange(1, 1)
-    gpus_per_replica: float = 1.0
+    gpus_per_replica: float = 1.0  # per TP rank
+    tensor_parallel_size: int = 1  # ranks (GPUs) per replica, on one node
     max_running: int = 64  # sequences in one decode batch
     max_waiting: int = 256  # reservations waiting for KV or admission; beyond this, 429
     overlap_steps: bool | None = None  # queue step N+1 before reading step N's tokens; null: on a GPU only
@@ -105,7 +110,8 @@ class DecodePoolConfig:
 @dataclass(frozen=True)
 class ColocatedPoolConfig:
     replicas: int = 0  # > 0 replaces the two pools by N replicas doing both phases
-    gpus_per_replica: float = 1.0
+    gpus_per_replica: float = 1.0  # per TP rank
+    tensor_parallel_size: int = 1  # ranks (GPUs) per replica, on one node
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,7 @@ _CHOICES = {
 }
 _POSITIVE = {
     ("prefill", "max_batch_tokens"), ("prefill", "max_queued_requests"),
+    ("prefill", "tensor_parallel_size"), ("decode", "tensor_parallel_size"), ("colocated", "tensor_parallel_size"),
     ("decode", "max_running"), ("decode", "max_waiting"),
     ("kv_cache", "block_size"), ("kv_cache", "num_blocks"), ("kv_cache", "cpu_num_blocks"),
     ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),

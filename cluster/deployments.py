@@ -21,13 +21,16 @@ from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDrainin
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
-from pdserve.engine.loader import default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
-from pdserve.engine.transfer import make_receiver, make_sender
+from pdserve.engine.tp_runner import TpRunner
+from pdserve.engine.transfer import KvShard, make_receiver, make_sender
 from pdserve.engine.transfer.addresses import interface_address
+from pdserve.engine.transfer.group import ReceiverGroup
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
@@ -44,6 +47,7 @@ from pdserve.router.served_models import ServedModels
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
 from .registry import Reporter, registry
+from .tp_ranks import TpGroup
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +85,31 @@ def _kv_host(config: PdserveConfig) -> str | None:
 _GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def _runner(config: PdserveConfig) -> ModelRunner:
+def _device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
+    """This TP rank's shard of the model (the whole model at TP 1)."""
     sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    loaded = load_model_dir(model_dir(config), device, config.model.dtype, config.model.max_model_len)
+    return load_model_dir(model_dir(config), _device(), config.model.dtype, config.model.max_model_len,
+                          rank=tp.rank, tp_size=tp.size)
+
+
+def _runner(config: PdserveConfig, tp: TensorParallel) -> ModelRunner:
+    """The leader's runner; its pool size is every rank's (TpGroup.start_followers)."""
+    loaded = load_rank_model(config, tp)
     kv = config.kv_cache
-    per_block = 2 * kv.block_size * loaded.spec.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
+    per_block = 2 * kv.block_size * loaded.layout.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
     per_block *= kv_dtype(kv.dtype, loaded.dtype).itemsize
-    blocks = kv.num_blocks or num_blocks_that_fit(per_block, device, kv.memory_fraction, kv.cpu_num_blocks)
+    blocks = kv.num_blocks or num_blocks_that_fit(per_block, loaded.device, kv.memory_fraction, kv.cpu_num_blocks)
     # CUDA graphs for every batch size the decode loop may run
     return ModelRunner(loaded, blocks, kv.block_size, max_decode_batch=config.decode.max_running,
-                       kv_cache_dtype=kv.dtype)
+                       kv_cache_dtype=kv.dtype, tp=tp)
+
+
+def _shard(runner: ModelRunner) -> KvShard:
+    return KvShard(runner.tp.rank, runner.tp.size, runner.spec.num_kv_heads)
 
 
 def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
@@ -103,6 +121,12 @@ def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
     import ray
 
     return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
+
+
+def _check_ranks(ranks: TpGroup, runner: TpRunner) -> None:
+    if runner.broken is not None:
+        raise RuntimeError(f"the replica's TP group broke: {runner.broken}")
+    ranks.check_health()
 
 
 def _numbers(stats: dict[str, Any]) -> dict[str, float]:
@@ -122,18 +146,23 @@ def _close_parts(replica: Any, *parts: str) -> None:
             built[part].stop()
     if worker is not None:
         worker.close()
+    if "ranks" in built:  # the replica's other TP ranks, after its worker stopped driving them
+        built["ranks"].stop()
 
 
 class PrefillDeployment:
     def __init__(self, config: dict[str, Any]):
         self.config = load_config(config)
-        runner = _runner(self.config)
         self.replica_id = _replica_id("prefill")
+        self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), _device())
+        runner = _runner(self.config, self.ranks.tp)
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config))
+                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config),
+                             shard=_shard(runner))
+        self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         p = self.config.prefill
         settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
-        self.worker = PrefillWorker(runner, sender, settings, self.replica_id)
+        self.worker = PrefillWorker(TpRunner(runner, sender), sender, settings, self.replica_id)
         self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
@@ -143,7 +172,8 @@ class PrefillDeployment:
 
     def stats(self) -> dict[str, Any]:
         tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
-        stats = {"pid": os.getpid(), "queued_tokens": self.worker.queued_tokens(),
+        stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
+                 "queued_tokens": self.worker.queued_tokens(),
                  "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
                  "prefix_hit_rate": self.worker.prefix_hit_rate(),
                  "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
@@ -151,8 +181,9 @@ class PrefillDeployment:
                  "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
         if self.roofline is not None and batches.num_steps:
             spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
-            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9))
-            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9))
+            gpus = self.ranks.tp.size  # the replica's rate over all its GPUs' matmul rate
+            stats["mfu_busy"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.step_busy_s, 1e-9)) / gpus
+            stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9)) / gpus
         return stats
 
     async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
@@ -173,6 +204,10 @@ class PrefillDeployment:
     def ping(self) -> int:
         return 1
 
+    def check_health(self) -> None:
+        """Serve's health check: a broken TP group fails it, and Serve replaces the replica."""
+        _check_ranks(self.ranks, self.worker.runner)
+
     def __del__(self) -> None:
         _close_parts(self, "reporter")
 
@@ -180,13 +215,18 @@ class PrefillDeployment:
 class DecodeDeployment:
     def __init__(self, config: dict[str, Any], colocated: bool = False):
         self.config = load_config(config)
-        runner = _runner(self.config)
-        self.replica_id = _replica_id("colocated" if colocated else "decode")
+        pool = "colocated" if colocated else "decode"
+        self.replica_id = _replica_id(pool)
         host = _node_host()
+        self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, _device())
+        runner = _runner(self.config, self.ranks.tp)
         receiver = None if colocated else make_receiver(
             transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
-            peer_id=self.replica_id,
-            timeout_s=self.config.transfer.timeout_s)
+            peer_id=self.replica_id, timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
+        self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
+        if receiver is not None and self.ranks.actors:  # every rank's receiver, as one
+            receiver = ReceiverGroup([receiver, *self.ranks.receivers()])
+        self.tp_runner = TpRunner(runner)
         d = self.config.decode
         settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
                                   prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
@@ -195,8 +235,8 @@ class DecodeDeployment:
         self.roofline = Roofline.measure(runner.device)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
-        self.engine_steps = decode_step_anchors(runner, (1, d.max_running)) if self.roofline is not None else []
-        self.worker = DecodeWorker(runner, receiver, settings, self.replica_id)
+        self.engine_steps = decode_step_anchors(self.tp_runner, (1, d.max_running)) if self.roofline is not None else []
+        self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
@@ -210,10 +250,12 @@ class DecodeDeployment:
         load = self.worker.load()
         used = load.num_blocks_total - load.num_blocks_free
         stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
-                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size}
+                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size,
+                 "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
-            weight_bytes = runner.spec.num_params * runner.model.dtype.itemsize  # (FP8 weights: counted at 2 B)
+            size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
+            weight_bytes = runner.spec.num_params * runner.model.dtype.itemsize // size  # (FP8 weights: counted at 2 B)
             kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
             # MBU over the GPU's busy time per step and over the step's wall time, labelled
             stats["mbu_busy"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
@@ -237,6 +279,10 @@ class DecodeDeployment:
 
     def ping(self) -> int:
         return 1
+
+    def check_health(self) -> None:
+        """Serve's health check: a broken TP group fails it, and Serve replaces the replica."""
+        _check_ranks(self.ranks, self.tp_runner)
 
     def __del__(self) -> None:
         _close_parts(self, "reporter", "server")

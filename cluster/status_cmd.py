@@ -30,7 +30,7 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_SHOWN = {"queued_tokens", "queued_requests", "tokens_per_s", "prefix_hit_rate", "num_running", "num_waiting", "num_blocks_used",
+_SHOWN = {"tensor_parallel_size", "queued_tokens", "queued_requests", "tokens_per_s", "prefix_hit_rate", "num_running", "num_waiting", "num_blocks_used",
           "num_blocks_free", "step_time_s", "gpu_step_time_s", "gpu_idle_share", "max_running", "is_draining"}
 
 

@@ -107,14 +107,18 @@ class KvCache:
         k_scale, v_scale = self.scales[layer]
         return torch.stack([kv[0].to(dtype) * k_scale, kv[1].to(dtype) * v_scale])
 
-    def export_blocks(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy [2, n, block_size, num_kv_heads, head_dim] of one layer's blocks."""
-        return raw_bytes(self.tensor[layer]).index_select(1, block_ids.to(self.tensor.device)).view(self.spec.dtype)
+    def export_blocks(self, layer: int, block_ids: torch.Tensor, heads: slice = slice(None)) -> torch.Tensor:
+        """A contiguous copy [2, n, block_size, kv heads, head_dim] of one layer's blocks (of some heads only)."""
+        blocks = raw_bytes(self.tensor[layer]).index_select(1, block_ids.to(self.tensor.device))
+        if heads != slice(None):
+            blocks = blocks[:, :, :, heads].contiguous()
+        return blocks.view(self.spec.dtype)
 
-    def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor) -> None:
-        """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids`."""
-        raw_bytes(self.tensor[layer]).index_copy_(1, block_ids.to(self.tensor.device),
-                                                  raw_bytes(data.to(self.tensor.device)))
+    def import_blocks(self, layer: int, block_ids: torch.Tensor, data: torch.Tensor,
+                      heads: slice = slice(None)) -> None:
+        """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids` (and `heads`)."""
+        raw_bytes(self.tensor[layer])[:, :, :, heads].index_copy_(1, block_ids.to(self.tensor.device),
+                                                                  raw_bytes(data.to(self.tensor.device)))
 
 
 def num_blocks_that_fit(bytes_per_block: int, device: torch.device, memory_fraction: float, cpu_num_blocks: int) -> int:

@@ -24,6 +24,8 @@ from .fp8 import Fp8Checkpoint, Fp8FormatError
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
+from .sharding import COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_MLP, ShardLayout
+from .weight_reader import WeightFileError, WeightReader
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: RmsNorm
-    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], q, k, v rows fused
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], q, k, v rows fused; a TP rank's heads only
     o: Linear  # [hidden, heads * head_dim]
     pre_mlp_norm: RmsNorm
     mlp: GatedMlp | MoeMlp
@@ -66,6 +68,7 @@ class LoadedModel:
     weights: ModelWeights
     dtype: torch.dtype
     device: torch.device
+    layout: ShardLayout  # which heads and MLP columns these weights hold (all of them at TP 1)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -100,18 +103,23 @@ def load_model_dir(
     device: torch.device | str = "cpu",
     dtype: str = "auto",
     max_model_len: int | None = None,
+    rank: int = 0,
+    tp_size: int = 1,
 ) -> LoadedModel:
-    """Load a model directory (None: the embedded default model) onto `device`."""
+    """Load a model directory (None: the embedded default model) onto `device`;
+    with `tp_size` > 1, only TP rank `rank`'s shard of it (engine/sharding.py)."""
     directory = Path(path) if path is not None else default_model_dir()
     device = torch.device(device)
     hf_config = load_hf_config(directory)
     spec = read_model_spec(directory, max_model_len)
     fp8 = Fp8Checkpoint.of(hf_config)
     torch_dtype = resolve_dtype(dtype, device)
-    tensors = _read_safetensors(directory)
-    weights = _arrange(tensors, spec, torch_dtype, device, fp8)
+    if fp8 is not None and tp_size > 1:
+        raise UnsupportedModel("FP8 checkpoints run at tensor_parallel_size 1 for now (their scales are not sharded)")
+    layout = ShardLayout.of(spec, rank, tp_size)
+    weights = _arrange(_open_weights(directory), spec, layout, torch_dtype, device, fp8)
     name = DEFAULT_MODEL_NAME if path is None else directory.name
-    return LoadedModel(directory, name, spec, hf_config, weights, torch_dtype, device)
+    return LoadedModel(directory, name, spec, hf_config, weights, torch_dtype, device, layout)
 
 
 def load_hf_config(directory: Path) -> Any:
@@ -145,20 +153,14 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _open_weights(directory: Path) -> WeightReader:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{directory}: no *.safetensors weight files")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors.update(load_file(file, device="cpu"))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelLoadError(f"{file}: corrupt or unreadable safetensors file: {e}") from None
-    return _text_model_names(tensors)
+    try:
+        return _text_model_names(WeightReader.open(files))
+    except WeightFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 # A multimodal checkpoint's text model, by the names of a text-only one (the rest is left out)
@@ -166,94 +168,107 @@ _TEXT_MODEL_PREFIXES = {"language_model.model.": "model.", "model.language_model
                         "language_model.lm_head.": "lm_head."}
 
 
-def _text_model_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not any(name.startswith(tuple(_TEXT_MODEL_PREFIXES)) for name in tensors):
-        return tensors
+def _text_model_names(reader: WeightReader) -> WeightReader:
+    names = list(reader.keys())
+    if not any(name.startswith(tuple(_TEXT_MODEL_PREFIXES)) for name in names):
+        return reader
     renamed = {}
-    for name, tensor in tensors.items():
+    for name in names:
         for prefix, text in _TEXT_MODEL_PREFIXES.items():
             if name.startswith(prefix):
-                renamed[text + name[len(prefix):]] = tensor
-    return renamed
+                renamed[text + name[len(prefix):]] = name
+    return reader.renamed(renamed)
 
 
-def _arrange(tensors: dict[str, torch.Tensor], spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-             fp8: Fp8Checkpoint | None = None) -> ModelWeights:
-    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked.
+def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: torch.dtype,
+             device: torch.device, fp8: Fp8Checkpoint | None = None) -> ModelWeights:
+    """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked;
+    of a TP rank, only its slices (`layout`).
 
-    FP8 weights (engine/fp8.py) stay FP8 in the projections on CUDA in bfloat16 (the FP8
-    kernels' output); everywhere else (the CPU, experts, any other tensor) they are
+    FP8 weights (engine/fp8.py; TP 1 only) stay FP8 in the projections on CUDA in bfloat16 (the
+    FP8 kernels' output); everywhere else (the CPU, experts, any other tensor) they are
     dequantized here."""
     family = spec.family
 
-    def take(name: str) -> torch.Tensor:
-        _present(tensors, name)
+    def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
+        if name not in reader:
+            raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         try:
-            return fp8.dequantized(tensors, name) if fp8 is not None else tensors[name]
-        except Fp8FormatError as e:
+            if fp8 is not None:
+                return fp8.dequantized(reader, name)
+            return reader.read(name, *layout.slices(kind))
+        except (WeightFileError, Fp8FormatError) as e:
             raise ModelLoadError(str(e)) from None
 
-    def projection(names: list[str], bias: torch.Tensor | None = None) -> Linear:
-        """One Linear over the row-concatenated weights `names`."""
+    def optional(name: str, kind: str = REPLICATED) -> torch.Tensor | None:
+        return take(name, kind) if name in reader else None
+
+    def projection(names: list[str], kinds: list[str], bias: torch.Tensor | None = None) -> Linear:
+        """One Linear over the row-concatenated weights `names` (this rank's slices of each)."""
         if fp8 is not None and device.type == "cuda" and dtype == torch.bfloat16:
             try:
-                quantized = fp8.linear(tensors, names, bias, device)
+                quantized = fp8.linear(reader, names, bias, device)
             except Fp8FormatError as e:
                 raise ModelLoadError(str(e)) from None
             if quantized is not None:
                 return quantized
-        return Linear.dense(put(torch.cat([take(n) for n in names])), bias)
+        return Linear.dense(put(torch.cat([take(n, k) for n, k in zip(names, kinds)])), bias)
 
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
+    def check(name: str, shape: tuple[int, ...]) -> str:
+        if name in reader and reader.shape(name) != shape:
+            raise ModelLoadError(f"weight {name!r} has shape {reader.shape(name)}, the config says {shape}")
+        return name
+
     def norm(name: str) -> RmsNorm:
         return RmsNorm(put(take(name)), spec.rms_norm_eps, family.norm_offset)
 
-    def linear(prefix: str) -> Linear:
-        bias = tensors.get(f"{prefix}.bias")
-        return projection([f"{prefix}.weight"], put(bias) if bias is not None else None)
+    def row_parallel(prefix: str, kind: str) -> Linear:
+        # Partial sums are all-reduced over the ranks: exactly one adds the bias.
+        bias = optional(f"{prefix}.bias") if layout.holds_row_parallel_bias else None
+        return projection([f"{prefix}.weight"], [kind], put(bias) if bias is not None else None)
 
     layers = []
     for i, layer_spec in enumerate(spec.layers):
         p = f"model.layers.{i}."
-        q, k, _ = (_present(tensors, f"{p}self_attn.{n}_proj.weight") for n in "qkv")  # as stored: shapes only
-        _check_shape(q, (spec.num_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.q_proj.weight")
-        _check_shape(k, (spec.num_kv_heads * spec.head_dim, spec.hidden_size), f"{p}self_attn.k_proj.weight")
-        biases = [tensors.get(f"{p}self_attn.{n}_proj.bias") for n in "qkv"]
+        check(f"{p}self_attn.q_proj.weight", (spec.num_heads * spec.head_dim, spec.hidden_size))
+        check(f"{p}self_attn.k_proj.weight", (spec.num_kv_heads * spec.head_dim, spec.hidden_size))
+        kinds = {"q": COLUMN_Q, "k": COLUMN_KV, "v": COLUMN_KV}
+        biases = [optional(f"{p}self_attn.{n}_proj.bias", kinds[n]) for n in "qkv"]  # a bias: its weight's rows
         qkv_bias = put(torch.cat(biases)) if all(b is not None for b in biases) else None
         sandwich = family.sandwich_norms
         layers.append(LayerWeights(
             input_norm=norm(f"{p}input_layernorm.weight"),
-            qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], qkv_bias),
-            o=linear(f"{p}self_attn.o_proj"),
+            qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], [kinds[n] for n in "qkv"], qkv_bias),
+            o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=_moe(tensors, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
+            mlp=_moe(reader, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
             q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
             k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
             post_mlp_norm=norm(f"{p}post_feedforward_layernorm.weight") if sandwich else None,
         ))
-    embed = put(take("model.embed_tokens.weight"))
-    _check_shape(embed, (spec.vocab_size, spec.hidden_size), "model.embed_tokens.weight")
-    tied = spec.tie_word_embeddings or "lm_head.weight" not in tensors
-    lm_head = Linear.dense(embed) if tied else projection(["lm_head.weight"])
+    embed = put(take(check("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))))
+    tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
+    lm_head = Linear.dense(embed) if tied else projection(["lm_head.weight"], [REPLICATED])
     return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
 
 
 def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
-    gate_up = projection([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"])
-    return GatedMlp(gate_up, projection([f"{p}mlp.down_proj.weight"]), activation)
+    gate_up = projection([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"], [COLUMN_MLP, COLUMN_MLP])
+    return GatedMlp(gate_up, projection([f"{p}mlp.down_proj.weight"], [ROW_MLP]), activation)
 
 
-def _moe(tensors: dict[str, torch.Tensor], p: str, spec: ModelSpec, put, take) -> MoeMlp:
+def _moe(reader: WeightReader, p: str, spec: ModelSpec, put, take) -> MoeMlp:
     """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter].
 
     Checkpoints hold one tensor per expert and projection; transformers 5 may also
     save them already stacked (`experts.gate_up_proj`, `experts.down_proj`)."""
     names, moe = spec.family.experts, spec.moe
     block = f"{p}{names.block}."
-    if f"{block}experts.gate_up_proj" in tensors:
+    if f"{block}experts.gate_up_proj" in reader:
         w13, w2 = take(f"{block}experts.gate_up_proj"), take(f"{block}experts.down_proj")
     else:
         def expert(e: int, name: str) -> torch.Tensor:
@@ -265,12 +280,6 @@ def _moe(tensors: dict[str, torch.Tensor], p: str, spec: ModelSpec, put, take) -
     _check_shape(w2, (moe.num_experts, spec.hidden_size, moe.intermediate_size), f"{block}experts (down)")
     router = Linear.dense(put(take(f"{block}gate.weight")))
     return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
-
-
-def _present(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    if name not in tensors:
-        raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
-    return tensors[name]
 
 
 def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:

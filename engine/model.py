@@ -31,6 +31,7 @@ from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
 from .model_spec import ModelSpec, rope_frequencies
+from .parallel import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,14 @@ class _PrefillPlan:
 class Model:
     """Weights plus the rope tables; stateless otherwise (the KV cache is passed in)."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, tp: TensorParallel | None = None):
+        """`tp`: the rank's TP group (None: alone); `loaded` must hold this rank's shard."""
         self.spec: ModelSpec = loaded.spec
+        self.tp = tp or TensorParallel.single()
+        if (self.tp.rank, self.tp.size) != (loaded.layout.rank, loaded.layout.size):
+            raise ValueError(f"weights of TP rank {loaded.layout.rank}/{loaded.layout.size} "
+                             f"given to rank {self.tp.rank}/{self.tp.size}")
+        self.num_heads, self.num_kv_heads = loaded.layout.num_heads, loaded.layout.num_kv_heads  # this rank's
         self.family = loaded.spec.family
         self.weights = loaded.weights
         self.dtype = loaded.dtype
@@ -119,11 +126,12 @@ class Model:
                 residual, normed = hidden, layer.input_norm(hidden)
             else:  # residual += hidden, in place
                 normed, residual = layer.input_norm.add(hidden, residual)
-            hidden = self._attention(index, layer, normed, positions, slots, attention, kv_cache)
+            # o and the MLP's last projection are row-parallel: partial sums until all-reduced
+            hidden = self.tp.all_reduce(self._attention(index, layer, normed, positions, slots, attention, kv_cache))
             if layer.post_attn_norm is not None:
                 hidden = layer.post_attn_norm(hidden)
             normed, residual = layer.pre_mlp_norm.add(hidden, residual)
-            hidden = layer.mlp(normed)
+            hidden = self.tp.all_reduce(layer.mlp(normed))
             if layer.post_mlp_norm is not None:
                 hidden = layer.post_mlp_norm(hidden)
             if on_layer_done is not None:
@@ -145,18 +153,19 @@ class Model:
         kv_cache: KvCache,
     ) -> torch.Tensor:
         spec, layer_spec = self.spec, self.spec.layers[index]
+        head_dim, num_heads, num_kv_heads = spec.head_dim, self.num_heads, self.num_kv_heads
         qkv = layer.qkv(x)
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        q = qkv[:, :q_size].view(-1, spec.num_heads, spec.head_dim)
-        k = qkv[:, q_size:q_size + kv_size].view(-1, spec.num_kv_heads, spec.head_dim)
-        v = qkv[:, q_size + kv_size:].view(-1, spec.num_kv_heads, spec.head_dim)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
         if layer.q_norm is not None:  # in place, on views of qkv
             layer.q_norm.heads_(q)
             layer.k_norm.heads_(k)
         apply_rope(q, k, positions, self.cos_sin[layer_spec.rope])  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
-        kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, spec.num_kv_heads, spec.head_dim).transpose(0, 1))
+        kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))
         window = layer_spec.sliding_window
         if isinstance(attention, DecodeAttention):
             k_scale, v_scale = kv_cache.scales[index]

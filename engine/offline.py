@@ -11,6 +11,7 @@ from typing import Iterator
 
 from .block_pool import BlockPool, BlockTable
 from .loader import LoadedModel
+from .parallel import TensorParallel
 from .runner import DecodeInput, ModelRunner, PrefillChunk
 from .sampler import SamplingParams, sample
 
@@ -25,8 +26,10 @@ class OfflineSequence:
 
 
 class OfflineEngine:
-    def __init__(self, loaded: LoadedModel, num_blocks: int = 512, block_size: int = 16, kv_cache_dtype: str = "auto"):
-        self.runner = ModelRunner(loaded, num_blocks, block_size, kv_cache_dtype=kv_cache_dtype)
+    def __init__(self, loaded: LoadedModel, num_blocks: int = 512, block_size: int = 16,
+                 kv_cache_dtype: str = "auto", tp: TensorParallel | None = None):
+        """`tp`: this rank's group when every rank of a TP group runs the same generation."""
+        self.runner = ModelRunner(loaded, num_blocks, block_size, kv_cache_dtype=kv_cache_dtype, tp=tp)
         self.pool = BlockPool(num_blocks, block_size)
         self.eos_ids = set(loaded.spec.eos_token_ids)
 

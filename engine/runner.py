@@ -26,6 +26,7 @@ from .cuda_graphs import DecodeGraphs
 from .kv_cache import KvCache, KvCacheSpec, kv_dtype
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, Model, PrefillAttention
+from .parallel import TensorParallel
 from .copies import host_to_device, on_device
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
 
@@ -51,20 +52,24 @@ class DecodeInput(NamedTuple):
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto"):
-        """`use_cuda_graphs`: None means on CUDA; graphs cover decode batches up to `max_decode_batch`;
-        `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3' (engine/kv_cache.py)."""
-        self.model = Model(loaded)
+                 max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto",
+                 tp: TensorParallel | None = None):
+        """`use_cuda_graphs`: None means on CUDA (and a TP group graphs can hold); graphs cover decode
+        batches up to `max_decode_batch`. `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3'
+        (engine/kv_cache.py). `tp`: this rank's TP group, `loaded` its shard."""
+        self.model = Model(loaded, tp)
+        self.tp = self.model.tp
         self.spec = loaded.spec
         self.device = loaded.device
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the GPU current now, named
             self.device = torch.device("cuda", torch.cuda.current_device())
-        use_graphs = loaded.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        use_graphs = (loaded.device.type == "cuda" and self.tp.can_capture_graphs if use_cuda_graphs is None
+                      else use_cuda_graphs)
         self.kv_cache = KvCache(KvCacheSpec(
             num_layers=loaded.spec.num_layers,
             num_blocks=num_blocks,
             block_size=block_size,
-            num_kv_heads=loaded.spec.num_kv_heads,
+            num_kv_heads=loaded.layout.num_kv_heads,  # this rank's kv heads only
             head_dim=loaded.spec.head_dim,
             dtype=kv_dtype(kv_cache_dtype, loaded.dtype),
             device=loaded.device,
@@ -125,6 +130,8 @@ class ModelRunner:
     def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
         """One decode step and its sampling, queued; the next step's rows may name these rows as sources."""
         pending = sample_async(self.decode(inputs), params, [i.position + 1 for i in inputs])
+        # Every TP rank feeds the leader's tokens back (a rank's own draw may differ when sampling).
+        self.tp.broadcast_(pending.tokens)
         self._sampled = pending.tokens
         if self._sampled_fits_graphs():
             self.decode_graphs.sampled[:len(inputs)].copy_(pending.tokens)

@@ -31,6 +31,7 @@ from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import SamplingParams, sample
 from pdserve.engine.step_timing import StepClock, StepTimes
 from pdserve.engine.transfer.base import KvSender
@@ -97,8 +98,9 @@ class PrefillJob:
 
 
 class PrefillWorker:
-    def __init__(self, runner: ModelRunner, sender: KvSender, settings: PrefillSettings, replica_id: str):
-        self.runner = runner
+    def __init__(self, runner: ModelRunner | TpRunner, sender: KvSender, settings: PrefillSettings, replica_id: str):
+        """`runner`: a TP replica's leader passes its `TpRunner` (the followers push their own heads)."""
+        self.runner = runner if isinstance(runner, TpRunner) else TpRunner(runner, sender)
         self.sender = sender
         self.settings = settings
         self.replica_id = replica_id
@@ -121,7 +123,7 @@ class PrefillWorker:
         """Queue a prompt; the future resolves to a PrefillResult or raises PrefillFailed."""
         if not prompt:
             raise PrefillFailed("empty prompt", FailureCode.INVALID)
-        if destination.channel is None:
+        if not destination.channels:
             raise PrefillFailed("no KV destination", FailureCode.INVALID)
         job = PrefillJob(request_id, tuple(prompt), params, destination, deadline, Future())
         with self._lock:
@@ -235,18 +237,19 @@ class PrefillWorker:
 
     def _run(self, batch: list[tuple[PrefillJob, PrefillChunk]]) -> None:
         block_size = self.pool.block_size
-
-        def push_layer(layer: int) -> None:
-            for job, chunk in batch:
-                # a job's first chunk also carries its cached prefix, which the decode side lacks
-                first = 0 if chunk.start_pos == job.num_cached else chunk.start_pos // block_size
-                last = -(-(chunk.start_pos + len(chunk.token_ids)) // block_size)
-                self.sender.send_layer(job.destination, layer, job.table.block_ids[first:last], first)
+        pushes, ends = [], []
+        for job, chunk in batch:
+            # a job's first chunk also carries its cached prefix, which the decode side lacks
+            first = 0 if chunk.start_pos == job.num_cached else chunk.start_pos // block_size
+            last = -(-(chunk.start_pos + len(chunk.token_ids)) // block_size)
+            pushes.append(LayerPush(job.destination, tuple(job.table.block_ids[first:last]), first))
+            if chunk.start_pos + len(chunk.token_ids) == len(job.prompt):  # TP followers finish their heads
+                ends.append(TransferEnd(job.destination, self.pool.blocks_for(len(job.prompt)), self._timeout(job)))
 
         started = time.monotonic()
         try:
             with self._clock.work(sum(len(c.token_ids) for _, c in batch)):
-                logits = self.runner.prefill([chunk for _, chunk in batch], on_layer_done=push_layer)
+                logits = self.runner.prefill([chunk for _, chunk in batch], pushes, ends)
             _wait_for_device(logits)
             self._clock.step_done()
         except (TransferError, RuntimeError) as e:
@@ -281,9 +284,8 @@ class PrefillWorker:
 
     def _finish_transfer(self, job: PrefillJob, token: int, logprob: float | None, computed_at: float) -> None:
         num_blocks = self.pool.blocks_for(len(job.prompt))
-        timeout = max(0.0, min(job.deadline - time.time(), self.settings.transfer_timeout_s))
         try:
-            self.sender.finish(job.destination, num_blocks, timeout)
+            self.sender.finish(job.destination, num_blocks, self._timeout(job))
         except TransferError as e:
             with self._lock:
                 self._fail(job, f"KV transfer failed: {e}", FailureCode.TRANSFER_FAILED)
@@ -297,6 +299,9 @@ class PrefillWorker:
             queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
             kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
         ))
+
+    def _timeout(self, job: PrefillJob) -> float:
+        return max(0.0, min(job.deadline - time.time(), self.settings.transfer_timeout_s))
 
     def _abandon_transfer(self, destination: KvDestination) -> None:
         try:

@@ -9,6 +9,9 @@ One interface, several backends picked by where the two ends live: `nccl`
     sender = make_sender("gloo", kv_cache)                         # prefill replica
     sender.send_layer(dest, layer, src_block_ids, first_block_index)   # per layer, returns at once
     sender.finish(dest, num_blocks_total, timeout_s)               # raises TransferError
+    # TP replicas: each rank has its own sender/receiver with its `KvShard`; a TP decode
+    # replica's destination is KvDestination.of_ranks(each rank's); every prefill rank
+    # sends each decode rank the heads it is the source of (heads.py).
     outcome = receiver.wait(tid, timeout_s)                        # a value: outcome.is_ok / .reason
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
 from pdserve.engine.transfer.cuda_ipc import CudaIpcReceiver, CudaIpcSender
 from pdserve.engine.transfer.fake import FakeReceiver, FakeSender, FaultInjection
+from pdserve.engine.transfer.heads import KvShard
 from pdserve.engine.transfer.messages import (
     WIRE_VERSION,
     ChannelAddress,
@@ -44,7 +48,7 @@ BACKENDS = ("gloo", "nccl", "cuda_ipc", "fake")
 
 __all__ = [
     "BACKENDS", "WIRE_VERSION", "ChannelAddress", "DeviceLocation", "FailureReason", "FaultInjection",
-    "HandshakeError", "KvDestination", "KvReceiver", "KvSender", "TransferError", "TransferOutcome",
+    "HandshakeError", "KvDestination", "KvShard", "KvReceiver", "KvSender", "TransferError", "TransferOutcome",
     "choose_backend", "make_receiver", "make_sender",
 ]
 
@@ -71,11 +75,13 @@ def choose_backend(sender: DeviceLocation, receiver: DeviceLocation) -> str:
 
 
 def make_receiver(backend: str, kv_cache: KvCache, host: str = "127.0.0.1", port: int = 0,
-                  peer_id: str | None = None, timeout_s: float = 30.0, **options: Any) -> KvReceiver:
-    """A receiver for `backend`, listening on `host:port` (0: any free port); fake ignores both."""
+                  peer_id: str | None = None, timeout_s: float = 30.0, shard: KvShard | None = None,
+                  **options: Any) -> KvReceiver:
+    """A receiver for `backend`, listening on `host:port` (0: any free port); fake ignores both.
+    `shard`: the kv heads the pool holds when it is one TP rank's (None: all)."""
     if backend == "fake":
-        return FakeReceiver(kv_cache, peer_id=peer_id)
-    kwargs = dict(host=host, port=port, peer_id=peer_id, timeout_s=timeout_s, **options)
+        return FakeReceiver(kv_cache, peer_id=peer_id, shard=shard)
+    kwargs = dict(host=host, port=port, peer_id=peer_id, timeout_s=timeout_s, shard=shard, **options)
     if backend == "gloo":
         return TorchDistReceiver(kv_cache, **kwargs)
     if backend == "nccl":
@@ -86,14 +92,15 @@ def make_receiver(backend: str, kv_cache: KvCache, host: str = "127.0.0.1", port
 
 
 def make_sender(backend: str, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0,
-                faults: FaultInjection | None = None, host: str | None = None) -> KvSender:
+                faults: FaultInjection | None = None, host: str | None = None,
+                shard: KvShard | None = None) -> KvSender:
     """A sender for `backend`, binding local address `host` (None: whichever routes to each receiver);
-    `faults` only for `fake`."""
+    `faults` only for `fake`; `shard` as for `make_receiver`."""
     if faults is not None and backend != "fake":
         raise ValueError("fault injection is only for the fake backend")
     if backend == "fake":
-        return FakeSender(kv_cache, faults or FaultInjection())
-    kwargs = dict(sender_id=sender_id, timeout_s=timeout_s, host=host)
+        return FakeSender(kv_cache, faults or FaultInjection(), shard=shard)
+    kwargs = dict(sender_id=sender_id, timeout_s=timeout_s, host=host, shard=shard)
     if backend == "gloo":
         return TorchDistSender(kv_cache, **kwargs)
     if backend == "nccl":

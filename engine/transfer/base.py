@@ -11,16 +11,22 @@ from __future__ import annotations
 import abc
 from typing import Hashable, Sequence
 
+import torch
+
 from pdserve.engine.kv_cache import KvCache
+from pdserve.engine.transfer.heads import KvShard, delivered_heads
 from pdserve.engine.transfer.ledger import TransferLedger
-from pdserve.engine.transfer.messages import ChannelAddress, KvDestination, TransferOutcome
+from pdserve.engine.transfer.messages import ChannelAddress, KvDestination, KvGeometry, TransferOutcome
 
 
 class KvReceiver(abc.ABC):
-    """Owns one replica's incoming channels; writes arriving blocks into its `KvCache`."""
+    """Owns one replica's (or one TP rank's) incoming channels; writes arriving blocks into its `KvCache`."""
 
-    def __init__(self, kv_cache: KvCache):
+    def __init__(self, kv_cache: KvCache, shard: KvShard | None = None):
+        """`shard`: the kv heads this pool holds, when it is one TP rank's (None: all of them)."""
         self.kv_cache = kv_cache
+        self.shard = shard or KvShard.whole(kv_cache.spec.num_kv_heads)
+        self.geometry = KvGeometry.of(kv_cache.spec, self.shard)
         self._ledger = TransferLedger(kv_cache)
 
     @property
@@ -30,7 +36,7 @@ class KvReceiver(abc.ABC):
 
     def destination(self, transfer_id: int, block_ids: Sequence[int]) -> KvDestination:
         """The `KvDestination` to hand to a sender for these reserved blocks."""
-        return KvDestination(transfer_id, tuple(block_ids), self.address)
+        return KvDestination(transfer_id, tuple(block_ids), (self.address,))
 
     def expect(self, transfer_id: int, block_ids: Sequence[int], num_layers: int | None = None) -> None:
         """Accept data for `transfer_id` into `block_ids` (call before the sender starts)."""
@@ -66,10 +72,26 @@ class KvReceiver(abc.ABC):
 
 
 class KvSender(abc.ABC):
-    """Pushes one replica's KV blocks, layer by layer, to receivers it reaches on demand."""
+    """Pushes one replica's (or one TP rank's) KV blocks, layer by layer, to receivers it reaches on demand.
 
-    def __init__(self, kv_cache: KvCache):
+    Each receiver of a destination gets the heads this sender is the source of (heads.py);
+    a destination's receivers this sender has nothing for are never contacted."""
+
+    def __init__(self, kv_cache: KvCache, shard: KvShard | None = None):
+        """`shard`: the kv heads this pool holds, when it is one TP rank's (None: all of them)."""
         self.kv_cache = kv_cache
+        self.shard = shard or KvShard.whole(kv_cache.spec.num_kv_heads)
+        self.geometry = KvGeometry.of(kv_cache.spec, self.shard)
+
+    def routes(self, dest: KvDestination) -> list[tuple[ChannelAddress, range]]:
+        """The receivers of `dest` this sender sends to, each with the global heads it sends them."""
+        routes = [(address, delivered_heads(self.shard, address.shard)) for address in dest.channels]
+        return [(address, heads) for address, heads in routes if heads]
+
+    def export(self, layer: int, src_block_ids: Sequence[int], heads: range) -> torch.Tensor:
+        """A snapshot of one layer's blocks, of global `heads` only."""
+        return self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64),
+                                           self.shard.local(heads))
 
     @abc.abstractmethod
     def connect(self, address: ChannelAddress, timeout_s: float) -> None:

@@ -32,7 +32,7 @@ from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache, raw_bytes
 from pdserve.engine.transfer.addresses import address_toward, interface_of, is_loopback
-from pdserve.engine.transfer.ledger import LayerPiece, TransferLedger
+from pdserve.engine.transfer.ledger import ALL_HEADS, LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
     ChannelAddress,
@@ -143,9 +143,12 @@ class ReceiveChannel:
     """The receiver's end of one channel: a thread that applies frames to the ledger."""
 
     def __init__(self, store: PrefixStore, number: int, hello: Hello, ledger: TransferLedger, kv_cache: KvCache,
-                 data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None], host: str):
+                 data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None], host: str,
+                 heads: slice = ALL_HEADS):
+        """`heads`: where on the pool's head axis this sender's heads go (all at TP 1)."""
         self.number = number
         self._host = host
+        self._heads = heads
         self.sender_id = hello.sender_id
         self._store, self._ledger, self._kv = store, ledger, kv_cache
         self._data_backend, self._timeout_s, self._on_exit = data_backend, timeout_s, on_exit
@@ -218,7 +221,7 @@ class ReceiveChannel:
             self._fences.get(tid, threading.Event()).set()
         elif frame.kind == MessageKind.FINISH:
             self._open_transfers.discard(tid)
-            self._reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks))
+            self._reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks, self._heads))
         elif frame.kind == MessageKind.CLOSE:
             self._say_goodbye()
             return False
@@ -227,13 +230,14 @@ class ReceiveChannel:
     def _receive_layers(self, num_pieces: int) -> None:
         table = self._pair.recv_table(num_pieces).tolist()
         spec = self._kv.spec
-        buf = torch.empty((2, sum(row[3] for row in table), spec.block_size, spec.num_kv_heads, spec.head_dim),
+        num_heads = len(range(spec.num_kv_heads)[self._heads])
+        buf = torch.empty((2, sum(row[3] for row in table), spec.block_size, num_heads, spec.head_dim),
                           dtype=spec.dtype, device=spec.device)
         self._pair.recv_payload(buf)
         pieces, start = [], 0
         for tid, layer, first, n in table:
             self._open_transfers.add(tid)
-            pieces.append(LayerPiece(tid, layer, first, buf[:, start : start + n]))
+            pieces.append(LayerPiece(tid, layer, first, buf[:, start : start + n], self._heads))
             start += n
         self._ledger.write(pieces)
 

@@ -79,7 +79,8 @@ class CudaIpcReceiver(TorchDistReceiver):
     @property
     def address(self) -> ChannelAddress:
         plain = super().address
-        return ChannelAddress(plain.backend, plain.host, plain.port, plain.peer_id, ipc_handle=self._handle)
+        return ChannelAddress(plain.backend, plain.host, plain.port, plain.peer_id, plain.shard,
+                              ipc_handle=self._handle)
 
     def _fence(self, writer: ReceiveChannel, transfer_id: int) -> None:
         """Wait until the sender stopped writing; raises `TransferError` (blocks unsafe) if it never says so."""
@@ -90,6 +91,8 @@ class CudaIpcReceiver(TorchDistReceiver):
     def _check(self, hello: Hello) -> str:
         if hello.device_uuid != self._handle.device_uuid:
             return f"sender is on GPU {hello.device_uuid or 'cpu'}, receiver on {self._handle.device_uuid}"
+        if hello.shard.size != 1 or self.shard.size != 1:
+            return "cuda_ipc moves whole pools on one GPU; TP replicas (several GPUs) use nccl"
         return super()._check(hello)
 
 
@@ -117,7 +120,7 @@ class CudaIpcSender(TorchDistSender):
 
     def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
         self._check_range(dest, layer, src_block_ids, first_block_index)
-        channel = self._bind(dest)
+        (channel, _), = self._bind(dest)  # one receiver, every head (TP replicas are refused)
         peer = self._peers[channel]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.kv_cache.spec.device))
@@ -138,7 +141,7 @@ class CudaIpcSender(TorchDistSender):
         peer.channel.submit(copy)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
-        channel = self._bind(dest)
+        (channel, _), = self._bind(dest)
         peer = self._peers[channel]
         tid = dest.transfer_id
 

@@ -14,10 +14,9 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
+from pdserve.engine.transfer.heads import KvShard
 from pdserve.engine.transfer.ledger import LayerPiece
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -25,7 +24,6 @@ from pdserve.engine.transfer.messages import (
     FailureReason,
     HandshakeError,
     KvDestination,
-    KvGeometry,
     TransferError,
 )
 
@@ -48,10 +46,10 @@ class FaultInjection:
 class FakeReceiver(KvReceiver):
     """A receiver reachable by in-process fake senders."""
 
-    def __init__(self, kv_cache: KvCache, peer_id: str | None = None):
-        super().__init__(kv_cache)
+    def __init__(self, kv_cache: KvCache, peer_id: str | None = None, shard: KvShard | None = None):
+        super().__init__(kv_cache, shard)
         port = next(_ports)
-        self._address = ChannelAddress("fake", "in-process", port, peer_id or f"fake-receiver-{port}")
+        self._address = ChannelAddress("fake", "in-process", port, peer_id or f"fake-receiver-{port}", self.shard)
         with _registry_lock:
             _registry[port] = self
 
@@ -67,8 +65,8 @@ class FakeReceiver(KvReceiver):
 class FakeSender(KvSender):
     """Writes straight into the registered receiver's pool, failing the transfers `faults` picks."""
 
-    def __init__(self, kv_cache: KvCache, faults: FaultInjection = FaultInjection()):
-        super().__init__(kv_cache)
+    def __init__(self, kv_cache: KvCache, faults: FaultInjection = FaultInjection(), shard: KvShard | None = None):
+        super().__init__(kv_cache, shard)
         self._faults = faults
         self._random = random.Random(faults.seed)
         self._num_started = 0
@@ -85,9 +83,12 @@ class FakeSender(KvSender):
         with self._lock:
             if dest.key in self._failed:
                 return
-        data = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
         try:
-            self._receiver(dest.channel)._ledger.write([LayerPiece(dest.transfer_id, layer, first_block_index, data)])
+            for address, heads in self.routes(dest):
+                receiver = self._receiver(address)
+                piece = LayerPiece(dest.transfer_id, layer, first_block_index,
+                                   self.export(layer, src_block_ids, heads), receiver.shard.local(heads))
+                receiver._ledger.write([piece])
         except TransferError as e:
             with self._lock:
                 self._failed[dest.key] = str(e)
@@ -99,9 +100,11 @@ class FakeSender(KvSender):
             failure = self._failed.pop(dest.key, "")
         if failure:
             raise TransferError(f"transfer {dest.transfer_id}: {failure}")
-        status = self._receiver(dest.channel)._ledger.finish(dest.transfer_id, num_blocks_total)
-        if status != AckStatus.OK:
-            raise TransferError(f"transfer {dest.transfer_id}: receiver answered {status.name}")
+        for address, heads in self.routes(dest):
+            receiver = self._receiver(address)
+            status = receiver._ledger.finish(dest.transfer_id, num_blocks_total, receiver.shard.local(heads))
+            if status != AckStatus.OK:
+                raise TransferError(f"transfer {dest.transfer_id}: receiver {address.peer_id} answered {status.name}")
 
     def close(self) -> None:
         with self._lock:
@@ -121,17 +124,18 @@ class FakeSender(KvSender):
             detail = f"injected fault (transfer #{self._num_started} of this sender)"
             self._failed[dest.key] = detail
         log.info("transfer %d: %s", dest.transfer_id, detail)
-        with _registry_lock:
-            receiver = _registry.get(dest.channel.port)
-        if receiver is not None:
-            receiver._ledger.fail([dest.transfer_id], FailureReason.CHANNEL_ERROR, detail)
+        for address, _ in self.routes(dest):
+            with _registry_lock:
+                receiver = _registry.get(address.port)
+            if receiver is not None:
+                receiver._ledger.fail([dest.transfer_id], FailureReason.CHANNEL_ERROR, detail)
 
     def _receiver(self, address: ChannelAddress) -> FakeReceiver:
         with _registry_lock:
             receiver = _registry.get(address.port)
         if receiver is None:
             raise TransferError(f"fake receiver {address.peer_id} is gone")
-        mismatch = KvGeometry.of(self.kv_cache.spec).mismatch(KvGeometry.of(receiver.kv_cache.spec))
+        mismatch = self.geometry.mismatch(receiver.geometry)
         if mismatch:
             raise HandshakeError(f"receiver {address.peer_id} refused the channel: {mismatch}")
         return receiver

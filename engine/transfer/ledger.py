@@ -1,8 +1,10 @@
 """The receiver's book of expected transfers: which blocks landed, and how each ended.
 
 A transfer's life on the receiver:
-    expect()  -> RECEIVING: LAYERS/LANDED frames mark (layer, block) cells landed
-    FINISH    -> OK when every layer covers the first `num_blocks_total` blocks, else failed
+    expect()  -> RECEIVING: LAYERS/LANDED frames mark (layer, block) cells of some heads landed
+    FINISH    -> the sender's heads: failed unless every layer covers the first `num_blocks_total`
+                 blocks of them; OK once FINISHes covered every head of this pool
+                 (one sender at TP 1; several prefill ranks may each send some heads)
     failure   -> failed outcome with a reason (peer gone, channel error, timeout)
     wait(), a poll() that finds it ended, or cancel() -> forgotten; later data for it is dropped.
 Writes into the pool happen under the book's lock, so once `cancel` or `wait`
@@ -23,29 +25,43 @@ from pdserve.engine.transfer.messages import AckStatus, FailureReason, TransferO
 log = logging.getLogger(__name__)
 
 
+ALL_HEADS = slice(None)
+
+
 class LayerPiece(NamedTuple):
-    """Blocks of one layer of one transfer: `data` [2, n, ...] goes to block indices [first, first + n)."""
+    """Blocks of one layer of one transfer: `data` [2, n, ..., heads, head_dim] goes to block indices
+    [first, first + n), at `heads` of this pool's head axis."""
 
     transfer_id: int
     layer: int
     first_block_index: int
     data: torch.Tensor
+    heads: slice = ALL_HEADS
 
 
 @dataclass
 class _Expected:
     block_ids: tuple[int, ...]
     num_layers: int
-    landed: list[bytearray]  # [layer][block index] = 1 once written
+    num_heads: int
+    # per head range a sender writes: [layer][block index] = 1 once written
+    landed: dict[tuple[int, int], list[bytearray]] = field(default_factory=dict)
+    finished_heads: bytearray = field(default_factory=bytearray)  # [head] = 1 once its sender finished
     done: threading.Event = field(default_factory=threading.Event)
     outcome: TransferOutcome | None = None
     writer: Hashable | None = None  # cuda_ipc: the channel admitted to write directly
 
-    def missing(self, num_blocks_total: int) -> str:
-        """A description of the first layer with a block not landed, or ''."""
-        for layer, row in enumerate(self.landed):
+    def cells(self, heads: tuple[int, int]) -> list[bytearray]:
+        if heads not in self.landed:
+            self.landed[heads] = [bytearray(len(self.block_ids)) for _ in range(self.num_layers)]
+        return self.landed[heads]
+
+    def missing(self, num_blocks_total: int, heads: tuple[int, int]) -> str:
+        """A description of the first layer with a block of `heads` not landed, or ''."""
+        for layer, row in enumerate(self.cells(heads)):
             if not all(row[:num_blocks_total]):
-                return f"layer {layer} missing block indices {[i for i in range(num_blocks_total) if not row[i]]}"
+                missing = [i for i in range(num_blocks_total) if not row[i]]
+                return f"layer {layer} heads {heads} missing block indices {missing}"
         return ""
 
 
@@ -65,8 +81,9 @@ class TransferLedger:
         with self._lock:
             if transfer_id in self._expected:
                 raise ValueError(f"transfer {transfer_id} is already expected")
-            landed = [bytearray(len(block_ids)) for _ in range(num_layers)]
-            self._expected[transfer_id] = _Expected(tuple(block_ids), num_layers, landed)
+            heads = self._kv.spec.num_kv_heads
+            self._expected[transfer_id] = _Expected(tuple(block_ids), num_layers, heads,
+                                                    finished_heads=bytearray(heads))
 
     def write(self, pieces: Sequence[LayerPiece]) -> None:
         """Import each piece into its transfer's blocks (one device sync for all); drop those no longer wanted."""
@@ -78,19 +95,20 @@ class TransferLedger:
                 if entry is None:
                     continue
                 ids = entry.block_ids[piece.first_block_index : piece.first_block_index + n]
-                self._kv.import_blocks(piece.layer, torch.tensor(ids, dtype=torch.int64), piece.data)
-                landed.append((entry, piece.layer, piece.first_block_index, n))
+                self._kv.import_blocks(piece.layer, torch.tensor(ids, dtype=torch.int64), piece.data, piece.heads)
+                landed.append((entry, piece.layer, piece.first_block_index, n, self._range(piece.heads)))
             if landed and self._kv.tensor.is_cuda:
                 torch.cuda.current_stream(self._kv.tensor.device).synchronize()  # landed means landed
-            for entry, layer, first, n in landed:
-                entry.landed[layer][first : first + n] = b"\x01" * n
+            for entry, layer, first, n, heads in landed:
+                entry.cells(heads)[layer][first : first + n] = b"\x01" * n
 
     def mark_landed(self, transfer_id: int, layer: int, first_block_index: int, num_blocks: int) -> None:
         """Record blocks a peer wrote directly (cuda_ipc)."""
         with self._lock:
             entry = self._receiving(transfer_id, layer, first_block_index, num_blocks)
             if entry is not None:
-                entry.landed[layer][first_block_index : first_block_index + num_blocks] = b"\x01" * num_blocks
+                cells = entry.cells(self._range(ALL_HEADS))
+                cells[layer][first_block_index : first_block_index + num_blocks] = b"\x01" * num_blocks
 
     def admit(self, transfer_id: int, writer: Hashable) -> AckStatus:
         """Let `writer` write this transfer's blocks directly (cuda_ipc); fenced on cancel."""
@@ -101,20 +119,26 @@ class TransferLedger:
             entry.writer = writer
             return AckStatus.ACCEPTED
 
-    def finish(self, transfer_id: int, num_blocks_total: int) -> AckStatus:
-        """The sender says it sent `num_blocks_total` blocks per layer: complete or fail."""
+    def finish(self, transfer_id: int, num_blocks_total: int, heads: slice = ALL_HEADS) -> AckStatus:
+        """A sender says it sent `num_blocks_total` blocks per layer of `heads`: fail if some did not
+        land; complete once every head of the pool was finished."""
         with self._lock:
             entry = self._expected.get(transfer_id)
             if entry is None:
                 return AckStatus.UNKNOWN_TRANSFER
             if entry.outcome is not None:
                 return AckStatus.OK if entry.outcome.is_ok else AckStatus.FAILED
+            span = self._range(heads)
             missing = "more blocks than reserved" if num_blocks_total > len(entry.block_ids) else ""
-            missing = missing or entry.missing(num_blocks_total)
+            missing = missing or entry.missing(num_blocks_total, span)
+            if not missing and any(entry.finished_heads[span[0]:span[1]]):
+                missing = f"heads {span} finished twice"
             if missing:
                 self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CHANNEL_ERROR, missing))
                 return AckStatus.INCOMPLETE
-            self._settle(entry, TransferOutcome(transfer_id))
+            entry.finished_heads[span[0]:span[1]] = b"\x01" * (span[1] - span[0])
+            if all(entry.finished_heads):
+                self._settle(entry, TransferOutcome(transfer_id))
             return AckStatus.OK
 
     def fail(self, transfer_ids: list[int], reason: FailureReason, detail: str) -> None:
@@ -174,6 +198,11 @@ class TransferLedger:
             self._settle(entry, TransferOutcome.failed(transfer_id, FailureReason.CHANNEL_ERROR, detail))
             return None
         return entry
+
+    def _range(self, heads: slice) -> tuple[int, int]:
+        """(start, stop) of a slice of this pool's head axis."""
+        start, stop, _ = heads.indices(self._kv.spec.num_kv_heads)
+        return start, stop
 
     @staticmethod
     def _settle(entry: _Expected, outcome: TransferOutcome) -> None:

@@ -11,35 +11,46 @@ from typing import Any
 import torch
 
 from pdserve.engine.kv_cache import KvCacheSpec
+from pdserve.engine.transfer.heads import KvShard
 
 # Bump on any change to the frame layout, the message kinds or the handshake.
-WIRE_VERSION = 3
+WIRE_VERSION = 4  # 4: kv head shards (TP) in the hello and the address
 
 
 @dataclass(frozen=True)
 class ChannelAddress:
-    """How a sender reaches one receiver; `ipc_handle` is the receiver's KV tensor (cuda_ipc only)."""
+    """How a sender reaches one receiver, and which kv heads its pool holds (`shard`);
+    `ipc_handle` is the receiver's KV tensor (cuda_ipc only)."""
 
     backend: str
     host: str
     port: int
     peer_id: str
+    shard: KvShard
     wire_version: int = WIRE_VERSION
     ipc_handle: Any = None
 
 
 @dataclass(frozen=True)
 class KvDestination:
-    """A decode replica's reserved blocks for one transfer, and the channel to reach them."""
+    """A decode replica's reserved blocks for one transfer, and the channels to reach them:
+    one per TP rank of the replica, in rank order (every rank holds the same block ids)."""
 
     transfer_id: int
     block_ids: tuple[int, ...]
-    channel: ChannelAddress
+    channels: tuple[ChannelAddress, ...]
 
     @property
     def key(self) -> tuple[str, int]:
-        """(receiver, transfer id): transfer ids are per receiver, so a sender keys its transfers by both."""
-        return self.channel.peer_id, self.transfer_id
+        """(receiver, transfer id): transfer ids are per replica, so a sender keys its transfers by both."""
+        return self.channels[0].peer_id, self.transfer_id
+
+    @classmethod
+    def of_ranks(cls, parts: list[KvDestination]) -> KvDestination:
+        """One destination for a TP replica, from each rank's receiver's (in rank order)."""
+        if len({(p.transfer_id, p.block_ids) for p in parts}) != 1:
+            raise ValueError("the ranks of one replica must expect the same transfer into the same blocks")
+        return cls(parts[0].transfer_id, parts[0].block_ids, tuple(c for p in parts for c in p.channels))
 
 
 class FailureReason(enum.Enum):
@@ -77,17 +88,19 @@ class HandshakeError(TransferError):
 
 @dataclass(frozen=True)
 class KvGeometry:
-    """What both ends of a channel must agree on (the number of blocks may differ)."""
+    """What both ends of a channel must agree on (the number of blocks and the TP shards may differ)."""
 
     num_layers: int
     block_size: int
-    num_kv_heads: int
+    num_kv_heads: int  # the model's, over all TP ranks
     head_dim: int
     dtype: str
 
     @classmethod
-    def of(cls, spec: KvCacheSpec) -> KvGeometry:
-        return cls(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim, str(spec.dtype))
+    def of(cls, spec: KvCacheSpec, shard: KvShard) -> KvGeometry:
+        if len(shard.heads) != spec.num_kv_heads:
+            raise ValueError(f"a pool of {spec.num_kv_heads} kv heads cannot hold shard {shard} ({shard.heads})")
+        return cls(spec.num_layers, spec.block_size, shard.num_model_kv_heads, spec.head_dim, str(spec.dtype))
 
     def mismatch(self, theirs: KvGeometry) -> str:
         """Why a peer with `theirs` cannot share blocks with us ('' when it can)."""

@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch.distributed import PrefixStore, Store, TCPStore
 
+from pdserve.engine.transfer.heads import KvShard
 from pdserve.engine.transfer.messages import WIRE_VERSION, ChannelAddress, HandshakeError, KvGeometry, TransferError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Hello:
     geometry: KvGeometry
     sender_id: str
     device_uuid: str  # "" on the CPU; cuda_ipc needs both ends on one GPU
+    shard: KvShard  # the kv heads the sender's pool holds (TP)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -42,7 +44,8 @@ class Hello:
     @classmethod
     def from_json(cls, text: str) -> Hello:
         raw = json.loads(text)
-        return cls(raw["wire_version"], KvGeometry(**raw["geometry"]), raw["sender_id"], raw["device_uuid"])
+        return cls(raw["wire_version"], KvGeometry(**raw["geometry"]), raw["sender_id"], raw["device_uuid"],
+                   KvShard(**raw["shard"]))
 
 
 def channel_store(store: Store, channel: int) -> PrefixStore:

@@ -7,8 +7,10 @@ constructor and the device the payload lives on.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 import uuid
 from typing import Sequence
 
@@ -18,6 +20,7 @@ from torch.distributed import PrefixStore
 from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
 from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.heads import KvShard, delivered_heads
 from pdserve.engine.transfer.ledger import LayerPiece
 from pdserve.engine.transfer.messages import (
     WIRE_VERSION,
@@ -25,7 +28,6 @@ from pdserve.engine.transfer.messages import (
     ChannelAddress,
     Frame,
     KvDestination,
-    KvGeometry,
     MessageKind,
     TransferError,
 )
@@ -43,8 +45,8 @@ def device_uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def _finish_error(dest: KvDestination, status: AckStatus) -> TransferError:
-    return TransferError(f"transfer {dest.transfer_id}: receiver {dest.channel.peer_id} answered {status.name}")
+def _finish_error(dest: KvDestination, receiver: str, status: AckStatus) -> TransferError:
+    return TransferError(f"transfer {dest.transfer_id}: receiver {receiver} answered {status.name}")
 
 
 class TorchDistReceiver(KvReceiver):
@@ -53,8 +55,8 @@ class TorchDistReceiver(KvReceiver):
     backend = "gloo"
 
     def __init__(self, kv_cache: KvCache, host: str = "127.0.0.1", port: int = 0,
-                 peer_id: str | None = None, timeout_s: float = 30.0):
-        super().__init__(kv_cache)
+                 peer_id: str | None = None, timeout_s: float = 30.0, shard: KvShard | None = None):
+        super().__init__(kv_cache, shard)
         self._host, self._timeout_s = host, timeout_s
         self._peer_id = peer_id or f"receiver-{uuid.uuid4().hex[:8]}"
         self._channels: dict[int, ReceiveChannel] = {}
@@ -63,7 +65,7 @@ class TorchDistReceiver(KvReceiver):
 
     @property
     def address(self) -> ChannelAddress:
-        return ChannelAddress(self.backend, self._host, self._listener.port, self._peer_id)
+        return ChannelAddress(self.backend, self._host, self._listener.port, self._peer_id, self.shard)
 
     def close(self) -> None:
         self._listener.close()
@@ -73,13 +75,17 @@ class TorchDistReceiver(KvReceiver):
             channel.say_goodbye(_CLOSE_WAIT_S)
 
     def _check(self, hello: Hello) -> str:
-        return check_hello(hello, KvGeometry.of(self.kv_cache.spec))
+        error = check_hello(hello, self.geometry)
+        if not error and not delivered_heads(hello.shard, self.shard):
+            error = f"sender shard {hello.shard} holds none of this receiver's kv heads {self.shard.heads}"
+        return error
 
     def _accept(self, store: PrefixStore, number: int, hello: Hello) -> None:
+        heads = self.shard.local(delivered_heads(hello.shard, self.shard))  # what this channel carries
         with self._lock:
             self._channels[number] = ReceiveChannel(
                 store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget,
-                self._host)
+                self._host, heads)
 
     def _forget(self, channel: ReceiveChannel) -> None:
         with self._lock:
@@ -104,17 +110,16 @@ class TorchDistSender(KvSender):
     backend = "gloo"
 
     def __init__(self, kv_cache: KvCache, sender_id: str | None = None, timeout_s: float = 30.0,
-                 host: str | None = None):
-        super().__init__(kv_cache)
+                 host: str | None = None, shard: KvShard | None = None):
+        super().__init__(kv_cache, shard)
         self._timeout_s = timeout_s
         self._host = host  # the local address channels bind; None: the one that routes to each receiver
-        spec = kv_cache.spec
         sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
-        self._hello = Hello(WIRE_VERSION, KvGeometry.of(spec), sender_id, device_uuid(spec.device))
+        self._hello = Hello(WIRE_VERSION, self.geometry, sender_id, device_uuid(kv_cache.spec.device), self.shard)
         self._lock = threading.Lock()
         self._channels: dict[ChannelAddress, SendChannel] = {}
-        # (receiver, transfer id) -> its channel until finish; transfer ids are per receiver
-        self._bound: dict[tuple[str, int], SendChannel] = {}
+        # (receiver, transfer id) -> its channels (one per receiving rank, with the heads it gets) until finish
+        self._bound: dict[tuple[str, int], list[tuple[SendChannel, range]]] = {}
         # pieces not yet flushed, per channel, each with the event its export recorded
         self._pending: dict[SendChannel, list[tuple[LayerPiece, torch.cuda.Event | None]]] = {}
 
@@ -127,13 +132,13 @@ class TorchDistSender(KvSender):
 
     def send_layer(self, dest: KvDestination, layer: int, src_block_ids: Sequence[int], first_block_index: int) -> None:
         self._check_range(dest, layer, src_block_ids, first_block_index)
-        channel = self._bind(dest)
-        # Snapshot now, on the caller's stream, so later compute cannot change what we send.
-        payload = self.kv_cache.export_blocks(layer, torch.tensor(src_block_ids, dtype=torch.int64))
-        piece = LayerPiece(dest.transfer_id, layer, first_block_index, payload)
-        with self._lock:
-            self._pending.setdefault(channel, []).append((piece, _record_event(payload.device)))
-        channel.submit(lambda: self._flush(channel))
+        for channel, heads in self._bind(dest):
+            # Snapshot now, on the caller's stream, so later compute cannot change what we send.
+            payload = self.export(layer, src_block_ids, heads)
+            piece = LayerPiece(dest.transfer_id, layer, first_block_index, payload)
+            with self._lock:
+                self._pending.setdefault(channel, []).append((piece, _record_event(payload.device)))
+            channel.submit(functools.partial(self._flush, channel))
 
     def _flush(self, channel: SendChannel) -> None:
         """Send every piece queued for `channel` so far, in one LAYERS message (channel thread)."""
@@ -151,18 +156,23 @@ class TorchDistSender(KvSender):
         channel.send_pieces(table, payload)
 
     def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
-        channel = self._bind(dest)
+        routes = self._bind(dest)
         with self._lock:
             self._bound.pop(dest.key, None)
-        reply = channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)
-        channel.submit(lambda: channel.send_frame(Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)))
-        try:
-            status = reply.result(timeout_s)
-        except TimeoutError as e:
-            raise TransferError(f"transfer {dest.transfer_id}: not delivered after {timeout_s:.3g} s") from e
-        if status != AckStatus.OK:
-            raise _finish_error(dest, status)
-        log.debug("transfer %d: delivered to %s", dest.transfer_id, dest.channel.peer_id)
+        replies = []
+        for channel, _ in routes:
+            replies.append((channel, channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)))
+            frame = Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)
+            channel.submit(functools.partial(channel.send_frame, frame))
+        deadline = time.monotonic() + timeout_s
+        for channel, reply in replies:
+            try:
+                status = reply.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError as e:
+                raise TransferError(f"transfer {dest.transfer_id}: not delivered after {timeout_s:.3g} s") from e
+            if status != AckStatus.OK:
+                raise _finish_error(dest, channel.address.peer_id, status)
+        log.debug("transfer %d: delivered to %s", dest.transfer_id, dest.key[0])
 
     def close(self) -> None:
         with self._lock:
@@ -170,13 +180,15 @@ class TorchDistSender(KvSender):
         for channel in channels:
             channel.close(_CLOSE_WAIT_S)
 
-    def _bind(self, dest: KvDestination) -> SendChannel:
-        """The channel this transfer runs on: fixed at its first layer, so a broken one fails it whole."""
+    def _bind(self, dest: KvDestination) -> list[tuple[SendChannel, range]]:
+        """The channels this transfer runs on, with the heads each carries: fixed at its first layer,
+        so a broken one fails it whole."""
         with self._lock:
-            channel = self._bound.get(dest.key)
-            if channel is None:
-                channel = self._bound[dest.key] = self._channel_locked(dest.channel)
-            return channel
+            routes = self._bound.get(dest.key)
+            if routes is None:
+                routes = [(self._channel_locked(address), heads) for address, heads in self.routes(dest)]
+                self._bound[dest.key] = routes
+            return routes
 
     def _channel(self, address: ChannelAddress) -> SendChannel:
         with self._lock:

@@ -74,9 +74,9 @@ def test_a_short_request_admitted_during_a_long_one_finishes_first(one_and_one):
         complete(one_and_one.url, [11, 12, 13], max_tokens)
         finished[name] = time.monotonic()
 
-    long = threading.Thread(target=run, args=("long", 400))
+    long = threading.Thread(target=run, args=("long", 1000))  # seconds of decoding, whatever the machine
     long.start()
-    time.sleep(1.0)  # the long one is decoding
+    time.sleep(0.5)  # the long one is decoding
     run("short", 5)
     assert "long" not in finished, "the short request waited for the long one: no continuous batching"
     long.join()

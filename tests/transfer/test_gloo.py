@@ -20,7 +20,6 @@ from pdserve.engine.transfer import (
     make_sender,
 )
 from pdserve.engine.transfer.rendezvous import Hello, connect
-from pdserve.engine.transfer.messages import KvGeometry
 
 
 @pytest.fixture
@@ -63,9 +62,9 @@ def test_a_sender_with_other_kv_geometry_is_refused_clearly(receiver):
 
 
 def test_a_sender_of_another_wire_version_is_refused_clearly(receiver):
-    geometry = KvGeometry.of(receiver.kv_cache.spec)
+    hello = Hello(WIRE_VERSION + 1, receiver.geometry, "old-sender", "", receiver.shard)
     with pytest.raises(HandshakeError, match="wire version"):
-        connect(receiver.address, Hello(WIRE_VERSION + 1, geometry, "old-sender", ""), timeout_s=10.0)
+        connect(receiver.address, hello, timeout_s=10.0)
     newer = dataclasses.replace(receiver.address, wire_version=WIRE_VERSION + 1)
     with pytest.raises(HandshakeError, match="wire"):
         make_sender("gloo", make_cache()).connect(newer, timeout_s=10.0)

@@ -156,8 +156,8 @@ what to do; `helm install` and `helm template` stop on the first one.
 {{- $config := $v.config | default dict }}
 {{- $managed := dict
     "model" (list "path" "dtype")
-    "prefill" (list "replicas" "gpus_per_replica" "ray_resources")
-    "decode" (list "replicas" "gpus_per_replica" "ray_resources")
+    "prefill" (list "replicas" "gpus_per_replica" "tensor_parallel_size" "ray_resources")
+    "decode" (list "replicas" "gpus_per_replica" "tensor_parallel_size" "ray_resources")
     "router" (list "http_host" "http_port" "grpc_port" "prefill_policy" "decode_policy" "ray_resources")
     "slo" (list "ttft_ms" "tpot_ms") }}
 {{- range $section, $keys := $managed }}
@@ -184,7 +184,7 @@ Params: dict "root" $ "name" "prefill"|"decode".
 {{- if $range.autoscaled }}
 {{- $replicas = printf "%d:%d" (int $range.min) (int $range.max) }}
 {{- end }}
-{{- $pool := dict "replicas" $replicas "gpus_per_replica" (int $p.gpusPerReplica) }}
+{{- $pool := dict "replicas" $replicas "gpus_per_replica" (int $p.gpusPerReplica) "tensor_parallel_size" (int ($p.tensorParallelSize | default 1)) }}
 {{- if .root.Values.placement.pinPoolsToGroups }}
 {{- $_ := set $pool "ray_resources" (dict .name 1) }}
 {{- end }}
