@@ -70,8 +70,10 @@ class WeightReader:
         from safetensors import SafetensorError
 
         source = self._sources[name]
-        rows = rows or slice(None)
         try:
+            if rows is None and columns is None:
+                return source[...]  # the whole tensor, 0-dim ones (scales) too
+            rows = rows or slice(None)
             return source[rows] if columns is None else source[rows, columns]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightFileError(f"{self._where.get(name, 'memory')}: cannot read {name!r}: {e}") from None
