@@ -24,6 +24,10 @@ for step in "$@"; do
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
     plane) timeout 400 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane > "$OUT/plane.log" 2>&1 ;;
     serving8b) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
+    cuda_tests) PDSERVE_TEST_DEVICE=cuda PDSERVE_TEST_DTYPE=bfloat16 timeout 150 python3 -m pytest -q -p no:cacheprovider \
+               tests/engine/test_model_vs_transformers.py tests/engine/test_cuda_graphs.py tests/engine/test_overlap.py \
+               tests/engine/test_fp8_kv.py tests/kernels/test_fp8_gemm.py tests/engine/test_fp8_checkpoint.py \
+               > "$OUT/cuda_tests.log" 2>&1 ;;
     moe) timeout 200 python3 benchmarks/moe_kernel.py --out "$OUT" --sweep > "$OUT/moe.log" 2>&1 ;;
     overlap) timeout 560 python3 benchmarks/gpu_overlap.py .carry/tokenizer "$OUT" > "$OUT/overlap.log" 2>&1 ;;
     nccl_tests) timeout 90 python3 -m pytest -q -p no:cacheprovider tests/transfer/test_nccl.py \
