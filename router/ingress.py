@@ -114,6 +114,8 @@ class Ingress:
 
         try:
             self.run(shutdown(), timeout_s=grace_s + 10)
+        except Exception as e:  # the replica is going away either way; say why it was not clean
+            log.warning("router ingress did not stop cleanly: %r", e)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
