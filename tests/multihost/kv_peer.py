@@ -15,6 +15,7 @@ import torch
 
 from pdserve.engine.kv_cache import KvCache, KvCacheSpec
 from pdserve.engine.transfer import ChannelAddress, KvDestination, make_receiver, make_sender
+from pdserve.engine.transfer.heads import KvShard
 
 NUM_LAYERS, SEED = 3, 11
 SRC_BLOCKS, DEST_BLOCKS = (0, 1, 2, 3), (5, 6, 7, 8)
@@ -44,9 +45,10 @@ def receive(host: str) -> None:
 
 
 def send(address_json: str) -> None:
-    address = ChannelAddress(**json.loads(address_json))
+    fields = json.loads(address_json)
+    address = ChannelAddress(**{**fields, "shard": KvShard(**fields["shard"])})
     sender = make_sender("gloo", make_cache(SEED), timeout_s=20.0)
-    dest = KvDestination(TRANSFER_ID, DEST_BLOCKS, address)
+    dest = KvDestination(TRANSFER_ID, DEST_BLOCKS, (address,))
     for layer in range(NUM_LAYERS):
         sender.send_layer(dest, layer, SRC_BLOCKS, 0)
     sender.finish(dest, len(SRC_BLOCKS), timeout_s=30.0)
