@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from engine_speed import calls_ms as graph_ms, measure_ceilings  # benchmarks/engine_speed.py
+
 from pdserve.engine.kernels import fused_moe as moe
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 768, 128, 8
@@ -37,34 +39,6 @@ DEVICE = "cuda"
 CALLS = 16  # calls per graph, each on its own routing
 LAYERS = 2  # weight sets the calls alternate between
 EXPERT_BYTES = 3 * INTER * HIDDEN * DTYPE.itemsize  # gate, up and down rows of one expert
-
-
-def gpu_ms(fn, warmup: int = 2, iters: int = 10) -> float:
-    """Median milliseconds of fn() between CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graph_ms(calls: list) -> float:
-    """Milliseconds per call, from a CUDA graph of the calls in order (after one eager pass: compiles)."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return gpu_ms(graph.replay, warmup=2, iters=7) / len(calls)
 
 
 def host_ms(fn, iters: int = 5) -> float:
@@ -78,19 +52,6 @@ def host_ms(fn, iters: int = 5) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def measure_ceilings() -> tuple[float, float]:
-    """(copy bytes/s counting read + write, bf16 matmul FLOP/s), as benchmarks/engine_speed.py measures them."""
-    src = torch.randn(1 << 30, dtype=DTYPE, device=DEVICE)
-    dst = torch.empty_like(src)
-    copy_bps = 2 * src.numel() * src.element_size() / (gpu_ms(lambda: dst.copy_(src), 3, 20) * 1e-3)
-    del src, dst
-    a, b = (torch.randn(8192, 8192, dtype=DTYPE, device=DEVICE) for _ in range(2))
-    matmul_flops = 2 * 8192**3 / (gpu_ms(lambda: torch.matmul(a, b), 5, 20) * 1e-3)
-    del a, b
-    torch.cuda.empty_cache()
-    return copy_bps, matmul_flops
 
 
 def make_layers(gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -332,9 +332,6 @@ class RouterDeployment:
         return {"model": served_models(self.config).primary, "colocated": self.config.is_colocated,
                 "pools": await self._registry.snapshot.remote(), "autoscaling": await self._registry.notes.remote()}
 
-    def ping(self) -> int:
-        return 1
-
     def __del__(self) -> None:
         ingress = getattr(self, "ingress", None)  # None when the constructor failed before it
         if ingress is not None:

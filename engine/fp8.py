@@ -182,14 +182,6 @@ class Fp8Linear(Linear):
     weight: Fp8Weight
     bias: torch.Tensor | None = None  # [N], the compute dtype
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.is_cuda and x.shape[0] <= linear.GEMV_MAX_ROWS:

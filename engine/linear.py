@@ -24,10 +24,17 @@ GEMV_MAX_ROWS = 8
 
 
 class Linear:
-    """A projection `y = x @ W.T (+ b)`; subclasses hold the weight in their own format."""
+    """A projection `y = x @ W.T (+ b)`; subclasses hold `weight` (shape [N, K]) in their own format."""
 
-    out_features: int
-    in_features: int
+    weight: torch.Tensor | object
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in_features] -> [M, out_features] in x's dtype."""
@@ -43,14 +50,6 @@ class Linear:
 class DenseLinear(Linear):
     weight: torch.Tensor  # [N, K], contiguous
     bias: torch.Tensor | None = None  # [N]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:

@@ -112,22 +112,16 @@ class Subscription:
             self._feeds.clear()
 
     def _dispatch(self, batch: pb.TokenBatch) -> None:
-        ids, tokens, logprobs = batch.transfer_ids, batch.token_ids, batch.logprobs
-        if len(ids) == 1 or (ids and len(set(ids)) == len(ids)):  # the usual step: one token each
-            for tid, token, lp in zip(ids, tokens, logprobs):
-                feed = self._feeds.get(tid)
-                if feed is not None:
-                    feed.push([token], [lp])
-        elif ids:  # merged steps: group first so a request wakes once
-            grouped: dict[int, tuple[list[int], list[float]]] = {}
-            for tid, token, lp in zip(ids, tokens, logprobs):
-                entry = grouped.setdefault(tid, ([], []))
-                entry[0].append(token)
-                entry[1].append(lp)
-            for tid, (t, lp) in grouped.items():
-                feed = self._feeds.get(tid)
-                if feed is not None:
-                    feed.push(t, lp)
+        # grouped first: a request wakes once per message, also when merged steps gave it several tokens
+        grouped: dict[int, tuple[list[int], list[float]]] = {}
+        for tid, token, lp in zip(batch.transfer_ids, batch.token_ids, batch.logprobs):
+            entry = grouped.setdefault(tid, ([], []))
+            entry[0].append(token)
+            entry[1].append(lp)
+        for tid, (tokens, logprobs) in grouped.items():
+            feed = self._feeds.get(tid)
+            if feed is not None:
+                feed.push(tokens, logprobs)
         for ending in batch.endings:
             feed = self._feeds.pop(ending.transfer_id, None)
             if feed is not None:

@@ -80,12 +80,12 @@ class Ingress:
         self._thread = threading.Thread(target=self.loop.run_forever, name="router-ingress", daemon=True)
         self._thread.start()
 
-    def run(self, work: Any, timeout_s: float = 60.0) -> Any:
+    def _run(self, work: Any, timeout_s: float = 60.0) -> Any:
         """Run a coroutine on the ingress loop from another thread and return its result."""
         return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=timeout_s)
 
     def start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
-        self.run(self._start(http_app, grpc_front))
+        self._run(self._start(http_app, grpc_front))
 
     async def _start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
         s = self.settings
@@ -113,7 +113,7 @@ class Ingress:
             await asyncio.wait_for(self._http_task, timeout=grace_s + 3)
 
         try:
-            self.run(shutdown(), timeout_s=grace_s + 10)
+            self._run(shutdown(), timeout_s=grace_s + 10)
         except Exception as e:  # the replica is going away either way; say why it was not clean
             log.warning("router ingress did not stop cleanly: %r", e)
         finally:

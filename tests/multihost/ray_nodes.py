@@ -5,7 +5,7 @@
     cluster.start_node("b", {"dnode": 1})                # a worker node on host b
     cluster.kill_node("b"); cluster.rejoin("b")          # host b dies, and comes back
     server = PdserveOnHost(cluster, "a", model_dir, config_yaml)   # `pdserve serve --address HEAD`
-    server.stop(); cluster.stop()                        # by pid only: never `ray stop`
+    server.stop(); cluster.stop()                        # each process ended by its pid
 
 Every process gets the cluster's own token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), so
 nothing reads or writes ~/.ray, and node failures are detected within seconds.
