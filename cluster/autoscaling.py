@@ -12,7 +12,9 @@ How a decision is made, every `interval_s`:
    TTFT depends only on the prefill pool and TPOT only on the decode pool, so the
    pool whose SLO is at risk is the one that moves;
 3. a wish is acted on once it has held for `upscale_delay_s` / `downscale_delay_s`
-   (Ray Serve's own delays are set to 0: these are the only ones), inside the bounds;
+   (Ray Serve's own delays are set to 0: these are the only ones), inside the bounds
+   and the GPU budget (`autoscaling.max_gpus`; a replica of tensor parallelism N
+   holds N GPUs; prefill is sized first when both pools want the last GPUs);
 4. the decision goes into the registry's notes (`pdserve status`, `/metrics`).
 The band between the two headrooms is the hysteresis: under steady load no size is
 both too small and comfortably large, so the pools do not flap.
@@ -27,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.cluster.config import PdserveConfig, load_config
+from pdserve.cluster.config import PdserveConfig, load_config, replica_gpus
 from pdserve.cluster.cost_model import (
     DecodeProfile, PrefillProfile, Slo, StepSample, Workload, format_ms, predict_tpot, predict_ttft, smallest_holding,
 )
@@ -56,6 +58,9 @@ class PolicySettings:
     up_headroom: float = 0.9  # scale up to a size predicted within this share of the SLO
     down_headroom: float = 0.6  # scale down only to a size predicted within this share
     max_running: int = 64
+    prefill_gpus: float = 1.0  # GPUs one replica holds (its TP ranks)
+    decode_gpus: float = 1.0
+    max_gpus: float | None = None  # both pools together; None: only the bounds
 
     @classmethod
     def from_config(cls, config: PdserveConfig) -> "PolicySettings":
@@ -63,7 +68,21 @@ class PolicySettings:
         return cls(Slo(config.slo.ttft_ms / 1000, config.slo.tpot_ms / 1000),
                    PoolBounds(config.prefill.replicas.min, config.prefill.replicas.max),
                    PoolBounds(config.decode.replicas.min, config.decode.replicas.max),
-                   a.upscale_delay_s, a.downscale_delay_s, a.interval_s, max_running=config.decode.max_running)
+                   a.upscale_delay_s, a.downscale_delay_s, a.interval_s, max_running=config.decode.max_running,
+                   prefill_gpus=replica_gpus(config, "prefill"), decode_gpus=replica_gpus(config, "decode"),
+                   max_gpus=a.max_gpus)
+
+    def gpus(self, pool: str) -> float:
+        return self.prefill_gpus if pool == "prefill" else self.decode_gpus
+
+    def bounds(self, pool: str, targets: dict[str, int]) -> PoolBounds:
+        """The pool's replica bounds, its maximum cut to what the GPU budget leaves beside the other pool's target."""
+        bounds: PoolBounds = getattr(self, pool)
+        if self.max_gpus is None:
+            return bounds
+        other = sum(n * self.gpus(p) for p, n in targets.items() if p != pool)
+        fits = int((self.max_gpus - other) / self.gpus(pool) + 1e-9)
+        return PoolBounds(bounds.min, max(min(bounds.max, fits), bounds.min))
 
 
 @dataclass(frozen=True)
@@ -114,22 +133,25 @@ class PolicyState:
 def decide(observation: Observation, state: PolicyState, settings: PolicySettings, now: float) -> PolicyState:
     """Both pools' next targets: the pure heart of the policy."""
     pools, decisions = {}, []
+    targets = {pool: state.pools[pool].target for pool in POOLS}
     for pool in POOLS:
         current = state.pools[pool]
-        wish, label, why = _wish(pool, observation, current.target, settings)
+        wish, label, why = _wish(pool, observation, current.target, settings, settings.bounds(pool, targets))
         since = current.wish_since if wish == current.wish else now
         delay = settings.upscale_delay_s if wish > current.target else settings.downscale_delay_s
         target = current.target
         if wish != current.target and now - since >= delay:
-            target = wish
-            decisions.append(Decision(pool, current.target, wish, label, f"{pool}: {current.target} → {wish}, {why}"))
+            target = targets[pool] = wish
+            gpus = wish * settings.gpus(pool)
+            decisions.append(Decision(pool, current.target, wish, label,
+                                      f"{pool}: {current.target} → {wish} ({gpus:g} GPUs), {why}"))
         pools[pool] = PoolState(target, wish, since, why)
     return PolicyState(pools, tuple(decisions))
 
 
-def _wish(pool: str, observation: Observation, target: int, settings: PolicySettings) -> tuple[int, str, str]:
-    """(the size this pool wants, a reason label, the reason in words)."""
-    bounds: PoolBounds = getattr(settings, pool)
+def _wish(pool: str, observation: Observation, target: int, settings: PolicySettings,
+          bounds: PoolBounds) -> tuple[int, str, str]:
+    """(the size this pool wants within `bounds`, a reason label, the reason in words)."""
     if observation.is_idle:
         return bounds.min, "idle", "no load"
     workload = observation.workload
@@ -154,6 +176,9 @@ def _wish(pool: str, observation: Observation, target: int, settings: PolicySett
                                 bounds.max)
         return wish, f"{metric.lower()}_above_slo", (
             f"predicted {metric} {format_ms(now_latency)} > SLO {format_ms(slo)} at {load(target)}")
+    if now_latency > slo and bounds.max < getattr(settings, pool).max:
+        return target, "gpu_budget", (f"predicted {metric} {format_ms(now_latency)} > SLO {format_ms(slo)} at "
+                                      f"{load(target)}, but the GPU budget ({settings.max_gpus:g}) is spent")
     smaller = smallest_holding(lambda n: latency(n) <= settings.down_headroom * slo, bounds.min, target)
     if smaller < target:
         return smaller, f"{metric.lower()}_within_slo", (

@@ -16,7 +16,7 @@ A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node 
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
                    short_prompt_tokens, api_key, ray_resources, replicas}
     slo:          {ttft_ms, tpot_ms}
-    autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s}
+    autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s, max_gpus}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
                    request_timeout_s}
 """
@@ -157,6 +157,7 @@ class AutoscalingConfig:
     downscale_delay_s: float = 600.0
     drain_timeout_s: float = 120.0
     interval_s: float = 5.0  # how often replicas report and the policy decides
+    max_gpus: float | None = None  # the most GPUs both pools may hold together (None: only their replica bounds)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,13 @@ class PdserveConfig:
         return _to_plain(self)
 
 
+def replica_gpus(config: PdserveConfig, pool: str) -> float:
+    """The GPUs one replica of `pool` holds: its TP ranks x gpus_per_replica. A rank without a
+    GPU (on the CPU) counts as one, so that goodput per GPU still compares deployments."""
+    section = getattr(config, pool)
+    return section.tensor_parallel_size * (section.gpus_per_replica or 1.0)
+
+
 _CHOICES = {
     ("model", "dtype"): {"auto", "float32", "bfloat16", "float16"},
     ("kv_cache", "dtype"): {"auto", "fp8_e4m3"},
@@ -204,7 +212,7 @@ _POSITIVE = {
     ("decode", "max_running"), ("decode", "max_waiting"),
     ("kv_cache", "block_size"), ("kv_cache", "num_blocks"), ("kv_cache", "cpu_num_blocks"),
     ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),
-    ("autoscaling", "interval_s"), ("limits", "max_body_bytes"), ("router", "replicas"),
+    ("autoscaling", "interval_s"), ("autoscaling", "max_gpus"), ("limits", "max_body_bytes"), ("router", "replicas"),
     ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
     ("limits", "request_timeout_s"), ("model", "max_model_len"),
 }
@@ -339,6 +347,12 @@ def _check(config: PdserveConfig) -> None:
         for pool in ("prefill", "decode"):
             if getattr(config, pool).replicas.max < 1:
                 raise ConfigError(f"{pool}.replicas: the pool needs at least one replica")
+    budget = config.autoscaling.max_gpus
+    if budget is not None and not config.is_colocated:
+        floor = sum(getattr(config, p).replicas.min * replica_gpus(config, p) for p in ("prefill", "decode"))
+        if floor > budget:
+            raise ConfigError(f"autoscaling.max_gpus: {budget:g} GPUs do not hold the pools' minimum sizes "
+                              f"({floor:g} GPUs at their tensor_parallel_size)")
     if config.prefill.max_batch_tokens % config.kv_cache.block_size:
         raise ConfigError(
             f"prefill.max_batch_tokens ({config.prefill.max_batch_tokens}) must be a multiple "

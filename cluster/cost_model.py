@@ -31,6 +31,9 @@ The model, phase by phase (both are approximations, chosen to be explainable):
   n = k·a / (1 - k·(b + c·context)) with k = arrival_rate·output_tokens / num_decode.
   No solution, or n above `max_running`: the pool is saturated, TPOT infinite.
   Running sequences measured now are a floor on the total (spread evenly).
+Every replica's GPUs are counted (`num_gpus` of each profile: a TP-2 decode replica
+is 2): a prediction says how many GPUs its sizes hold, so splits compare by goodput
+per GPU and the autoscaler keeps to a GPU budget.
 The SLO checks use `headroom`: a size holds the SLO when its prediction is at
 most headroom × SLO (the policy scales up at 1.0 and down only well inside, at a
 smaller headroom, which is its hysteresis).
@@ -49,6 +52,7 @@ class PrefillProfile:
 
     tokens_per_s: float
     handoff_s: float = 0.0  # KV transfer time left after the last layer (measured per request)
+    num_gpus: float = 1.0  # GPUs one replica holds (its TP ranks)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class DecodeProfile:
     max_running: int = 64
     host_base_s: float = 0.0
     host_per_seq_s: float = 0.0
+    num_gpus: float = 1.0  # GPUs one replica holds (its TP ranks)
 
     def step_time(self, batch_size: float, context_tokens: float = 0.0) -> float:
         """Seconds one decode step takes at this batch size and mean context (what TPOT sees)."""
@@ -90,11 +95,12 @@ class DecodeProfile:
         return self.per_seq_s + self.host_per_seq_s
 
     @classmethod
-    def measured(cls, gpu: Sequence[StepSample], host: Sequence[StepSample], max_running: int = 64) -> "DecodeProfile":
+    def measured(cls, gpu: Sequence[StepSample], host: Sequence[StepSample], max_running: int = 64,
+                 num_gpus: float = 1.0) -> "DecodeProfile":
         """The GPU part fitted from (batch, GPU busy time) samples, the engine's own steps timed at start
         among them (so a run at one loaded batch size is never extrapolated alone); the host part from
         (batch, wall - busy) samples, a constant when they hold one batch size."""
-        fitted = cls.fit(gpu, max_running)
+        fitted = cls.fit(gpu, max_running, num_gpus)
         usable = [s for s in host if s.batch_size > 0 and s.step_time_s > 0]
         if not usable:
             return fitted
@@ -102,7 +108,7 @@ class DecodeProfile:
         return dataclasses.replace(fitted, host_base_s=h.base_s, host_per_seq_s=h.per_seq_s)
 
     @classmethod
-    def fit(cls, samples: Sequence[StepSample], max_running: int = 64) -> "DecodeProfile":
+    def fit(cls, samples: Sequence[StepSample], max_running: int = 64, num_gpus: float = 1.0) -> "DecodeProfile":
         """Least squares over the samples; terms the samples cannot pin down (or that come out negative) are dropped."""
         usable = [s for s in samples if s.batch_size > 0 and s.step_time_s > 0]
         if not usable:
@@ -115,9 +121,9 @@ class DecodeProfile:
                 full = [0.0, 0.0, 0.0]
                 for term, value in zip(terms, coefficients):
                     full[term] = value
-                return cls(full[0], full[1], full[2], max_running)
+                return cls(full[0], full[1], full[2], max_running, num_gpus=num_gpus)
         # one batch size only and a negative slope is impossible: a constant step time
-        return cls(sum(targets) / len(targets), 0.0, 0.0, max_running)
+        return cls(sum(targets) / len(targets), 0.0, 0.0, max_running, num_gpus=num_gpus)
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class Prediction:
     prefill_utilisation: float  # arrivals' prompt tokens over the pool's rate
     running_per_decode: float  # sequences in each decode replica's batch
     bottleneck: str  # "prefill" | "decode": the phase closer to (or further past) its SLO, or slower per request
+    num_gpus: float = 0.0  # what both pools hold
 
     def holds(self, slo: Slo, headroom: float = 1.0) -> bool:
         return self.ttft_s <= headroom * slo.ttft_s and self.tpot_s <= headroom * slo.tpot_s
@@ -205,7 +212,12 @@ def predict(workload: Workload, num_prefill: int, num_decode: int, profiles: Pro
     else:  # no SLO: the phase that takes longer per request
         is_prefill = ttft_s >= tpot_s * max(workload.output_tokens - 1.0, 1.0)
     return Prediction(num_prefill, num_decode, ttft_s, tpot_s, utilisation, running,
-                      "prefill" if is_prefill else "decode")
+                      "prefill" if is_prefill else "decode", num_gpus(num_prefill, num_decode, profiles))
+
+
+def num_gpus(num_prefill: int, num_decode: int, profiles: Profiles) -> float:
+    """The GPUs a deployment of these pool sizes holds."""
+    return num_prefill * profiles.prefill.num_gpus + num_decode * profiles.decode.num_gpus
 
 
 def format_ms(seconds: float) -> str:

@@ -45,7 +45,7 @@ from pdserve.router.pipeline import Pipeline, PipelineSettings
 from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
-from .config import PdserveConfig, load_config
+from .config import PdserveConfig, load_config, replica_gpus
 from .registry import Reporter, registry
 from .tp_ranks import TpGroup
 
@@ -173,6 +173,7 @@ class PrefillDeployment:
     def stats(self) -> dict[str, Any]:
         tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
         stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
+                 "num_gpus": replica_gpus(self.config, "prefill"),
                  "queued_tokens": self.worker.queued_tokens(),
                  "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
                  "prefix_hit_rate": self.worker.prefix_hit_rate(),
@@ -215,7 +216,7 @@ class PrefillDeployment:
 class DecodeDeployment:
     def __init__(self, config: dict[str, Any], colocated: bool = False):
         self.config = load_config(config)
-        pool = "colocated" if colocated else "decode"
+        self.pool = pool = "colocated" if colocated else "decode"
         self.replica_id = _replica_id(pool)
         host = _node_host()
         self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, _device())
@@ -251,7 +252,8 @@ class DecodeDeployment:
         used = load.num_blocks_total - load.num_blocks_free
         stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
                  "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size,
-                 "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
+                 "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
+                 "num_gpus": replica_gpus(self.config, self.pool)}
         if self.roofline is not None and load.num_running:
             runner = self.worker.runner
             size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
@@ -268,6 +270,8 @@ class DecodeDeployment:
         return {**_numbers(self.stats()), "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
+        if self.tp_runner.broken is not None:  # until Serve replaces this replica, requests go elsewhere
+            raise TryElsewhere(f"decode replica {self.replica_id}: its TP group broke: {self.tp_runner.broken}")
         try:
             reservation = self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
             self.arrivals.add(num_prompt_tokens)

@@ -15,7 +15,8 @@ def format_status(status: dict[str, Any]) -> str:
         replicas = pools.get(pool, {})
         sizes = note.get("pools", {}).get(pool)
         size = (f"{sizes['replicas']} running, target {sizes['target']}" if sizes else f"{len(replicas)} running (fixed)")
-        lines.append(f"{pool}: {size}")
+        gpus = sum(stats.get("num_gpus", 1) for stats in replicas.values())  # a TP replica holds several
+        lines.append(f"{pool}: {size}, {gpus:g} GPU{'s' if gpus != 1 else ''}")
         if sizes and sizes.get("reason"):
             lines.append(f"  now: {sizes['reason']}")
         for replica_id, stats in sorted(replicas.items()):
@@ -30,7 +31,7 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_SHOWN = {"tensor_parallel_size", "queued_tokens", "queued_requests", "tokens_per_s", "prefix_hit_rate", "num_running", "num_waiting", "num_blocks_used",
+_SHOWN = {"tensor_parallel_size", "num_gpus", "queued_tokens", "queued_requests", "tokens_per_s", "prefix_hit_rate", "num_running", "num_waiting", "num_blocks_used",
           "num_blocks_free", "step_time_s", "gpu_step_time_s", "gpu_idle_share", "max_running", "is_draining"}
 
 

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT_S = 600.0  # a rank loading a large shard from disk may take minutes
 _RANK_CALL_TIMEOUT_S = 30.0
+# Serve checks a TP replica's ranks this often (its default: 10 s, and 3 misses before a
+# replacement): a dead rank stops the whole replica, and its streams wait for the next one.
+_HEALTH_CHECK_PERIOD_S = 2.0
 POOLS = ("prefill", "decode", "colocated")
 
 
@@ -53,7 +56,7 @@ def placement(config: PdserveConfig, pool: str, gpus_per_rank: float, resources:
     rank_bundle = {"CPU": 0.01, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
     first = {**rank_bundle, **resources}  # the replica actor itself (rank 0) runs in bundle 0
     return {"placement_group_bundles": [first] + [dict(rank_bundle) for _ in range(size - 1)],
-            "placement_group_strategy": "STRICT_PACK"}
+            "placement_group_strategy": "STRICT_PACK", "health_check_period_s": _HEALTH_CHECK_PERIOD_S}
 
 
 class TpGroup:

@@ -12,8 +12,8 @@ From a bench result (read, or a short sweep run now):
    host's exposed time per step; max_running and KV blocks) become the cost
    model's profiles (`cluster/cost_model.py`, the one the autoscaler uses); it
    predicts, for every prefill:decode split up to `MAX_REPLICAS`, the highest rate
-   that holds both SLOs, and the split with the most goodput per replica is the
-   recommendation.
+   that holds both SLOs, and the split with the most goodput per GPU is the
+   recommendation (a replica of tensor parallelism N counts N GPUs).
 """
 from __future__ import annotations
 
@@ -66,16 +66,20 @@ def diagnose(result: BenchResult) -> Diagnosis:
     broken = next((p for p in points if p.stake_ratio > 1), None)
     verdict = broken or max(points, key=lambda p: p.stake_ratio)
     at_current = cm.predict(workload, max(num_prefill, 1), num_decode, profiles, slo)
-    splits = [Split(p, d, max_goodput(workload, p, d, profiles, slo))
-              for p in range(1, MAX_REPLICAS) for d in range(1, MAX_REPLICAS - p + 1)]
-    best = max(splits, key=lambda s: (round(s.per_replica_rps, 9), -(s.num_prefill + s.num_decode)))
+    splits = [_split(workload, p, d, profiles, slo) for p in range(1, MAX_REPLICAS) for d in range(1, MAX_REPLICAS - p + 1)]
+    best = max(splits, key=lambda s: (round(s.per_gpu_rps, 9), -s.num_gpus))
     current_sizes = (1, 1) if colocated else (num_prefill, num_decode)
-    current = Split(*current_sizes, max_goodput(workload, *current_sizes, profiles, slo))
+    current = _split(workload, *current_sizes, profiles, slo)
     name = f"colocated x{num_decode}" if colocated else f"{num_prefill} prefill + {num_decode} decode"
     return Diagnosis(name, colocated, num_prefill, num_decode, slo, workload, profiles, points, verdict.bottleneck,
                      verdict.host_part, verdict.phase, broken.throughput_rps if broken else None, at_current.bottleneck,
                      current, _scaled(splits, current_sizes), best, splits, hardware_lines(result, profiles, fit), fit,
                      alone_request(result))
+
+
+def _split(workload: cm.Workload, num_prefill: int, num_decode: int, profiles: cm.Profiles, slo: cm.Slo) -> Split:
+    return Split(num_prefill, num_decode, max_goodput(workload, num_prefill, num_decode, profiles, slo),
+                 cm.num_gpus(num_prefill, num_decode, profiles))
 
 
 def _scaled(splits: list[Split], sizes: tuple[int, int]) -> Split:

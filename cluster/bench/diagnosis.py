@@ -67,10 +67,11 @@ class Split:
     num_prefill: int
     num_decode: int
     max_goodput_rps: float
+    num_gpus: float  # what the split's replicas hold (a TP replica: several)
 
     @property
-    def per_replica_rps(self) -> float:
-        return self.max_goodput_rps / (self.num_prefill + self.num_decode)
+    def per_gpu_rps(self) -> float:
+        return self.max_goodput_rps / self.num_gpus if self.num_gpus > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,10 @@ class Diagnosis:
 
     @property
     def gain(self) -> float:
-        """Goodput per replica of the best split over the current ratio's, minus one (inf from zero)."""
-        if self.baseline.per_replica_rps <= 0:
-            return math.inf if self.best.per_replica_rps > 0 else 0.0
-        return self.best.per_replica_rps / self.baseline.per_replica_rps - 1
+        """Goodput per GPU of the best split over the current ratio's, minus one (inf from zero)."""
+        if self.baseline.per_gpu_rps <= 0:
+            return math.inf if self.best.per_gpu_rps > 0 else 0.0
+        return self.best.per_gpu_rps / self.baseline.per_gpu_rps - 1
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ KV blocks) are the ones the replicas report, not assumed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import defaultdict
@@ -48,7 +49,14 @@ def fit_profiles(result: BenchResult, workload_tokens: float) -> tuple[cm.Profil
     if decode is None:  # no reports: the requests' own time per output token, as a constant step
         tpots = [t["tpot_s"] for _, t in timed if t.get("tpot_s", 0) > 0]
         decode = cm.DecodeProfile(statistics.median(tpots or [0.0]), max_running=limit)
-    return cm.Profiles(cm.PrefillProfile(statistics.median(rates) if rates else 0.0, handoff), decode), fit
+    prefill = cm.PrefillProfile(statistics.median(rates) if rates else 0.0, handoff, _replica_gpus(result, "prefill"))
+    return cm.Profiles(prefill, dataclasses.replace(decode, num_gpus=_replica_gpus(result, "decode"))), fit
+
+
+def _replica_gpus(result: BenchResult, pool: str) -> float:
+    """The GPUs one replica of `pool` holds, as the replicas report it (a TP replica holds several)."""
+    reports = [s for p, s in replica_reports(result) if p == pool] + _status_reports(result, pool)
+    return max((float(s["num_gpus"]) for s in reports if s.get("num_gpus")), default=1.0)
 
 
 def _step_fit(reports: list[dict[str, Any]], workload_tokens: float) -> StepFit:

@@ -103,10 +103,10 @@ def plot_diagnosis(d: Diagnosis, path: Path) -> Path:
     row = sorted(d.splits, key=lambda s: s.num_prefill / (s.num_prefill + s.num_decode))
     row = [s for s in row if s.num_prefill + s.num_decode >= d.max_replicas - 1 or s in (d.best, d.baseline)]
     colours = ["tab:green" if s == d.best else "tab:orange" if s == d.baseline else "tab:grey" for s in row]
-    splits.bar([f"{s.num_prefill}:{s.num_decode}" for s in row], [s.per_replica_rps for s in row], color=colours)
+    splits.bar([f"{s.num_prefill}:{s.num_decode}" for s in row], [s.per_gpu_rps for s in row], color=colours)
     gain = "" if d.gain <= 1e-6 or d.gain == float("inf") else f", +{100 * d.gain:.0f}% over the current ratio (orange)"
-    splits.set(title=f"Predicted goodput per replica\nbest {d.best.num_prefill}:{d.best.num_decode} (green){gain}",
-               xlabel="prefill:decode replicas", ylabel="req/s per replica holding both SLOs")
+    splits.set(title=f"Predicted goodput per GPU\nbest {d.best.num_prefill}:{d.best.num_decode} (green){gain}",
+               xlabel="prefill:decode replicas", ylabel="req/s per GPU holding both SLOs")
     splits.title.set_fontsize(10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -94,13 +94,13 @@ def _why(p: LoadPoint) -> str:
 
 
 def _splits(d: Diagnosis) -> list[str]:
-    lines = [f"P:D ratio (cost model, goodput per replica, up to {d.max_replicas} replicas): best "
-             f"{d.best.num_prefill}:{d.best.num_decode} → {_rate(d.best.max_goodput_rps)} holding both SLOs, "
-             f"{d.best.per_replica_rps:.2f} per replica"]
+    lines = [f"P:D ratio (cost model, goodput per GPU, up to {d.max_replicas} replicas): best "
+             f"{d.best.num_prefill}:{d.best.num_decode} → {_rate(d.best.max_goodput_rps)} holding both SLOs on "
+             f"{d.best.num_gpus:g} GPUs, {d.best.per_gpu_rps:.2f} per GPU"]
     b, now = d.baseline, ("as 1 prefill + 1 decode" if d.colocated else "deployed")
     gain = "no gain" if d.gain <= 1e-6 else ("from nothing" if math.isinf(d.gain) else f"+{100 * d.gain:.0f}%")
     lines.append(f"  the current ratio scaled to {b.num_prefill}:{b.num_decode}: {_rate(b.max_goodput_rps)}, "
-                 f"{b.per_replica_rps:.2f} per replica → expected gain {gain} in goodput per replica")
+                 f"{b.per_gpu_rps:.2f} per GPU → expected gain {gain} in goodput per GPU")
     lines.append(f"  {d.current.num_prefill}:{d.current.num_decode} {now}: predicted {_rate(d.current.max_goodput_rps)}"
                  f", measured best goodput {max(p.goodput_rps for p in d.points):.2f} req/s")
     if d.best.max_goodput_rps == 0:

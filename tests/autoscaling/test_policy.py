@@ -1,4 +1,6 @@
 """The autoscaling policy as a pure function, driven by the fluid simulator."""
+import dataclasses
+
 from simulator import simulate
 
 from pdserve.cluster.autoscaling import PolicySettings, PoolBounds
@@ -62,3 +64,15 @@ def test_a_fixed_pool_never_moves():
                            upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0)
     run = simulate(surge((10.0, 2000.0, 300.0)), fixed, 700)
     assert set(run.targets("prefill")) == {2} and max(run.targets("decode")) > 1
+
+
+def test_a_gpu_budget_caps_the_pools_by_the_gpus_their_tp_replicas_hold():
+    # decode replicas of TP 2: beside 1 prefill GPU, a budget of 7 leaves room for 3 of them
+    budget = PolicySettings(slo=SETTINGS.slo, prefill=PoolBounds(1, 4), decode=PoolBounds(1, 6),
+                            upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0, decode_gpus=2.0, max_gpus=7)
+    heavy = surge((30.0, 100.0, 400.0))
+    assert max(simulate(heavy, dataclasses.replace(budget, max_gpus=None), 700).targets("decode")) > 3
+    run = simulate(heavy, budget, 700)
+    assert all(t.target_prefill + 2 * t.target_decode <= 7 for t in run.ticks)
+    assert max(run.targets("decode")) == 3
+    assert any(text.startswith("decode: ") and "(6 GPUs)" in text for _, text in run.decisions), run.decisions
