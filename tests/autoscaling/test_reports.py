@@ -62,3 +62,19 @@ def test_status_and_metrics_show_each_replicas_gpu_idle_share():
     assert 'pdserve_prefill_gpu_idle_share{pool="prefill",replica="p1"} 0.05' in metrics
     assert 'pdserve_decode_mbu_busy{pool="decode",replica="d1"} 0.6' in metrics
     assert 'pdserve_decode_mbu_wall{pool="decode",replica="d1"} 0.21' in metrics
+
+
+def test_status_counts_the_gpus_of_tensor_parallel_replicas():
+    pools = {"decode": {"d1": {"tensor_parallel_size": 2, "num_gpus": 2.0}, "d2": {"tensor_parallel_size": 2, "num_gpus": 2.0}},
+             "prefill": {"p1": {"tensor_parallel_size": 1, "num_gpus": 1.0}}}
+    text = format_status({"model": "m", "pools": pools, "autoscaling": {}})
+    assert "decode: 2 running (fixed), 4 GPUs" in text and "prefill: 1 running (fixed), 1 GPU" in text
+
+
+def test_a_gpu_budget_must_hold_the_pools_minimum_sizes():
+    from pdserve.cluster.config import ConfigError, replica_gpus
+
+    config = load_config({"decode": {"replicas": "2:4", "tensor_parallel_size": 2}, "autoscaling": {"max_gpus": 5}})
+    assert replica_gpus(config, "decode") == 2.0 and replica_gpus(config, "prefill") == 1.0
+    with pytest.raises(ConfigError, match="max_gpus"):
+        load_config({"decode": {"replicas": "2:4", "tensor_parallel_size": 2}, "autoscaling": {"max_gpus": 4}})

@@ -140,3 +140,17 @@ def test_prefix_cache_hits_count_as_no_prefill_work():
     assert cold.workload.prefix_hit_rate == 0 and hot.workload.prefix_hit_rate == 0.5
     assert hot.points[0].prefill_utilisation == pytest.approx(cold.points[0].prefill_utilisation / 2)
     assert "50% from the prefix cache" in report(hot) and "prefix cache" not in report(cold)
+
+
+def test_a_tp_decode_replica_counts_its_gpus_in_the_goodput_per_gpu():
+    steps = [(4, 0.05), (8, 0.083), (16, 0.15)]
+    runs = [Run(None, 16, 20.0, [record(i / 2, 4, 128, 0.001, 0.005, 0.15, front=0.3) for i in range(40)],
+                pools(5000, steps))]
+    tp1 = diagnose(result(runs))
+    status = {**STATUS, "pools": {"prefill": {"p0": {"num_gpus": 1.0}}, "decode": {"d0": {"num_gpus": 2.0}}}}
+    tp2 = diagnose(BenchResult({"status": status}, {}, SLO, runs))
+    assert tp2.profiles.decode.num_gpus == 2.0 and tp2.current.num_gpus == 3.0
+    same = next(s for s in tp2.splits if (s.num_prefill, s.num_decode) == (tp1.best.num_prefill, tp1.best.num_decode))
+    assert same.max_goodput_rps == pytest.approx(tp1.best.max_goodput_rps)  # the same replicas, more GPUs each
+    assert same.per_gpu_rps < tp1.best.per_gpu_rps
+    assert "per GPU" in report(tp2)
