@@ -350,7 +350,7 @@ def test_every_documented_value_reaches_the_manifests(chart):
         "image": {"repository": "registry.example.com/ml/pdserve", "tag": "7.7.7-rc1"},
         "model": {"pvc": "weights", "path": "/mnt/models/qwen2"},
         "prefill": {"replicas": 2, "minReplicas": 1, "maxReplicas": 6, "gpusPerReplica": 4},
-        "decode": {"replicas": 3, "minReplicas": 2, "maxReplicas": 5, "gpusPerReplica": 2},
+        "decode": {"replicas": 3, "minReplicas": 2, "maxReplicas": 5, "gpusPerReplica": 2, "tensorParallelSize": 2},
         "slo": {"ttftMs": 250, "tpotMs": 40},
         "router": {"httpPort": 8001, "grpcPort": 9001},
     }
@@ -364,11 +364,13 @@ def test_every_documented_value_reaches_the_manifests(chart):
     assert images == {"registry.example.com/ml/pdserve:7.7.7-rc1"}
     assert args["model"]["path"] == "/mnt/models/qwen2"
     assert templates["decode"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "weights"
-    for name, (initial, low, high, gpus) in {"prefill": (2, 1, 6, 4), "decode": (3, 2, 5, 2)}.items():
+    # a pod holds one pool replica: every TP rank's GPUs
+    for name, (initial, low, high, gpus, tp) in {"prefill": (2, 1, 6, 4, 1), "decode": (3, 2, 5, 2, 2)}.items():
         assert (groups[name]["replicas"], groups[name]["minReplicas"], groups[name]["maxReplicas"]) == (initial, low, high)
-        assert ray_container(templates[name])["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert ray_container(templates[name])["resources"]["limits"]["nvidia.com/gpu"] == gpus * tp
         assert args[name]["replicas"] == f"{low}:{high}"
         assert args[name]["gpus_per_replica"] == gpus
+        assert args[name]["tensor_parallel_size"] == tp
     assert args["slo"] == {"ttft_ms": 250, "tpot_ms": 40}
     assert (args["router"]["http_port"], args["router"]["grpc_port"]) == (8001, 9001)
     assert serve["proxy_location"] == "Disabled"  # the router replicas listen on the ports themselves
