@@ -18,7 +18,10 @@ token and 128-group for block weights), which is at least as accurate.
 In memory every FP8 weight is an `Fp8Weight`: the fp8 tensor and an fp32 scale grid
 `scale[i // group_n, j // group_k]`. A per-tensor scale becomes a per-row one
 (group (1, K)), so the fused projections (q|k|v, gate|up) stay exact: their parts
-keep their own scales.
+keep their own scales. A tensor-parallel rank reads only its shard of each weight
+and cuts the scales to match (`_shard`): block scales stay blocks where the cut
+falls on a block boundary; a cut through a block's rows gives per-row scales; a cut
+through a block's columns is refused with the TP sizes that would do.
 """
 from __future__ import annotations
 
@@ -104,43 +107,92 @@ class Fp8Checkpoint:
             return Fp8Checkpoint(_compressed_tensors_block(quant))
         raise Fp8FormatError(f"quantization method {method!r} is not supported; supported: {list(_METHODS)}")
 
-    def weight(self, tensors: dict[str, torch.Tensor], name: str) -> Fp8Weight | None:
-        """The FP8 weight `name` (e.g. 'model.layers.0.mlp.down_proj.weight') with its scales, or None if dense."""
-        weight = tensors.get(name)
+    def weight(self, tensors: Any, name: str, rows: slice | None = None,
+               columns: slice | None = None) -> Fp8Weight | None:
+        """The FP8 weight `name` (e.g. 'model.layers.0.mlp.down_proj.weight') with its scales, or None if dense.
+
+        `rows`, `columns`: a tensor-parallel rank's shard (engine/sharding.py); only that part of the
+        weight is read (`tensors` a WeightReader, or a plain dict), its scales cut to match."""
         stem = name.removesuffix("weight")
         scale = tensors.get(stem + "weight_scale_inv")
         scale = scale if scale is not None else tensors.get(stem + "weight_scale")
-        if weight is None or scale is None:
+        if name not in tensors or scale is None:
             return None
+        weight = _read(tensors, name, rows, columns)
         if weight.dtype != FP8_DTYPE or weight.dim() != 2:
             raise Fp8FormatError(f"{name}: has a scale but is {weight.dtype} {tuple(weight.shape)}; "
                                  "only 2-d float8_e4m3fn weights are read")
-        n, k = weight.shape
-        scale = scale.float()
-        if scale.numel() == 1:  # per tensor
-            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k)
+        n, k = _shape(tensors, name)
+        grid, group_n, group_k = self._scale_grid(name, scale.float(), n, k)
+        rows, columns = rows or slice(0, n), columns or slice(0, k)
+        return _shard(name, weight, grid, group_n, group_k, range(n)[rows], range(k)[columns], n, k)
+
+    def _scale_grid(self, name: str, scale: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, int, int]:
+        """The whole weight's scales as a grid [ceil(n / group_n), ceil(k / group_k)] and its groups."""
+        if scale.numel() == 1:  # per tensor: one scale per row, so row splits and concats stay exact
+            return scale.reshape(1, 1).expand(n, 1), 1, k
         if tuple(scale.shape) == (n, 1):  # per channel
-            return Fp8Weight(weight, scale, 1, k)
+            return scale, 1, k
         if self.block_size is not None:
             bn, bk = self.block_size
             if tuple(scale.shape) == (-(-n // bn), -(-k // bk)):
-                return Fp8Weight(weight, scale, bn, bk)
+                return scale, bn, bk
         raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] "
                              f"weight (block size {self.block_size})")
 
-    def dequantized(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Checkpoint tensor `name`, dequantized to fp32 when it is an FP8 weight with scales."""
-        quantized = self.weight(tensors, name)
-        return tensors[name] if quantized is None else quantized.dequantize()
+    def dequantized(self, tensors: Any, name: str, rows: slice | None = None,
+                    columns: slice | None = None) -> torch.Tensor:
+        """Checkpoint tensor `name` (its `rows` and `columns`), dequantized to fp32 when it is an FP8 weight."""
+        quantized = self.weight(tensors, name, rows, columns)
+        if quantized is not None:
+            return quantized.dequantize()
+        return _read(tensors, name, rows, columns)
 
-    def linear(self, tensors: dict[str, torch.Tensor], names: list[str], bias: torch.Tensor | None,
-               device: torch.device) -> Fp8Linear | None:
-        """The FP8 Linear on `device` over the row-concatenated weights `names` (q|k|v, gate|up), or None
-        unless every one is FP8 with scales."""
-        parts = [self.weight(tensors, name) for name in names]
+    def linear(self, tensors: Any, names: list[str], bias: torch.Tensor | None, device: torch.device,
+               shards: list[tuple[slice | None, slice | None]] | None = None) -> Fp8Linear | None:
+        """The FP8 Linear on `device` over the row-concatenated weights `names` (q|k|v, gate|up), each cut to
+        its (rows, columns) in `shards`, or None unless every one is FP8 with scales."""
+        shards = shards or [(None, None)] * len(names)
+        parts = [self.weight(tensors, name, *shard) for name, shard in zip(names, shards)]
         if any(p is None for p in parts):
             return None
         return Fp8Linear(Fp8Weight.cat(parts).to(device), bias)
+
+
+def _read(tensors: Any, name: str, rows: slice | None, columns: slice | None) -> torch.Tensor:
+    if hasattr(tensors, "read"):  # a WeightReader: only the slice leaves the file
+        return tensors.read(name, rows, columns)
+    whole = tensors[name]
+    return whole if rows is None and columns is None else whole[rows or slice(None), columns or slice(None)]
+
+
+def _shape(tensors: Any, name: str) -> tuple[int, ...]:
+    return tensors.shape(name) if hasattr(tensors, "shape") else tuple(tensors[name].shape)
+
+
+def _shard(name: str, weight: torch.Tensor, grid: torch.Tensor, group_n: int, group_k: int, rows: range,
+           columns: range, n: int, k: int) -> Fp8Weight:
+    """weight[rows, columns] (already read) with its scales cut to match.
+
+    A row cut inside a block is exact (that shard's rows get per-row scales); a column cut
+    inside a block is refused: the FP8 GEMM quantizes activations in the weight's K groups."""
+    if len(columns) != k:
+        if group_k >= k:  # one scale across each whole row: the shard's columns share it
+            group_k = len(columns)
+        elif columns.start % group_k or (columns.stop != k and columns.stop % group_k):
+            raise Fp8FormatError(
+                f"{name}: tensor parallelism cuts its {k} input columns at {columns.start}..{columns.stop}, inside "
+                f"its {group_k}-column scale blocks; use a tensor_parallel_size that splits them on multiples "
+                f"of {group_k}")
+        else:
+            grid = grid[:, columns.start // group_k: -(-columns.stop // group_k)]
+    if len(rows) != n:
+        if rows.start % group_n == 0 and (rows.stop == n or rows.stop % group_n == 0):
+            grid = grid[rows.start // group_n: -(-rows.stop // group_n)]
+        else:  # per-row scales for this shard: exact, at 4 bytes a row
+            grid = grid.repeat_interleave(group_n, 0)[rows.start:rows.stop]
+            group_n = 1
+    return Fp8Weight(weight, grid.contiguous(), group_n, group_k)
 
 
 def _pair(block: Any) -> tuple[int, int] | None:

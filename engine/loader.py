@@ -24,7 +24,9 @@ from .fp8 import Fp8Checkpoint, Fp8FormatError
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
-from .sharding import COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_MLP, ShardLayout
+from .sharding import (
+    COLUMN_EXPERT, COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_EXPERT, ROW_MLP, ShardLayout,
+)
 from .weight_reader import WeightFileError, WeightReader
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,6 @@ def load_model_dir(
     spec = read_model_spec(directory, max_model_len)
     fp8 = Fp8Checkpoint.of(hf_config)
     torch_dtype = resolve_dtype(dtype, device)
-    if fp8 is not None and tp_size > 1:
-        raise UnsupportedModel("FP8 checkpoints run at tensor_parallel_size 1 for now (their scales are not sharded)")
     layout = ShardLayout.of(spec, rank, tp_size)
     weights = _arrange(_open_weights(directory), spec, layout, torch_dtype, device, fp8)
     name = DEFAULT_MODEL_NAME if path is None else directory.name
@@ -185,7 +185,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     """The checkpoint's tensors in the engine's layout: q/k/v and gate/up fused, experts stacked;
     of a TP rank, only its slices (`layout`).
 
-    FP8 weights (engine/fp8.py; TP 1 only) stay FP8 in the projections on CUDA in bfloat16 (the
+    FP8 weights (engine/fp8.py) stay FP8 in the projections on CUDA in bfloat16 (the
     FP8 kernels' output); everywhere else (the CPU, experts, any other tensor) they are
     dequantized here."""
     family = spec.family
@@ -194,8 +194,8 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
         if name not in reader:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         try:
-            if fp8 is not None:
-                return fp8.dequantized(reader, name)
+            if fp8 is not None:  # this rank's slice, its scales cut to match
+                return fp8.dequantized(reader, name, *layout.slices(kind))
             return reader.read(name, *layout.slices(kind))
         except (WeightFileError, Fp8FormatError) as e:
             raise ModelLoadError(str(e)) from None
@@ -207,7 +207,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
         """One Linear over the row-concatenated weights `names` (this rank's slices of each)."""
         if fp8 is not None and device.type == "cuda" and dtype == torch.bfloat16:
             try:
-                quantized = fp8.linear(reader, names, bias, device)
+                quantized = fp8.linear(reader, names, bias, device, [layout.slices(k) for k in kinds])
             except Fp8FormatError as e:
                 raise ModelLoadError(str(e)) from None
             if quantized is not None:
@@ -244,7 +244,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], [kinds[n] for n in "qkv"], qkv_bias),
             o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=_moe(reader, p, spec, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
+            mlp=_moe(reader, p, spec, layout, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
             q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
             k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
@@ -261,25 +261,42 @@ def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
     return GatedMlp(gate_up, projection([f"{p}mlp.down_proj.weight"], [ROW_MLP]), activation)
 
 
-def _moe(reader: WeightReader, p: str, spec: ModelSpec, put, take) -> MoeMlp:
-    """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter].
+def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put, take) -> MoeMlp:
+    """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter];
+    of a TP rank, each expert's `layout.expert_columns` of inter only (engine/sharding.py).
 
     Checkpoints hold one tensor per expert and projection; transformers 5 may also
     save them already stacked (`experts.gate_up_proj`, `experts.down_proj`)."""
     names, moe = spec.family.experts, spec.moe
     block = f"{p}{names.block}."
+    inter = len(layout.expert_columns)
     if f"{block}experts.gate_up_proj" in reader:
-        w13, w2 = take(f"{block}experts.gate_up_proj"), take(f"{block}experts.down_proj")
+        w13, w2 = _stacked_experts(reader, block, moe.intermediate_size, layout)
     else:
-        def expert(e: int, name: str) -> torch.Tensor:
-            return take(f"{block}experts.{e}.{name}.weight")
+        def expert(e: int, name: str, kind: str) -> torch.Tensor:
+            return take(f"{block}experts.{e}.{name}.weight", kind)
 
-        w13 = torch.stack([torch.cat([expert(e, names.gate), expert(e, names.up)]) for e in range(moe.num_experts)])
-        w2 = torch.stack([expert(e, names.down) for e in range(moe.num_experts)])
-    _check_shape(w13, (moe.num_experts, 2 * moe.intermediate_size, spec.hidden_size), f"{block}experts (gate/up)")
-    _check_shape(w2, (moe.num_experts, spec.hidden_size, moe.intermediate_size), f"{block}experts (down)")
+        w13 = torch.stack([torch.cat([expert(e, names.gate, COLUMN_EXPERT), expert(e, names.up, COLUMN_EXPERT)])
+                           for e in range(moe.num_experts)])
+        w2 = torch.stack([expert(e, names.down, ROW_EXPERT) for e in range(moe.num_experts)])
+    _check_shape(w13, (moe.num_experts, 2 * inter, spec.hidden_size), f"{block}experts (gate/up)")
+    _check_shape(w2, (moe.num_experts, spec.hidden_size, inter), f"{block}experts (down)")
     router = Linear.dense(put(take(f"{block}gate.weight")))
     return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
+
+
+def _stacked_experts(reader: WeightReader, block: str, inter: int, layout: ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of stacked expert weights: its columns of the gate half and of the up half, and of down."""
+    mine = layout.expert_columns
+    gate_up, down = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
+    if reader.shape(gate_up)[1] != 2 * inter:
+        raise ModelLoadError(f"weight {gate_up!r} has shape {reader.shape(gate_up)}, the config says "
+                             f"{2 * inter} gate and up rows")
+    try:
+        halves = [reader.read_experts(gate_up, rows=slice(start + mine.start, start + mine.stop)) for start in (0, inter)]
+        return torch.cat(halves, dim=1), reader.read_experts(down, columns=slice(mine.start, mine.stop))
+    except WeightFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:

@@ -8,7 +8,15 @@ Rank r of a TP group of size N holds:
 - o and down: row-parallel, split on their input columns; their outputs are
   partial sums that `TensorParallel.all_reduce` adds up. A bias of theirs is
   added once, by rank 0.
-- embeddings, norms and the vocabulary projection: replicated.
+- MoE experts: every rank holds every expert, each cut like the dense MLP on its
+  own intermediate dimension (gate and up rows, down columns); the router is
+  replicated, so all ranks route alike, and the block's output is a partial sum
+  all-reduced as the dense MLP's. Why not whole experts per rank: slicing works
+  for any expert count, the ranks' work stays even however the router skews (a
+  rank of popular experts would hold every step back), and the MoE kernel and
+  the all-reduce are the dense path's.
+- embeddings, norms and the vocabulary projection: replicated (the logits are
+  whole on every rank, so the leader samples without a gather).
 The KV cache of a rank holds only its kv heads.
 """
 from __future__ import annotations
@@ -18,8 +26,8 @@ from dataclasses import dataclass
 from .model_spec import ModelSpec, UnsupportedModel
 
 # What a weight is, for slicing: which of its axes the TP split cuts.
-COLUMN_Q, COLUMN_KV, COLUMN_MLP = "q", "kv", "mlp"  # output rows
-ROW_ATTENTION, ROW_MLP = "o", "down"  # input columns
+COLUMN_Q, COLUMN_KV, COLUMN_MLP, COLUMN_EXPERT = "q", "kv", "mlp", "expert"  # output rows
+ROW_ATTENTION, ROW_MLP, ROW_EXPERT = "o", "down", "expert_down"  # input columns
 REPLICATED = "replicated"
 
 
@@ -36,9 +44,6 @@ def check_tp_size(spec: ModelSpec, size: int) -> None:
     """Refuse a TP size the model's head counts or MLP width do not divide."""
     if size < 1:
         raise UnsupportedModel(f"tensor_parallel_size must be >= 1, got {size}")
-    if size > 1 and spec.moe is not None:
-        raise UnsupportedModel(f"tensor_parallel_size {size}: MoE models run at TP 1 for now "
-                               "(their experts are not sharded yet)")
     problems = []
     if spec.num_heads % size:
         problems.append(f"{spec.num_heads} attention heads")
@@ -46,6 +51,8 @@ def check_tp_size(spec: ModelSpec, size: int) -> None:
         problems.append(f"{spec.num_kv_heads} kv heads (neither divides the other)")
     if spec.intermediate_size % size:
         problems.append(f"intermediate size {spec.intermediate_size}")
+    if spec.moe is not None and spec.moe.intermediate_size % size:
+        problems.append(f"expert intermediate size {spec.moe.intermediate_size}")
     if problems:
         raise UnsupportedModel(f"tensor_parallel_size {size} does not split the model's {', '.join(problems)}")
 
@@ -60,6 +67,7 @@ class ShardLayout:
     kv_heads: range
     mlp_columns: range
     head_dim: int
+    expert_columns: range = range(0)  # of each MoE expert's intermediate dimension
 
     @classmethod
     def of(cls, spec: ModelSpec, rank: int = 0, size: int = 1) -> ShardLayout:
@@ -68,8 +76,9 @@ class ShardLayout:
             raise ValueError(f"rank {rank} is outside a TP group of {size}")
         q = spec.num_heads // size
         mlp = spec.intermediate_size // size
+        expert = spec.moe.intermediate_size // size if spec.moe is not None else 0
         return cls(rank, size, range(rank * q, (rank + 1) * q), kv_head_range(spec.num_kv_heads, size, rank),
-                   range(rank * mlp, (rank + 1) * mlp), spec.head_dim)
+                   range(rank * mlp, (rank + 1) * mlp), spec.head_dim, range(rank * expert, (rank + 1) * expert))
 
     @property
     def num_heads(self) -> int:
@@ -95,12 +104,20 @@ class ShardLayout:
         if kind == COLUMN_KV:
             return self._heads(self.kv_heads), None
         if kind == COLUMN_MLP:
-            return slice(self.mlp_columns.start, self.mlp_columns.stop), None
+            return _slice(self.mlp_columns), None
+        if kind == COLUMN_EXPERT:
+            return _slice(self.expert_columns), None
         if kind == ROW_ATTENTION:
             return None, self._heads(self.q_heads)
         if kind == ROW_MLP:
-            return None, slice(self.mlp_columns.start, self.mlp_columns.stop)
+            return None, _slice(self.mlp_columns)
+        if kind == ROW_EXPERT:
+            return None, _slice(self.expert_columns)
         raise ValueError(f"unknown weight kind {kind!r}")
 
     def _heads(self, heads: range) -> slice:
         return slice(heads.start * self.head_dim, heads.stop * self.head_dim)
+
+
+def _slice(columns: range) -> slice:
+    return slice(columns.start, columns.stop)

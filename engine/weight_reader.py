@@ -77,3 +77,12 @@ class WeightReader:
             return source[rows] if columns is None else source[rows, columns]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightFileError(f"{self._where.get(name, 'memory')}: cannot read {name!r}: {e}") from None
+
+    def read_experts(self, name: str, rows: slice | None = None, columns: slice | None = None) -> torch.Tensor:
+        """A stacked expert tensor [experts, rows, columns], every expert's `rows` and `columns` only."""
+        from safetensors import SafetensorError
+
+        try:
+            return self._sources[name][:, rows or slice(None), columns or slice(None)]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise WeightFileError(f"{self._where.get(name, 'memory')}: cannot read {name!r}: {e}") from None

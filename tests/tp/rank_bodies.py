@@ -40,8 +40,10 @@ def generate_greedy(tp: TensorParallel, model_dir: str, prompts: list[list[int]]
     engine = OfflineEngine(loaded, num_blocks=64, block_size=4, tp=tp)
     sequences = [OfflineSequence(list(p), max_tokens) for p in prompts]
     list(engine.generate(sequences, ignore_eos=True))
+    mlp = loaded.weights.layers[0].mlp
     return {"outputs": [s.output for s in sequences], "kv_heads": engine.runner.kv_cache.spec.num_kv_heads,
-            "qkv_rows": loaded.weights.layers[0].qkv.out_features}
+            "qkv_rows": loaded.weights.layers[0].qkv.out_features,
+            "mlp_rows": mlp.w13.shape[1] if hasattr(mlp, "w13") else mlp.gate_up.out_features}
 
 
 def _shard_runner(tp: TensorParallel, model_dir: str, num_blocks: int = 32, block_size: int = 4):

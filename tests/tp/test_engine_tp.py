@@ -24,6 +24,16 @@ def test_tp2_greedy_tokens_equal_transformers(tmp_path, arch, kv_heads):
         assert result["qkv_rows"] == (2 + 2 * 1) * head_dim
 
 
+@pytest.mark.parametrize("arch, expert_inter", [("qwen3_moe", 48), ("mixtral", 128)])
+def test_moe_at_tp2_shards_every_expert_and_gives_transformers_greedy_tokens(tmp_path, arch, expert_inter):
+    model = save_tiny_model(arch, tmp_path)
+    expected = [reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS]
+    ranks = run_ranks(generate_greedy, 2, str(tmp_path), PROMPTS, MAX_TOKENS)
+    for result in ranks:
+        assert result["outputs"] == expected
+        assert result["mlp_rows"] == 2 * expert_inter // 2  # gate and up: half of each expert's columns
+
+
 def test_a_tp_size_the_heads_do_not_allow_is_refused(tmp_path):
     save_tiny_model("llama", tmp_path)  # 4 heads, 2 kv heads
     with pytest.raises(UnsupportedModel, match="tensor_parallel_size 3"):
