@@ -25,7 +25,8 @@ from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
 from .sharding import (
-    COLUMN_EXPERT, COLUMN_KV, COLUMN_MLP, COLUMN_Q, REPLICATED, ROW_ATTENTION, ROW_EXPERT, ROW_MLP, ShardLayout,
+    COLUMN_EXPERT, COLUMN_KV, COLUMN_MLP, COLUMN_Q, COLUMN_VOCAB, REPLICATED, ROW_ATTENTION, ROW_EXPERT, ROW_MLP,
+    ShardLayout,
 )
 from .weight_reader import WeightFileError, WeightReader
 
@@ -58,7 +59,7 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
     norm: RmsNorm
-    lm_head: Linear  # [vocab, hidden]; the embedding itself when tied
+    lm_head: Linear  # [vocab, hidden] (vocab-parallel: this rank's rows); the embedding itself when tied
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,11 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
         ))
     embed = put(take(check("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))))
     tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
-    lm_head = Linear.dense(embed) if tied else projection(["lm_head.weight"], [REPLICATED])
+    if tied:  # the embedding stays whole for the lookup; the projection takes this rank's rows of it
+        rows, _ = layout.slices(COLUMN_VOCAB)
+        lm_head = Linear.dense(embed if rows is None else embed[rows])
+    else:
+        lm_head = projection(["lm_head.weight"], [COLUMN_VOCAB])
     return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
 
 

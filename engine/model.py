@@ -93,6 +93,7 @@ class Model:
             raise ValueError(f"weights of TP rank {loaded.layout.rank}/{loaded.layout.size} "
                              f"given to rank {self.tp.rank}/{self.tp.size}")
         self.num_heads, self.num_kv_heads = loaded.layout.num_heads, loaded.layout.num_kv_heads  # this rank's
+        self.vocab_parallel = loaded.layout.is_vocab_parallel
         self.family = loaded.spec.family
         self.weights = loaded.weights
         self.dtype = loaded.dtype
@@ -138,7 +139,10 @@ class Model:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
         normed, _ = self.weights.norm.add(rows, residual.index_select(0, logit_rows))
-        logits = self.weights.lm_head(normed).float()  # [B, vocab]
+        logits = self.weights.lm_head(normed)  # [B, vocab] (vocab-parallel: [B, vocab / size], gathered)
+        if self.vocab_parallel:
+            logits = self.tp.all_gather(logits, dim=-1)
+        logits = logits.float()
         cap = self.spec.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

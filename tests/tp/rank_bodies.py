@@ -42,7 +42,7 @@ def generate_greedy(tp: TensorParallel, model_dir: str, prompts: list[list[int]]
     list(engine.generate(sequences, ignore_eos=True))
     mlp = loaded.weights.layers[0].mlp
     return {"outputs": [s.output for s in sequences], "kv_heads": engine.runner.kv_cache.spec.num_kv_heads,
-            "qkv_rows": loaded.weights.layers[0].qkv.out_features,
+            "qkv_rows": loaded.weights.layers[0].qkv.out_features, "lm_head_rows": loaded.weights.lm_head.out_features,
             "mlp_rows": mlp.w13.shape[1] if hasattr(mlp, "w13") else mlp.gate_up.out_features}
 
 

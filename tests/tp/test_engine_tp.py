@@ -11,7 +11,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]
 MAX_TOKENS = 12
 
 
-@pytest.mark.parametrize("arch, kv_heads", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("llama", 1)])
+@pytest.mark.parametrize("arch, kv_heads", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("llama", 1), ("gemma3", 2)])
 def test_tp2_greedy_tokens_equal_transformers(tmp_path, arch, kv_heads):
     model = save_tiny_model(arch, tmp_path, num_key_value_heads=kv_heads)
     expected = [reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS]
@@ -22,6 +22,7 @@ def test_tp2_greedy_tokens_equal_transformers(tmp_path, arch, kv_heads):
         # each rank holds half the query heads and its own kv heads (1 each: split, or replicated)
         assert result["kv_heads"] == 1
         assert result["qkv_rows"] == (2 + 2 * 1) * head_dim
+        assert result["lm_head_rows"] == 128 // 2  # vocab-parallel (gemma3: rows of the tied embedding)
 
 
 @pytest.mark.parametrize("arch, expert_inter", [("qwen3_moe", 48), ("mixtral", 128)])
