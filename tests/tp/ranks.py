@@ -38,7 +38,8 @@ def run_ranks(body: Callable[..., Any], size: int, *args: Any, timeout_s: float 
     `body` must be importable (a module-level function of a test helper module)."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    rendezvous = Rendezvous("127.0.0.1", free_port(), timeout_s=collective_timeout_s)
+    # Spawned ranks import torch at their own pace on a busy box: meeting may take far longer than a collective
+    rendezvous = Rendezvous("127.0.0.1", free_port(), timeout_s=collective_timeout_s, join_timeout_s=60.0)
     processes = [context.Process(target=_rank_main, args=(body, rendezvous, rank, size, args, results), daemon=True)
                  for rank in range(size)]
     for p in processes:
