@@ -1,24 +1,25 @@
-"""CUDA graphs for short prefills: one sequence, no cached prefix, up to `max_tokens` tokens.
+"""CUDA graphs for short prefills: a few sequences, no cached prefix, up to `max_tokens` tokens in all.
 
-A prefill of a short prompt launches the same ~400 kernels as a decode step, and on
+A prefill of short prompts launches the same ~400 kernels as a decode step, and on
 a busy host their launches take longer than the GPU's work (Llama-3-8B, 128 tokens
 on an H200: 10.7 ms launched from Python, 5.3 ms of kernels). Replayed from a graph
 they cost one launch, so the time to first token is the GPU's.
 
-Shapes are fixed per graph, so a prompt of n tokens runs the graph of the smallest
-bucket >= n (`prefill_token_buckets`: 16, 32, 64, ... up to max_tokens); the
-bucket's rows n.. are padding:
+Shapes are fixed per graph, so a batch of s prompts of n tokens in all runs the
+graph of the smallest bucket (seqs >= s, tokens >= n): seq buckets 1, 2, 4, ... up
+to `max_seqs`, token buckets 16, 32, 64, ... up to `max_tokens`. In a bucket:
 
-- they form a second sequence of the packed batch (cu_seqlens [0, n, bucket]), so
-  the real sequence's causal attention never sees them;
-- they write their K/V to the runner's scratch slot (outside every block pool);
-- only row n - 1 reaches the vocabulary projection.
+- the real sequences come first, packed; seq buckets past s are empty sequences
+  (zero length), and the token rows n.. form one more, padding, sequence: cu_seqlens
+  [0, n_1, ..., n, n, ..., n, tokens bucket], so no real query sees a padding key;
+- padding rows write their K/V to the runner's scratch slot (outside every block pool);
+- only each real sequence's last row reaches the vocabulary projection.
 
 Inputs live in static device tensors refilled from pinned host mirrors, as the
-decode graphs' (engine/cuda_graphs.py): tokens, positions and slots [3, max_tokens]
-int64, and [cu_seqlens (3), logit row (1)] int64. The grid of the attention kernel
-is sized by the bucket, never by n. Graphs share one memory pool and are captured
-lazily or all at once (`capture_all`). CUDA only.
+decode graphs' (engine/cuda_graphs.py): tokens, positions and slots [3, max_tokens],
+and offsets [max_seqs + 2 cu_seqlens, then max_seqs logit rows], int64. The
+attention kernel's grid is sized by the bucket, never by the batch. Graphs share one
+memory pool and are captured the first time a bucket is needed. CUDA only.
 """
 from __future__ import annotations
 
@@ -30,68 +31,84 @@ import torch
 from .kv_cache import KvCache
 from .model import Model, PrefillPlan
 
-SMALLEST_BUCKET = 16
+SMALLEST_TOKEN_BUCKET = 16
+
+
+def _doubling(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2 x smallest, ... below largest, then largest."""
+    sizes, size = [], smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes + [largest])
 
 
 def prefill_token_buckets(max_tokens: int) -> tuple[int, ...]:
     """Powers of two from 16 up to max_tokens (included)."""
-    sizes, size = [], SMALLEST_BUCKET
-    while size < max_tokens:
-        sizes.append(size)
-        size *= 2
-    return tuple(sizes + [max_tokens])
+    return _doubling(SMALLEST_TOKEN_BUCKET, max_tokens)
 
 
 class PrefillGraphs:
-    def __init__(self, model: Model, kv_cache: KvCache, max_tokens: int, scratch_slot: int):
+    def __init__(self, model: Model, kv_cache: KvCache, max_tokens: int, max_seqs: int, scratch_slot: int):
         self.model, self.kv_cache = model, kv_cache
-        self.buckets = prefill_token_buckets(max_tokens)
-        self.max_tokens = max_tokens
+        self.token_buckets = prefill_token_buckets(max_tokens)
+        self.seq_buckets = _doubling(1, max_seqs)
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.block_size = kv_cache.spec.block_size
         self.scratch_slot = scratch_slot
         device = kv_cache.spec.device
         self.ids = torch.zeros(3, max_tokens, dtype=torch.long, device=device)  # tokens, positions, slots
-        self.offsets = torch.zeros(4, dtype=torch.long, device=device)  # cu_seqlens (3), the logit row
+        self.offsets = torch.zeros(2 * max_seqs + 2, dtype=torch.long, device=device)  # cu_seqlens, logit rows
         self._ids_host = torch.zeros(3, max_tokens, dtype=torch.long).pin_memory()
-        self._offsets_host = torch.zeros(4, dtype=torch.long).pin_memory()
+        self._offsets_host = torch.zeros(2 * max_seqs + 2, dtype=torch.long).pin_memory()
         self._copied = torch.cuda.Event()  # the last host → device copy is done: mirrors reusable
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}
         self._pool = None
 
-    def bucket_for(self, num_tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= num_tokens), None)
+    def bucket_for(self, num_seqs: int, num_tokens: int) -> tuple[int, int] | None:
+        """(seqs, tokens) of the smallest graph that holds the batch, or None."""
+        seqs = next((b for b in self.seq_buckets if b >= num_seqs), None)
+        tokens = next((b for b in self.token_buckets if b >= num_tokens), None)
+        return None if seqs is None or tokens is None else (seqs, tokens)
 
-    def capture_all(self) -> None:
-        for bucket in reversed(self.buckets):  # largest first: the pool is sized once
-            self._capture(bucket)
+    def run(self, prompts: Sequence[tuple[Sequence[int], tuple[int, ...]]]) -> torch.Tensor | None:
+        """Logits [len(prompts), vocab] float32 of each prompt's last token, or None when no graph holds them.
 
-    def run(self, token_ids: Sequence[int], block_ids: tuple[int, ...]) -> torch.Tensor | None:
-        """Logits [1, vocab] float32 of the prompt's last token, or None when no bucket holds it.
-
-        The logits are a view of the graph's static output: read them before the next run().
+        `prompts`: (token ids, block ids) per sequence, all from position 0. The logits are a view
+        of the graph's static output: read them before the next run().
         """
-        n = len(token_ids)
-        bucket = self.bucket_for(n)
+        bucket = self.bucket_for(len(prompts), sum(len(tokens) for tokens, _ in prompts))
         if bucket is None:
             return None
         if bucket not in self._graphs:
             self._capture(bucket)
         self._copied.synchronize()  # the previous prefill's copies have read the mirrors
-        self._fill(token_ids, block_ids, bucket)
+        self._fill(prompts, bucket)
         self._copy_inputs()
         self._graphs[bucket].replay()
-        return self._logits[bucket]
+        return self._logits[bucket][:len(prompts)]
 
-    def _fill(self, token_ids: Sequence[int], block_ids: tuple[int, ...], bucket: int) -> None:
-        n, bs = len(token_ids), self.block_size
-        host = self._ids_host.numpy()
-        positions = np.arange(n)
-        host[0, :n] = token_ids
-        host[1, :n] = positions
-        host[2, :n] = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
-        self._set_padding(n, bucket)
-        self._offsets_host.numpy()[:] = (0, n, bucket, n - 1)
+    def _fill(self, prompts: Sequence[tuple[Sequence[int], tuple[int, ...]]], bucket: tuple[int, int]) -> None:
+        seqs, tokens = bucket
+        host, bs = self._ids_host.numpy(), self.block_size
+        ends = np.cumsum([len(t) for t, _ in prompts])
+        for (token_ids, block_ids), end in zip(prompts, ends):
+            n = len(token_ids)
+            positions = np.arange(n)
+            host[0, end - n:end] = token_ids
+            host[1, end - n:end] = positions
+            host[2, end - n:end] = np.asarray(block_ids, dtype=np.int64)[positions // bs] * bs + positions % bs
+        self._set_padding(int(ends[-1]), tokens)
+        self._set_offsets(list(ends), bucket)
+
+    def _set_offsets(self, ends: list[int], bucket: tuple[int, int]) -> None:
+        """cu_seqlens: the real sequences, empty ones up to the seq bucket, then the padding one."""
+        seqs, tokens = bucket
+        filled = ends + [ends[-1]] * (seqs - len(ends))
+        offsets = self._offsets_host.numpy()
+        offsets[:seqs + 2] = [0, *filled, tokens]
+        offsets[self.max_seqs + 2:self.max_seqs + 2 + seqs] = [max(end - 1, 0) for end in filled]
 
     def _set_padding(self, start: int, stop: int) -> None:
         """Rows start..stop write their K/V to the scratch slot and are never read."""
@@ -104,19 +121,21 @@ class PrefillGraphs:
         self.offsets.copy_(self._offsets_host, non_blocking=True)
         self._copied.record()
 
-    def _forward(self, bucket: int) -> torch.Tensor:
-        """The prefill over the static inputs' first `bucket` rows (what the graph records)."""
-        plan = PrefillPlan(cu_q=self.offsets[:3].to(torch.int32), max_q=bucket, cu_k=None, block_ids=(),
+    def _forward(self, bucket: tuple[int, int]) -> torch.Tensor:
+        """The prefill over the static inputs (what the graph records)."""
+        seqs, tokens = bucket
+        plan = PrefillPlan(cu_q=self.offsets[:seqs + 2].to(torch.int32), max_q=tokens, cu_k=None, block_ids=(),
                            context_lens=())
-        tokens, positions, slots = self.ids[0, :bucket], self.ids[1, :bucket], self.ids[2, :bucket]
-        return self.model.forward(tokens, positions, slots, plan, self.offsets[3:], self.kv_cache)
+        rows = self.offsets[self.max_seqs + 2:self.max_seqs + 2 + seqs]
+        ids = self.ids[:, :tokens]
+        return self.model.forward(ids[0], ids[1], ids[2], plan, rows, self.kv_cache)
 
-    def _capture(self, bucket: int) -> None:
-        # Capture over all-padding inputs (one sequence of `bucket` rows writing only the scratch
-        # slot): the warm-up run, which also compiles the Triton kernels, then touches no block.
+    def _capture(self, bucket: tuple[int, int]) -> None:
+        # Capture over all-padding inputs (every row writes only the scratch slot): the warm-up
+        # run, which also compiles the Triton kernels, then touches no block.
         self._copied.synchronize()
         self._set_padding(0, self.max_tokens)
-        self._offsets_host.numpy()[:] = (0, bucket, bucket, bucket - 1)
+        self._set_offsets([bucket[1]], bucket)
         self._copy_inputs()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

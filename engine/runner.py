@@ -10,9 +10,9 @@ the tokens move on the device. The host then prepares each step while the GPU
 runs the one before, and a step takes the GPU's time.
 
 On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py), one per padded
-batch size up to `max_decode_batch`, and so does a prefill of one short prompt with
-no cached prefix (engine/prefill_graphs.py, up to `max_graph_prefill_tokens`);
-other prefills and the CPU path run eagerly. The graphs' padding rows write their
+batch size up to `max_decode_batch`, and so does a prefill of a few short prompts
+with no cached prefix (engine/prefill_graphs.py, up to `max_graph_prefill_tokens`
+in all, up to 8 prompts); other prefills and the CPU path run eagerly. The graphs' padding rows write their
 K/V into one scratch block past the pool: the KV tensor then holds num_blocks + 1
 blocks, and `kv_cache.spec.num_blocks` (what the block pools and transfers see)
 stays num_blocks.
@@ -32,6 +32,9 @@ from .model import DecodeAttention, LayerHook, Model, PrefillAttention
 from .parallel import TensorParallel
 from .copies import host_to_device, on_device
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
+
+
+GRAPH_PREFILL_SEQS = 8  # prompts per prefill graph: a batch of more runs eagerly
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,8 @@ class ModelRunner:
                  max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto",
                  tp: TensorParallel | None = None, max_graph_prefill_tokens: int = 512):
         """`use_cuda_graphs`: None means on CUDA (and a TP group graphs can hold); graphs cover decode
-        batches up to `max_decode_batch` and one-prompt prefills up to `max_graph_prefill_tokens`
-        (0: none). `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3'
+        batches up to `max_decode_batch` and prefills of up to 8 prompts from position 0 and
+        `max_graph_prefill_tokens` in all (0: none). `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3'
         (engine/kv_cache.py). `tp`: this rank's TP group, `loaded` its shard."""
         self.model = Model(loaded, tp)
         self.tp = self.model.tp
@@ -84,7 +87,8 @@ class ModelRunner:
             max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
         ) if use_graphs else None
         self.prefill_graphs = PrefillGraphs(
-            self.model, self.kv_cache, max_graph_prefill_tokens, scratch_slot=num_blocks * block_size,
+            self.model, self.kv_cache, max_graph_prefill_tokens, GRAPH_PREFILL_SEQS,
+            scratch_slot=num_blocks * block_size,
         ) if use_graphs and max_graph_prefill_tokens > 0 else None
         self._sampled: torch.Tensor | None = None  # the last decode_and_sample's tokens, on the device
 
@@ -125,11 +129,11 @@ class ModelRunner:
         )
 
     def _prefill_from_graph(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
-        """One prompt with no cached prefix, short enough for a graph: its logits (a copy), else None."""
+        """Prompts with no cached prefix that a graph holds: their logits (a copy), else None."""
         graphs = self.prefill_graphs
-        if graphs is None or len(chunks) != 1 or chunks[0].start_pos != 0:
+        if graphs is None or any(c.start_pos != 0 for c in chunks):
             return None
-        logits = graphs.run(chunks[0].token_ids, chunks[0].block_ids)
+        logits = graphs.run([(c.token_ids, c.block_ids) for c in chunks])
         return None if logits is None else logits.clone()  # the graph's output is overwritten by the next
 
     @torch.inference_mode()

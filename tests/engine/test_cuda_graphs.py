@@ -174,8 +174,28 @@ def test_graph_prefill_equals_eager_prefill(tmp_path, length):
 
 
 @needs_cuda
+@pytest.mark.parametrize("lengths", [[40, 7], [3, 1, 9], [5] * 8, [5] * 9, [60, 60]])  # 9 prompts, 120 tokens: eager
+def test_graph_prefill_of_several_prompts_equals_eager(tmp_path, lengths):
+    save_tiny_model("llama", tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    graphed_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=64)
+    eager_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=0)
+    chunks, next_block = [], 0
+    for i, length in enumerate(lengths):
+        count = -(-length // 4)
+        chunks.append(PrefillChunk(tuple((5 * j + i) % 120 + 2 for j in range(length)), 0,
+                                   tuple(range(next_block, next_block + count))[::-1]))
+        next_block += count
+    graphed, eager = graphed_runner.prefill(chunks), eager_runner.prefill(chunks)
+    assert graphed.shape == eager.shape == (len(lengths), loaded.spec.vocab_size)
+    assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2)
+    pool = lambda runner: runner.kv_cache.tensor[:, :, :64]
+    assert relative_error(pool(graphed_runner), pool(eager_runner)) < (1e-5 if IS_EXACT else 1e-2)
+
+
+@needs_cuda
 def test_graph_prefills_of_different_prompts_in_a_row(tmp_path):
-    """Replays reuse the static inputs: each prompt's logits equal its eager prefill's."""
+    """Replays reuse the static inputs: each batch's logits equal its eager prefill's."""
     save_tiny_model("llama", tmp_path)
     loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
     graphed_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=64)
