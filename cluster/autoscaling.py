@@ -53,9 +53,9 @@ class PolicySettings:
     upscale_delay_s: float
     downscale_delay_s: float
     interval_s: float
+    max_running: int
     up_headroom: float = 0.9  # scale up to a size predicted within this share of the SLO
     down_headroom: float = 0.6  # scale down only to a size predicted within this share
-    max_running: int = 64
 
     @classmethod
     def from_config(cls, config: PdserveConfig) -> "PolicySettings":

@@ -19,8 +19,9 @@ from ray import serve
 
 from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDraining, Reservation
 from pdserve.decode_worker.stream_server import StreamServer
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
+from pdserve.engine.linear import set_gemv_max_rows
 from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
@@ -31,29 +32,29 @@ from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
 from pdserve.engine.transfer.addresses import interface_address
 from pdserve.engine.transfer.group import ReceiverGroup
-from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
     Overloaded, TryElsewhere, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
-from pdserve.router.ingress import Ingress, IngressSettings
-from pdserve.router.limits import RequestLimits
+from pdserve.router.ingress import Ingress
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
-from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.pipeline import Pipeline
 from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
 from .registry import Reporter, registry
+from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits
 from .tp_ranks import TpGroup
 
 log = logging.getLogger(__name__)
 
 
 def model_dir(config: PdserveConfig) -> str:
-    return config.model.path or str(default_model_dir())
+    return config.model.path or str(default_model_dir(config.model.cache_dir))
 
 
 def served_models(config: PdserveConfig) -> ServedModels:
@@ -79,19 +80,15 @@ def _kv_host(config: PdserveConfig) -> str | None:
     return interface_address(config.transfer.interface) if config.transfer.interface else None
 
 
-# A replica's engine thread runs Python between GPU waits without letting go of the GIL; at
-# Python's default 5 ms switch interval each KV-channel or stream-thread step behind it can wait
-# that long, which the handoff pays per message. 1 ms bounds the wait at little cost.
-_GIL_SWITCH_INTERVAL_S = 0.001
-
-
 def _device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
-    """This TP rank's shard of the model (the whole model at TP 1)."""
-    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
+    """This TP rank's shard of the model (the whole model at TP 1), in a process set up as `engine` says."""
+    sys.setswitchinterval(config.engine.gil_switch_interval_s)
+    if config.engine.gemv_max_rows is not None:
+        set_gemv_max_rows(config.engine.gemv_max_rows)
     return load_model_dir(model_dir(config), _device(), config.model.dtype, config.model.max_model_len,
                           rank=tp.rank, tp_size=tp.size)
 
@@ -160,9 +157,7 @@ class PrefillDeployment:
                              timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config),
                              shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
-        p = self.config.prefill
-        settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
-        self.worker = PrefillWorker(TpRunner(runner, sender), sender, settings, self.replica_id)
+        self.worker = PrefillWorker(TpRunner(runner, sender), sender, prefill_settings(self.config), self.replica_id)
         self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
@@ -227,16 +222,11 @@ class DecodeDeployment:
         if receiver is not None and self.ranks.actors:  # every rank's receiver, as one
             receiver = ReceiverGroup([receiver, *self.ranks.receivers()])
         self.tp_runner = TpRunner(runner)
-        d = self.config.decode
-        settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
-                                  prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
-                                  transfer_timeout_s=self.config.transfer.timeout_s,
-                                  overlap_steps=d.overlap_steps)
         self.roofline = Roofline.measure(runner.device)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
-        self.engine_steps = decode_step_anchors(self.tp_runner, (1, d.max_running)) if self.roofline is not None else []
-        self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
+        self.engine_steps = decode_step_anchors(self.tp_runner, (1, self.config.decode.max_running)) if self.roofline is not None else []
+        self.worker = DecodeWorker(self.tp_runner, receiver, decode_settings(self.config), self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
         self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
@@ -297,18 +287,11 @@ class RouterDeployment:
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
         self.tokenizer = load_tokenizer(directory)
-        settings = PipelineSettings(colocated=self.config.is_colocated,
-                                    short_prompt_tokens=self.config.router.short_prompt_tokens)
-        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, settings)
-        lim = self.config.limits
-        self.limits = RequestLimits(
-            max_model_len=spec.max_model_len, max_body_bytes=lim.max_body_bytes,
-            max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
-            max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
+        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, pipeline_settings(self.config))
+        self.limits = request_limits(self.config, spec.max_model_len)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
         self._registry = registry()
-        router = self.config.router
-        self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
+        self.ingress = Ingress(ingress_settings(self.config))
         grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 

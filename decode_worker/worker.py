@@ -50,11 +50,13 @@ def decode_input(seq: DecodeSequence, source: int = -1) -> DecodeInput:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    max_running: int = 64
-    max_waiting: int = 256
-    prefill_chunk_tokens: int = 512  # local prefill budget per step (colocated, short prompts, failover)
-    transfer_timeout_s: float = 30.0
-    overlap_steps: bool | None = None  # queue step N+1 before reading step N's tokens; None: on CUDA
+    """No defaults: cluster/settings.py builds it from the config, which holds them."""
+
+    max_running: int
+    max_waiting: int
+    prefill_chunk_tokens: int  # local prefill budget per step (colocated, short prompts, failover)
+    transfer_timeout_s: float
+    overlap_steps: bool | None  # queue step N+1 before reading step N's tokens; None: on CUDA
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,11 @@ class PrefillFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class PrefillSettings:
-    max_batch_tokens: int = 2048
-    max_queued_requests: int = 256
-    transfer_timeout_s: float = 30.0
+    """No defaults: cluster/settings.py builds it from the config, which holds them."""
+
+    max_batch_tokens: int
+    max_queued_requests: int
+    transfer_timeout_s: float
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ RETRY_BACKOFF_S = 0.25
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    colocated: bool = False
-    short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
+    colocated: bool
+    short_prompt_tokens: int  # prompts shorter than this prefill on the decode replica
     reserve_retry_s: float = 0.05
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import queue
 import threading
 import time
@@ -31,7 +30,8 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache, raw_bytes
-from pdserve.engine.transfer.addresses import address_toward, interface_of, is_loopback
+from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error, point_nccl_at
+from pdserve.engine.transfer.addresses import address_toward
 from pdserve.engine.transfer.ledger import ALL_HEADS, LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -107,17 +107,6 @@ def _gloo_options(host: str, timeout: datetime.timedelta) -> dist.ProcessGroupGl
     return options
 
 
-def _point_nccl_at(host: str) -> None:
-    """NCCL's bootstrap and socket transport on `host`'s interface (a user's own setting wins).
-
-    NCCL reads only its environment, once per process; loopback is left to NCCL's
-    own choice, which works on one machine.
-    """
-    interface = None if is_loopback(host) else interface_of(host)
-    if interface is not None:
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={interface}")
-
-
 def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float, host: str) -> ProcessGroupPair:
     """Build this end's groups on local address `host`; blocks until the peer builds its end (at most `timeout_s`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -127,10 +116,8 @@ def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float
     elif data_backend == "nccl":
         if not dist.is_nccl_available():
             raise TransferError("the nccl backend needs a CUDA build of torch")
-        # On a stuck or dead peer, abort this pair's communicator but keep the process:
-        # torch's default (3) ends the whole replica, and with it every other request.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-        _point_nccl_at(host)
+        keep_process_on_nccl_error()
+        point_nccl_at(host)
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)
