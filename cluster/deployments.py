@@ -10,10 +10,8 @@ import asyncio
 import dataclasses
 import logging
 import os
-import sys
 from typing import Any
 
-import torch
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
@@ -21,8 +19,7 @@ from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDrainin
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
-from pdserve.engine.linear import set_gemv_max_rows
-from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.loader import DEFAULT_MODEL_NAME, read_model_spec
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
@@ -30,7 +27,6 @@ from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
-from pdserve.engine.transfer.addresses import interface_address
 from pdserve.engine.transfer.group import ReceiverGroup
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
@@ -46,15 +42,12 @@ from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
 from .config import PdserveConfig, load_config
+from .rank_process import kv_host, load_rank_model, model_dir, rank_device, transfer_backend
 from .registry import Reporter, registry
 from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits
 from .tp_ranks import TpGroup
 
 log = logging.getLogger(__name__)
-
-
-def model_dir(config: PdserveConfig) -> str:
-    return config.model.path or str(default_model_dir(config.model.cache_dir))
 
 
 def served_models(config: PdserveConfig) -> ServedModels:
@@ -75,24 +68,6 @@ def _node_host() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _kv_host(config: PdserveConfig) -> str | None:
-    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
-    return interface_address(config.transfer.interface) if config.transfer.interface else None
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
-    """This TP rank's shard of the model (the whole model at TP 1), in a process set up as `engine` says."""
-    sys.setswitchinterval(config.engine.gil_switch_interval_s)
-    if config.engine.gemv_max_rows is not None:
-        set_gemv_max_rows(config.engine.gemv_max_rows)
-    return load_model_dir(model_dir(config), _device(), config.model.dtype, config.model.max_model_len,
-                          rank=tp.rank, tp_size=tp.size)
-
-
 def _runner(config: PdserveConfig, tp: TensorParallel) -> ModelRunner:
     """The leader's runner; its pool size is every rank's (TpGroup.start_followers)."""
     loaded = load_rank_model(config, tp)
@@ -107,17 +82,6 @@ def _runner(config: PdserveConfig, tp: TensorParallel) -> ModelRunner:
 
 def _shard(runner: ModelRunner) -> KvShard:
     return KvShard(runner.tp.rank, runner.tp.size, runner.spec.num_kv_heads)
-
-
-def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
-    """'auto': gloo on the CPU; on GPUs, CUDA IPC when the cluster has one GPU, NCCL otherwise."""
-    if config.transfer.backend != "auto":
-        return config.transfer.backend
-    if runner.device.type != "cuda":
-        return "gloo"
-    import ray
-
-    return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
 
 
 def _check_ranks(ranks: TpGroup, runner: TpRunner) -> None:
@@ -151,10 +115,10 @@ class PrefillDeployment:
     def __init__(self, config: dict[str, Any]):
         self.config = load_config(config)
         self.replica_id = _replica_id("prefill")
-        self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), _device())
+        self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), rank_device())
         runner = _runner(self.config, self.ranks.tp)
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config),
+                             timeout_s=self.config.transfer.timeout_s, host=kv_host(self.config),
                              shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         self.worker = PrefillWorker(TpRunner(runner, sender), sender, prefill_settings(self.config), self.replica_id)
@@ -213,10 +177,10 @@ class DecodeDeployment:
         pool = "colocated" if colocated else "decode"
         self.replica_id = _replica_id(pool)
         host = _node_host()
-        self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, _device())
+        self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, rank_device())
         runner = _runner(self.config, self.ranks.tp)
         receiver = None if colocated else make_receiver(
-            transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
+            transfer_backend(self.config, runner), runner.kv_cache, host=kv_host(self.config) or host,
             peer_id=self.replica_id, timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         if receiver is not None and self.ranks.actors:  # every rank's receiver, as one
