@@ -34,7 +34,6 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache, raw_bytes
-from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error, point_nccl_at
 from pdserve.engine.transfer.addresses import address_toward
 from pdserve.engine.transfer.ledger import ALL_HEADS, LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
@@ -45,6 +44,7 @@ from pdserve.engine.transfer.messages import (
     MessageKind,
     TransferError,
 )
+from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error, point_nccl_at
 from pdserve.engine.transfer.rendezvous import Hello, connect
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,8 @@ gloo channel, because direct writes need a gate and a fence:
     BEGIN -> ADMITTED   the receiver still expects the transfer; only then do copies start
     CANCEL -> FENCED    the receiver's cancel waits until the sender stopped and synced
     LANDED..., FINISH   sent after the channel's stream synced, so "landed" is true
+These frames are this backend's own: the receiver handles them (`_frame_handlers`), the
+sender its CANCEL; the generic channel only carries them.
 """
 from __future__ import annotations
 
