@@ -91,6 +91,7 @@ class Sample:
 
 def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     """The child: a prefill worker serving destinations from the parent."""
+    from pdserve.engine.messages import PrefillRequest
     from pdserve.engine.transfer import make_sender
     from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
 
@@ -104,7 +105,7 @@ def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     while (item := requests.get()) is not None:
         kind, prompt, destination = item
         if kind == "prefill":
-            result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(120)
+            result = worker.submit(PrefillRequest("bench", tuple(prompt), SamplingParams(), destination, time.time() + 120)).result(120)
         else:
             result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
         results.put(result)

@@ -8,6 +8,7 @@ import pytest
 from pdserve.decode_worker.outbox import Outbox, TokenBatch
 from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
 from pdserve.engine.loader import load_model_dir
+from pdserve.engine.messages import PrefillRequest
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
@@ -42,7 +43,7 @@ def workers(loaded, request):
 def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset()):
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
-    result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
+    result = prefill.submit(PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline)).result(timeout=60)
     batches: list[TokenBatch] = []
     done = threading.Event()
 
