@@ -209,9 +209,12 @@ class DecodeWorker:
                 self._fail_all_steps(f"decode step failed: {e}", [s for s, _ in prefill_batch])
 
     def _expire_and_poll(self) -> None:
+        """Fail what passed its deadline, move what landed; tell the failed at once (the loop may
+        go on waiting: with nothing else to do, an unflushed ending would wait for the next work)."""
         self._seqs.expire_deadlines()
         if self._seqs.has(_LANDING):
             self._seqs.poll_landings(self.settings.transfer_timeout_s)
+        self._emission.flush()
 
     def _run_prefill(self, batch: list[tuple[DecodeSequence, PrefillChunk]]) -> None:
         started = time.monotonic()
