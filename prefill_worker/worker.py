@@ -22,8 +22,8 @@ starting with the same tokens computes only the rest (its first chunk also
 sends the cached blocks), which is what prefix-aware routing aims at.
 Finishing a transfer happens on a separate thread so the next batch's compute
 is not held up by the network. When the pool has no room for the next prompt the
-engine thread sleeps on the worker's condition until blocks come back (a transfer
-finished or a job failed), never on a timer.
+engine thread waits on the worker's condition, woken when blocks come back (a
+transfer finished or a job failed); it does not sleep-poll.
 """
 from __future__ import annotations
 
