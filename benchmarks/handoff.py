@@ -41,7 +41,7 @@ from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.messages import SamplingParams, StreamStart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import free_port  # noqa: E402  (tests/e2e/server.py)
@@ -123,7 +123,7 @@ def _push(sender, runner: ModelRunner, destination, num_blocks: int) -> float:
 
 
 def run(args) -> list[Sample]:
-    from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+    from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
     from pdserve.engine.transfer import make_receiver
 
     device, dtype = torch.device(args.decode_device), _dtype(args)

@@ -41,7 +41,7 @@ from .steps import InFlight, Step, decode_input, prefill_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecodeSettings", "DecodeWorker", "StreamStart"]
+__all__ = ["DecodeSettings", "DecodeWorker", "StreamStart"]  # StreamStart: engine/messages.py, named here for old callers
 
 _RUNNING, _PREFILLING, _WAITING, _LANDING = (SequenceState.RUNNING, SequenceState.PREFILLING,
                                              SequenceState.WAITING, SequenceState.LANDING)

@@ -6,12 +6,11 @@ import time
 import pytest
 
 from pdserve.decode_worker.outbox import Outbox, TokenBatch
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
 from pdserve.engine.loader import load_model_dir
-from pdserve.engine.messages import PrefillRequest
+from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.transfer import make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
 from tiny_models import save_tiny_model
