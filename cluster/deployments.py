@@ -129,6 +129,26 @@ def _check_ranks(ranks: TpGroup, runner: TpRunner) -> None:
     ranks.check_health()
 
 
+def weight_bytes_per_gpu(runner: ModelRunner) -> int:
+    """Weight bytes one decode step reads on each of the replica's GPUs: its rank's share, at the model's
+    dtype (FP8 weights: counted at 2 B)."""
+    return runner.spec.num_params * runner.model.dtype.itemsize // runner.tp.size
+
+
+def decode_stats(worker: DecodeWorker, roofline: Roofline | None, weight_bytes: int) -> dict[str, Any]:
+    """A decode replica's load, KV use and, on a GPU with sequences running, its MBU over the GPU's busy
+    time per step and over the step's wall time (labelled). `worker.runner` is a TpRunner: only what
+    it exposes (spec, kv_cache, device) may be read here."""
+    load = worker.load()
+    stats = {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free,
+             "kv_block_size": worker.pool.block_size}
+    if roofline is not None and load.num_running:
+        kv_read = load.num_context_tokens * worker.runner.kv_cache.spec.bytes_per_token
+        stats["mbu_busy"] = roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
+        stats["mbu_wall"] = roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
+    return stats
+
+
 def _numbers(stats: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a replica's stats, as Ray Serve's custom autoscaling metrics take them."""
     return {key: float(value) for key, value in stats.items() if isinstance(value, (int, float))}
@@ -227,6 +247,7 @@ class DecodeDeployment:
                                   overlap_steps=d.overlap_steps,
                                   arrival_window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
         self.roofline = Roofline.measure(runner.device)
+        self.weight_bytes = weight_bytes_per_gpu(runner)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
         self.engine_steps = decode_step_anchors(self.tp_runner, (1, d.max_running)) if self.roofline is not None else []
@@ -240,20 +261,9 @@ class DecodeDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        load = self.worker.load()
-        used = load.num_blocks_total - load.num_blocks_free
-        stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
-                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size,
-                 "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
-        if self.roofline is not None and load.num_running:
-            runner = self.worker.runner
-            size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
-            weight_bytes = runner.spec.num_params * runner.model.dtype.itemsize // size  # (FP8 weights: counted at 2 B)
-            kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
-            # MBU over the GPU's busy time per step and over the step's wall time, labelled
-            stats["mbu_busy"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
-            stats["mbu_wall"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
-        return stats
+        return {**decode_stats(self.worker, self.roofline, self.weight_bytes), "pid": os.getpid(),
+                "engine_steps": self.engine_steps, "rank_pids": self.ranks.pids,
+                "tensor_parallel_size": self.ranks.tp.size}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
