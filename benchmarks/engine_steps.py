@@ -15,7 +15,8 @@ from engine_timing import BlockSource, Counts, calls_ms, decode_inputs, gpu_ms, 
 from pdserve.cluster.config import load_config
 from pdserve.cluster.settings import decode_settings
 from pdserve.decode_worker.outbox import Outbox, TokenBatch
-from pdserve.decode_worker.worker import DecodeWorker, StreamStart
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.messages import StreamStart
 from pdserve.engine import linear as engine_linear
 from pdserve.engine.runner import DecodeInput, PrefillChunk
 from pdserve.engine.sampler import SamplingParams

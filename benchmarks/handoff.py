@@ -42,7 +42,7 @@ from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.messages import SamplingParams, StreamStart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import free_port  # noqa: E402  (tests/e2e/server.py)
@@ -92,6 +92,7 @@ class Sample:
 
 def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     """The child: a prefill worker serving destinations from the parent."""
+    from pdserve.engine.messages import PrefillRequest
     from pdserve.engine.transfer import make_sender
     from pdserve.cluster.config import load_config
     from pdserve.cluster.settings import prefill_settings
@@ -108,7 +109,7 @@ def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     while (item := requests.get()) is not None:
         kind, prompt, destination = item
         if kind == "prefill":
-            result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(120)
+            result = worker.submit(PrefillRequest("bench", tuple(prompt), SamplingParams(), destination, time.time() + 120)).result(120)
         else:
             result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
         results.put(result)
@@ -128,7 +129,7 @@ def _push(sender, runner: ModelRunner, destination, num_blocks: int) -> float:
 def run(args) -> list[Sample]:
     from pdserve.cluster.config import load_config
     from pdserve.cluster.settings import decode_settings
-    from pdserve.decode_worker.worker import DecodeWorker, StreamStart
+    from pdserve.decode_worker.worker import DecodeWorker
     from pdserve.engine.transfer import make_receiver
 
     device, dtype = torch.device(args.decode_device), _dtype(args)

@@ -15,20 +15,20 @@ from typing import Any
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDraining, Reservation
+from pdserve.decode_worker.errors import KvPoolFull, QueueFull, ReplicaDraining
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
 from pdserve.engine.loader import DEFAULT_MODEL_NAME, read_model_spec
+from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
 from pdserve.engine.transfer.group import ReceiverGroup
-from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
     Overloaded, TryElsewhere, failure_error,
@@ -40,7 +40,7 @@ from pdserve.router.openai_api import make_http_app
 from pdserve.router.pipeline import Pipeline
 from pdserve.router.served_models import ServedModels
 
-from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
+from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE
 from .config import PdserveConfig, load_config
 from .rank_process import kv_host, load_rank_model, model_dir, rank_device, transfer_backend
 from .registry import Reporter, registry
@@ -150,14 +150,9 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
-        stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
-                 "queued_tokens": self.worker.queued_tokens(),
-                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
-                 "prefix_hit_rate": self.worker.prefix_hit_rate(),
-                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
-                 "gpu_idle_share": batches.idle_share, "gpu_batch_time_s": batches.step_busy_s,
-                 "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
+        batches = self.worker.batch_times()
+        stats = {**dataclasses.asdict(self.worker.load()), "pid": os.getpid(), "rank_pids": self.ranks.pids,
+                 "tensor_parallel_size": self.ranks.tp.size}
         if self.roofline is not None and batches.num_steps:
             spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
             gpus = self.ranks.tp.size  # the replica's rate over all its GPUs' matmul rate
@@ -165,11 +160,9 @@ class PrefillDeployment:
             stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9)) / gpus
         return stats
 
-    async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
-                      seed: int, logprobs: bool, destination: Any, deadline: float) -> PrefillResult:
-        params = SamplingParams(temperature, top_p, top_k, seed, logprobs)
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
         try:
-            future = self.worker.submit(request_id, prompt, params, destination, deadline)
+            future = self.worker.submit(request)
             return await asyncio.wrap_future(future)
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
@@ -214,7 +207,6 @@ class DecodeDeployment:
         self.worker = DecodeWorker(self.tp_runner, receiver, decode_settings(self.config), self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
-        self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -228,14 +220,11 @@ class DecodeDeployment:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
-        arrivals_per_s, prompt_tokens_mean = self.arrivals.rate_and_mean()
-        return {**_numbers(self.stats()), "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
+        return _numbers(self.stats())
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
         try:
-            reservation = self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
-            self.arrivals.add(num_prompt_tokens)
-            return reservation
+            return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
         except QueueFull as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except (KvPoolFull, ReplicaDraining) as e:

@@ -28,7 +28,9 @@ def decode_settings(config: PdserveConfig) -> DecodeSettings:
     decode = config.decode
     return DecodeSettings(max_running=decode.max_running, max_waiting=decode.max_waiting,
                           prefill_chunk_tokens=config.prefill.max_batch_tokens,
-                          transfer_timeout_s=config.transfer.timeout_s, overlap_steps=decode.overlap_steps)
+                          transfer_timeout_s=config.transfer.timeout_s, overlap_steps=decode.overlap_steps,
+                          # the arrival rate it reports spans a few autoscaling intervals
+                          arrival_window_s=max(4 * config.autoscaling.interval_s, 2.0))
 
 
 def pipeline_settings(config: PdserveConfig) -> PipelineSettings:

@@ -11,7 +11,8 @@ from pdserve.cluster.config import load_config
 from pdserve.cluster.deployments import decode_stats, weight_bytes_per_gpu
 from pdserve.cluster.settings import decode_settings
 from pdserve.decode_worker.outbox import Outbox
-from pdserve.decode_worker.worker import DecodeWorker, StreamStart
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.messages import StreamStart
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.roofline import Roofline
 from pdserve.engine.runner import ModelRunner

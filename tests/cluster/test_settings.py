@@ -36,7 +36,8 @@ def test_workers_started_by_default_see_what_pdserve_serve_serves():
                                                        transfer_timeout_s=30.0)
     # the decode replica's local prefill budget is the prefill pool's (it once defaulted to 512 here)
     assert decode_settings(config) == DecodeSettings(max_running=64, max_waiting=256, prefill_chunk_tokens=2048,
-                                                     transfer_timeout_s=30.0, overlap_steps=None)
+                                                     transfer_timeout_s=30.0, overlap_steps=None,
+                                                     arrival_window_s=20.0)
     assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0)
     assert ingress_settings(config).http_port == 8000 and ingress_settings(config).grpc_port == 9000
     limits = request_limits(config, max_model_len=4096)
@@ -52,7 +53,7 @@ def test_every_part_setting_follows_its_config_key(tmp_path):
                     "limits: {max_n: 2, max_stop: 1, max_tokens: 100, max_prompt_tokens: 50, request_timeout_s: 9}\n")
     config = _served("--config", str(path), "--colocated", "2", "--http-port", "8100")
     assert prefill_settings(config) == PrefillSettings(512, 7, 4.0)
-    assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True)
+    assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True, 20.0)
     assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32)
     assert ingress_settings(config).http_port == 8100
     limits = request_limits(config, max_model_len=4096)

@@ -8,11 +8,11 @@ import pytest
 from pdserve.decode_worker.outbox import Outbox, TokenBatch
 from pdserve.cluster.config import load_config
 from pdserve.cluster.settings import decode_settings, prefill_settings
-from pdserve.decode_worker.worker import DecodeWorker, StreamStart
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.loader import load_model_dir
+from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.transfer import make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillWorker
 from tiny_models import save_tiny_model
@@ -45,7 +45,7 @@ def workers(loaded, request):
 def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset()):
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
-    result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
+    result = prefill.submit(PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline)).result(timeout=60)
     batches: list[TokenBatch] = []
     done = threading.Event()
 
