@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine_speed import BlockSource, build_models, gpu_ms, measure_ceilings, wall_ms
+from engine_timing import BlockSource, build_models, gpu_ms, measure_ceilings, wall_ms
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 
 

@@ -130,7 +130,7 @@ def part_plane(tokenizer: Path, out: Path, seconds: float, routers_each: tuple[i
 
 def engine_worker_step(directory: Path, batch: int, context: int) -> float:
     """The decode worker's own steady step (ms) at `batch` sequences of `context` tokens, no server."""
-    from engine_speed import worker_step_ms
+    from engine_steps import worker_step_ms
 
     from pdserve.engine.loader import load_model_dir
     from pdserve.engine.runner import ModelRunner

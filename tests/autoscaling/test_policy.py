@@ -7,7 +7,8 @@ from pdserve.cluster.autoscaling import PolicySettings, PoolBounds
 from pdserve.cluster.cost_model import Slo
 
 SETTINGS = PolicySettings(slo=Slo(ttft_s=0.8, tpot_s=0.060), prefill=PoolBounds(1, 4), decode=PoolBounds(1, 6),
-                          upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0)
+                          upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0, max_running=64,
+                          prefill_gpus=1.0, decode_gpus=1.0, max_gpus=None)
 LIGHT = (1.0, 200.0, 50.0)  # requests/s, prompt tokens, output tokens: one replica of each holds it
 
 
@@ -60,16 +61,14 @@ def test_pools_return_to_their_minimum_when_load_stops():
 
 
 def test_a_fixed_pool_never_moves():
-    fixed = PolicySettings(slo=SETTINGS.slo, prefill=PoolBounds(2, 2), decode=PoolBounds(1, 6),
-                           upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0)
+    fixed = dataclasses.replace(SETTINGS, prefill=PoolBounds(2, 2))
     run = simulate(surge((10.0, 2000.0, 300.0)), fixed, 700)
     assert set(run.targets("prefill")) == {2} and max(run.targets("decode")) > 1
 
 
 def test_a_gpu_budget_caps_the_pools_by_the_gpus_their_tp_replicas_hold():
     # decode replicas of TP 2: beside 1 prefill GPU, a budget of 7 leaves room for 3 of them
-    budget = PolicySettings(slo=SETTINGS.slo, prefill=PoolBounds(1, 4), decode=PoolBounds(1, 6),
-                            upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0, decode_gpus=2.0, max_gpus=7)
+    budget = dataclasses.replace(SETTINGS, decode_gpus=2.0, max_gpus=7)
     heavy = surge((30.0, 100.0, 400.0))
     assert max(simulate(heavy, dataclasses.replace(budget, max_gpus=None), 700).targets("decode")) > 3
     run = simulate(heavy, budget, 700)

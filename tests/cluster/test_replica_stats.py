@@ -7,9 +7,12 @@ roofline was measured (a GPU); here it runs on the CPU with a roofline given."""
 import threading
 import time
 
+from pdserve.cluster.config import load_config
 from pdserve.cluster.deployments import decode_stats, weight_bytes_per_gpu
+from pdserve.cluster.settings import decode_settings
 from pdserve.decode_worker.outbox import Outbox
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.messages import StreamStart
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.roofline import Roofline
 from pdserve.engine.runner import ModelRunner
@@ -21,7 +24,7 @@ from tiny_models import save_tiny_model
 def test_a_colocated_replica_reports_its_batch_gpu_time_and_mbu_while_sequences_run(tmp_path):
     save_tiny_model("llama", tmp_path, max_position_embeddings=512)
     runner = ModelRunner(load_model_dir(tmp_path), 512, 4)
-    settings = DecodeSettings(max_running=8, overlap_steps=True)  # one step ahead, as on a GPU
+    settings = decode_settings(load_config({"decode": {"max_running": 8, "overlap_steps": True}}))  # one step ahead, as on a GPU
     worker = DecodeWorker(TpRunner(runner), None, settings, "colocated-test")  # as DecodeDeployment builds it
     ended = threading.Semaphore(0)
     outbox = Outbox(lambda batch: [ended.release() for _ in batch.endings])
