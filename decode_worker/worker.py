@@ -92,6 +92,8 @@ class DecodeWorker:
         self.stream_address = stream_address
         spec = runner.kv_cache.spec
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
+        self._kv_window = runner.spec.kv_window  # every layer slides: older blocks go back as sequences run
+        self.num_blocks_returned = 0  # blocks given back early, wholly outside every layer's window
         self._sequences: dict[int, DecodeSequence] = {}
         self._ready: deque[DecodeSequence] = deque()  # WAITING or PREFILLING, in arrival order
         self._landing: list[DecodeSequence] = []  # LANDING: the loop polls their transfers
@@ -362,6 +364,13 @@ class DecodeWorker:
             reason = seq.finish_reason()
             if reason:
                 self._finish(seq, reason)
+            elif self._kv_window is not None:
+                self._return_old_blocks(seq)
+
+    def _return_old_blocks(self, seq: DecodeSequence) -> None:
+        """Blocks before the window of the next query (the last token, at num_tokens - 1): no step reads
+        them again, not even the one in flight, whose query is the token just accepted's position."""
+        self.num_blocks_returned += seq.table.release_before(seq.num_tokens - self._kv_window)
 
     # ---- state changes (lock held) --------------------------------------------------
 

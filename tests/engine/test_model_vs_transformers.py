@@ -3,13 +3,14 @@ for each architecture of tests/tiny_models.py (sliding-window ones with prompts 
 
 Runs where engine_target says (CPU float32 by default; e.g. CUDA bfloat16 on a GPU).
 """
+import pytest
 import torch
 
 from engine_target import DEVICE, DTYPE_NAME, assert_logits_close, greedy_divergence
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
-from tiny_models import save_tiny_gemma3_multimodal
+from tiny_models import SLIDING_WINDOW, save_tiny_gemma3_multimodal, save_tiny_model
 
 LONG = [(7 * i + 3) % 120 + 2 for i in range(37)]  # over 4 windows of tiny_models.SLIDING_WINDOW
 PROMPTS = [[5, 17, 33, 2, 90, 11, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 3], [42], LONG]
@@ -65,3 +66,34 @@ def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
     for seq in sequences:
         expected = reference.generate(torch.tensor([seq.prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)
         assert greedy_divergence(seq.output, expected[0, len(seq.prompt):].tolist(), seq.prompt, reference) is None
+
+
+@pytest.mark.parametrize("arch, overrides", [("mistral_sliding", {}), ("qwen2_sliding", {"max_window_layers": 0})],
+                         ids=["mistral", "qwen2-every-layer"])
+def test_blocks_outside_every_window_return_while_decoding(arch, overrides, tmp_path):
+    """Every layer slides: a prompt over four windows, 32 tokens past it; tokens still equal generate()."""
+    reference = save_tiny_model(arch, tmp_path, **overrides)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    assert loaded.spec.kv_window == SLIDING_WINDOW
+    engine = OfflineEngine(loaded, num_blocks=64, block_size=4)
+    seq = OfflineSequence(LONG, max_tokens=32)
+    free_before_last_step = []
+    for _ in engine.generate([seq], ignore_eos=True):
+        free_before_last_step.append(engine.pool.num_free)
+    reference.generation_config.eos_token_id = None
+    expected = reference.generate(torch.tensor([LONG]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert greedy_divergence(seq.output, expected[0, len(LONG):].tolist(), LONG, reference) is None
+    # The last step's query (position 37 + 30) sees positions 60..67: blocks 0..14 of 4 tokens went back.
+    assert engine.num_blocks_returned == (len(LONG) + 31 - SLIDING_WINDOW) // 4
+    assert free_before_last_step[-1] == 64 - (-(-(len(LONG) + 32) // 4)) + engine.num_blocks_returned
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_a_layer_with_the_whole_context_keeps_every_block(tmp_path):
+    """Qwen2 whose first layer attends to everything: nothing can be returned."""
+    save_tiny_model("qwen2_sliding", tmp_path)  # max_window_layers=1
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    assert loaded.spec.kv_window is None
+    engine = OfflineEngine(loaded, num_blocks=64, block_size=4)
+    list(engine.generate([OfflineSequence(LONG, max_tokens=8)], ignore_eos=True))
+    assert engine.num_blocks_returned == 0

@@ -64,8 +64,10 @@ def test_dispatcher_uses_reference_on_cpu():
 
 
 def router_logits(num_tokens, num_experts, dtype, seed=0):
+    """Distinct values in every row, exact in bf16 (no ties: torch.topk orders ties as it likes)."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, num_experts, generator=gen) * 2).to(dtype).to(DEVICE)
+    rows = [torch.randperm(num_experts, generator=gen) for _ in range(num_tokens)]
+    return ((torch.stack(rows).float() - num_experts / 2) / 8).to(dtype).to(DEVICE)
 
 
 @requires_triton
@@ -78,7 +80,7 @@ def test_routing_matches_torch(num_tokens, num_experts, top_k, renormalize):
     expected_weights, expected_ids = route_reference(logits.cpu(), top_k, renormalize)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert torch.equal(ids.cpu(), expected_ids)
-    torch.testing.assert_close(weights.cpu(), expected_weights, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(weights.cpu(), expected_weights, rtol=1e-5, atol=1e-7)  # GPU exp: a few ulp
     if renormalize:
         torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(num_tokens))
 
