@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from engine_speed import (  # benchmarks/engine_speed.py: the shared timing helpers
+from engine_timing import (  # benchmarks/engine_timing.py: the shared timing helpers
     LOG, BlockSource, Counts, calls_ms, decode_inputs, gpu_ms, rel_err, say, time_decode,
 )
 from pdserve.engine.fp8 import Fp8Checkpoint, Fp8Linear
