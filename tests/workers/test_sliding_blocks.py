@@ -2,11 +2,13 @@
 and its tokens still equal the engine's."""
 import pytest
 
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.cluster.config import load_config
+from pdserve.cluster.settings import decode_settings, prefill_settings
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.transfer import make_receiver, make_sender
-from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillWorker
 from test_handoff import engine_outputs, run_all_at_once
 from tiny_models import SLIDING_WINDOW, save_tiny_model
 
@@ -22,11 +24,12 @@ def loaded(tmp_path_factory):
 def test_blocks_behind_the_window_return_and_tokens_stay_exact(loaded, overlap):
     decode_runner = ModelRunner(loaded, 96, 4)
     receiver = make_receiver("gloo", decode_runner.kv_cache, peer_id="decode-sliding")
-    decode = DecodeWorker(decode_runner, receiver, DecodeSettings(transfer_timeout_s=20, overlap_steps=overlap),
-                          "decode-sliding")
+    config = load_config({"decode": {"overlap_steps": overlap}, "transfer": {"timeout_s": 20},
+                          "prefill": {"max_batch_tokens": 64}, "kv_cache": {"block_size": 4}})
+    decode = DecodeWorker(decode_runner, receiver, decode_settings(config), "decode-sliding")
     prefill_runner = ModelRunner(loaded, 96, 4)
     sender = make_sender("gloo", prefill_runner.kv_cache, sender_id="prefill-sliding")
-    prefill = PrefillWorker(prefill_runner, sender, PrefillSettings(max_batch_tokens=64), "prefill-sliding")
+    prefill = PrefillWorker(prefill_runner, sender, prefill_settings(config), "prefill-sliding")
     try:
         long_prompt = [(7 * i + 3) % 120 + 2 for i in range(37)]  # over four windows
         requests = [(long_prompt, 30), ([5, 9, 11], 24)]
