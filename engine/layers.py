@@ -12,7 +12,7 @@ import torch
 from .kernels.activation import gated_activation
 from .kernels.fused_moe import fused_moe
 from .kernels.moe_routing import route
-from .kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_heads_
+from .kernels.rms_norm import add_rms_norm, rms_norm
 from .linear import Linear
 
 
@@ -30,10 +30,6 @@ class RmsNorm:
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """residual += x (in place), then (norm(residual), residual)."""
         return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
-
-    def heads_(self, x: torch.Tensor) -> None:
-        """Normalises each head of x [T, heads, dim] (a view into the fused qkv is fine) in place."""
-        rms_norm_heads_(x, self.weight, self.eps, self.offset)
 
 
 @dataclass(frozen=True, eq=False)
