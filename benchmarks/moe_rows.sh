@@ -11,7 +11,8 @@ export PYTHONPATH=/tmp/pd:$PWD/tests:$PWD/benchmarks
 left() { echo $((570 - SECONDS)); }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 PDSERVE_TEST_DEVICE=cuda PDSERVE_TEST_DTYPE=bfloat16 timeout 170 python3 -m pytest -q -p no:cacheprovider \
-  tests/kernels/test_fused_moe.py tests/kernels/test_fused_moe_pairs.py tests/engine/test_model_vs_transformers.py \
+  tests/kernels/test_fused_moe.py tests/kernels/test_fused_moe_pairs.py tests/kernels/test_qk_norm_rope.py \
+  tests/engine/test_model_vs_transformers.py \
   > /tmp/rows/moe_tests.log 2>&1; echo "cuda tests exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" /tmp/rows/moe_tests.log | tail -20
 timeout 150 python3 benchmarks/moe_kernel.py --sweep --out /tmp/rows > /tmp/rows/moe.log 2>&1; echo "moe_kernel exit $?"
 cat /tmp/rows/moe_kernel.md 2>/dev/null || tail -30 /tmp/rows/moe.log

@@ -8,7 +8,7 @@ itself moves from fp32 in that precision (engine_target.low_precision_copy).
 import pytest
 import torch
 
-from engine_target import DEVICE, DTYPE_NAME, assert_logits_close, greedy_divergence, last_logits, low_precision_copy
+from engine_target import DEVICE, DTYPE_NAME, IS_EXACT, assert_logits_close, greedy_divergence, last_logits, low_precision_copy
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner, PrefillChunk
@@ -108,3 +108,19 @@ def test_a_layer_with_the_whole_context_keeps_every_block(tmp_path):
     engine = OfflineEngine(loaded, num_blocks=64, block_size=4)
     list(engine.generate([OfflineSequence(LONG, max_tokens=8)], ignore_eos=True))
     assert engine.num_blocks_returned == 0
+
+
+def test_gemma3_final_logit_softcapping_is_applied(tmp_path):
+    """tiny_models' Gemma 3 sets final_logit_softcapping (real Gemma 3 configs leave it null): the engine's
+    logits equal transformers' capped ones, and are far from what they would be uncapped."""
+    reference = save_tiny_model("gemma3", tmp_path)
+    cap = reference.config.final_logit_softcapping
+    assert cap and load_model_dir(tmp_path, DEVICE, DTYPE_NAME).spec.final_logit_softcap == cap
+    runner = ModelRunner(load_model_dir(tmp_path, DEVICE, DTYPE_NAME), num_blocks=16, block_size=4)
+    logits = runner.prefill([PrefillChunk(tuple(LONG), 0, tuple(range(-(-len(LONG) // 4))))])[0]
+    capped = last_logits(reference, LONG)
+    low = low_precision_copy(reference)
+    assert_logits_close(logits, capped, low_logits(low, LONG))
+    uncapped = torch.atanh(capped / cap) * cap  # transformers' logits before its cap
+    if IS_EXACT:  # (in bf16 the cap's effect here, ~0.1, is within rounding)
+        assert (uncapped - capped).abs().max() > 10 * (logits.double().cpu() - capped).abs().max()
