@@ -45,10 +45,12 @@ def test_pairs_sharing_an_expert():
 def test_out_of_range_id_contributes_nothing():
     inputs = make_inputs(2, 32, 16, 4, 2, torch.float32)
     inputs[4] = torch.tensor([[0, 7], [-1, 3]], device=DEVICE)
-    expected = fused_moe_reference(inputs[0], inputs[1], inputs[2], inputs[3][:, :1] * torch.tensor([[1.0], [0.0]]),
-                                   torch.tensor([[0], [3]]))
-    expected[1] = fused_moe_reference(inputs[0][1:], *inputs[1:3], inputs[3][1:, 1:], torch.tensor([[3]]))[0]
-    assert relative_error(moe_pairs_triton(*inputs, config=SMALL), expected) < 1e-5
+    x, w13, w2, weights, _ = [t.cpu() for t in inputs]
+    expected = torch.stack([  # token 0: its slot on expert 0 alone; token 1: its slot on expert 3 alone
+        fused_moe_reference(x[:1], w13, w2, weights[:1, :1], torch.tensor([[0]]))[0],
+        fused_moe_reference(x[1:], w13, w2, weights[1:, 1:], torch.tensor([[3]]))[0],
+    ])
+    assert relative_error(moe_pairs_triton(*inputs, config=SMALL).cpu(), expected) < 1e-5
 
 
 def test_sparse_switch_by_pairs_per_expert(monkeypatch):
