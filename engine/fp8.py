@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from . import linear
-from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemv, fp8_matmul
+from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_matmul
+from .kernels.fp8_gemv import fp8_gemv
 from .linear import Linear
 
 _METHODS = ("fp8", "compressed-tensors")

@@ -1,8 +1,7 @@
-"""FP8 GEMM and GEMV: the Triton kernels (interpreted on the CPU) against torch references.
+"""FP8 GEMM: the Triton kernel (interpreted on the CPU) against torch references.
 
 The GEMM quantizes the activation, so its reference is the same quantized activation
-times the dequantized weight in float64; the GEMV is weight-only, so its reference is
-F.linear on the dequantized weight.
+times the dequantized weight in float64 (the weight-only GEMV: test_fp8_gemv.py).
 """
 import pytest
 import torch
@@ -14,12 +13,10 @@ from pdserve.engine.kernels.fp8_gemm import (
     Fp8GemmConfig,
     dequantize,
     fp8_gemm_triton,
-    fp8_gemv_triton,
     fp8_matmul,
     fp8_matmul_reference,
     quantize_per_token_group,
 )
-from pdserve.engine.kernels.gemv import GemvConfig
 
 # (N, K, group_n, group_k): blocks that tile exactly, blocks with partial edges, one scale per row
 LAYOUTS = [(64, 64, 32, 32), (40, 100, 32, 32), (48, 96, 1, 96)]
@@ -57,19 +54,6 @@ def test_gemm_matches_quantized_reference(n, k, group_n, group_k, m, with_bias):
         ref += bias.double()
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     assert relative_error(out, ref) < 1e-2  # bf16 output rounding
-
-
-@requires_triton
-@pytest.mark.parametrize("n, k, group_n, group_k", LAYOUTS)
-@pytest.mark.parametrize("config", [GemvConfig(8, 32, 2, 1), GemvConfig(16, 32, 2, 1, use_dot=True)], ids=["fma", "dot"])
-@pytest.mark.parametrize("m", [1, 3])
-def test_gemv_matches_dequantized_linear(n, k, group_n, group_k, config, m):
-    weight, scale = quantized_weight(n, k, group_n, group_k)
-    x = activation(m, k, torch.bfloat16)
-    bias = torch.randn(n).to(DEVICE, torch.bfloat16)
-    out = fp8_gemv_triton(x, weight, scale, group_n, group_k, bias, config)
-    ref = F.linear(x.double(), dequantize(weight, scale, group_n, group_k).double(), bias.double())
-    assert relative_error(out, ref) < 1e-2
 
 
 def test_quantization_error_is_fp8_sized():
