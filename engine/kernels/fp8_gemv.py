@@ -139,10 +139,11 @@ def fp8_gemv_triton(
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     num_tiles = triton.cdiv(n, config.block_n)
     grid = (num_tiles,) if config.use_dot else (num_rows * num_tiles,)
+    # GROUP_K is a constexpr: under ROW it is unused, and 1 spares a compile per K
     _fp8_gemv_kernel[grid](
         x, weight.view(torch.uint8), w_scale, bias, out, num_rows, n, k,
         x.stride(0), w_scale.stride(0), out.stride(0),
-        GROUP_N=group_n, GROUP_K=group_k, SCALES=mode, HAS_BIAS=bias is not None,
+        GROUP_N=group_n, GROUP_K=group_k if mode != ROW else 1, SCALES=mode, HAS_BIAS=bias is not None,
         USE_DOT=config.use_dot, BIT_DEQUANT=config.bit_dequant and not config.use_dot,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -209,13 +210,13 @@ def _fp8_gemv_kernel(
             x = tl.load(x_ptrs, mask=row_mask[:, None, None] & k_mask[None, :, :], other=0.0).to(tl.float32)
         if BIT_DEQUANT:
             x = x * 1152921504606846976.0  # 2^60
-        # the step's scales; its group g starts at column start + g * SUB
-        g_mask = start + offs_g * SUB < k
-        group = (start + offs_g * SUB) // GROUP_K  # [G]
-        if SCALES == "fold":
-            x = x * tl.load(s_tile + group, mask=g_mask, other=0.0)[None, :, None]
-        if SCALES == "gather":
-            s = tl.load(s_row + group[None, :], mask=col_mask[:, None] & g_mask[None, :], other=0.0)  # [BLOCK_N, G]
+        if SCALES != "row":  # the step's scales; its group g starts at column start + g * SUB
+            g_mask = start + offs_g * SUB < k
+            group = (start + offs_g * SUB) // GROUP_K  # [G]
+            if SCALES == "fold":
+                x = x * tl.load(s_tile + group, mask=g_mask, other=0.0)[None, :, None]
+            else:
+                s = tl.load(s_row + group[None, :], mask=col_mask[:, None] & g_mask[None, :], other=0.0)  # [BLOCK_N, G]
         if USE_DOT:
             if SCALES == "gather":
                 wt = tl.reshape(w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, :, None], [BLOCK_N, BLOCK_K])
