@@ -10,6 +10,12 @@ Layouts read (weights `float8_e4m3fn` [N, K]; dequantized W = q * s, elementwise
   * `quant_method: compressed-tensors` with float 8-bit weights: `weight_scale` of
     strategy tensor ([1]), channel ([N, 1]) or block ([ceil(N / bn), ceil(K / bk)]).
 
+KV cache scales (used by `kv_cache.dtype: fp8_e4m3`, engine/kv_cache.py: stored = K / k_scale)
+come from the checkpoint where it ships them: `self_attn.k_scale` / `v_scale` (llm-compressor,
+Qwen and vLLM-style FP8 checkpoints), `self_attn.k_proj.output_scale` / `v_proj.output_scale`
+(older compressed-tensors) or one `self_attn.kv_scale` for both (AutoFP8). A per-head scale is
+read as its largest (the cache keeps one per tensor; the largest clips nothing).
+
 Which projections are FP8 is read from the tensors themselves (a weight with a scale
 beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Static
 `input_scale`s are ignored: activations are quantized dynamically per token (per
@@ -23,6 +29,7 @@ keep their own scales.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -142,6 +149,35 @@ class Fp8Checkpoint:
         if any(p is None for p in parts):
             return None
         return Fp8Linear(Fp8Weight.cat(parts).to(device), bias)
+
+
+_KV_SCALE_NAMES = (
+    ("self_attn.k_scale", "self_attn.v_scale"),
+    ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+    ("self_attn.kv_scale", "self_attn.kv_scale"),
+)
+
+
+def checkpoint_kv_scales(tensors: Mapping[str, torch.Tensor], num_layers: int) -> tuple[tuple[float, float], ...] | None:
+    """Each layer's (K, V) cache scale from the checkpoint; None when it ships none."""
+    scales = []
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        names = next(((p + k, p + v) for k, v in _KV_SCALE_NAMES if p + k in tensors and p + v in tensors), None)
+        scales.append(None if names is None else tuple(_kv_scale(tensors[n], n) for n in names))
+    if all(s is None for s in scales):
+        return None
+    if any(s is None for s in scales):
+        missing = [i for i, s in enumerate(scales) if s is None]
+        raise Fp8FormatError(f"the checkpoint has KV cache scales for some layers only (none for layers {missing[:8]})")
+    return tuple(scales)
+
+
+def _kv_scale(t: torch.Tensor, name: str) -> float:
+    value = float(t.float().max())
+    if not value > 0 or value == float("inf"):
+        raise Fp8FormatError(f"{name}: a KV cache scale must be positive and finite, got {value}")
+    return value
 
 
 def _pair(block: Any) -> tuple[int, int] | None:
