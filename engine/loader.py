@@ -187,8 +187,8 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     of a TP rank, only its slices (`layout`).
 
     FP8 weights (engine/fp8.py; TP 1 only) stay FP8 in the projections on CUDA in bfloat16 (the
-    FP8 kernels' output); everywhere else (the CPU, experts, any other tensor) they are
-    dequantized here."""
+    FP8 kernels' output); everywhere else (the CPU, MoE experts, any other tensor) they are
+    dequantized here, on the target device."""
     family = spec.family
 
     def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
@@ -196,7 +196,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         try:
             if fp8 is not None:
-                return fp8.dequantized(reader, name)
+                return fp8.dequantized(reader, name, device)  # e.g. MoE experts (no FP8 grouped GEMM)
             return reader.read(name, *layout.slices(kind))
         except (WeightFileError, Fp8FormatError) as e:
             raise ModelLoadError(str(e)) from None
