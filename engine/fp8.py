@@ -17,9 +17,11 @@ Qwen and vLLM-style FP8 checkpoints), `self_attn.k_proj.output_scale` / `v_proj.
 read as its largest (the cache keeps one per tensor; the largest clips nothing).
 
 Which projections are FP8 is read from the tensors themselves (a weight with a scale
-beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Static
-`input_scale`s are ignored: activations are quantized dynamically per token (per
-token and 128-group for block weights), which is at least as accurate.
+beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Activations of
+the FP8 GEMM are quantized dynamically per token (and 128-group for block weights), unless
+the checkpoint says static (`activation_scheme: static`, or compressed-tensors
+`input_activations` with `dynamic: false`) and ships `input_scale`s: then x / input_scale,
+one scale per tensor (the largest of a fused projection's parts, which clips none of them).
 
 In memory every FP8 weight is an `Fp8Weight`: the fp8 tensor and an fp32 scale grid
 `scale[i // group_n, j // group_k]`. A per-tensor scale becomes a per-row one
@@ -54,14 +56,16 @@ class Fp8Weight:
     scale: torch.Tensor
     group_n: int
     group_k: int
+    input_scale: torch.Tensor | None = None  # [1] fp32: a static activation scale; None: dynamic
 
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
 
     def to(self, device: torch.device) -> Fp8Weight:
+        input_scale = None if self.input_scale is None else self.input_scale.to(device, torch.float32)
         return Fp8Weight(self.weight.to(device).contiguous(), self.scale.to(device, torch.float32).contiguous(),
-                         self.group_n, self.group_k)
+                         self.group_n, self.group_k, input_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = q * s, computed in fp32 and rounded to `dtype` once."""
@@ -72,7 +76,8 @@ class Fp8Weight:
         if self.group_n == 1:
             return self
         n = self.weight.shape[0]
-        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k)
+        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k,
+                         self.input_scale)
 
     @staticmethod
     def cat(parts: list[Fp8Weight]) -> Fp8Weight:
@@ -86,8 +91,10 @@ class Fp8Weight:
         if any(p.group_n != group_n or p.weight.shape[0] % group_n for p in parts):
             parts = [p.per_row_groups() for p in parts]
             group_n = 1
+        static = [p.input_scale for p in parts]
+        input_scale = None if any(s is None for s in static) else torch.stack(static).amax(0)
         return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
-                         group_n, group_k.pop())
+                         group_n, group_k.pop(), input_scale)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class Fp8Checkpoint:
     """How a checkpoint lays out its FP8 weights, from its quantization_config."""
 
     block_size: tuple[int, int] | None  # (bn, bk) of block scales; None: per-tensor or per-channel scales
+    static_activations: bool = False  # the checkpoint's input_scales quantize the activations
 
     @staticmethod
     def of(hf_config: Any) -> Fp8Checkpoint | None:
@@ -107,9 +115,9 @@ class Fp8Checkpoint:
         if method == "fp8":
             if quant.get("fmt", "e4m3") != "e4m3":
                 raise Fp8FormatError(f"FP8 format {quant.get('fmt')!r} is not supported (only e4m3)")
-            return Fp8Checkpoint(_pair(quant.get("weight_block_size")))
+            return Fp8Checkpoint(_pair(quant.get("weight_block_size")), quant.get("activation_scheme") == "static")
         if method == "compressed-tensors":
-            return Fp8Checkpoint(_compressed_tensors_block(quant))
+            return Fp8Checkpoint(_compressed_tensors_block(quant), _compressed_tensors_static(quant))
         raise Fp8FormatError(f"quantization method {method!r} is not supported; supported: {list(_METHODS)}")
 
     def weight(self, tensors: dict[str, torch.Tensor], name: str) -> Fp8Weight | None:
@@ -125,14 +133,16 @@ class Fp8Checkpoint:
                                  "only 2-d float8_e4m3fn weights are read")
         n, k = weight.shape
         scale = scale.float()
+        static = tensors.get(stem + "input_scale") if self.static_activations else None
+        static = None if static is None else static.float().reshape(-1).amax().reshape(1)
         if scale.numel() == 1:  # per tensor
-            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k)
+            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k, static)
         if tuple(scale.shape) == (n, 1):  # per channel
-            return Fp8Weight(weight, scale, 1, k)
+            return Fp8Weight(weight, scale, 1, k, static)
         if self.block_size is not None:
             bn, bk = self.block_size
             if tuple(scale.shape) == (-(-n // bn), -(-k // bk)):
-                return Fp8Weight(weight, scale, bn, bk)
+                return Fp8Weight(weight, scale, bn, bk, static)
         raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] "
                              f"weight (block size {self.block_size})")
 
@@ -184,6 +194,12 @@ def _kv_scale(t: torch.Tensor, name: str) -> float:
     return value
 
 
+def _compressed_tensors_static(quant: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config quantizes activations with static (checkpoint) scales."""
+    inputs = [g.get("input_activations") for g in (quant.get("config_groups") or {}).values()]
+    return any(i is not None and i.get("dynamic") is False for i in inputs)
+
+
 def _pair(block: Any) -> tuple[int, int] | None:
     if block is None:
         return None
@@ -227,4 +243,4 @@ class Fp8Linear(Linear):
         w = self.weight
         if x.is_cuda and x.shape[0] <= linear.GEMV_MAX_ROWS:
             return fp8_gemv(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
-        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
+        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias, w.input_scale)

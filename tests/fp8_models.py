@@ -60,7 +60,7 @@ def quantize_saved_model(model, directory, layout: str):
         q, scale = quantize(weight, block, per_channel)
         tensors[name], tensors[name.removesuffix("weight") + scale_name] = q, scale
         if layout == "fp8-tensor":
-            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.02)  # static, ignored
+            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.02)  # static: x / 0.02, up to |x| = 9
         dequantized[name] = Fp8Checkpoint(block).weight(tensors, name).dequantize()
     oracle_dir = directory.parent / f"{directory.name}-dequantized"
     oracle_dir.mkdir(exist_ok=True)

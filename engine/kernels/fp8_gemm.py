@@ -65,6 +65,18 @@ def quantize_per_token_group(x: torch.Tensor, group_k: int) -> tuple[torch.Tenso
     return q[:, :k].contiguous(), scale
 
 
+def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, group_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] / input_scale (a checkpoint's static scale, [1]) -> the same (q, scale [M, groups]) as above."""
+    m, k = x.shape
+    q = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, input_scale.float().reshape(1, 1).expand(m, -(-k // group_k)).contiguous()
+
+
+def quantize_activation(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None):
+    """Dynamic per token (and group) without a static scale, else static."""
+    return quantize_per_token_group(x, group_k) if input_scale is None else quantize_static(x, input_scale, group_k)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
     """q [R, K] * scale[r // group_n, j // group_k], in fp32."""
     rows, k = q.shape
@@ -76,14 +88,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int)
 
 def fp8_matmul(
     x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ W.T (+ bias) with x quantized per token (and group_k group) to FP8."""
+    """x @ W.T (+ bias) with x quantized to FP8: per token (and group_k group), or by a static `input_scale`."""
     k = x.shape[1]
     act_group = min(group_k, k)
     if not use_triton(x, weight):
-        return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias)
-    q, x_scale = quantize_per_token_group(x, act_group)
+        return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias, input_scale)
+    q, x_scale = quantize_activation(x, act_group, input_scale)
     if _scaled_mm_fits(weight, group_n, group_k):
         out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
         return out if bias is None else out.add_(bias)
@@ -98,10 +110,10 @@ def _scaled_mm_fits(weight: torch.Tensor, group_n: int, group_k: int) -> bool:
 
 def fp8_matmul_reference(
     x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same numerics in fp32 torch: the quantized activation times the dequantized weight."""
-    q, x_scale = quantize_per_token_group(x, min(group_k, x.shape[1]))
+    q, x_scale = quantize_activation(x, min(group_k, x.shape[1]), input_scale)
     a = dequantize(q, x_scale, 1, min(group_k, x.shape[1]))
     out = a @ dequantize(weight, w_scale, group_n, group_k).t()
     if bias is not None:

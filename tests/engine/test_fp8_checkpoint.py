@@ -68,12 +68,14 @@ def test_fp8_gemm_numerics_stay_close(fp8_model):
     loaded = load_model_dir(directory)
     if not isinstance(loaded.weights.layers[0].mlp, GatedMlp):
         pytest.skip("MoE experts are dequantized at load: no FP8 Linear in their MLP")
-    checkpoint = Fp8Checkpoint(LAYOUTS[layout][2])
+    checkpoint = Fp8Checkpoint.of(loaded.hf_config)  # fp8-tensor: static activation scales (input_scale)
+    assert checkpoint.static_activations == (layout == "fp8-tensor")
     tensors = load_file(directory / "model.safetensors")
 
     def fp8(names, bias=None):
         made = checkpoint.linear(tensors, names, bias, torch.device("cpu"))
         assert isinstance(made, Fp8Linear) and made.weight.weight.dtype == FP8
+        assert (made.weight.input_scale is not None) == checkpoint.static_activations
         return made
 
     layers = []

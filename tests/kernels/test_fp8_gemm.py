@@ -67,6 +67,20 @@ def test_quantization_error_is_fp8_sized():
     assert rel.max() <= 2 ** -4 + 1e-6
 
 
+def test_a_static_input_scale_quantizes_x_by_it():
+    """`activation_scheme: static`: q = x / input_scale (clamped to e4m3's range), one scale for every token."""
+    weight, scale = quantized_weight(48, 96, 1, 96)
+    weight, scale = weight.cpu(), scale.cpu()
+    x = torch.randn(5, 96)
+    x[0, 0] = 100.0  # past 448 * 0.05: clipped
+    s = torch.tensor([0.05])
+    q = (x / s).clamp(-448, 448).to(FP8_DTYPE).float() * s
+    expected = F.linear(q, dequantize(weight, scale, 1, 96))
+    out = fp8_matmul(x, weight, scale, 1, 96, input_scale=s)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert relative_error(out, fp8_matmul(x, weight, scale, 1, 96)) > 1e-3  # not the dynamic path
+
+
 def test_reference_is_close_to_the_unquantized_product():
     """The FP8 product stays within FP8's error of the dense one (both operands quantized)."""
     weight, scale = quantized_weight(64, 128, 32, 32)
