@@ -10,7 +10,7 @@ Llama-3-8B's graph shapes: batch up to 64, 512 block-table columns (8k tokens
 in 16-token blocks). Three cases per batch size: the same inputs every step;
 positions advancing by one a step (new tokens and slots, block tables
 unchanged); and the decode worker's loop, which also builds each step's inputs
-from its sequences (`decode_worker.worker.decode_input`).
+from its sequences (`decode_worker.steps.decode_input`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 
 from pdserve.decode_worker.sequence import DecodeSequence
-from pdserve.decode_worker.worker import decode_input
+from pdserve.decode_worker.steps import decode_input
 from pdserve.engine.block_pool import BlockPool, BlockTable
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.runner import DecodeInput, ModelRunner

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_speed import rel_err
+from engine_timing import rel_err
 from pdserve.engine import linear as engine_linear
 from pdserve.engine.kernels.fp8_gemm import fp8_matmul
 from pdserve.engine.kernels.fp8_gemv import fp8_gemv_triton

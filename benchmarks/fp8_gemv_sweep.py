@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine_speed import calls_ms, say
+from engine_timing import calls_ms, say
 from pdserve.engine.kernels import fp8_gemm, fp8_gemv
 from pdserve.engine.kernels.fp8_gemv import Fp8GemvConfig as C
 from pdserve.engine.kernels.gemv import gemv

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from engine_speed import (  # benchmarks/engine_speed.py: the shared timing helpers
+from engine_timing import (  # benchmarks/engine_timing.py: the shared timing helpers
     LOG, BlockSource, Counts, decode_inputs, gpu_ms, say, time_decode,
 )
 from fp8_accuracy import gemm_errors, model_errors

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -41,7 +42,7 @@ from pdserve.engine.loader import LoadedModel, LayerWeights, ModelWeights
 from pdserve.engine.model_spec import spec_from_config
 from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.messages import SamplingParams, StreamStart
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import free_port  # noqa: E402  (tests/e2e/server.py)
@@ -91,20 +92,24 @@ class Sample:
 
 def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     """The child: a prefill worker serving destinations from the parent."""
+    from pdserve.engine.messages import PrefillRequest
     from pdserve.engine.transfer import make_sender
-    from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.settings import prefill_settings
+    from pdserve.prefill_worker.worker import PrefillWorker
 
     device, dtype = torch.device(args.prefill_device), _dtype(args)
     _use(device)
     runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE,
                          kv_cache_dtype=args.kv_dtype)
     sender = make_sender(args.backend, runner.kv_cache, sender_id="bench-prefill")
-    worker = PrefillWorker(runner, sender, PrefillSettings(max_batch_tokens=max(args.lengths)), "bench-prefill")
+    worker = PrefillWorker(runner, sender, dataclasses.replace(prefill_settings(load_config()),
+                                                              max_batch_tokens=max(args.lengths)), "bench-prefill")
     results.put("ready")
     while (item := requests.get()) is not None:
         kind, prompt, destination = item
         if kind == "prefill":
-            result = worker.submit("bench", prompt, SamplingParams(), destination, time.time() + 120).result(120)
+            result = worker.submit(PrefillRequest("bench", tuple(prompt), SamplingParams(), destination, time.time() + 120)).result(120)
         else:
             result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
         results.put(result)
@@ -122,7 +127,9 @@ def _push(sender, runner: ModelRunner, destination, num_blocks: int) -> float:
 
 
 def run(args) -> list[Sample]:
-    from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.settings import decode_settings
+    from pdserve.decode_worker.worker import DecodeWorker
     from pdserve.engine.transfer import make_receiver
 
     device, dtype = torch.device(args.decode_device), _dtype(args)
@@ -130,7 +137,7 @@ def run(args) -> list[Sample]:
     runner = ModelRunner(random_model(args.shape, device, dtype, args.max_len), _blocks(args), BLOCK_SIZE,
                          kv_cache_dtype=args.kv_dtype)
     receiver = make_receiver(args.backend, runner.kv_cache, peer_id="bench-decode")
-    decode = DecodeWorker(runner, receiver, DecodeSettings(), "bench-decode")
+    decode = DecodeWorker(runner, receiver, decode_settings(load_config()), "bench-decode")
     ctx = mp.get_context("spawn")
     requests, results = ctx.Queue(), ctx.Queue()
     child = ctx.Process(target=_prefill_process, args=(args, requests, results))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from engine_speed import calls_ms as graph_ms, measure_ceilings  # benchmarks/engine_speed.py
+from engine_timing import calls_ms as graph_ms, measure_ceilings  # benchmarks/engine_timing.py
 
 from pdserve.engine.kernels import fused_moe as moe
 

@@ -1,16 +1,17 @@
 """The serving plane against the engine, on one GPU, in one call: what reaches the clients.
 
-    python benchmarks/serving_plane.py TOKENIZER_DIR OUT_DIR [--parts plane,8b,single] [--seconds S]
+    python benchmarks/serving_plane.py TOKENIZER_DIR OUT_DIR [--parts plane,8b] [--seconds S] [--routers 1,2]
+                                      [--clients 6]
 
 Parts (each prints its rows; the table is written last, to OUT_DIR/serving_plane.md):
   plane   a 2-layer model (the GPU idles): output tokens/s over HTTP SSE and over gRPC from several
-          `pdserve bench` client processes at once, with 1 and 2 router replicas.
+          `pdserve bench` client processes at once (--clients), with each of --routers router replicas.
   8b      Llama-3-8B shape (random bf16 weights, the tokenizer's vocabulary), 128-token prompts,
           256-token answers, 256 in flight: the decode worker's own steady step at batch 256
           (DecodeWorker alone, no server) against what clients receive from `--colocated 1` and
           1 prefill + 1 decode (half the GPU each); the served decode step from the replicas' reports.
-  single  the 8B shape with one request in flight: TTFT minus the server's own queue + prefill + KV
-          parts, and the 128-token prefill against its floor (the weights read once).
+          Each 8B deployment also serves one request in flight: TTFT minus the server's own
+          queue + prefill + KV parts, and the 128-token prefill against its floor (weights read once).
 Clients are `pdserve bench` processes (closed loop, `--concurrency` each); their tokens/s add up
 because they run over the same window. Host time per running sequence per step and the GPU-idle
 share come from the decode replicas' reports.
@@ -102,17 +103,16 @@ def decode_reports(pools: list[dict]) -> dict:
             "gpu_idle": median("gpu_idle_share"), "host_us_per_seq": 1e6 * median("host_s_per_seq")}
 
 
-def part_plane(tokenizer: Path, out: Path, seconds: float) -> None:
+def part_plane(tokenizer: Path, out: Path, seconds: float, routers_each: tuple[int, ...], clients: int) -> None:
     directory = save_random_checkpoint(Path("/tmp/tiny-2l"), TINY_2L, tokenizer)
     config = write_config(out / "plane.yaml", "decode: {max_running: 512, max_waiting: 1024}\n"
                                               "kv_cache: {memory_fraction: 0.3}\n")
-    for routers in (1, 2):
+    for routers in routers_each:
         server = Server("--model", str(directory), "--colocated", "1", "--config", str(config),
                         "--router-replicas", str(routers))
         try:
             for grpc in (False, True):
                 for in_flight in (512,):
-                    clients = 6
                     each = max(int(in_flight * seconds / 16 / clients), 8)  # ~`seconds` at ~6 ms a token
                     row = bench_clients(server, out, f"plane-r{routers}-{'grpc' if grpc else 'http'}-{in_flight}",
                                         clients, in_flight, each, "64", "256", grpc)
@@ -130,7 +130,7 @@ def part_plane(tokenizer: Path, out: Path, seconds: float) -> None:
 
 def engine_worker_step(directory: Path, batch: int, context: int) -> float:
     """The decode worker's own steady step (ms) at `batch` sequences of `context` tokens, no server."""
-    from engine_speed import worker_step_ms
+    from engine_steps import worker_step_ms
 
     from pdserve.engine.loader import load_model_dir
     from pdserve.engine.runner import ModelRunner
@@ -211,12 +211,18 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--parts", default="plane,8b")
     parser.add_argument("--seconds", type=float, default=12.0, help="rough length of each bench")
+    parser.add_argument("--routers", default="1,2", help="the plane part's router replicas, one server each")
+    parser.add_argument("--clients", type=int, default=6, help="the plane part's bench processes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     for part in args.parts.split(","):
         try:
-            {"plane": part_plane, "8b": part_8b}[part](args.tokenizer, args.out, args.seconds)
+            if part == "plane":
+                routers = tuple(int(r) for r in args.routers.split(","))
+                part_plane(args.tokenizer, args.out, args.seconds, routers, args.clients)
+            else:
+                {"8b": part_8b}[part](args.tokenizer, args.out, args.seconds)
         except Exception as e:  # one part failing still leaves the others' rows
             say(f"part {part} failed: {type(e).__name__}: {e}")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -35,19 +35,20 @@ TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_att
 
 
 def save_random_checkpoint(directory: Path, shape: dict, tokenizer_dir: Path) -> Path:
-    """A bf16 Llama checkpoint of `shape` with random weights (made on the GPU), in the vocabulary
-    of the tokenizer whose files are copied beside it; reused when `directory` already holds one."""
+    """A bf16 Llama checkpoint of `shape` with random weights (made on the GPU where there is one), in the
+    vocabulary of the tokenizer whose files are copied beside it; reused when `directory` already holds one."""
     if (directory / "config.json").exists():
         return directory
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers.LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
                                       eos_token_id=tokenizer.eos_token_id, dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     for file in tokenizer_dir.iterdir():
         shutil.copy(file, directory / file.name)
     return directory

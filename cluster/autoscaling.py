@@ -3,8 +3,9 @@
 How a decision is made, every `interval_s`:
 1. the replicas' `record_autoscaling_stats` (cluster/deployments.py) reach Ray Serve's
    controller; `PdserveAutoscalingPolicy` (Ray Serve's application-level policy,
-   called with every deployment's `AutoscalingContext`) turns them into an
-   `Observation`: the offered load and the measured prefill rate and decode step times;
+   called with every deployment's `AutoscalingContext`) reads them back as each
+   replica's typed `PrefillLoad` / `DecodeLoad` (engine/messages.py) and turns those
+   into an `Observation`: the offered load and the measured prefill rate and decode step times;
 2. `decide` (a pure function, tested with a simulator) asks the cost model
    (cluster/cost_model.py) for each pool: does the current size break its SLO?
    Then it wants the smallest size predicted within `up_headroom` × SLO. Is a smaller
@@ -19,24 +20,24 @@ both too small and comfortably large, so the pools do not flap.
 """
 from __future__ import annotations
 
-import collections
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 from pdserve.cluster.config import PdserveConfig, load_config
 from pdserve.cluster.cost_model import (
     DecodeProfile, PrefillProfile, Slo, StepSample, Workload, format_ms, predict_tpot, predict_ttft, smallest_holding,
 )
 from pdserve.cluster.registry import registry
+from pdserve.engine.messages import DecodeLoad, PrefillLoad
 
 log = logging.getLogger(__name__)
 
 POOLS = ("prefill", "decode")
 NOTES_KEY = "autoscaling"
+_Load = TypeVar("_Load", PrefillLoad, DecodeLoad)
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,9 @@ class PolicySettings:
     upscale_delay_s: float
     downscale_delay_s: float
     interval_s: float
+    max_running: int
     up_headroom: float = 0.9  # scale up to a size predicted within this share of the SLO
     down_headroom: float = 0.6  # scale down only to a size predicted within this share
-    max_running: int = 64
 
     @classmethod
     def from_config(cls, config: PdserveConfig) -> "PolicySettings":
@@ -171,59 +172,41 @@ def _decode_load(workload: Workload, num_decode: int, profile: DecodeProfile) ->
     return f"{max(running, workload.running_sequences):.0f} running sequences"
 
 
-# ---- measuring, on the replicas ----------------------------------------------------
-
-
-class RateMeter:
-    """Events and their sizes over a sliding window: a rate per second and a mean size."""
-
-    def __init__(self, window_s: float = 10.0):
-        self.window_s = window_s
-        self._events: collections.deque[tuple[float, float]] = collections.deque()
-        self._lock = threading.Lock()
-        self._started = time.monotonic()
-
-    def add(self, size: float) -> None:
-        with self._lock:
-            self._events.append((time.monotonic(), size))
-
-    def rate_and_mean(self) -> tuple[float, float]:
-        now = time.monotonic()
-        with self._lock:
-            while self._events and now - self._events[0][0] > self.window_s:
-                self._events.popleft()
-            count, total = len(self._events), sum(size for _, size in self._events)
-        span = min(self.window_s, max(now - self._started, 1e-3))
-        return count / span, total / count if count else 0.0
-
-
 # ---- Ray Serve's application-level policy -------------------------------------------
 
 
-def observe(metrics: dict[str, dict[str, dict[str, float]]], samples: dict[str, list[tuple[float, float]]]) -> Observation:
-    """An Observation from each pool's {metric: {replica: value}} and decode's raw (batch, step time) pairs."""
-    prefill, decode = metrics.get("prefill", {}), metrics.get("decode", {})
-    arrival_rate = sum(decode.get("arrivals_per_s", {}).values())
-    weights = decode.get("arrivals_per_s", {})
-    prompt_tokens = _weighted_mean(decode.get("prompt_tokens_mean", {}), weights)
-    generated_per_s = sum(decode.get("tokens_per_s", {}).values())
+def pool_loads(cls: type[_Load], metrics: dict[str, dict[str, float]]) -> list[_Load]:
+    """Each replica's typed load from a pool's {metric: {replica: value}} (Ray Serve aggregates every
+    metric on its own); LoadReportError where a replica's report lacks a field."""
+    replicas = sorted({replica for per_replica in metrics.values() for replica in per_replica})
+    return [cls.from_dict({**{name: per_replica[replica] for name, per_replica in metrics.items() if replica in per_replica},
+                           "replica_id": replica}) for replica in replicas]
+
+
+def observe(prefill: Sequence[PrefillLoad], decode: Sequence[DecodeLoad],
+            samples: dict[str, list[tuple[float, float]]]) -> Observation:
+    """An Observation from each pool's replica loads and decode's raw (batch, step time) pairs."""
+    arrival_rate = sum(d.arrivals_per_s for d in decode)
+    prompt_tokens = _weighted_mean([(d.prompt_tokens_mean, d.arrivals_per_s) for d in decode])
+    generated_per_s = sum(d.tokens_per_s for d in decode)
     output_tokens = generated_per_s / arrival_rate + 1.0 if arrival_rate > 0 else 0.0  # the first comes from prefill
-    rates = [r for r in prefill.get("tokens_per_s", {}).values() if r > 0]
-    hits = list(prefill.get("prefix_hit_rate", {}).values())
+    rates = [p.tokens_per_s for p in prefill if p.tokens_per_s > 0]
+    hits = [p.prefix_hit_rate for p in prefill]
     pairs = [StepSample(batch, step) for series in samples.values() for batch, step in series if batch > 0 and step > 0]
     workload = Workload(
         arrival_rate=arrival_rate, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-        queued_prompt_tokens=sum(prefill.get("queued_tokens", {}).values()),
-        running_sequences=sum(decode.get("num_running", {}).values()) + sum(decode.get("num_waiting", {}).values()),
+        queued_prompt_tokens=sum(p.queued_tokens for p in prefill),
+        running_sequences=sum(d.num_running + d.num_waiting for d in decode),
         prefix_hit_rate=sum(hits) / len(hits) if hits else 0.0)
     return Observation(workload, sum(rates) / len(rates) if rates else 0.0, tuple(pairs[-64:]))
 
 
-def _weighted_mean(values: dict[str, float], weights: dict[str, float]) -> float:
-    total = sum(weights.get(k, 0.0) for k in values)
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """The mean of (value, weight) pairs by weight; the plain mean where no weight is positive."""
+    total = sum(weight for _, weight in pairs)
     if total <= 0:
-        return sum(values.values()) / len(values) if values else 0.0
-    return sum(v * weights.get(k, 0.0) for k, v in values.items()) / total
+        return sum(value for value, _ in pairs) / len(pairs) if pairs else 0.0
+    return sum(value * weight for value, weight in pairs) / total
 
 
 class PdserveAutoscalingPolicy:
@@ -250,7 +233,7 @@ class PdserveAutoscalingPolicy:
         return {dep: self.state.pools[pool].target for pool, (dep, _) in by_pool.items()}, {}
 
     def _observe(self, by_pool: dict[str, tuple[Any, Any]]) -> Observation:
-        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        metrics: dict[str, dict[str, dict[str, float]]] = {pool: {} for pool in POOLS}
         samples: dict[str, list[tuple[float, float]]] = {}
         for pool, (_, ctx) in by_pool.items():
             metrics[pool] = {name: {str(r): v for r, v in per_replica.items()}
@@ -261,7 +244,7 @@ class PdserveAutoscalingPolicy:
             for replica, series in batches.items():
                 step_series = steps.get(replica, [])
                 samples[str(replica)] = [(b.value, s.value) for b, s in zip(series, step_series)]
-        return observe(metrics, samples)
+        return observe(pool_loads(PrefillLoad, metrics["prefill"]), pool_loads(DecodeLoad, metrics["decode"]), samples)
 
     def _publish(self, by_pool: dict[str, tuple[Any, Any]]) -> None:
         """The state in the registry's notes, for `pdserve status` and /metrics (fire and forget)."""

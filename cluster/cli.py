@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from .config import ConfigError, load_config, load_config_file
+from .config import ConfigError, PdserveConfig, load_config, load_config_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving on Ray.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the names clients send as `model` (responses carry the first; /v1/models lists "
                             "them all; any other name gets 404). Default: the --model value exactly as given, "
                             "or SmolLM2-135M-Instruct for the embedded model")
+    serve.add_argument("--cache-dir", help="where the embedded default model is unpacked "
+                                            "(default: $PDSERVE_CACHE, else ~/.cache/pdserve)")
     serve.add_argument("--prefill-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--decode-replicas", help="N, or MIN:MAX to autoscale")
     serve.add_argument("--colocated", type=int, help="N replicas doing both phases instead (the baseline)")
@@ -107,17 +110,12 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import os
-
-    from pdserve.engine.loader import ModelLoadError
-    from pdserve.engine.model_spec import UnsupportedModel
-
-    from .server import serve_forever
-
+def serve_config(args: argparse.Namespace) -> PdserveConfig:
+    """The config `pdserve serve` runs with: --config's file (or the defaults), then the flags."""
     overrides = {
         "model.path": args.model,
         "model.served_model_name": args.served_model_name,
+        "model.cache_dir": args.cache_dir,
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,
@@ -134,7 +132,16 @@ def _serve(args: argparse.Namespace) -> int:
         "autoscaling.upscale_delay_s": args.upscale_delay_s,
         "autoscaling.downscale_delay_s": args.downscale_delay_s,
     }
-    config = load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
+    return load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.engine.loader import ModelLoadError
+    from pdserve.engine.model_spec import UnsupportedModel
+
+    from .server import serve_forever
+
+    config = serve_config(args)
     try:
         serve_forever(config, args.address)
     except (ModelLoadError, UnsupportedModel) as e:  # read before anything is deployed

@@ -4,7 +4,7 @@
 land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
-    model:        {path, served_model_name, dtype, max_model_len}
+    model:        {path, served_model_name, dtype, max_model_len, cache_dir}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
@@ -19,6 +19,11 @@ A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node 
     autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
                    request_timeout_s}
+    engine:       {gemv_max_rows, gil_switch_interval_s}
+
+Every default is written once, here: the parts' own settings (PrefillSettings,
+DecodeSettings, PipelineSettings, RequestLimits, PolicySettings) have none for
+what this tree sets, and cluster/settings.py builds them from it.
 """
 from __future__ import annotations
 
@@ -84,6 +89,8 @@ class ModelConfig:
     served_model_name: tuple[str, ...] = ()
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_model_len: int | None = None  # None: the model's own context length
+    # where the embedded default model is unpacked; None: $PDSERVE_CACHE, else ~/.cache/pdserve
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """How each replica's process runs its engine."""
+
+    # On CUDA, projections of at most this many rows (decode steps of few sequences) take the
+    # Triton GEMV; 0 turns it off; None: the engine's own crossover (engine/linear.py)
+    gemv_max_rows: int | None = None
+    # The engine thread holds the GIL between GPU waits; at Python's default 5 ms each KV-channel
+    # or stream-thread step behind it can wait that long, which the handoff pays per message.
+    gil_switch_interval_s: float = 0.001
+
+
+@dataclass(frozen=True)
 class PdserveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prefill: PrefillPoolConfig = field(default_factory=PrefillPoolConfig)
@@ -181,6 +200,7 @@ class PdserveConfig:
     slo: SloConfig = field(default_factory=SloConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def is_colocated(self) -> bool:
@@ -206,14 +226,14 @@ _POSITIVE = {
     ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),
     ("autoscaling", "interval_s"), ("limits", "max_body_bytes"), ("router", "replicas"),
     ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
-    ("limits", "request_timeout_s"), ("model", "max_model_len"),
+    ("limits", "request_timeout_s"), ("model", "max_model_len"), ("engine", "gil_switch_interval_s"),
 }
 _NON_NEGATIVE = {
     ("prefill", "gpus_per_replica"), ("decode", "gpus_per_replica"),
     ("colocated", "replicas"), ("colocated", "gpus_per_replica"),
     ("router", "short_prompt_tokens"), ("autoscaling", "upscale_delay_s"),
     ("autoscaling", "downscale_delay_s"), ("autoscaling", "drain_timeout_s"),
-    ("limits", "max_stop"),
+    ("limits", "max_stop"), ("engine", "gemv_max_rows"),
 }
 _PORTS = {("router", "http_port"), ("router", "grpc_port")}
 
@@ -325,7 +345,7 @@ def _check(config: PdserveConfig) -> None:
             raise ConfigError(f"{section}.{key}: must be > 0, got {value}")
     for section, key in _NON_NEGATIVE:
         value = getattr(getattr(config, section), key)
-        if value < 0:
+        if value is not None and value < 0:
             raise ConfigError(f"{section}.{key}: must be >= 0, got {value}")
     for section, key in _PORTS:
         value = getattr(getattr(config, section), key)

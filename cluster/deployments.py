@@ -10,50 +10,44 @@ import asyncio
 import dataclasses
 import logging
 import os
-import sys
 from typing import Any
 
-import torch
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from pdserve.decode_worker.messages import KvPoolFull, QueueFull, ReplicaDraining, Reservation
+from pdserve.decode_worker.errors import KvPoolFull, QueueFull, ReplicaDraining
 from pdserve.decode_worker.stream_server import StreamServer
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
-from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, read_model_spec, DEFAULT_MODEL_NAME
+from pdserve.engine.loader import DEFAULT_MODEL_NAME, read_model_spec
+from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
-from pdserve.engine.transfer.addresses import interface_address
 from pdserve.engine.transfer.group import ReceiverGroup
-from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillResult, PrefillSettings, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
     Overloaded, TryElsewhere, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
-from pdserve.router.ingress import Ingress, IngressSettings
-from pdserve.router.limits import RequestLimits
+from pdserve.router.ingress import Ingress
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
-from pdserve.router.pipeline import Pipeline, PipelineSettings
+from pdserve.router.pipeline import Pipeline
 from pdserve.router.served_models import ServedModels
 
-from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE, RateMeter
+from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE
 from .config import PdserveConfig, load_config
+from .rank_process import kv_host, load_rank_model, model_dir, rank_device, transfer_backend
 from .registry import Reporter, registry
+from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits
 from .tp_ranks import TpGroup
 
 log = logging.getLogger(__name__)
-
-
-def model_dir(config: PdserveConfig) -> str:
-    return config.model.path or str(default_model_dir())
 
 
 def served_models(config: PdserveConfig) -> ServedModels:
@@ -74,28 +68,6 @@ def _node_host() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _kv_host(config: PdserveConfig) -> str | None:
-    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
-    return interface_address(config.transfer.interface) if config.transfer.interface else None
-
-
-# A replica's engine thread runs Python between GPU waits without letting go of the GIL; at
-# Python's default 5 ms switch interval each KV-channel or stream-thread step behind it can wait
-# that long, which the handoff pays per message. 1 ms bounds the wait at little cost.
-_GIL_SWITCH_INTERVAL_S = 0.001
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
-    """This TP rank's shard of the model (the whole model at TP 1)."""
-    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
-    return load_model_dir(model_dir(config), _device(), config.model.dtype, config.model.max_model_len,
-                          rank=tp.rank, tp_size=tp.size)
-
-
 def _runner(config: PdserveConfig, tp: TensorParallel) -> ModelRunner:
     """The leader's runner; its pool size is every rank's (TpGroup.start_followers)."""
     loaded = load_rank_model(config, tp)
@@ -112,21 +84,30 @@ def _shard(runner: ModelRunner) -> KvShard:
     return KvShard(runner.tp.rank, runner.tp.size, runner.spec.num_kv_heads)
 
 
-def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
-    """'auto': gloo on the CPU; on GPUs, CUDA IPC when the cluster has one GPU, NCCL otherwise."""
-    if config.transfer.backend != "auto":
-        return config.transfer.backend
-    if runner.device.type != "cuda":
-        return "gloo"
-    import ray
-
-    return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
-
-
 def _check_ranks(ranks: TpGroup, runner: TpRunner) -> None:
     if runner.broken is not None:
         raise RuntimeError(f"the replica's TP group broke: {runner.broken}")
     ranks.check_health()
+
+
+def weight_bytes_per_gpu(runner: ModelRunner) -> int:
+    """Weight bytes one decode step reads on each of the replica's GPUs: its rank's share, at the model's
+    dtype (FP8 weights: counted at 2 B)."""
+    return runner.spec.num_params * runner.model.dtype.itemsize // runner.tp.size
+
+
+def decode_stats(worker: DecodeWorker, roofline: Roofline | None, weight_bytes: int) -> dict[str, Any]:
+    """A decode replica's load, KV use and, on a GPU with sequences running, its MBU over the GPU's busy
+    time per step and over the step's wall time (labelled). `worker.runner` is a TpRunner: only what
+    it exposes (spec, kv_cache, device) may be read here."""
+    load = worker.load()
+    stats = {**dataclasses.asdict(load), "num_blocks_used": load.num_blocks_total - load.num_blocks_free,
+             "kv_block_size": worker.pool.block_size}
+    if roofline is not None and load.num_running:
+        kv_read = load.num_context_tokens * worker.runner.kv_cache.spec.bytes_per_token
+        stats["mbu_busy"] = roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
+        stats["mbu_wall"] = roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
+    return stats
 
 
 def _numbers(stats: dict[str, Any]) -> dict[str, float]:
@@ -154,15 +135,13 @@ class PrefillDeployment:
     def __init__(self, config: dict[str, Any]):
         self.config = load_config(config)
         self.replica_id = _replica_id("prefill")
-        self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), _device())
+        self.ranks = TpGroup.start(self.config, "prefill", self.replica_id, _node_host(), rank_device())
         runner = _runner(self.config, self.ranks.tp)
         sender = make_sender(transfer_backend(self.config, runner), runner.kv_cache, sender_id=self.replica_id,
-                             timeout_s=self.config.transfer.timeout_s, host=_kv_host(self.config),
+                             timeout_s=self.config.transfer.timeout_s, host=kv_host(self.config),
                              shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
-        p = self.config.prefill
-        settings = PrefillSettings(p.max_batch_tokens, p.max_queued_requests, self.config.transfer.timeout_s)
-        self.worker = PrefillWorker(TpRunner(runner, sender), sender, settings, self.replica_id)
+        self.worker = PrefillWorker(TpRunner(runner, sender), sender, prefill_settings(self.config), self.replica_id)
         self.roofline = Roofline.measure(runner.device)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
@@ -171,14 +150,9 @@ class PrefillDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        tokens_per_s, batches = self.worker.tokens_per_s(), self.worker.batch_times()
-        stats = {"pid": os.getpid(), "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size,
-                 "queued_tokens": self.worker.queued_tokens(),
-                 "queued_requests": self.worker.queued_requests(), "tokens_per_s": tokens_per_s,
-                 "prefix_hit_rate": self.worker.prefix_hit_rate(),
-                 "prefix_cached_blocks": self.worker.prefix_cache.num_blocks,
-                 "gpu_idle_share": batches.idle_share, "gpu_batch_time_s": batches.step_busy_s,
-                 "batch_period_s": batches.wall_s, "batch_tokens": batches.size}
+        batches = self.worker.batch_times()
+        stats = {**dataclasses.asdict(self.worker.load()), "pid": os.getpid(), "rank_pids": self.ranks.pids,
+                 "tensor_parallel_size": self.ranks.tp.size}
         if self.roofline is not None and batches.num_steps:
             spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
             gpus = self.ranks.tp.size  # the replica's rate over all its GPUs' matmul rate
@@ -186,11 +160,9 @@ class PrefillDeployment:
             stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9)) / gpus
         return stats
 
-    async def prefill(self, request_id: str, prompt: list[int], temperature: float, top_p: float, top_k: int,
-                      seed: int, logprobs: bool, destination: Any, deadline: float) -> PrefillResult:
-        params = SamplingParams(temperature, top_p, top_k, seed, logprobs)
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
         try:
-            future = self.worker.submit(request_id, prompt, params, destination, deadline)
+            future = self.worker.submit(request)
             return await asyncio.wrap_future(future)
         except PrefillOverloaded as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
@@ -218,28 +190,23 @@ class DecodeDeployment:
         pool = "colocated" if colocated else "decode"
         self.replica_id = _replica_id(pool)
         host = _node_host()
-        self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, _device())
+        self.ranks = TpGroup.start(self.config, pool, self.replica_id, host, rank_device())
         runner = _runner(self.config, self.ranks.tp)
         receiver = None if colocated else make_receiver(
-            transfer_backend(self.config, runner), runner.kv_cache, host=_kv_host(self.config) or host,
+            transfer_backend(self.config, runner), runner.kv_cache, host=kv_host(self.config) or host,
             peer_id=self.replica_id, timeout_s=self.config.transfer.timeout_s, shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
         if receiver is not None and self.ranks.actors:  # every rank's receiver, as one
             receiver = ReceiverGroup([receiver, *self.ranks.receivers()])
         self.tp_runner = TpRunner(runner)
-        d = self.config.decode
-        settings = DecodeSettings(max_running=d.max_running, max_waiting=d.max_waiting,
-                                  prefill_chunk_tokens=self.config.prefill.max_batch_tokens,
-                                  transfer_timeout_s=self.config.transfer.timeout_s,
-                                  overlap_steps=d.overlap_steps)
         self.roofline = Roofline.measure(runner.device)
+        self.weight_bytes = weight_bytes_per_gpu(runner)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
-        self.engine_steps = decode_step_anchors(self.tp_runner, (1, d.max_running)) if self.roofline is not None else []
-        self.worker = DecodeWorker(self.tp_runner, receiver, settings, self.replica_id)
+        self.engine_steps = decode_step_anchors(self.tp_runner, (1, self.config.decode.max_running)) if self.roofline is not None else []
+        self.worker = DecodeWorker(self.tp_runner, receiver, decode_settings(self.config), self.replica_id)
         self.server = StreamServer(self.worker, host=host)
         self.worker.stream_address = self.server.address
-        self.arrivals = RateMeter(window_s=max(4 * self.config.autoscaling.interval_s, 2.0))
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -247,31 +214,17 @@ class DecodeDeployment:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        load = self.worker.load()
-        used = load.num_blocks_total - load.num_blocks_free
-        stats = {**dataclasses.asdict(load), "num_blocks_used": used, "pid": os.getpid(),
-                 "engine_steps": self.engine_steps, "kv_block_size": self.worker.pool.block_size,
-                 "rank_pids": self.ranks.pids, "tensor_parallel_size": self.ranks.tp.size}
-        if self.roofline is not None and load.num_running:
-            runner = self.worker.runner
-            size = self.ranks.tp.size  # each rank reads its shard: 1/size of the weights
-            weight_bytes = runner.spec.num_params * runner.model.dtype.itemsize // size  # (FP8 weights: counted at 2 B)
-            kv_read = load.num_context_tokens * runner.kv_cache.spec.bytes_per_token
-            # MBU over the GPU's busy time per step and over the step's wall time, labelled
-            stats["mbu_busy"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.gpu_step_time_s)
-            stats["mbu_wall"] = self.roofline.decode_mbu(weight_bytes, kv_read, load.step_time_s)
-        return stats
+        return {**decode_stats(self.worker, self.roofline, self.weight_bytes), "pid": os.getpid(),
+                "engine_steps": self.engine_steps, "rank_pids": self.ranks.pids,
+                "tensor_parallel_size": self.ranks.tp.size}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
-        arrivals_per_s, prompt_tokens_mean = self.arrivals.rate_and_mean()
-        return {**_numbers(self.stats()), "arrivals_per_s": arrivals_per_s, "prompt_tokens_mean": prompt_tokens_mean}
+        return _numbers(self.stats())
 
     def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
         try:
-            reservation = self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
-            self.arrivals.add(num_prompt_tokens)
-            return reservation
+            return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
         except QueueFull as e:
             raise Overloaded(str(e), retry_after_s=1.0) from None
         except (KvPoolFull, ReplicaDraining) as e:
@@ -297,18 +250,11 @@ class RouterDeployment:
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
         self.tokenizer = load_tokenizer(directory)
-        settings = PipelineSettings(colocated=self.config.is_colocated,
-                                    short_prompt_tokens=self.config.router.short_prompt_tokens)
-        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, settings)
-        lim = self.config.limits
-        self.limits = RequestLimits(
-            max_model_len=spec.max_model_len, max_body_bytes=lim.max_body_bytes,
-            max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens, max_n=lim.max_n,
-            max_stop=lim.max_stop, request_timeout_s=lim.request_timeout_s)
+        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, pipeline_settings(self.config))
+        self.limits = request_limits(self.config, spec.max_model_len)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
         self._registry = registry()
-        router = self.config.router
-        self.ingress = Ingress(IngressSettings(router.http_host, router.http_port, router.grpc_port))
+        self.ingress = Ingress(ingress_settings(self.config))
         grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 

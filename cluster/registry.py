@@ -7,11 +7,14 @@ replica that died disappears on its own.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable
 
 import ray
+
+log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "pdserve-registry"
 REGISTRY_NAMESPACE = "pdserve"
@@ -68,15 +71,33 @@ class Reporter:
         self._pool, self._replica_id, self._stats = pool, replica_id, stats
         self._registry = registry()
         self._stop = threading.Event()
+        self._failure: str | None = None  # the last stats failure logged
         self._thread = threading.Thread(target=self._run, name=f"report-{pool}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(REPORT_INTERVAL_S):
+            stats = self._read_stats()
+            if stats is None:
+                continue
             try:
-                self._registry.report.remote(self._pool, self._replica_id, self._stats())
+                self._registry.report.remote(self._pool, self._replica_id, stats)
             except Exception:  # the registry restarting must not take the replica down
                 pass
+
+    def _read_stats(self) -> dict[str, Any] | None:
+        """The replica's stats, or None (logged, each new failure once) when computing them failed:
+        its load then goes unreported, which routing, status and diagnose would otherwise read as idle."""
+        try:
+            stats = self._stats()
+        except Exception as e:
+            if repr(e) != self._failure:
+                self._failure = repr(e)
+                log.exception("%s replica %s: its stats failed, so it reports nothing until they work again",
+                              self._pool, self._replica_id)
+            return None
+        self._failure = None
+        return stats
 
     def stop(self) -> None:
         self._stop.set()

@@ -23,7 +23,7 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
     """Resolve what the replicas must agree on before they start: the model path, GPUs or none."""
     data = config.to_dict()
     if config.model.path is None:
-        data["model"]["path"] = str(default_model_dir())  # dequantised once, here, not in every replica
+        data["model"]["path"] = str(default_model_dir(config.model.cache_dir))  # dequantised once, here, not in every replica
         data["model"]["served_model_name"] = list(config.model.served_model_name) or [DEFAULT_MODEL_NAME]
     if not joining or Path(data["model"]["path"]).is_dir():
         # A model the engine cannot run is refused here, before anything is deployed

@@ -33,6 +33,7 @@ from pdserve.engine.parallel import Rendezvous, TensorParallel
 from pdserve.engine.transfer import KvDestination, KvShard, TransferOutcome
 
 from .config import PdserveConfig, load_config
+from .rank_process import kv_host, load_rank_model, rank_device, transfer_backend
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,9 @@ class RankActor:
 
     def __init__(self, config: dict[str, Any], pool: str, rank: int, size: int, rendezvous: Rendezvous,
                  rank_id: str, host: str):
-        from .deployments import load_rank_model
-
         self.config = load_config(config)
         self.pool, self.rank_id, self.host = pool, rank_id, host
-        self.tp = TensorParallel.join(rendezvous, rank, size, _device())
+        self.tp = TensorParallel.join(rendezvous, rank, size, rank_device())
         self.loaded = load_rank_model(self.config, self.tp)
         self.receiver = None
         self._error: BaseException | None = None
@@ -121,8 +120,6 @@ class RankActor:
         from pdserve.engine.tp_runner import follow
         from pdserve.engine.transfer import make_receiver, make_sender
 
-        from .deployments import _kv_host, transfer_backend
-
         runner = ModelRunner(self.loaded, num_blocks, self.config.kv_cache.block_size,
                              max_decode_batch=self.config.decode.max_running, tp=self.tp)
         shard = KvShard(self.tp.rank, self.tp.size, self.loaded.spec.num_kv_heads)
@@ -130,9 +127,9 @@ class RankActor:
         sender = None
         if self.pool == "prefill":
             sender = make_sender(backend, runner.kv_cache, sender_id=self.rank_id, timeout_s=timeout,
-                                 host=_kv_host(self.config), shard=shard)
+                                 host=kv_host(self.config), shard=shard)
         elif self.pool == "decode":
-            self.receiver = make_receiver(backend, runner.kv_cache, host=_kv_host(self.config) or self.host,
+            self.receiver = make_receiver(backend, runner.kv_cache, host=kv_host(self.config) or self.host,
                                           peer_id=self.rank_id, timeout_s=timeout, shard=shard)
 
         def run() -> None:
@@ -199,12 +196,6 @@ class RemoteRankReceiver:
             self._call(self._actor.close, timeout_s=10.0)
         except Exception as e:  # the rank may be gone already
             log.debug("TP rank receiver close: %s", e)
-
-
-def _device() -> Any:
-    import torch
-
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _free_port(host: str) -> int:

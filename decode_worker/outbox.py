@@ -20,7 +20,7 @@ class Ending:
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
     error_code: FailureCode | None = None
-    timings: dict[str, float] | None = None  # kv_wait_s, prefill_s, decode_s, decode_steps
+    timings: dict[str, float] | None = None  # kv_wait_s, queue_s, prefill_s, decode_s, decode_steps
 
 
 @dataclass
@@ -62,3 +62,28 @@ class Outbox:
         if self._batch:
             batch, self._batch = self._batch, TokenBatch()
             self._deliver(batch)
+
+
+class Emission:
+    """The outboxes written since the last flush: every write goes through here, and `flush`
+    hands each its batch once (called under the worker's lock, once per step)."""
+
+    def __init__(self) -> None:
+        self._unflushed: set[Outbox] = set()
+
+    def token(self, outbox: Outbox, transfer_id: int, token_id: int, logprob: float | None) -> None:
+        outbox.token(transfer_id, token_id, logprob)
+        self._unflushed.add(outbox)
+
+    def end(self, outbox: Outbox, ending: Ending) -> None:
+        outbox.end(ending)
+        self._unflushed.add(outbox)
+
+    def forget(self, outbox: Outbox) -> None:
+        """Its subscriber is gone: nothing more is handed to it."""
+        self._unflushed.discard(outbox)
+
+    def flush(self) -> None:
+        for outbox in self._unflushed:
+            outbox.flush()
+        self._unflushed.clear()

@@ -1,20 +1,30 @@
-"""A request's life on a decode replica.
+"""A request's life on a decode replica: its states, and the only edges between them.
 
-    RESERVED ──stream opens──▶ LANDING ──KV landed──▶ WAITING ──▶ RUNNING ──▶ FINISHED
-        │                         │                     ▲            │
-        │         prefill_locally └──▶ PREFILLING ──────┘            └──▶ (blocks freed)
-        └──deadline passes, cancelled, transfer failed──▶ FAILED (blocks freed)
+    RESERVED ──open──▶ LANDING ──KV landed──▶ WAITING ──admitted──▶ RUNNING ──stop/length──▶ FINISHED
+       │                                        ▲  │
+       ├──open, prefill_locally──▶ PREFILLING ──┘  └──(its prefill's first token stops it)──▶ FINISHED
+       └──open, the first token already ends it──────────────────────────────────────────▶ FINISHED
+
+    every live state ──▶ FAILED, with a FailureCode:
+       RESERVED    deadline · aborted (router released it) · invalid open · shutdown
+       LANDING     deadline · aborted · transfer failed or timed out (TRANSFER_FAILED) · shutdown
+       PREFILLING  deadline · aborted · the prefill step raised (UNAVAILABLE) · shutdown
+       WAITING     deadline · aborted · shutdown
+       RUNNING     deadline · aborted · the decode step raised (UNAVAILABLE) · shutdown
 
 RESERVED holds blocks for prompt + max_tokens, so a running sequence never runs
 out of KV. Every state past RESERVED has an outbox (its router's stream) that
-receives its tokens and its `Ending`.
+receives its tokens and its `Ending`. FINISHED and FAILED are terminal: the
+sequence leaves the worker's table (decode_worker/lifecycle.py, the one place
+that changes a state) and its blocks go back to the pool, after any step in
+flight that may still write them.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 from pdserve.engine.block_pool import BlockTable
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.messages import SamplingParams
 
 from .outbox import Outbox
 
@@ -27,6 +37,23 @@ class SequenceState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (SequenceState.FINISHED, SequenceState.FAILED)
+
+
+# The diagram above as data: Lifecycle.move refuses any other edge.
+EDGES: dict[SequenceState, frozenset[SequenceState]] = {
+    SequenceState.RESERVED: frozenset({SequenceState.LANDING, SequenceState.PREFILLING, SequenceState.FINISHED,
+                                       SequenceState.FAILED}),
+    SequenceState.LANDING: frozenset({SequenceState.WAITING, SequenceState.FAILED}),
+    SequenceState.PREFILLING: frozenset({SequenceState.WAITING, SequenceState.FAILED}),
+    SequenceState.WAITING: frozenset({SequenceState.RUNNING, SequenceState.FINISHED, SequenceState.FAILED}),
+    SequenceState.RUNNING: frozenset({SequenceState.FINISHED, SequenceState.FAILED}),
+    SequenceState.FINISHED: frozenset(),
+    SequenceState.FAILED: frozenset(),
+}
 
 
 @dataclass
@@ -47,8 +74,10 @@ class DecodeSequence:
     opened_at: float = 0.0
     admitted_at: float = 0.0
     kv_wait_s: float = 0.0
+    queue_s: float = 0.0  # a local prefill: opened to its first chunk
     prefill_s: float = 0.0
     num_steps: int = 0
+    ready_order: int = 0  # when it became PREFILLING or WAITING: admission keeps this order
     _block_ids: tuple[int, ...] = ()
 
     @property

@@ -15,12 +15,12 @@ import threading
 
 import grpc
 
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.messages import SamplingParams, StreamStart
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
 from .outbox import Outbox, TokenBatch
-from .worker import DecodeWorker, StreamStart
+from .worker import DecodeWorker
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ One engine thread owns the model and loops: admit sequences whose KV landed,
 advance local prefills by one chunk under the token budget, then one decode
 step over every running sequence. Other threads (Ray calls, the gRPC stream
 server) talk to it through `reserve`, `open` and `abort`, all under one lock;
-none of them waits for the engine (a KV landing is polled by the loop, not
-waited for on a thread). Tokens leave through each sequence's subscriber
+none of them waits for the engine, and no thread waits for a request's KV: the
+loop polls the receiver's ledger for every landing at once. A sequence's state
+lives in one place, decode_worker/lifecycle.py (its diagram: sequence.py). Tokens leave through each sequence's subscriber
 `Outbox`, flushed once per step: one message per router per step.
 
 On the GPU the loop runs one step ahead (`DecodeSettings.overlap_steps`): it
@@ -21,65 +22,40 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
-from pdserve.engine.sampler import PendingSample, SampleResult, SamplingParams, sample
+from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart
+from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.sampler import SampleResult, sample
 from pdserve.engine.step_timing import StepClock
 from pdserve.engine.transfer.base import KvReceiver
 
-from .messages import DecodeLoad, KvPoolFull, QueueFull, ReplicaDraining, Reservation
-from .outbox import Ending, Outbox
+from .errors import KvPoolFull, QueueFull, ReplicaDraining
+from .lifecycle import Lifecycle
+from .outbox import Emission, Outbox
+from .rates import HostTimePerSeq, RateMeter, TokenRate
 from .sequence import DecodeSequence, SequenceState
+from .steps import InFlight, Step, decode_input, prefill_chunks
 
 log = logging.getLogger(__name__)
 
 
-def decode_input(seq: DecodeSequence, source: int = -1) -> DecodeInput:
-    """A sequence's row of a decode step: its last token, at its position, over its blocks.
-
-    `source` >= 0: the last token is the one the step in flight samples in that row,
-    not yet on the host; it sits one position past the host's last token."""
-    if source < 0:
-        return DecodeInput(seq.generated[-1], seq.num_tokens - 1, seq.block_ids)
-    return DecodeInput(0, seq.num_tokens, seq.block_ids, source)
+_RUNNING, _PREFILLING, _WAITING, _LANDING = (SequenceState.RUNNING, SequenceState.PREFILLING,
+                                             SequenceState.WAITING, SequenceState.LANDING)
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    max_running: int = 64
-    max_waiting: int = 256
-    prefill_chunk_tokens: int = 512  # local prefill budget per step (colocated, short prompts, failover)
-    transfer_timeout_s: float = 30.0
-    overlap_steps: bool | None = None  # queue step N+1 before reading step N's tokens; None: on CUDA
+    """No defaults: cluster/settings.py builds it from the config, which holds them."""
 
-
-@dataclass(frozen=True)
-class StreamStart:
-    """What the router sends when it opens a reservation's stream (the StreamRequest proto, as data)."""
-
-    transfer_id: int
-    request_id: str
-    prompt: tuple[int, ...]
-    generated: tuple[int, ...]
-    prefill_locally: bool
-    max_tokens: int
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    deadline: float
-
-
-@dataclass
-class _Step:
-    """A decode step queued on the device whose tokens the host has not read yet."""
-
-    seqs: list[DecodeSequence]
-    rows: dict[int, int]  # transfer id -> row
-    sample: PendingSample | None = None
-    released: list[BlockTable] = field(default_factory=list)  # freed while this step might write them
+    max_running: int
+    max_waiting: int
+    prefill_chunk_tokens: int  # local prefill budget per step (colocated, short prompts, failover)
+    transfer_timeout_s: float
+    overlap_steps: bool | None  # queue step N+1 before reading step N's tokens; None: on CUDA
+    arrival_window_s: float  # the window of the arrival rate it reports
 
 
 class DecodeWorker:
@@ -92,21 +68,19 @@ class DecodeWorker:
         self.stream_address = stream_address
         spec = runner.kv_cache.spec
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
-        self._sequences: dict[int, DecodeSequence] = {}
-        self._ready: deque[DecodeSequence] = deque()  # WAITING or PREFILLING, in arrival order
-        self._landing: list[DecodeSequence] = []  # LANDING: the loop polls their transfers
-        self._unflushed: set[Outbox] = set()  # outboxes written since the last flush
-        self._running: list[DecodeSequence] = []
-        self._in_flight: deque[_Step] = deque()  # oldest first; at most two, for a moment
+        self._lock = threading.Condition()
+        self._emission = Emission()
+        self._in_flight = InFlight()
+        self._seqs = Lifecycle(receiver, self._emission, self._in_flight, self._lock, replica_id)
         self._overlap = runner.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
         self._transfer_ids = itertools.count(1)
-        self._lock = threading.Condition()
         self._stopped = False
         self._draining = False
         self._clock = StepClock(runner.device)  # device busy time per step beside the step period
-        self._host_stats: deque[tuple[float, int]] = deque(maxlen=64)  # (host seconds of a loop turn, batch size)
+        self._host_time = HostTimePerSeq()
         self._waited_s = 0.0  # of this loop turn, spent waiting for the device's tokens
-        self._tokens_out: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens)
+        self._tokens_out = TokenRate()
+        self._arrivals = RateMeter(settings.arrival_window_s)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{replica_id}", daemon=True)
         self._thread.start()
 
@@ -117,7 +91,7 @@ class DecodeWorker:
         with self._lock:
             if self._draining or self._stopped:
                 raise ReplicaDraining(f"decode replica {self.replica_id} is draining")
-            if self._num_waiting() >= self.settings.max_waiting:
+            if self._seqs.num_waiting >= self.settings.max_waiting:
                 raise QueueFull(f"decode replica {self.replica_id}: {self.settings.max_waiting} requests waiting")
             table = BlockTable(self.pool)
             try:
@@ -125,73 +99,48 @@ class DecodeWorker:
             except NoFreeBlocks as e:
                 raise KvPoolFull(f"decode replica {self.replica_id}: {e}") from None
             transfer_id = next(self._transfer_ids)
-            seq = DecodeSequence(request_id, transfer_id, table, num_prompt_tokens, max_tokens, deadline)
-            self._sequences[transfer_id] = seq
+            self._seqs.add(DecodeSequence(request_id, transfer_id, table, num_prompt_tokens, max_tokens, deadline))
             if self.receiver is not None:
                 prompt_blocks = table.block_ids[: self.pool.blocks_for(num_prompt_tokens)]
                 self.receiver.expect(transfer_id, prompt_blocks)
                 destination = self.receiver.destination(transfer_id, prompt_blocks)
             else:
                 destination = None
-            self._lock.notify()
+        self._arrivals.add(num_prompt_tokens)
         log.debug("[%s] reserved %d blocks as transfer %d", request_id, len(table.block_ids), transfer_id)
         return Reservation(transfer_id, destination, self.stream_address, self.replica_id)
 
     def open(self, start: StreamStart, outbox: Outbox) -> None:
         """Attach a reservation to a subscriber's outbox and start it; never waits for the KV."""
         with self._lock:
-            self._open(start, outbox)
-            self._flush()
-
-    def _open(self, start: StreamStart, outbox: Outbox) -> None:
-        seq = self._sequences.get(start.transfer_id)
-        if seq is None or seq.state is not SequenceState.RESERVED:
-            outbox.end(Ending(start.transfer_id, error=f"no open reservation {start.transfer_id} on {self.replica_id}",
-                              error_code=FailureCode.INVALID))
-            self._unflushed.add(outbox)
-            return
-        seq.outbox = outbox
-        if len(start.prompt) > seq.num_prompt_tokens or start.max_tokens > seq.max_tokens + len(start.generated):
-            self._fail(seq, "the stream asks for more tokens than were reserved", FailureCode.INVALID)
-            return
-        seq.prompt, seq.generated = list(start.prompt), list(start.generated)
-        seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
-        seq.deadline, seq.opened_at = min(seq.deadline, start.deadline), time.monotonic()
-        if seq.generated and seq.finish_reason():  # prefill's first token already ends it
-            self._cancel_transfer(seq)
-            self._finish(seq, seq.finish_reason())
-        elif start.prefill_locally:
-            self._cancel_transfer(seq)
-            seq.state = SequenceState.PREFILLING
-            self._make_ready(seq)
-        else:
-            seq.state = SequenceState.LANDING
-            self._landing.append(seq)
-            self._lock.notify()
+            self._seqs.open(start, outbox)
+            self._emission.flush()
 
     def abort(self, transfer_id: int, reason: str = "cancelled") -> None:
         """Drop a request wherever it is (client gone, router gave up); frees its blocks."""
         with self._lock:
-            seq = self._sequences.get(transfer_id)
+            seq = self._seqs.get(transfer_id)
             if seq is not None:
                 log.info("[%s] aborted: %s", seq.request_id, reason)
-                self._fail(seq, reason, FailureCode.CANCELLED, notify=False)
+                self._seqs.fail(seq, reason, FailureCode.CANCELLED, notify=False)
 
     def abort_subscriber(self, outbox: Outbox, reason: str) -> None:
         """Drop every request whose tokens go to `outbox` (its router's stream closed)."""
         with self._lock:
-            for seq in [s for s in self._sequences.values() if s.outbox is outbox]:
-                self._fail(seq, reason, FailureCode.CANCELLED, notify=False)
-            self._unflushed.discard(outbox)
+            for seq in [s for s in self._seqs.all() if s.outbox is outbox]:
+                self._seqs.fail(seq, reason, FailureCode.CANCELLED, notify=False)
+            self._emission.forget(outbox)
 
     def load(self) -> DecodeLoad:
         steps = self._clock.times()
+        arrivals_per_s, prompt_tokens_mean = self._arrivals.rate_and_mean()
         with self._lock:
+            running = self._seqs.of(_RUNNING)
             return DecodeLoad(
                 replica_id=self.replica_id,
-                num_running=len(self._running),
-                num_context_tokens=sum(s.num_tokens for s in self._running),
-                num_waiting=self._num_waiting(),
+                num_running=len(running),
+                num_context_tokens=sum(s.num_tokens for s in running),
+                num_waiting=self._seqs.num_waiting,
                 num_blocks_free=self.pool.num_free,
                 num_blocks_total=self.pool.num_blocks,
                 step_time_s=steps.wall_s,
@@ -200,8 +149,10 @@ class DecodeWorker:
                 gpu_idle_share=steps.idle_share,
                 launch_time_s=steps.launch_s,
                 max_running=self.settings.max_running,
-                tokens_per_s=self._tokens_per_s(),
-                host_s_per_seq=_per_seq(self._host_stats),
+                tokens_per_s=self._tokens_out.per_s(),
+                host_s_per_seq=self._host_time.per_seq(),
+                arrivals_per_s=arrivals_per_s,
+                prompt_tokens_mean=prompt_tokens_mean,
                 is_draining=self._draining,
                 overlap_steps=self._overlap,
             )
@@ -211,16 +162,16 @@ class DecodeWorker:
         end = time.monotonic() + timeout_s
         with self._lock:
             self._draining = True
-            while self._sequences and time.monotonic() < end:
-                self._lock.wait(timeout=min(0.1, max(end - time.monotonic(), 0)))
-            return not self._sequences
+            while len(self._seqs) and time.monotonic() < end:
+                self._lock.wait(timeout=max(end - time.monotonic(), 0))  # woken by every state change
+            return not len(self._seqs)
 
     def close(self) -> None:
         with self._lock:
             self._stopped = True
-            for seq in list(self._sequences.values()):
-                self._fail(seq, f"decode replica {self.replica_id} is shutting down", FailureCode.UNAVAILABLE)
-            self._flush()
+            for seq in self._seqs.all():
+                self._seqs.fail(seq, f"decode replica {self.replica_id} is shutting down", FailureCode.UNAVAILABLE)
+            self._emission.flush()
             self._lock.notify_all()
         self._thread.join(timeout=5)
         if self.receiver is not None:
@@ -232,20 +183,18 @@ class DecodeWorker:
         self.runner.bind_thread()
         while True:
             with self._lock:
-                self._expire_deadlines()
-                self._poll_landings()
-                while not (self._stopped or self._ready or self._running or self._in_flight):
+                self._expire_and_poll()
+                while not (self._stopped or self._seqs.has(_WAITING, _PREFILLING, _RUNNING) or len(self._in_flight)):
                     self._clock.waiting()
                     # A landing is polled, so wait briefly while one is pending.
-                    self._lock.wait(timeout=0.001 if self._landing else 0.1)
-                    self._expire_deadlines()
-                    self._poll_landings()
+                    self._lock.wait(timeout=0.001 if self._seqs.has(_LANDING) else 0.1)
+                    self._expire_and_poll()
                 if self._stopped:
                     return
                 turn_started, self._waited_s = time.monotonic(), 0.0
-                prefill_batch = self._take_prefill_chunks()
-                self._admit_ready()
-                self._flush()
+                prefill_batch = prefill_chunks(self._seqs.of(_PREFILLING), self.settings.prefill_chunk_tokens)
+                self._seqs.admit(self.settings.max_running)
+                self._emission.flush()
             try:
                 if prefill_batch:
                     self._run_prefill(prefill_batch)
@@ -253,63 +202,51 @@ class DecodeWorker:
                 # With overlap the step just queued runs while the host reads the one before it.
                 keep = 1 if launched and self._overlap else 0
                 while len(self._in_flight) > keep:
-                    self._complete(self._in_flight[0])
+                    self._complete(self._in_flight.oldest)
                 if launched and not prefill_batch:  # the host's own share of a decode turn
-                    self._host_stats.append((time.monotonic() - turn_started - self._waited_s, len(self._running)))
+                    self._host_time.add(time.monotonic() - turn_started - self._waited_s, self._seqs.count(_RUNNING))
             except Exception as e:  # a step failing must fail its sequences, not the replica
                 log.exception("decode step failed")
                 self._fail_all_steps(f"decode step failed: {e}", [s for s, _ in prefill_batch])
 
-    def _take_prefill_chunks(self) -> list[tuple[DecodeSequence, PrefillChunk]]:
-        """One chunk for each PREFILLING sequence, in order, under the step's token budget."""
-        budget, batch = self.settings.prefill_chunk_tokens, []
-        for seq in self._ready:
-            if seq.state is not SequenceState.PREFILLING or budget <= 0:
-                continue
-            tokens = seq.tokens[: seq.num_to_prefill]
-            end = min(len(tokens), seq.num_prefilled + budget)
-            chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, seq.block_ids)
-            batch.append((seq, chunk))
-            budget -= len(chunk.token_ids)
-        return batch
+    def _expire_and_poll(self) -> None:
+        """Fail what passed its deadline, move what landed; tell the failed at once (the loop may
+        go on waiting: with nothing else to do, an unflushed ending would wait for the next work)."""
+        self._seqs.expire_deadlines()
+        if self._seqs.has(_LANDING):
+            self._seqs.poll_landings(self.settings.transfer_timeout_s)
+        self._emission.flush()
 
     def _run_prefill(self, batch: list[tuple[DecodeSequence, PrefillChunk]]) -> None:
         started = time.monotonic()
         with self._clock.work():  # the device's time, not a step point
             logits = self.runner.prefill([chunk for _, chunk in batch])
-        elapsed = time.monotonic() - started
         done_rows = []
         with self._lock:
             for row, (seq, chunk) in enumerate(batch):
+                if seq.num_prefilled == 0:
+                    seq.queue_s = started - seq.opened_at
                 seq.num_prefilled += len(chunk.token_ids)
-                seq.prefill_s += elapsed
-                if seq.state is SequenceState.PREFILLING and seq.num_prefilled == seq.num_to_prefill:
-                    seq.state = SequenceState.WAITING
+                if seq.state is _PREFILLING and seq.num_prefilled == seq.num_to_prefill:
+                    self._seqs.move(seq, _WAITING)
                     if not seq.generated:
                         done_rows.append((row, seq))
-            if done_rows:
-                seqs = [s for _, s in done_rows]
-                self._accept(_sample(logits[[r for r, _ in done_rows]], seqs), seqs)
-            self._flush()
-
-    def _admit_ready(self) -> None:
-        while self._ready and len(self._running) < self.settings.max_running:
-            seq = self._ready[0]
-            if seq.state is not SequenceState.WAITING:
-                if seq.state in (SequenceState.FINISHED, SequenceState.FAILED, SequenceState.RUNNING):
-                    self._ready.popleft()
-                    continue
-                break  # still prefilling: keep arrival order
-            self._ready.popleft()
-            seq.state, seq.admitted_at = SequenceState.RUNNING, time.monotonic()
-            self._running.append(seq)
+            seqs = [s for _, s in done_rows]
+            # Sampling reads the tokens back, so a finishing batch's time is the device's, not the launch's.
+            sampled = _sample(logits[[r for r, _ in done_rows]], seqs) if seqs else None
+            elapsed = time.monotonic() - started
+            for seq, _ in batch:
+                seq.prefill_s += elapsed
+            if seqs:
+                self._accept(sampled, seqs)
+            self._emission.flush()
 
     def _launch_decode(self) -> bool:
         """Queue one decode step over the running sequences; False if none can take a step."""
         with self._lock:
-            previous = self._in_flight[-1] if self._in_flight else None
+            previous = self._in_flight.newest
             batch, inputs = [], []
-            for seq in self._running:
+            for seq in self._seqs.of(_RUNNING):
                 source = previous.rows.get(seq.transfer_id, -1) if previous else -1
                 if len(seq.generated) + (source >= 0) >= seq.max_tokens:
                     continue  # its last token is in flight: it finishes when that is read
@@ -317,147 +254,52 @@ class DecodeWorker:
                 inputs.append(decode_input(seq, source))
             if not batch:
                 return False
-            step = _Step(batch, {s.transfer_id: row for row, s in enumerate(batch)})
-            self._in_flight.append(step)  # before the launch: blocks freed from now on wait for it
+            step = Step(batch, {s.transfer_id: row for row, s in enumerate(batch)})
+            self._in_flight.push(step)  # before the launch: blocks freed from now on wait for it
         with self._clock.work(len(batch)):
             step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch])
         return True
 
-    def _complete(self, step: _Step) -> None:
+    def _complete(self, step: Step) -> None:
         """Read the oldest step's tokens (waiting for that step alone) and hand them out."""
         waiting_from = time.monotonic()
         result = step.sample.result()
         self._waited_s += time.monotonic() - waiting_from
         self._clock.step_done()
         with self._lock:
-            self._in_flight.popleft()
-            live = [(row, s) for row, s in enumerate(step.seqs) if s.state is SequenceState.RUNNING]
+            self._in_flight.pop_oldest()
+            live = [(row, s) for row, s in enumerate(step.seqs) if s.state is _RUNNING]
             if live:  # rows of sequences aborted or finished meanwhile are dropped
                 self._accept(result.select([r for r, _ in live]), [s for _, s in live])
-            for table in step.released:
-                table.release()
-            self._flush()
+            _release_all([step])
+            self._emission.flush()
 
     def _fail_all_steps(self, message: str, prefilling: list[DecodeSequence]) -> None:
         """After a step raised: fail every running and prefilling sequence, forget the steps in flight."""
         with self._lock:
-            steps = list(self._in_flight)
-            self._in_flight.clear()
-            for seq in self._running + prefilling:
-                self._fail(seq, message, FailureCode.UNAVAILABLE)
-            for step in steps:
-                for table in step.released:
-                    table.release()
-            self._flush()
+            steps = self._in_flight.clear()
+            for seq in self._seqs.of(_RUNNING) + prefilling:
+                self._seqs.fail(seq, message, FailureCode.UNAVAILABLE)
+            _release_all(steps)
+            self._emission.flush()
 
     def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
         """Emit each sequence's sampled token, finish those that stop (lock held)."""
-        now = time.monotonic()
-        self._tokens_out.append((now, len(seqs)))
+        self._tokens_out.add(len(seqs))
         for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
             seq.generated.append(token)
             seq.num_steps += 1
-            seq.outbox.token(seq.transfer_id, token, logprob)
-            self._unflushed.add(seq.outbox)
+            self._emission.token(seq.outbox, seq.transfer_id, token, logprob)
             reason = seq.finish_reason()
             if reason:
-                self._finish(seq, reason)
-
-    # ---- state changes (lock held) --------------------------------------------------
-
-    def _poll_landings(self) -> None:
-        """Move each LANDING sequence whose KV landed to WAITING; fail those whose transfer failed or timed out."""
-        if not self._landing:
-            return
-        now, still = time.monotonic(), []
-        for seq in self._landing:
-            if seq.state is not SequenceState.LANDING:
-                continue  # aborted or expired meanwhile
-            outcome = self.receiver.poll(seq.transfer_id)
-            if outcome is None and now - seq.opened_at > self.settings.transfer_timeout_s:
-                outcome = self.receiver.wait(seq.transfer_id, 0.0)
-            if outcome is None:
-                still.append(seq)
-                continue
-            seq.kv_wait_s = now - seq.opened_at
-            if not outcome.is_ok:
-                self._fail(seq, f"KV transfer failed: {outcome.reason.value}: {outcome.detail}", FailureCode.TRANSFER_FAILED)
-                continue
-            seq.num_prefilled = seq.num_prompt_tokens
-            seq.state = SequenceState.WAITING
-            self._make_ready(seq)
-        self._landing = still
-
-    def _make_ready(self, seq: DecodeSequence) -> None:
-        self._ready.append(seq)
-        self._lock.notify()
-
-    def _flush(self) -> None:
-        """Hand every outbox written since the last flush its batch (lock held)."""
-        for outbox in self._unflushed:
-            outbox.flush()
-        self._unflushed.clear()
-
-    def _cancel_transfer(self, seq: DecodeSequence) -> None:
-        if self.receiver is not None:
-            self.receiver.cancel(seq.transfer_id)
-
-    def _finish(self, seq: DecodeSequence, reason: str) -> None:
-        seq.state = SequenceState.FINISHED
-        decode_s = time.monotonic() - seq.admitted_at if seq.admitted_at else 0.0
-        timings = {"kv_wait_s": seq.kv_wait_s, "prefill_s": seq.prefill_s, "decode_s": decode_s,
-                   "decode_steps": seq.num_steps}
-        self._end(seq, Ending(seq.transfer_id, finish_reason=reason, timings=timings))
-        self._release(seq)
-
-    def _end(self, seq: DecodeSequence, ending: Ending) -> None:
-        if seq.outbox is not None:
-            seq.outbox.end(ending)
-            self._unflushed.add(seq.outbox)
-
-    def _fail(self, seq: DecodeSequence, message: str, code: FailureCode, notify: bool = True) -> None:
-        """End a sequence with an error (told to its subscriber unless `notify` is False) and free its blocks."""
-        if seq.state in (SequenceState.FINISHED, SequenceState.FAILED):
-            return
-        was_landing = seq.state in (SequenceState.RESERVED, SequenceState.LANDING)
-        seq.state = SequenceState.FAILED
-        if notify:
-            self._end(seq, Ending(seq.transfer_id, error=message, error_code=code))
-        if was_landing:
-            self._cancel_transfer(seq)
-        self._release(seq)
-
-    def _release(self, seq: DecodeSequence) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
-        if self._sequences.pop(seq.transfer_id, None) is not None:
-            if any(seq.transfer_id in step.rows for step in self._in_flight):
-                # A queued step may still write its KV: another sequence gets the blocks after it.
-                self._in_flight[-1].released.append(seq.table)
-            else:
-                seq.table.release()
-        self._lock.notify_all()
-
-    def _expire_deadlines(self) -> None:
-        now = time.time()
-        for seq in [s for s in self._sequences.values() if s.deadline < now]:
-            self._fail(seq, "the request's deadline passed", FailureCode.DEADLINE)
-
-    def _num_waiting(self) -> int:
-        return len(self._sequences) - len(self._running)
-
-    def _tokens_per_s(self) -> float:
-        samples = list(self._tokens_out)
-        if len(samples) < 2:
-            return 0.0
-        span = samples[-1][0] - samples[0][0]
-        return sum(n for _, n in samples[1:]) / span if span > 0 else 0.0
+                self._seqs.finish(seq, reason)
 
 
-def _per_seq(samples: deque[tuple[float, int]]) -> float:
-    """Seconds per running sequence, over recent (seconds, sequences) samples."""
-    total = sum(n for _, n in samples)
-    return sum(t for t, _ in samples) / total if total else 0.0
+def _release_all(steps: list[Step]) -> None:
+    """The blocks held back for these steps, back to the pool."""
+    for step in steps:
+        for table in step.released:
+            table.release()
 
 
 def _sample(logits, seqs: list[DecodeSequence]) -> SampleResult:

@@ -18,9 +18,18 @@ import torch.nn.functional as F
 
 from .kernels.gemv import gemv
 
-# At most this many rows on CUDA run through the Triton GEMV; 0 turns it off
-# (benchmarks/engine_speed.py compares both in one run). Read at each call.
+# At most this many rows on CUDA run through the Triton GEMV (the crossover with cuBLAS measured on
+# an H100); 0 turns it off. Read at each call: a replica sets it from `engine.gemv_max_rows`, and
+# benchmarks/gemv_study.py compares on and off in one run.
 GEMV_MAX_ROWS = 8
+
+
+def set_gemv_max_rows(rows: int) -> None:
+    """Projections of at most `rows` rows take the GEMV on CUDA, in this whole process; 0: never."""
+    global GEMV_MAX_ROWS
+    if rows < 0:
+        raise ValueError(f"gemv_max_rows must be >= 0, got {rows}")
+    GEMV_MAX_ROWS = rows
 
 
 class Linear:

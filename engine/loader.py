@@ -293,7 +293,8 @@ def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
 
 
 def default_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
-    """The embedded default model as a Hugging Face directory, made on first use."""
+    """The embedded default model as a Hugging Face directory, made on first use under `cache_root`
+    (`model.cache_dir`; None: $PDSERVE_CACHE, else ~/.cache/pdserve)."""
     root = Path(cache_root or os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
     target = root / "models" / DEFAULT_MODEL_NAME
     if (target / "model.safetensors").is_file():

@@ -61,9 +61,10 @@ LayerHook = Callable[[int], None]
 
 
 @dataclass(frozen=True)
-class _PrefillPlan:
+class PrefillPlan:
     """A PrefillAttention's device tensors, made once per forward: a host -> device copy
-    inside the layer loop would wait for the GPU to drain before every layer."""
+    inside the layer loop would wait for the GPU to drain before every layer. The prefill
+    graphs (engine/prefill_graphs.py) pass their own, over static tensors."""
 
     cu_q: torch.Tensor  # [B + 1] int32
     max_q: int
@@ -72,13 +73,13 @@ class _PrefillPlan:
     context_lens: tuple[int, ...]
 
     @staticmethod
-    def of(attention: PrefillAttention, block_size: int, device: torch.device) -> "_PrefillPlan":
+    def of(attention: PrefillAttention, block_size: int, device: torch.device) -> "PrefillPlan":
         cu_q = _cumulative(attention.q_lens, device)
         if not attention.has_cached_prefix:
-            return _PrefillPlan(cu_q, max(attention.q_lens), None, (), ())
+            return PrefillPlan(cu_q, max(attention.q_lens), None, (), ())
         ids = [table[:-(-context // block_size)] for table, context in zip(attention.block_tables, attention.context_lens)]
         flat = on_device([i for seq in ids for i in seq], torch.long, device)
-        return _PrefillPlan(cu_q, max(attention.q_lens), _cumulative(attention.context_lens, device),
+        return PrefillPlan(cu_q, max(attention.q_lens), _cumulative(attention.context_lens, device),
                             tuple(flat.split([len(seq) for seq in ids])), attention.context_lens)
 
 
@@ -110,13 +111,13 @@ class Model:
         tokens: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        attention: PrefillAttention | DecodeAttention,
+        attention: PrefillAttention | PrefillPlan | DecodeAttention,
         logit_rows: torch.Tensor,
         kv_cache: KvCache,
         on_layer_done: LayerHook | None = None,
     ) -> torch.Tensor:
         if isinstance(attention, PrefillAttention):
-            attention = _PrefillPlan.of(attention, kv_cache.spec.block_size, tokens.device)
+            attention = PrefillPlan.of(attention, kv_cache.spec.block_size, tokens.device)
         hidden = F.embedding(tokens, self.weights.embed)  # [T, hidden]
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
@@ -149,7 +150,7 @@ class Model:
         x: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        attention: _PrefillPlan | DecodeAttention,
+        attention: PrefillPlan | DecodeAttention,
         kv_cache: KvCache,
     ) -> torch.Tensor:
         spec, layer_spec = self.spec, self.spec.layers[index]
@@ -178,7 +179,7 @@ class Model:
         return layer.o(out.reshape(-1, q_size))
 
     def _prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KvCache, index: int, plan: _PrefillPlan,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KvCache, index: int, plan: PrefillPlan,
         window: int | None,
     ) -> torch.Tensor:
         """Causal attention over the packed sequences; cached prefixes are read from their blocks."""

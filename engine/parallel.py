@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import os
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
+
+from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error
 
 
 _IDLE_FOREVER = datetime.timedelta(days=365)
@@ -78,8 +79,7 @@ class TensorParallel:
         control = dist.ProcessGroupGloo(PrefixStore("control/", prefixed), rank, size, timeout)
         device = torch.device(device)
         if device.type == "cuda":
-            # A dead peer aborts this group's communicator; the replica ends cleanly (see cluster/).
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+            keep_process_on_nccl_error()  # a dead peer aborts this group's communicator; the replica ends cleanly
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             group = dist.ProcessGroupNCCL(PrefixStore("nccl/", prefixed), rank, size, options)

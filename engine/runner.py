@@ -10,10 +10,12 @@ the tokens move on the device. The host then prepares each step while the GPU
 runs the one before, and a step takes the GPU's time.
 
 On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py), one per padded
-batch size up to `max_decode_batch`; prefill and the CPU path run eagerly. The
-graphs' padding rows write their K/V into one scratch block past the pool: the
-KV tensor then holds num_blocks + 1 blocks, and `kv_cache.spec.num_blocks`
-(what the block pools and transfers see) stays num_blocks.
+batch size up to `max_decode_batch`, and so does a prefill of a few short prompts
+with no cached prefix (engine/prefill_graphs.py, up to `max_graph_prefill_tokens`
+in all, up to 8 prompts); other prefills and the CPU path run eagerly. The graphs' padding rows write their
+K/V into one scratch block past the pool: the KV tensor then holds num_blocks + 1
+blocks, and `kv_cache.spec.num_blocks` (what the block pools and transfers see)
+stays num_blocks.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ from typing import NamedTuple
 import torch
 
 from .cuda_graphs import DecodeGraphs
+from .prefill_graphs import PrefillGraphs
 from .kv_cache import KvCache, KvCacheSpec, kv_dtype
 from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, Model, PrefillAttention
 from .parallel import TensorParallel
 from .copies import host_to_device, on_device
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
+
+
+GRAPH_PREFILL_SEQS = 8  # prompts per prefill graph: a batch of more runs eagerly
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,10 @@ class DecodeInput(NamedTuple):
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
                  max_decode_batch: int = 64, use_cuda_graphs: bool | None = None, kv_cache_dtype: str = "auto",
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, max_graph_prefill_tokens: int = 512):
         """`use_cuda_graphs`: None means on CUDA (and a TP group graphs can hold); graphs cover decode
-        batches up to `max_decode_batch`. `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3'
+        batches up to `max_decode_batch` and prefills of up to 8 prompts from position 0 and
+        `max_graph_prefill_tokens` in all (0: none). `kv_cache_dtype`: 'auto' (the model's) or 'fp8_e4m3'
         (engine/kv_cache.py). `tp`: this rank's TP group, `loaded` its shard."""
         self.model = Model(loaded, tp)
         self.tp = self.model.tp
@@ -81,6 +88,10 @@ class ModelRunner:
             self.model, self.kv_cache, max_decode_batch,
             max_blocks=-(-loaded.spec.max_model_len // block_size), scratch_slot=num_blocks * block_size,
         ) if use_graphs else None
+        self.prefill_graphs = PrefillGraphs(
+            self.model, self.kv_cache, max_graph_prefill_tokens, GRAPH_PREFILL_SEQS,
+            scratch_slot=num_blocks * block_size,
+        ) if use_graphs and max_graph_prefill_tokens > 0 else None
         self._sampled: torch.Tensor | None = None  # the last decode_and_sample's tokens, on the device
 
     def bind_thread(self) -> None:
@@ -90,7 +101,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], on_layer_done: LayerHook | None = None) -> torch.Tensor:
-        """Logits [len(chunks), vocab] of each chunk's last token; KV written to the blocks."""
+        """Logits [len(chunks), vocab] of each chunk's last token; KV written to the blocks.
+
+        `on_layer_done(i)` runs once layer i's KV is written (a graph replay: after the whole prefill)."""
+        logits = self._prefill_from_graph(chunks)
+        if logits is not None:
+            if on_layer_done is not None:
+                for layer in range(self.spec.num_layers):
+                    on_layer_done(layer)
+            return logits
         starts, lens, columns = [], [], []
         for chunk in chunks:  # [3, n] host rows per chunk: tokens, positions, slots
             starts.append(sum(lens))
@@ -110,6 +129,14 @@ class ModelRunner:
         return self.model.forward(
             tokens, positions, slots, attention, self._tensor(last_rows), self.kv_cache, on_layer_done,
         )
+
+    def _prefill_from_graph(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        """Prompts with no cached prefix that a graph holds: their logits (a copy), else None."""
+        graphs = self.prefill_graphs
+        if graphs is None or any(c.start_pos != 0 for c in chunks):
+            return None
+        logits = graphs.run([(c.token_ids, c.block_ids) for c in chunks])
+        return None if logits is None else logits.clone()  # the graph's output is overwritten by the next
 
     @torch.inference_mode()
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:

@@ -13,21 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from .copies import on_device, to_host
+from .messages import SamplingParams  # a message: the router and the workers pass it
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    seed: int = 0
-    logprobs: bool = False
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,18 @@
 """The prefill worker: batches prompts, computes their KV, pushes it to decode, returns the first token.
 
-A request's life here:
+A request's life here (`PrefillState`, changed only by `PrefillWorker._move`):
 
-    QUEUED ──▶ RUNNING (one chunk per batch, each layer's KV sent as soon as it is computed)
-           ──▶ SENDING (last chunk done: first token sampled, waiting for the transfer to finish)
-           ──▶ DONE (result returned, this replica's blocks freed) | FAILED (reason returned)
+    QUEUED ──blocks allocated──▶ RUNNING ──last chunk computed──▶ SENDING ──transfer finished──▶ DONE
+      │                           │                                │
+      │ deadline · shutdown       │ deadline · shutdown ·          │ transfer failed
+      │                           │ the batch raised               │ (TRANSFER_FAILED)
+      └──────────────────────────▶└───────────▶ FAILED ◀───────────┘
+
+RUNNING computes one chunk per batch and sends each layer's KV as soon as it is
+computed; SENDING has sampled the first token and waits for the transfer to finish
+(on a finisher thread). QUEUED and RUNNING jobs are the queue, in arrival order;
+DONE returns the result and FAILED raises `PrefillFailed` with its `FailureCode`;
+both free this replica's blocks (full blocks stay in the prefix cache).
 
 One engine thread runs batches: waiting prompts in arrival order under a token
 budget; a prompt longer than the budget is split into block-aligned chunks
@@ -13,7 +21,9 @@ blocks. Full blocks of finished prompts stay in a prefix cache: a later prompt
 starting with the same tokens computes only the rest (its first chunk also
 sends the cached blocks), which is what prefix-aware routing aims at.
 Finishing a transfer happens on a separate thread so the next batch's compute
-is not held up by the network.
+is not held up by the network. When the pool has no room for the next prompt the
+engine thread waits on the worker's condition, woken when blocks come back (a
+transfer finished or a job failed); it does not sleep-poll.
 """
 from __future__ import annotations
 
@@ -29,10 +39,11 @@ import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
+from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, SamplingParams
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
-from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.sampler import sample
 from pdserve.engine.step_timing import StepClock, StepTimes
 from pdserve.engine.transfer.base import KvSender
 from pdserve.engine.transfer.messages import KvDestination, TransferError
@@ -54,22 +65,11 @@ class PrefillFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class PrefillSettings:
-    max_batch_tokens: int = 2048
-    max_queued_requests: int = 256
-    transfer_timeout_s: float = 30.0
+    """No defaults: cluster/settings.py builds it from the config, which holds them."""
 
-
-@dataclass(frozen=True)
-class PrefillResult:
-    request_id: str
-    first_token: int
-    first_logprob: float | None
-    last_layer_at: float  # time.monotonic() when the prompt's KV was computed (system-wide clock on Linux)
-    queue_s: float  # arrival to first chunk computed
-    prefill_s: float  # compute time of the batches this prompt was in
-    transfer_wait_s: float  # last layer computed to transfer finished (what the handoff adds)
-    kv_bytes: int
-    replica_id: str
+    max_batch_tokens: int
+    max_queued_requests: int
+    transfer_timeout_s: float
 
 
 class PrefillState(enum.Enum):
@@ -78,6 +78,17 @@ class PrefillState(enum.Enum):
     SENDING = "sending"
     DONE = "done"
     FAILED = "failed"
+
+
+# The diagram above as data: _move refuses any other edge.
+_EDGES = {
+    PrefillState.QUEUED: {PrefillState.RUNNING, PrefillState.FAILED},
+    PrefillState.RUNNING: {PrefillState.SENDING, PrefillState.FAILED},
+    PrefillState.SENDING: {PrefillState.DONE, PrefillState.FAILED},
+    PrefillState.DONE: set(),
+    PrefillState.FAILED: set(),
+}
+_QUEUED_STATES = (PrefillState.QUEUED, PrefillState.RUNNING)  # the jobs in the queue
 
 
 @dataclass
@@ -118,14 +129,14 @@ class PrefillWorker:
         self._thread = threading.Thread(target=self._loop, name=f"prefill-{replica_id}", daemon=True)
         self._thread.start()
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
-               destination: KvDestination, deadline: float) -> Future:
+    def submit(self, request: PrefillRequest) -> Future:
         """Queue a prompt; the future resolves to a PrefillResult or raises PrefillFailed."""
-        if not prompt:
+        if not request.prompt:
             raise PrefillFailed("empty prompt", FailureCode.INVALID)
-        if not destination.channels:
+        if request.destination is None or not request.destination.channels:
             raise PrefillFailed("no KV destination", FailureCode.INVALID)
-        job = PrefillJob(request_id, tuple(prompt), params, destination, deadline, Future())
+        job = PrefillJob(request.request_id, tuple(request.prompt), request.sampling, request.destination,
+                         request.deadline, Future())
         with self._lock:
             if self._stopped or self._draining:
                 raise PrefillOverloaded(f"prefill replica {self.replica_id} is draining")
@@ -135,23 +146,30 @@ class PrefillWorker:
             self._lock.notify()
         return job.future
 
-    def queued_tokens(self) -> int:
+    def load(self) -> PrefillLoad:
+        batches = self._clock.times()
         with self._lock:
-            return sum(len(j.prompt) - j.num_done for j in self._queue)
-
-    def queued_requests(self) -> int:
-        with self._lock:
-            return len(self._queue)
+            tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)
+            return PrefillLoad(
+                replica_id=self.replica_id,
+                queued_tokens=sum(len(j.prompt) - j.num_done for j in self._queue),
+                queued_requests=len(self._queue),
+                tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+                prefix_hit_rate=self._prefix_hit_rate(),
+                prefix_cached_blocks=self.prefix_cache.num_blocks,
+                gpu_idle_share=batches.idle_share,
+                gpu_batch_time_s=batches.step_busy_s,
+                batch_period_s=batches.wall_s,
+                batch_tokens=batches.size,
+            )
 
     def prefix_hit_rate(self) -> float:
         """Share of the prompt tokens started so far whose KV the prefix cache held."""
         with self._lock:
-            return self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
+            return self._prefix_hit_rate()
 
-    def tokens_per_s(self) -> float:
-        with self._lock:
-            tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)
-        return tokens / seconds if seconds > 0 else 0.0
+    def _prefix_hit_rate(self) -> float:
+        return self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
 
     def batch_times(self) -> StepTimes:
         """Device busy time per batch beside the batch period, and the device's idle share."""
@@ -163,15 +181,14 @@ class PrefillWorker:
         with self._lock:
             self._draining = True
             while self._queue and time.monotonic() < end:
-                self._lock.wait(timeout=0.1)
+                self._lock.wait(timeout=max(end - time.monotonic(), 0))  # woken by every state change
             return not self._queue
 
     def close(self) -> None:
         with self._lock:
             self._stopped = True
-            for job in self._queue:
+            for job in list(self._queue):
                 self._fail(job, f"prefill replica {self.replica_id} is shutting down", FailureCode.UNAVAILABLE)
-            self._queue.clear()
             self._lock.notify_all()
         self._thread.join(timeout=5)
         self._finisher.shutdown(wait=False, cancel_futures=True)
@@ -183,34 +200,32 @@ class PrefillWorker:
         self.runner.bind_thread()
         while True:
             with self._lock:
-                while not self._stopped and not self._queue:
-                    self._clock.waiting()
+                batch = self._next_batch()
+                while not self._stopped and not batch:
+                    # Nothing queued, or no blocks for the next prompt: a submit, a transfer finishing
+                    # or a job failing wakes this; the timeout only bounds how late a deadline is seen.
+                    self._clock.waiting()  # waiting for decode to take KV is not host time either
                     self._lock.wait(timeout=0.1)
+                    batch = self._next_batch()
                 if self._stopped:
                     return
-                batch = self._next_batch()
-            if batch:
-                self._run(batch)
-            else:
-                self._clock.waiting()  # waiting for decode to take KV is not host time
-                time.sleep(0.005)  # no blocks free: wait for transfers to finish
+            self._run(batch)
 
     def _next_batch(self) -> list[tuple[PrefillJob, PrefillChunk]]:
         """Chunks for queued jobs in order, under the token budget (lock held)."""
         budget, batch, now = self.settings.max_batch_tokens, [], time.time()
         for job in list(self._queue):
             if job.deadline < now:
-                self._queue.remove(job)
                 self._fail(job, "the request's deadline passed before prefill", FailureCode.DEADLINE)
                 continue
             if budget <= 0:
                 break
-            if job.table is None:
+            if job.state is PrefillState.QUEUED:
                 job.table, job.num_cached = self._table_for(job.prompt)
                 if job.table is None:
                     break  # keep arrival order: wait for blocks
                 job.num_done = job.num_cached
-                job.state = PrefillState.RUNNING
+                self._move(job, PrefillState.RUNNING)
                 self._prompt_tokens += len(job.prompt)
                 self._cached_tokens += job.num_cached
             end = min(len(job.prompt), job.num_done + budget)
@@ -256,7 +271,6 @@ class PrefillWorker:
             log.exception("prefill batch failed")
             with self._lock:
                 for job, _ in batch:
-                    self._queue.remove(job)
                     self._fail(job, f"prefill failed: {e}", FailureCode.TRANSFER_FAILED if isinstance(e, TransferError) else FailureCode.UNAVAILABLE)
                     # finish() on an incomplete transfer tells the receiver at once that it failed.
                     self._finisher.submit(self._abandon_transfer, job.destination)
@@ -269,12 +283,10 @@ class PrefillWorker:
                 job.num_done += len(chunk.token_ids)
                 job.compute_s += elapsed
                 job.first_chunk_at = job.first_chunk_at or started
-                if job.num_done == len(job.prompt):
-                    self._queue.remove(job)
-                    job.state = PrefillState.SENDING
+                if job.state is PrefillState.RUNNING and job.num_done == len(job.prompt):
+                    self._move(job, PrefillState.SENDING)
                     self.prefix_cache.insert(job.prompt, job.table.block_ids)
                     done.append((row, job))
-            self._lock.notify_all()
         if done:
             rows = [row for row, _ in done]
             jobs = [job for _, job in done]
@@ -292,8 +304,7 @@ class PrefillWorker:
             return
         wait = time.monotonic() - computed_at
         with self._lock:
-            job.state = PrefillState.DONE
-            job.table.release()
+            self._move(job, PrefillState.DONE)
         job.future.set_result(PrefillResult(
             request_id=job.request_id, first_token=token, first_logprob=logprob, last_layer_at=computed_at,
             queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
@@ -309,14 +320,25 @@ class PrefillWorker:
         except TransferError:
             pass  # expected: the transfer was incomplete
 
-    def _fail(self, job: PrefillJob, message: str, code: FailureCode) -> None:
-        """Fail a job that is no longer queued (lock held); frees its blocks."""
-        job.state = PrefillState.FAILED
-        if job.table is not None:
+    def _move(self, job: PrefillJob, state: PrefillState) -> None:
+        """The one place a job's state changes (lock held): a job leaving QUEUED/RUNNING leaves the
+        queue; DONE and FAILED free its blocks. Every change wakes the engine thread and a drain."""
+        if state not in _EDGES[job.state]:
+            raise RuntimeError(f"prefill job {job.request_id}: no edge {job.state.name} → {state.name}")
+        if job.state in _QUEUED_STATES and state not in _QUEUED_STATES:
+            self._queue.remove(job)
+        job.state = state
+        if state in (PrefillState.DONE, PrefillState.FAILED) and job.table is not None:
             job.table.release()
             job.table = None
-        if not job.future.done():
-            job.future.set_exception(PrefillFailed(message, code))
+        self._lock.notify_all()
+
+    def _fail(self, job: PrefillJob, message: str, code: FailureCode) -> None:
+        """End a job with `PrefillFailed` (lock held), wherever it is; frees its blocks."""
+        if job.state in (PrefillState.DONE, PrefillState.FAILED):
+            return
+        self._move(job, PrefillState.FAILED)
+        job.future.set_exception(PrefillFailed(message, code))
 
 
 def _wait_for_device(tensor: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """What one request may ask for, shared by the HTTP and gRPC front ends.
 
-`RequestLimits` mirrors the `limits` section of the deployment config (None: the
-model's context) plus the model's context length; its checks raise
+`RequestLimits` is the `limits` section of the deployment config (None: the
+model's context; the defaults live there) plus the model's context length; its checks raise
 `InvalidParameter` with the OpenAI-style `param` and `code` of the field at fault.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pdserve.router.errors import InvalidParameter
 @dataclass(frozen=True)
 class RequestLimits:
     max_model_len: int  # prompt + completion tokens the model holds
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_prompt_tokens: int | None = None  # None: the context less one token
-    max_tokens: int | None = None  # None: the context less one token
-    max_n: int = 16
-    max_stop: int = 16
-    request_timeout_s: float = 600.0
+    max_body_bytes: int
+    max_prompt_tokens: int | None  # None: the context less one token
+    max_tokens: int | None  # None: the context less one token
+    max_n: int
+    max_stop: int
+    request_timeout_s: float
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:

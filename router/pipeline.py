@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
+from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
@@ -45,8 +46,8 @@ RETRY_BACKOFF_S = 0.25
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    colocated: bool = False
-    short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
+    colocated: bool
+    short_prompt_tokens: int  # prompts shorter than this prefill on the decode replica
     reserve_retry_s: float = 0.05
 
 
@@ -137,7 +138,7 @@ class Pipeline:
                     if item.ending.error:
                         raise _ending_error(item.ending, reservation.replica_id)
                     if local and item.ending.timings.prefill_s:
-                        run.timings.update(prefill_s=item.ending.timings.prefill_s,
+                        run.timings.update(queue_s=item.ending.timings.queue_s, prefill_s=item.ending.timings.prefill_s,
                                            prefill_replica=reservation.replica_id)
                     yield self._last(run, item.ending.finish_reason, reservation)
                     return
@@ -149,13 +150,13 @@ class Pipeline:
             if not ended:  # detached: this runs even when the client has gone; frees the blocks at once
                 self._detached(self._release(reservation))
 
-    async def _subscribe(self, reservation: Any) -> Subscription:
+    async def _subscribe(self, reservation: Reservation) -> Subscription:
         try:
             return await self._streams.subscription(reservation.stream_address)
         except (StreamLost, asyncio.TimeoutError) as e:
             raise _Retriable(f"decode replica {reservation.replica_id}: cannot subscribe: {e}") from None
 
-    async def _next(self, feed: Any, request: GenerationRequest, reservation: Any) -> FeedItem:
+    async def _next(self, feed: Any, request: GenerationRequest, reservation: Reservation) -> FeedItem:
         """The request's next tokens or ending; its deadline bounds the wait."""
         try:
             item = await feed.next(max(request.deadline - time.time(), 0.001))
@@ -175,7 +176,7 @@ class Pipeline:
                 return HealthStatus(False, 0, 0, f"{name} pool not ready: {e}")
         return HealthStatus(True, counts.get("prefill", 0), counts["decode"])
 
-    async def _reserve(self, request: GenerationRequest) -> Any:
+    async def _reserve(self, request: GenerationRequest) -> Reservation:
         """A reservation on some decode replica; waits (within the deadline) while none can take it.
 
         The call runs detached: a client leaving mid-call must not orphan blocks the replica
@@ -188,7 +189,7 @@ class Pipeline:
             call.add_done_callback(self._release_orphan)
             raise
 
-    async def _reserve_until_deadline(self, request: GenerationRequest) -> Any:
+    async def _reserve_until_deadline(self, request: GenerationRequest) -> Reservation:
         while True:
             try:
                 return await self.decode.reserve.remote(
@@ -214,13 +215,13 @@ class Pipeline:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _prefill(self, request: GenerationRequest, reservation: Any, seed: int) -> Any:
+    async def _prefill(self, request: GenerationRequest, reservation: Reservation, seed: int) -> PrefillResult:
         s = request.sampling
-        try:
-            return await self.prefill.prefill.remote(
-                request_id=request.request_id, prompt=list(request.prompt_token_ids),
-                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
-                destination=reservation.destination, deadline=request.deadline)
+        prefill = PrefillRequest(request.request_id, tuple(request.prompt_token_ids),
+                                 SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs),
+                                 reservation.destination, request.deadline)
+        try:  # by keyword: the prefix-aware policy reads it there (router/policies.py)
+            return await self.prefill.prefill.remote(request=prefill)
         except TransferFailed as e:  # another pair may do; a handoff that keeps failing is an error
             raise _Retriable(f"prefill failed: {e.message}", is_transfer=True) from None
         except (Overloaded, InvalidRequest, DeadlineExceeded):
@@ -228,7 +229,7 @@ class Pipeline:
         except Exception as e:  # the replica died: Ray Serve brings one back within the deadline
             raise _Retriable(f"prefill failed: {_first_line(e)}") from None
 
-    def _stream_request(self, run: "_Run", reservation: Any, local: bool, subscriber_id: str) -> pb.StreamRequest:
+    def _stream_request(self, run: "_Run", reservation: Reservation, local: bool, subscriber_id: str) -> pb.StreamRequest:
         s = run.request.sampling
         stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
         return pb.StreamRequest(
@@ -239,7 +240,7 @@ class Pipeline:
             deadline_unix_s=run.request.deadline, subscriber_id=subscriber_id,
         )
 
-    def _last(self, run: "_Run", reason: str, reservation: Any) -> GenerationChunk:
+    def _last(self, run: "_Run", reason: str, reservation: Reservation) -> GenerationChunk:
         """The closing chunk: held-back text, finish reason, usage and timings."""
         tail = run.relay.finish()
         e2e = time.monotonic() - run.received
@@ -253,7 +254,7 @@ class Pipeline:
                                  decode_replica=reservation.replica_id, **run.timings),
         )
 
-    async def _release(self, reservation: Any) -> None:
+    async def _release(self, reservation: Reservation) -> None:
         stub = pb_grpc.DecodeStreamStub(self._streams.channel(reservation.stream_address))
         try:
             await stub.Release(pb.ReleaseRequest(transfer_id=reservation.transfer_id,

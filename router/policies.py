@@ -1,8 +1,9 @@
 """Routing policies: which prefill and which decode replica take a request.
 
 Each policy is a ranking over the replicas' own reports (Ray Serve's routing
-stats, which the worker deployments record every half second), plugged into
-Ray Serve as a request router of the pool's deployment:
+stats, which the worker deployments record every half second, read back as
+typed `PrefillLoad` / `DecodeLoad`), plugged into Ray Serve as a request router
+of the pool's deployment:
 
     round_robin    replicas in turn
     least_loaded   prefill: fewest queued prompt tokens; decode: most free KV
@@ -21,32 +22,46 @@ from typing import Any, Sequence
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from pdserve.engine.messages import DecodeLoad, PrefillLoad
+
 PREFIX_TOKENS = 64  # the prompt head that decides affinity
 PREFIX_SLACK_TOKENS = 4096  # queued prompt tokens the preferred replica may carry beyond the least loaded
 
 
-def rank_prefill_least_loaded(stats: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices from the fewest queued prompt tokens to the most."""
-    return sorted(range(len(stats)), key=lambda i: stats[i].get("queued_tokens", 0))
+def rank_prefill_least_loaded(loads: Sequence[PrefillLoad | None]) -> list[int]:
+    """Indices from the fewest queued prompt tokens to the most; a replica that has not reported
+    yet (None) counts as idle: it has just started."""
+    return sorted(range(len(loads)), key=lambda i: _queued_tokens(loads[i]))
 
 
-def rank_decode_least_loaded(stats: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices from the most free KV blocks (then fewest running) to the least."""
-    return sorted(range(len(stats)), key=lambda i: (-stats[i].get("num_blocks_free", 0),
-                                                    stats[i].get("num_running", 0) + stats[i].get("num_waiting", 0)))
+def rank_decode_least_loaded(loads: Sequence[DecodeLoad | None]) -> list[int]:
+    """Indices from the most free KV blocks (then fewest held requests) to the least; replicas
+    that have not reported yet (None) last, in their order."""
+    reported = [i for i, load in enumerate(loads) if load is not None]
+    ranked = sorted(reported, key=lambda i: (-loads[i].num_blocks_free, loads[i].num_running + loads[i].num_waiting))
+    return ranked + [i for i, load in enumerate(loads) if load is None]
 
 
-def rank_prefix_aware(prompt: Sequence[int], replica_ids: Sequence[str], stats: Sequence[dict[str, Any]]) -> list[int]:
+def rank_prefix_aware(prompt: Sequence[int], replica_ids: Sequence[str], loads: Sequence[PrefillLoad | None]) -> list[int]:
     """The prompt head's replica first, if its queue is not far above the least loaded."""
-    by_load = rank_prefill_least_loaded(stats)
+    by_load = rank_prefill_least_loaded(loads)
     if not prompt or not replica_ids:
         return by_load
     head = ",".join(map(str, prompt[:PREFIX_TOKENS]))
     preferred = max(range(len(replica_ids)), key=lambda i: _score(head, replica_ids[i]))
-    least = stats[by_load[0]].get("queued_tokens", 0)
-    if stats[preferred].get("queued_tokens", 0) - least > PREFIX_SLACK_TOKENS:
+    if _queued_tokens(loads[preferred]) - _queued_tokens(loads[by_load[0]]) > PREFIX_SLACK_TOKENS:
         return by_load
     return [preferred] + [i for i in by_load if i != preferred]
+
+
+def _queued_tokens(load: PrefillLoad | None) -> int:
+    return 0 if load is None else load.queued_tokens
+
+
+def reported_load(cls: type[PrefillLoad] | type[DecodeLoad], stats: dict[str, Any]) -> PrefillLoad | DecodeLoad | None:
+    """A replica's routing stats as its typed load: None before its first report (Serve gives {}),
+    LoadReportError if a report lacks a field the ranking reads."""
+    return cls.from_dict(stats) if stats else None
 
 
 def _score(key: str, replica_id: str) -> int:
@@ -77,19 +92,20 @@ class RoundRobinRouter(_RankingRouter):
 
 class PrefillLeastLoadedRouter(_RankingRouter):
     def rank(self, replicas, request):
-        return rank_prefill_least_loaded([r.routing_stats for r in replicas])
+        return rank_prefill_least_loaded([reported_load(PrefillLoad, r.routing_stats) for r in replicas])
 
 
 class DecodeLeastLoadedRouter(_RankingRouter):
     def rank(self, replicas, request):
-        return rank_decode_least_loaded([r.routing_stats for r in replicas])
+        return rank_decode_least_loaded([reported_load(DecodeLoad, r.routing_stats) for r in replicas])
 
 
 class PrefixAwareRouter(_RankingRouter):
     def rank(self, replicas, request):
-        prompt = request.kwargs.get("prompt", ()) if request is not None else ()
-        return rank_prefix_aware(prompt, [r.replica_id.unique_id for r in replicas],
-                                 [r.routing_stats for r in replicas])
+        prefill = request.kwargs.get("request") if request is not None else None  # a PrefillRequest
+        return rank_prefix_aware(prefill.prompt if prefill is not None else (),
+                                 [r.replica_id.unique_id for r in replicas],
+                                 [reported_load(PrefillLoad, r.routing_stats) for r in replicas])
 
 
 PREFILL_POLICIES = {"round_robin": RoundRobinRouter, "least_loaded": PrefillLeastLoadedRouter,

@@ -12,26 +12,29 @@ two operations in flight on one side.
 Threads: the receiver runs `ReceiveChannel` (builds the groups, then reads
 frames); the sender runs `SendChannel` (connects, then works its queue in
 order) plus a reply reader. Rank 0 is the receiver, rank 1 the sender.
+
+The channel itself knows the frames every backend sends (LAYERS, FINISH, CLOSE;
+replies to a registered wait); a backend with frames of its own (cuda_ipc's
+gate and fence) hands each end its handlers, by kind.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import logging
-import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache, raw_bytes
-from pdserve.engine.transfer.addresses import address_toward, interface_of, is_loopback
+from pdserve.engine.transfer.addresses import address_toward
 from pdserve.engine.transfer.ledger import ALL_HEADS, LayerPiece, TransferLedger
 from pdserve.engine.transfer.messages import (
     AckStatus,
@@ -41,6 +44,7 @@ from pdserve.engine.transfer.messages import (
     MessageKind,
     TransferError,
 )
+from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error, point_nccl_at
 from pdserve.engine.transfer.rendezvous import Hello, connect
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,11 @@ PIECE_COLUMNS = 4  # a LAYERS table row: transfer id, layer, first block index, 
 # dead peer breaks the socket at once, and each transfer's wait has its own deadline.
 # (A gloo recv that times out poisons the whole group, so it must never time out.)
 _IDLE_FOREVER = datetime.timedelta(days=365)
+
+# A backend's own frames: on the receiver, a forward frame and the channel it came on
+# (on the channel's thread); on the sender, a reply frame (on the reply thread).
+ReceiverFrameHandler = Callable[["ReceiveChannel", Frame], None]
+SenderFrameHandler = Callable[[Frame], None]
 
 
 @dataclass
@@ -107,17 +116,6 @@ def _gloo_options(host: str, timeout: datetime.timedelta) -> dist.ProcessGroupGl
     return options
 
 
-def _point_nccl_at(host: str) -> None:
-    """NCCL's bootstrap and socket transport on `host`'s interface (a user's own setting wins).
-
-    NCCL reads only its environment, once per process; loopback is left to NCCL's
-    own choice, which works on one machine.
-    """
-    interface = None if is_loopback(host) else interface_of(host)
-    if interface is not None:
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={interface}")
-
-
 def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float, host: str) -> ProcessGroupPair:
     """Build this end's groups on local address `host`; blocks until the peer builds its end (at most `timeout_s`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -127,10 +125,8 @@ def open_pair(store: PrefixStore, rank: int, data_backend: str, timeout_s: float
     elif data_backend == "nccl":
         if not dist.is_nccl_available():
             raise TransferError("the nccl backend needs a CUDA build of torch")
-        # On a stuck or dead peer, abort this pair's communicator but keep the process:
-        # torch's default (3) ends the whole replica, and with it every other request.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-        _point_nccl_at(host)
+        keep_process_on_nccl_error()
+        point_nccl_at(host)
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         data = dist.ProcessGroupNCCL(PrefixStore("nccl/", store), rank, 2, options)
@@ -144,8 +140,9 @@ class ReceiveChannel:
 
     def __init__(self, store: PrefixStore, number: int, hello: Hello, ledger: TransferLedger, kv_cache: KvCache,
                  data_backend: str, timeout_s: float, on_exit: Callable[[ReceiveChannel], None], host: str,
-                 heads: slice = ALL_HEADS):
-        """`heads`: where on the pool's head axis this sender's heads go (all at TP 1)."""
+                 heads: slice = ALL_HEADS, handlers: Mapping[MessageKind, ReceiverFrameHandler] | None = None):
+        """`heads`: where on the pool's head axis this sender's heads go (all at TP 1);
+        `handlers`: the backend's own frame kinds."""
         self.number = number
         self._host = host
         self._heads = heads
@@ -153,8 +150,8 @@ class ReceiveChannel:
         self._store, self._ledger, self._kv = store, ledger, kv_cache
         self._data_backend, self._timeout_s, self._on_exit = data_backend, timeout_s, on_exit
         self._pair: ProcessGroupPair | None = None
+        self._handlers = dict(handlers or {})
         self._open_transfers: set[int] = set()  # transfers this sender touched, not finished
-        self._fences: dict[int, threading.Event] = {}
         # A gloo send waits for the peer's matching recv: the sender reads replies until the
         # first GOODBYE only, so exactly one GOODBYE may ever be sent.
         self._goodbye_lock = threading.Lock()
@@ -176,17 +173,19 @@ class ReceiveChannel:
         if pair is not None and not was_said:
             pair.send_frame(Frame(MessageKind.GOODBYE, 0), TAG_REPLY)
 
-    def fence(self, transfer_id: int, timeout_s: float) -> bool:
-        """cuda_ipc: make the sender stop writing `transfer_id`; True once it confirmed."""
-        event = self._fences.setdefault(transfer_id, threading.Event())
-        try:
-            self._pair.send_frame(Frame(MessageKind.CANCEL, transfer_id), TAG_REPLY)
-        except Exception as e:
-            log.warning("transfer %d: cannot fence channel %d: %s", transfer_id, self.number, e)
-            return not self._thread.is_alive()
-        confirmed = event.wait(timeout_s) or not self._thread.is_alive()
-        self._fences.pop(transfer_id, None)
-        return confirmed
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def track(self, transfer_id: int) -> None:
+        """This sender touched `transfer_id`: the channel breaking fails it."""
+        self._open_transfers.add(transfer_id)
+
+    def reply(self, kind: MessageKind, transfer_id: int, status: AckStatus = AckStatus.ACCEPTED) -> None:
+        """Send the sender a reply frame (any thread; nothing once GOODBYE was said)."""
+        if self._has_said_goodbye:
+            return  # the sender stopped reading replies; it fails its own waits
+        self._pair.send_frame(Frame(kind, transfer_id, status=int(status)), TAG_REPLY)
 
     def _run(self) -> None:
         try:
@@ -209,22 +208,17 @@ class ReceiveChannel:
         tid = frame.transfer_id
         if frame.kind == MessageKind.LAYERS:
             self._receive_layers(frame.num_blocks)
-        elif frame.kind == MessageKind.LANDED:
-            self._ledger.mark_landed(tid, frame.layer, frame.first_block_index, frame.num_blocks)
-        elif frame.kind == MessageKind.LANDED_ALL_LAYERS:
-            for layer in range(self._kv.spec.num_layers):
-                self._ledger.mark_landed(tid, layer, frame.first_block_index, frame.num_blocks)
-        elif frame.kind == MessageKind.BEGIN:
-            self._open_transfers.add(tid)
-            self._reply(MessageKind.ADMITTED, tid, self._ledger.admit(tid, self))
-        elif frame.kind == MessageKind.FENCED:
-            self._fences.get(tid, threading.Event()).set()
         elif frame.kind == MessageKind.FINISH:
             self._open_transfers.discard(tid)
-            self._reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks, self._heads))
+            self.reply(MessageKind.FINISHED, tid, self._ledger.finish(tid, frame.num_blocks, self._heads))
         elif frame.kind == MessageKind.CLOSE:
             self._say_goodbye()
             return False
+        elif frame.kind in self._handlers:
+            self._handlers[frame.kind](self, frame)
+        else:
+            log.warning("channel %d: sender %s sent an unexpected %s frame; ignored",
+                        self.number, self.sender_id, frame.kind.name)
         return True
 
     def _receive_layers(self, num_pieces: int) -> None:
@@ -241,11 +235,6 @@ class ReceiveChannel:
             start += n
         self._ledger.write(pieces)
 
-    def _reply(self, kind: MessageKind, transfer_id: int, status: AckStatus) -> None:
-        if self._has_said_goodbye:
-            return  # the sender stopped reading replies; it fails its own waits
-        self._pair.send_frame(Frame(kind, transfer_id, status=int(status)), TAG_REPLY)
-
 
 class SendChannel:
     """The sender's end of one channel: an ordered work queue on one thread, plus a reply reader."""
@@ -253,12 +242,14 @@ class SendChannel:
     _CLOSE = object()  # queue marker: say CLOSE (if still possible) and stop
 
     def __init__(self, address: ChannelAddress, hello: Hello, data_backend: str, device: torch.device,
-                 timeout_s: float, on_cancel: Callable[[int], None] | None = None, host: str | None = None):
+                 timeout_s: float, handlers: Mapping[MessageKind, SenderFrameHandler] | None = None,
+                 host: str | None = None):
+        """`handlers`: the backend's own reply-frame kinds (answers to `expect_reply` need none)."""
         self.address = address
         self._host = host  # None: the address that routes to the receiver
         self._hello, self._data_backend, self._timeout_s = hello, data_backend, timeout_s
         self._device = device
-        self._on_cancel = on_cancel
+        self._handlers = dict(handlers or {})
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._replies: dict[tuple[MessageKind, int], Future] = {}
@@ -330,8 +321,8 @@ class SendChannel:
     def _read_replies(self) -> None:
         try:
             while (frame := self._pair.recv_frame(TAG_REPLY)).kind != MessageKind.GOODBYE:
-                if frame.kind == MessageKind.CANCEL and self._on_cancel is not None:
-                    self._on_cancel(frame.transfer_id)
+                if frame.kind in self._handlers:
+                    self._handlers[frame.kind](frame)
                     continue
                 with self._lock:
                     future = self._replies.pop((frame.kind, frame.transfer_id), None)

@@ -8,10 +8,13 @@ gloo channel, because direct writes need a gate and a fence:
     BEGIN -> ADMITTED   the receiver still expects the transfer; only then do copies start
     CANCEL -> FENCED    the receiver's cancel waits until the sender stopped and synced
     LANDED..., FINISH   sent after the channel's stream synced, so "landed" is true
+These frames are this backend's own: the receiver handles them (`_frame_handlers`), the
+sender its CANCEL; the generic channel only carries them.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,7 +23,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 
 from pdserve.engine.copies import on_device
 from pdserve.engine.kv_cache import KvCache, raw_bytes
-from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.channel import ReceiveChannel, ReceiverFrameHandler, SendChannel
 from pdserve.engine.transfer.messages import (
     AckStatus,
     ChannelAddress,
@@ -73,6 +76,8 @@ class CudaIpcReceiver(TorchDistReceiver):
         _require_cuda(kv_cache.spec.device)
         super().__init__(kv_cache, **kwargs)
         self._fence_timeout_s = fence_timeout_s
+        self._fences: dict[tuple[int, int], threading.Event] = {}  # (channel, transfer id) -> FENCED came
+        self._fences_lock = threading.Lock()
         rebuild, args = reduce_tensor(kv_cache.tensor)
         self._handle = CudaIpcHandle(device_uuid(kv_cache.spec.device), rebuild, args)
 
@@ -82,9 +87,44 @@ class CudaIpcReceiver(TorchDistReceiver):
         return ChannelAddress(plain.backend, plain.host, plain.port, plain.peer_id, plain.shard,
                               ipc_handle=self._handle)
 
+    def _frame_handlers(self) -> dict[MessageKind, ReceiverFrameHandler]:
+        return {MessageKind.BEGIN: self._on_begin, MessageKind.LANDED: self._on_landed,
+                MessageKind.LANDED_ALL_LAYERS: self._on_landed_all_layers, MessageKind.FENCED: self._on_fenced}
+
+    def _on_begin(self, channel: ReceiveChannel, frame: Frame) -> None:
+        """The gate: the sender may write only a transfer this pool still expects."""
+        channel.track(frame.transfer_id)
+        channel.reply(MessageKind.ADMITTED, frame.transfer_id, self._ledger.admit(frame.transfer_id, channel))
+
+    def _on_landed(self, channel: ReceiveChannel, frame: Frame) -> None:
+        self._ledger.mark_landed(frame.transfer_id, frame.layer, frame.first_block_index, frame.num_blocks)
+
+    def _on_landed_all_layers(self, channel: ReceiveChannel, frame: Frame) -> None:
+        for layer in range(self.kv_cache.spec.num_layers):
+            self._ledger.mark_landed(frame.transfer_id, layer, frame.first_block_index, frame.num_blocks)
+
+    def _on_fenced(self, channel: ReceiveChannel, frame: Frame) -> None:
+        with self._fences_lock:
+            event = self._fences.get((channel.number, frame.transfer_id))
+        if event is not None:
+            event.set()
+
     def _fence(self, writer: ReceiveChannel, transfer_id: int) -> None:
-        """Wait until the sender stopped writing; raises `TransferError` (blocks unsafe) if it never says so."""
-        if not writer.fence(transfer_id, self._fence_timeout_s):
+        """Make the sender stop writing `transfer_id` and wait until it says so; raises `TransferError`
+        (blocks unsafe) if it never does. A channel already gone writes nothing more."""
+        key, event = (writer.number, transfer_id), threading.Event()
+        with self._fences_lock:
+            self._fences[key] = event
+        try:
+            writer.reply(MessageKind.CANCEL, transfer_id)
+            confirmed = event.wait(self._fence_timeout_s) or not writer.is_alive
+        except Exception as e:
+            log.warning("transfer %d: cannot fence channel %d: %s", transfer_id, writer.number, e)
+            confirmed = not writer.is_alive
+        finally:
+            with self._fences_lock:
+                self._fences.pop(key, None)
+        if not confirmed:
             raise TransferError(f"transfer {transfer_id}: sender did not confirm it stopped writing; "
                                 "do not reuse its blocks")
 
@@ -178,8 +218,11 @@ class CudaIpcSender(TorchDistSender):
             del self._peers[broken]
         holder: list[_Peer] = []
         # CANCEL arrives on the reply thread; the fence runs on the channel thread, after queued copies.
+        def on_cancel(frame: Frame) -> None:
+            channel.submit(lambda: self._stop_writing(holder[0], frame.transfer_id))
+
         channel = SendChannel(address, self._hello, self.backend, self.kv_cache.spec.device, self._timeout_s,
-                              on_cancel=lambda tid: channel.submit(lambda: self._stop_writing(holder[0], tid)))
+                              handlers={MessageKind.CANCEL: on_cancel})
         peer = _Peer(channel, address.ipc_handle.open())
         holder.append(peer)
         self._peers[channel] = peer

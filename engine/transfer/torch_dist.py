@@ -19,7 +19,7 @@ from torch.distributed import PrefixStore
 
 from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.base import KvReceiver, KvSender
-from pdserve.engine.transfer.channel import ReceiveChannel, SendChannel
+from pdserve.engine.transfer.channel import ReceiveChannel, ReceiverFrameHandler, SendChannel
 from pdserve.engine.transfer.heads import KvShard, delivered_heads
 from pdserve.engine.transfer.ledger import LayerPiece
 from pdserve.engine.transfer.messages import (
@@ -85,7 +85,11 @@ class TorchDistReceiver(KvReceiver):
         with self._lock:
             self._channels[number] = ReceiveChannel(
                 store, number, hello, self._ledger, self.kv_cache, self.backend, self._timeout_s, self._forget,
-                self._host, heads)
+                self._host, heads, self._frame_handlers())
+
+    def _frame_handlers(self) -> dict[MessageKind, ReceiverFrameHandler]:
+        """This backend's own frame kinds, beyond what every channel carries (none here)."""
+        return {}
 
     def _forget(self, channel: ReceiveChannel) -> None:
         with self._lock:

@@ -5,7 +5,7 @@ from pdserve.cluster.autoscaling import PolicySettings, PoolBounds
 from pdserve.cluster.cost_model import Slo
 
 SETTINGS = PolicySettings(slo=Slo(ttft_s=0.8, tpot_s=0.060), prefill=PoolBounds(1, 4), decode=PoolBounds(1, 6),
-                          upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0)
+                          upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0, max_running=64)
 LIGHT = (1.0, 200.0, 50.0)  # requests/s, prompt tokens, output tokens: one replica of each holds it
 
 
@@ -59,6 +59,6 @@ def test_pools_return_to_their_minimum_when_load_stops():
 
 def test_a_fixed_pool_never_moves():
     fixed = PolicySettings(slo=SETTINGS.slo, prefill=PoolBounds(2, 2), decode=PoolBounds(1, 6),
-                           upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0)
+                           upscale_delay_s=10.0, downscale_delay_s=60.0, interval_s=5.0, max_running=64)
     run = simulate(surge((10.0, 2000.0, 300.0)), fixed, 700)
     assert set(run.targets("prefill")) == {2} and max(run.targets("decode")) > 1

@@ -1,9 +1,13 @@
 """From the replicas' custom autoscaling metrics to the policy's Observation, and back out as status and metrics."""
+import dataclasses
+
 import pytest
 
-from pdserve.cluster.autoscaling import observe, serve_autoscaling_config
+from loads import IDLE_DECODE, IDLE_PREFILL
+from pdserve.cluster.autoscaling import observe, pool_loads, serve_autoscaling_config
 from pdserve.cluster.config import load_config
 from pdserve.cluster.status_cmd import format_status
+from pdserve.engine.messages import DecodeLoad, LoadReportError, PrefillLoad
 from pdserve.router.metrics import autoscaling_lines
 
 NOTE = {"pools": {"prefill": {"replicas": 1, "target": 1, "reason": "no load"},
@@ -18,13 +22,32 @@ def test_observe_sums_pools_and_derives_output_length_from_generated_tokens():
                "decode": {"arrivals_per_s": {"d1": 3.0, "d2": 1.0}, "prompt_tokens_mean": {"d1": 100.0, "d2": 500.0},
                           "tokens_per_s": {"d1": 150.0, "d2": 50.0}, "num_running": {"d1": 6.0, "d2": 2.0},
                           "num_waiting": {"d1": 1.0, "d2": 0.0}}}
-    o = observe(metrics, {"d1": [(6.0, 0.02), (0.0, 0.0)], "d2": [(2.0, 0.012)]})
+    prefill = pool_loads(PrefillLoad, with_other_fields(metrics["prefill"], IDLE_PREFILL))
+    decode = pool_loads(DecodeLoad, with_other_fields(metrics["decode"], IDLE_DECODE))
+    assert [p.replica_id for p in prefill] == ["p1", "p2"] and decode[1].prompt_tokens_mean == 500.0
+    o = observe(prefill, decode, {"d1": [(6.0, 0.02), (0.0, 0.0)], "d2": [(2.0, 0.012)]})
     w = o.workload
     assert (w.arrival_rate, w.prompt_tokens, w.output_tokens) == (4.0, 200.0, 51.0)
     assert (w.queued_prompt_tokens, w.running_sequences, o.prefill_tokens_per_s) == (400.0, 9.0, 5000.0)
     assert [(s.batch_size, s.step_time_s) for s in o.step_samples] == [(6.0, 0.02), (2.0, 0.012)]
     assert w.prefix_hit_rate == pytest.approx(0.3) and w.computed_prompt_tokens == pytest.approx(140.0)
-    assert not o.is_idle and observe({}, {}).is_idle
+    assert not o.is_idle and observe([], [], {}).is_idle
+
+
+def test_a_replica_metric_missing_from_the_report_fails_loudly():
+    """A load field renamed on the replica's side must not read as zero load to the autoscaler."""
+    metrics = with_other_fields({"num_running": {"d1": 6.0}}, IDLE_DECODE)
+    del metrics["arrivals_per_s"]
+    with pytest.raises(LoadReportError, match="arrivals_per_s"):
+        pool_loads(DecodeLoad, metrics)
+
+
+def with_other_fields(metrics: dict, idle) -> dict:
+    """`metrics` plus every other numeric field of the load, at `idle`'s value, for the same replicas."""
+    replicas = {r for per_replica in metrics.values() for r in per_replica}
+    filled = {name: {r: float(value) for r in replicas} for name, value in dataclasses.asdict(idle).items()
+              if name != "replica_id"}
+    return {**filled, **metrics}
 
 
 def test_both_pools_get_a_serve_autoscaling_config_when_one_autoscales():

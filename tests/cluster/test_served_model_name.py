@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.cluster.cli import _parser
+from pdserve.cluster.cli import make_parser, serve_config
 from pdserve.cluster.config import ConfigError, load_config
 from pdserve.cluster.deployments import served_models
 from pdserve.cluster.server import prepare
@@ -22,8 +22,8 @@ def test_the_embedded_default_model_keeps_its_name_once_its_path_is_filled_in():
 
 
 def test_the_flag_takes_several_names_and_replaces_the_default():
-    args = _parser().parse_args(["serve", "--model", "/m/llama", "--served-model-name", "llama", "/m/llama"])
-    config = load_config(None, **{"model.path": args.model, "model.served_model_name": args.served_model_name})
+    config = serve_config(make_parser().parse_args(["serve", "--model", "/m/llama", "--served-model-name", "llama",
+                                                    "/m/llama"]))
     assert served_models(config).names == ("llama", "/m/llama") and served_models(config).primary == "llama"
     assert load_config(config.to_dict()) == config  # as the replicas get it, through Serve's args
 

@@ -4,6 +4,7 @@ import torch
 
 from engine_target import DEVICE, DTYPE_NAME, IS_EXACT, relative_error
 from pdserve.engine.cuda_graphs import decode_batch_sizes
+from pdserve.engine.prefill_graphs import prefill_token_buckets
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from tiny_models import save_tiny_model
@@ -134,3 +135,73 @@ def test_position_past_the_blocks_is_refused_and_leaves_the_inputs(monkeypatch):
     graphs.run([9], [1], [(5,)], [-1])
     assert graphs.ids[:, 0].tolist() == [9, 1, 21, 2, -1]
     assert graphs.block_tables[0, 0].item() == 5
+
+
+def test_prefill_buckets_double_up_to_the_largest():
+    assert prefill_token_buckets(512) == (16, 32, 64, 128, 256, 512)
+    assert prefill_token_buckets(100) == (16, 32, 64, 100)
+    assert prefill_token_buckets(16) == (16,)
+
+
+def test_cpu_runner_has_no_prefill_graphs(tmp_path):
+    save_tiny_model("llama", tmp_path)
+    assert ModelRunner(load_model_dir(tmp_path), num_blocks=10, block_size=4).prefill_graphs is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("length", [1, 16, 17, 100, 128, 129])  # 129 is past the largest graph: eager
+def test_graph_prefill_equals_eager_prefill(tmp_path, length):
+    save_tiny_model("llama", tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    graphed_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=128)
+    eager_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=0)
+    assert eager_runner.prefill_graphs is None
+    prompt = tuple((11 * j) % 120 + 2 for j in range(length))
+    table = tuple(range(-(-length // 4)))[::-1]  # out of order
+    layers_done = []
+    graphed = graphed_runner.prefill([PrefillChunk(prompt, 0, table)], on_layer_done=layers_done.append)
+    eager = eager_runner.prefill([PrefillChunk(prompt, 0, table)])
+    assert layers_done == list(range(loaded.spec.num_layers))
+    assert graphed.shape == eager.shape == (1, loaded.spec.vocab_size)
+    assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2)
+    # The prompt's slots hold the same K/V; every other block of the pool is untouched (zeros).
+    pool = lambda runner: runner.kv_cache.tensor[:, :, :64].flatten(2, 3)  # [layers, 2, slots, heads, dim]
+    slots = [table[p // 4] * 4 + p % 4 for p in range(length)]
+    assert relative_error(pool(graphed_runner)[:, :, slots], pool(eager_runner)[:, :, slots]) < (1e-5 if IS_EXACT else 1e-2)
+    others = torch.ones(64 * 4, dtype=torch.bool, device=DEVICE)
+    others[slots] = False
+    assert not pool(graphed_runner)[:, :, others].any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("lengths", [[40, 7], [3, 1, 9], [5] * 8, [5] * 9, [60, 60]])  # 9 prompts, 120 tokens: eager
+def test_graph_prefill_of_several_prompts_equals_eager(tmp_path, lengths):
+    save_tiny_model("llama", tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    graphed_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=64)
+    eager_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=0)
+    chunks, next_block = [], 0
+    for i, length in enumerate(lengths):
+        count = -(-length // 4)
+        chunks.append(PrefillChunk(tuple((5 * j + i) % 120 + 2 for j in range(length)), 0,
+                                   tuple(range(next_block, next_block + count))[::-1]))
+        next_block += count
+    graphed, eager = graphed_runner.prefill(chunks), eager_runner.prefill(chunks)
+    assert graphed.shape == eager.shape == (len(lengths), loaded.spec.vocab_size)
+    assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2)
+    pool = lambda runner: runner.kv_cache.tensor[:, :, :64]
+    assert relative_error(pool(graphed_runner), pool(eager_runner)) < (1e-5 if IS_EXACT else 1e-2)
+
+
+@needs_cuda
+def test_graph_prefills_of_different_prompts_in_a_row(tmp_path):
+    """Replays reuse the static inputs: each batch's logits equal its eager prefill's."""
+    save_tiny_model("llama", tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    graphed_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=64)
+    eager_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=0)
+    for length in (40, 7, 40, 33):
+        prompt = tuple((5 * j + length) % 120 + 2 for j in range(length))
+        chunk = PrefillChunk(prompt, 0, tuple(range(-(-length // 4))))
+        graphed, eager = graphed_runner.prefill([chunk]), eager_runner.prefill([chunk])
+        assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2), length

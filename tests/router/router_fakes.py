@@ -22,8 +22,8 @@ CHAT_TEMPLATE = (
 MODEL = "tiny-model"
 ALIAS = "/models/tiny-model"  # a second served name, spelled as a path
 SERVED = ServedModels((MODEL, ALIAS))
-LIMITS = RequestLimits(max_model_len=64, max_body_bytes=4096, max_tokens=48, max_n=4, max_stop=3,
-                       request_timeout_s=30.0)
+LIMITS = RequestLimits(max_model_len=64, max_body_bytes=4096, max_prompt_tokens=None, max_tokens=48, max_n=4,
+                       max_stop=3, request_timeout_s=30.0)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

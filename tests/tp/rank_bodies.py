@@ -56,10 +56,12 @@ def _shard_runner(tp: TensorParallel, model_dir: str, num_blocks: int = 32, bloc
 
 def prefill_group(tp: TensorParallel, model_dir: str, prompt: list[int], destination) -> int | None:
     """A TP prefill replica: the leader's PrefillWorker pushes every rank's heads to `destination`."""
-    from pdserve.engine.sampler import SamplingParams
+    from pdserve.engine.messages import PrefillRequest, SamplingParams
     from pdserve.engine.tp_runner import TpRunner, follow
     from pdserve.engine.transfer import make_sender
-    from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+    from pdserve.cluster.config import load_config
+    from pdserve.cluster.settings import prefill_settings
+    from pdserve.prefill_worker.worker import PrefillWorker
 
     runner, shard = _shard_runner(tp, model_dir)
     sender = make_sender("gloo", runner.kv_cache, sender_id=f"prefill-r{tp.rank}", timeout_s=30.0, shard=shard)
@@ -68,9 +70,10 @@ def prefill_group(tp: TensorParallel, model_dir: str, prompt: list[int], destina
         sender.close()
         return None
     leader = TpRunner(runner, sender)
-    worker = PrefillWorker(leader, sender, PrefillSettings(max_batch_tokens=8), "prefill-tp")
+    worker = PrefillWorker(leader, sender, prefill_settings(load_config(
+        {"prefill": {"max_batch_tokens": 8}, "kv_cache": {"block_size": runner.kv_cache.spec.block_size}})), "prefill-tp")
     try:  # max_batch_tokens 8: the prompt runs in chunks, each pushing its blocks
-        result = worker.submit("r1", prompt, SamplingParams(), destination, time.time() + 60).result(60)
+        result = worker.submit(PrefillRequest("r1", tuple(prompt), SamplingParams(), destination, time.time() + 60)).result(60)
         return result.first_token
     finally:
         leader.stop()

@@ -6,13 +6,15 @@ import time
 import pytest
 
 from pdserve.decode_worker.outbox import Outbox, TokenBatch
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker, StreamStart
+from pdserve.cluster.config import load_config
+from pdserve.cluster.settings import decode_settings, prefill_settings
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.loader import load_model_dir
+from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
 from pdserve.engine.transfer import make_receiver, make_sender
-from pdserve.prefill_worker.worker import PrefillSettings, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillWorker
 from tiny_models import save_tiny_model
 
 
@@ -29,11 +31,12 @@ def workers(loaded, request):
     and queueing step N+1 before reading step N (the GPU's)."""
     decode_runner = ModelRunner(loaded, 256, 4)
     receiver = make_receiver("gloo", decode_runner.kv_cache, peer_id="decode-test")
-    settings = DecodeSettings(transfer_timeout_s=20, overlap_steps=request.param)
-    decode = DecodeWorker(decode_runner, receiver, settings, "decode-test")
+    config = load_config({"decode": {"overlap_steps": request.param}, "transfer": {"timeout_s": 20},
+                          "prefill": {"max_batch_tokens": 32}, "kv_cache": {"block_size": 4}})
+    decode = DecodeWorker(decode_runner, receiver, decode_settings(config), "decode-test")
     prefill_runner = ModelRunner(loaded, 128, 4)
     sender = make_sender("gloo", prefill_runner.kv_cache, sender_id="prefill-test")
-    prefill = PrefillWorker(prefill_runner, sender, PrefillSettings(max_batch_tokens=32), "prefill-test")
+    prefill = PrefillWorker(prefill_runner, sender, prefill_settings(config), "prefill-test")
     yield prefill, decode
     prefill.close()
     decode.close()
@@ -42,7 +45,7 @@ def workers(loaded, request):
 def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset()):
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
-    result = prefill.submit("r", prompt, params, reservation.destination, deadline).result(timeout=60)
+    result = prefill.submit(PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline)).result(timeout=60)
     batches: list[TokenBatch] = []
     done = threading.Event()
 

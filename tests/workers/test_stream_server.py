@@ -7,7 +7,9 @@ import grpc
 import pytest
 
 from pdserve.decode_worker.stream_server import StreamServer
-from pdserve.decode_worker.worker import DecodeSettings, DecodeWorker
+from pdserve.cluster.config import load_config
+from pdserve.cluster.settings import decode_settings
+from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import ModelRunner
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
@@ -28,7 +30,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture
 def served(loaded):
-    worker = DecodeWorker(ModelRunner(loaded, 256, 4), None, DecodeSettings(), "decode-stream-test")
+    worker = DecodeWorker(ModelRunner(loaded, 256, 4), None, decode_settings(load_config()), "decode-stream-test")
     server = StreamServer(worker)
     yield worker, server
     server.stop()

@@ -1,0 +1,50 @@
+"""What every process of a replica (a Serve replica, or one of its TP ranks' actors) starts from:
+its device, its shard of the model in a process set up as the config's `engine` section says,
+and where and how its KV channels run."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from pdserve.engine.linear import set_gemv_max_rows
+from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir
+from pdserve.engine.parallel import TensorParallel
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.transfer.addresses import interface_address
+
+from .config import PdserveConfig
+
+
+def model_dir(config: PdserveConfig) -> str:
+    return config.model.path or str(default_model_dir(config.model.cache_dir))
+
+
+def rank_device() -> torch.device:
+    """The GPU Ray gave this process (each sees only its own), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
+    """This TP rank's shard of the model (the whole model at TP 1), in a process set up as `engine` says."""
+    sys.setswitchinterval(config.engine.gil_switch_interval_s)
+    if config.engine.gemv_max_rows is not None:
+        set_gemv_max_rows(config.engine.gemv_max_rows)
+    return load_model_dir(model_dir(config), rank_device(), config.model.dtype, config.model.max_model_len,
+                          rank=tp.rank, tp_size=tp.size)
+
+
+def kv_host(config: PdserveConfig) -> str | None:
+    """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
+    return interface_address(config.transfer.interface) if config.transfer.interface else None
+
+
+def transfer_backend(config: PdserveConfig, runner: ModelRunner) -> str:
+    """'auto': gloo on the CPU; on GPUs, CUDA IPC when the cluster has one GPU, NCCL otherwise."""
+    if config.transfer.backend != "auto":
+        return config.transfer.backend
+    if runner.device.type != "cuda":
+        return "gloo"
+    import ray
+
+    return "cuda_ipc" if ray.cluster_resources().get("GPU", 0) <= 1 else "nccl"
