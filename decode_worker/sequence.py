@@ -74,6 +74,7 @@ class DecodeSequence:
     opened_at: float = 0.0
     admitted_at: float = 0.0
     kv_wait_s: float = 0.0
+    queue_s: float = 0.0  # a local prefill: opened to its first chunk
     prefill_s: float = 0.0
     num_steps: int = 0
     ready_order: int = 0  # when it became PREFILLING or WAITING: admission keeps this order

@@ -223,19 +223,24 @@ class DecodeWorker:
         started = time.monotonic()
         with self._clock.work():  # the device's time, not a step point
             logits = self.runner.prefill([chunk for _, chunk in batch])
-        elapsed = time.monotonic() - started
         done_rows = []
         with self._lock:
             for row, (seq, chunk) in enumerate(batch):
+                if seq.num_prefilled == 0:
+                    seq.queue_s = started - seq.opened_at
                 seq.num_prefilled += len(chunk.token_ids)
-                seq.prefill_s += elapsed
                 if seq.state is _PREFILLING and seq.num_prefilled == seq.num_to_prefill:
                     self._seqs.move(seq, _WAITING)
                     if not seq.generated:
                         done_rows.append((row, seq))
-            if done_rows:
-                seqs = [s for _, s in done_rows]
-                self._accept(_sample(logits[[r for r, _ in done_rows]], seqs), seqs)
+            seqs = [s for _, s in done_rows]
+            # Sampling reads the tokens back, so a finishing batch's time is the device's, not the launch's.
+            sampled = _sample(logits[[r for r, _ in done_rows]], seqs) if seqs else None
+            elapsed = time.monotonic() - started
+            for seq, _ in batch:
+                seq.prefill_s += elapsed
+            if seqs:
+                self._accept(sampled, seqs)
             self._emission.flush()
 
     def _launch_decode(self) -> bool:

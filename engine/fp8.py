@@ -10,10 +10,18 @@ Layouts read (weights `float8_e4m3fn` [N, K]; dequantized W = q * s, elementwise
   * `quant_method: compressed-tensors` with float 8-bit weights: `weight_scale` of
     strategy tensor ([1]), channel ([N, 1]) or block ([ceil(N / bn), ceil(K / bk)]).
 
+KV cache scales (used by `kv_cache.dtype: fp8_e4m3`, engine/kv_cache.py: stored = K / k_scale)
+come from the checkpoint where it ships them: `self_attn.k_scale` / `v_scale` (llm-compressor,
+Qwen and vLLM-style FP8 checkpoints), `self_attn.k_proj.output_scale` / `v_proj.output_scale`
+(older compressed-tensors) or one `self_attn.kv_scale` for both (AutoFP8). A per-head scale is
+read as its largest (the cache keeps one per tensor; the largest clips nothing).
+
 Which projections are FP8 is read from the tensors themselves (a weight with a scale
-beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Static
-`input_scale`s are ignored: activations are quantized dynamically per token (per
-token and 128-group for block weights), which is at least as accurate.
+beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Activations of
+the FP8 GEMM are quantized dynamically per token (and 128-group for block weights), unless
+the checkpoint says static (`activation_scheme: static`, or compressed-tensors
+`input_activations` with `dynamic: false`) and ships `input_scale`s: then x / input_scale,
+one scale per tensor (the largest of a fused projection's parts, which clips none of them).
 
 In memory every FP8 weight is an `Fp8Weight`: the fp8 tensor and an fp32 scale grid
 `scale[i // group_n, j // group_k]`. A per-tensor scale becomes a per-row one
@@ -23,12 +31,14 @@ keep their own scales.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import linear
-from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemv, fp8_matmul
+from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_matmul
+from .kernels.fp8_gemv import fp8_gemv
 from .linear import Linear
 
 _METHODS = ("fp8", "compressed-tensors")
@@ -46,14 +56,16 @@ class Fp8Weight:
     scale: torch.Tensor
     group_n: int
     group_k: int
+    input_scale: torch.Tensor | None = None  # [1] fp32: a static activation scale; None: dynamic
 
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
 
     def to(self, device: torch.device) -> Fp8Weight:
+        input_scale = None if self.input_scale is None else self.input_scale.to(device, torch.float32)
         return Fp8Weight(self.weight.to(device).contiguous(), self.scale.to(device, torch.float32).contiguous(),
-                         self.group_n, self.group_k)
+                         self.group_n, self.group_k, input_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = q * s, computed in fp32 and rounded to `dtype` once."""
@@ -64,7 +76,8 @@ class Fp8Weight:
         if self.group_n == 1:
             return self
         n = self.weight.shape[0]
-        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k)
+        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k,
+                         self.input_scale)
 
     @staticmethod
     def cat(parts: list[Fp8Weight]) -> Fp8Weight:
@@ -78,8 +91,10 @@ class Fp8Weight:
         if any(p.group_n != group_n or p.weight.shape[0] % group_n for p in parts):
             parts = [p.per_row_groups() for p in parts]
             group_n = 1
+        static = [p.input_scale for p in parts]
+        input_scale = None if any(s is None for s in static) else torch.stack(static).amax(0)
         return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
-                         group_n, group_k.pop())
+                         group_n, group_k.pop(), input_scale)
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class Fp8Checkpoint:
     """How a checkpoint lays out its FP8 weights, from its quantization_config."""
 
     block_size: tuple[int, int] | None  # (bn, bk) of block scales; None: per-tensor or per-channel scales
+    static_activations: bool = False  # the checkpoint's input_scales quantize the activations
 
     @staticmethod
     def of(hf_config: Any) -> Fp8Checkpoint | None:
@@ -99,9 +115,9 @@ class Fp8Checkpoint:
         if method == "fp8":
             if quant.get("fmt", "e4m3") != "e4m3":
                 raise Fp8FormatError(f"FP8 format {quant.get('fmt')!r} is not supported (only e4m3)")
-            return Fp8Checkpoint(_pair(quant.get("weight_block_size")))
+            return Fp8Checkpoint(_pair(quant.get("weight_block_size")), quant.get("activation_scheme") == "static")
         if method == "compressed-tensors":
-            return Fp8Checkpoint(_compressed_tensors_block(quant))
+            return Fp8Checkpoint(_compressed_tensors_block(quant), _compressed_tensors_static(quant))
         raise Fp8FormatError(f"quantization method {method!r} is not supported; supported: {list(_METHODS)}")
 
     def weight(self, tensors: dict[str, torch.Tensor], name: str) -> Fp8Weight | None:
@@ -117,21 +133,27 @@ class Fp8Checkpoint:
                                  "only 2-d float8_e4m3fn weights are read")
         n, k = weight.shape
         scale = scale.float()
+        static = tensors.get(stem + "input_scale") if self.static_activations else None
+        static = None if static is None else static.float().reshape(-1).amax().reshape(1)
         if scale.numel() == 1:  # per tensor
-            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k)
+            return Fp8Weight(weight, scale.reshape(1, 1).expand(n, 1).contiguous(), 1, k, static)
         if tuple(scale.shape) == (n, 1):  # per channel
-            return Fp8Weight(weight, scale, 1, k)
+            return Fp8Weight(weight, scale, 1, k, static)
         if self.block_size is not None:
             bn, bk = self.block_size
             if tuple(scale.shape) == (-(-n // bn), -(-k // bk)):
-                return Fp8Weight(weight, scale, bn, bk)
+                return Fp8Weight(weight, scale, bn, bk, static)
         raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] "
                              f"weight (block size {self.block_size})")
 
-    def dequantized(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Checkpoint tensor `name`, dequantized to fp32 when it is an FP8 weight with scales."""
+    def dequantized(self, tensors: Mapping[str, torch.Tensor], name: str,
+                    device: torch.device | None = None) -> torch.Tensor:
+        """Checkpoint tensor `name`, dequantized to fp32 (on `device`, moved there as FP8: a quarter of the
+        bytes, and the GPU's arithmetic) when it is an FP8 weight with scales; else as it is stored."""
         quantized = self.weight(tensors, name)
-        return tensors[name] if quantized is None else quantized.dequantize()
+        if quantized is None:
+            return tensors[name]
+        return (quantized if device is None else quantized.to(device)).dequantize()
 
     def linear(self, tensors: dict[str, torch.Tensor], names: list[str], bias: torch.Tensor | None,
                device: torch.device) -> Fp8Linear | None:
@@ -141,6 +163,41 @@ class Fp8Checkpoint:
         if any(p is None for p in parts):
             return None
         return Fp8Linear(Fp8Weight.cat(parts).to(device), bias)
+
+
+_KV_SCALE_NAMES = (
+    ("self_attn.k_scale", "self_attn.v_scale"),
+    ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+    ("self_attn.kv_scale", "self_attn.kv_scale"),
+)
+
+
+def checkpoint_kv_scales(tensors: Mapping[str, torch.Tensor], num_layers: int) -> tuple[tuple[float, float], ...] | None:
+    """Each layer's (K, V) cache scale from the checkpoint; None when it ships none."""
+    scales = []
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        names = next(((p + k, p + v) for k, v in _KV_SCALE_NAMES if p + k in tensors and p + v in tensors), None)
+        scales.append(None if names is None else tuple(_kv_scale(tensors[n], n) for n in names))
+    if all(s is None for s in scales):
+        return None
+    if any(s is None for s in scales):
+        missing = [i for i, s in enumerate(scales) if s is None]
+        raise Fp8FormatError(f"the checkpoint has KV cache scales for some layers only (none for layers {missing[:8]})")
+    return tuple(scales)
+
+
+def _kv_scale(t: torch.Tensor, name: str) -> float:
+    value = float(t.float().max())
+    if not value > 0 or value == float("inf"):
+        raise Fp8FormatError(f"{name}: a KV cache scale must be positive and finite, got {value}")
+    return value
+
+
+def _compressed_tensors_static(quant: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config quantizes activations with static (checkpoint) scales."""
+    inputs = [g.get("input_activations") for g in (quant.get("config_groups") or {}).values()]
+    return any(i is not None and i.get("dynamic") is False for i in inputs)
 
 
 def _pair(block: Any) -> tuple[int, int] | None:
@@ -186,4 +243,4 @@ class Fp8Linear(Linear):
         w = self.weight
         if x.is_cuda and x.shape[0] <= linear.GEMV_MAX_ROWS:
             return fp8_gemv(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
-        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
+        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias, w.input_scale)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .architectures import text_config
-from .fp8 import Fp8Checkpoint, Fp8FormatError
+from .fp8 import Fp8Checkpoint, Fp8FormatError, checkpoint_kv_scales
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
@@ -57,6 +57,7 @@ class ModelWeights:
     layers: tuple[LayerWeights, ...]
     norm: RmsNorm
     lm_head: Linear  # [vocab, hidden]; the embedding itself when tied
+    kv_scales: tuple[tuple[float, float], ...] | None = None  # an FP8 checkpoint's (K, V) cache scale per layer
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,8 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     of a TP rank, only its slices (`layout`).
 
     FP8 weights (engine/fp8.py; TP 1 only) stay FP8 in the projections on CUDA in bfloat16 (the
-    FP8 kernels' output); everywhere else (the CPU, experts, any other tensor) they are
-    dequantized here."""
+    FP8 kernels' output); everywhere else (the CPU, MoE experts, any other tensor) they are
+    dequantized here, on the target device."""
     family = spec.family
 
     def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
@@ -195,7 +196,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         try:
             if fp8 is not None:
-                return fp8.dequantized(reader, name)
+                return fp8.dequantized(reader, name, device)  # e.g. MoE experts (no FP8 grouped GEMM)
             return reader.read(name, *layout.slices(kind))
         except (WeightFileError, Fp8FormatError) as e:
             raise ModelLoadError(str(e)) from None
@@ -253,7 +254,11 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     embed = put(take(check("model.embed_tokens.weight", (spec.vocab_size, spec.hidden_size))))
     tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
     lm_head = Linear.dense(embed) if tied else projection(["lm_head.weight"], [REPLICATED])
-    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
+    try:
+        kv_scales = checkpoint_kv_scales(reader, spec.num_layers) if fp8 is not None else None
+    except Fp8FormatError as e:
+        raise ModelLoadError(str(e)) from None
+    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head, kv_scales)
 
 
 def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
