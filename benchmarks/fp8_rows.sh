@@ -9,6 +9,8 @@ OUT=${OUT:-/tmp/fp8_out}
 mkdir -p /tmp/pd/pdserve /tmp/rows "$OUT"
 for d in engine prefill_worker decode_worker router cluster protos; do ln -sfn "$PWD/$d" /tmp/pd/pdserve/$d; done
 export PYTHONPATH=/tmp/pd:$PWD/tests:$PWD/benchmarks
+# Ray's site (uvicorn and the rest the cluster package imports) from ../shared/tools/gpu-site, when carried
+[ -f .carry/site.tar.xz ] && tar xJf .carry/site.tar.xz -C /tmp && PYTHONPATH=/tmp/site:$PYTHONPATH
 step() { echo "== $1 exit $2 at ${SECONDS}s"; }
 
 timeout 110 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_gemv.py \

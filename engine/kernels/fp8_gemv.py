@@ -77,22 +77,23 @@ def shape_class(num_rows: int, n: int, k: int, block_scales: bool) -> str:
 # from the H200 run of 2026-12-01 (fma(8,1024,4,2) the best M=1 config of that run's few); the
 # block entries use the same tiles now that a block-scaled step is no longer 128 wide.
 C = Fp8GemvConfig
+# Swept on an H200, 2026-12-01 (benchmarks/fp8_gemv_sweep.py; classes not swept keep the old best).
 GEMV_DEFAULTS: dict[str, Fp8GemvConfig] = {
-    "row/m1/narrow/shallow": C(8, 1024, 4, 2),
-    "row/m1/wide/shallow": C(8, 1024, 4, 2),
-    "row/m1/narrow/deep": C(8, 1024, 4, 2),
+    "row/m1/narrow/shallow": C(4, 1024, 4, 2),
+    "row/m1/wide/shallow": C(4, 1024, 4, 2),
+    "row/m1/narrow/deep": C(4, 1024, 4, 2),
     "row/m1/wide/deep": C(8, 1024, 4, 2),
-    "block/m1/narrow/shallow": C(8, 1024, 4, 2),
-    "block/m1/wide/shallow": C(8, 1024, 4, 2),
-    "block/m1/narrow/deep": C(8, 1024, 4, 2),
+    "block/m1/narrow/shallow": C(4, 1024, 4, 2),
+    "block/m1/wide/shallow": C(8, 512, 4, 3),
+    "block/m1/narrow/deep": C(4, 1024, 4, 2),
     "block/m1/wide/deep": C(8, 1024, 4, 2),
-    "row/m16/narrow/shallow": C(32, 128, 4, 4, use_dot=True),
-    "row/m16/wide/shallow": C(32, 128, 4, 4, use_dot=True),
-    "row/m16/narrow/deep": C(32, 128, 4, 4, use_dot=True),
+    "row/m16/narrow/shallow": C(32, 256, 4, 3, use_dot=True),
+    "row/m16/wide/shallow": C(64, 256, 4, 3, use_dot=True),
+    "row/m16/narrow/deep": C(32, 256, 4, 3, use_dot=True),
     "row/m16/wide/deep": C(32, 128, 4, 4, use_dot=True),
-    "block/m16/narrow/shallow": C(32, 128, 4, 4, use_dot=True),
-    "block/m16/wide/shallow": C(32, 128, 4, 4, use_dot=True),
-    "block/m16/narrow/deep": C(32, 128, 4, 4, use_dot=True),
+    "block/m16/narrow/shallow": C(32, 256, 4, 3, use_dot=True),
+    "block/m16/wide/shallow": C(64, 256, 4, 3, use_dot=True),
+    "block/m16/narrow/deep": C(32, 256, 4, 3, use_dot=True),
     "block/m16/wide/deep": C(32, 128, 4, 4, use_dot=True),
 }
 del C
