@@ -13,17 +13,15 @@ matmul (8192^3) and FP8 matmul (8192^3 `torch._scaled_mm`, rowwise scales as the
 uses, and tensorwise).
 
 Per layout:
-    correctness   FP8 engine vs bf16 transformers on the dequantized weights (teacher-forced
-                  on the engine's greedy tokens): logits rel. err., greedy agreement
+    accuracy      benchmarks/fp8_accuracy.py: each GEMM path against float64, and the FP8 engine
+                  beside the bf16 engine against transformers fp32 on the dequantized weights
     decode B=1 and B=64, 1,024-token context, KV bf16 and fp8_e4m3
                   floor = bytes / copy rate: FP8 weights 1 B each (+ their fp32 scales),
                   bf16 lm_head and norms 2 B, KV read + written at its dtype
                   (target: <= 1.3x the floor at B=1)
     prefill 1 x 2,048 and 8 x 512    floor = FLOPs / FP8 matmul rate (rowwise)
     the same rows for the bf16 model of the same (dequantized) weights, for comparison
-And each decode GEMM shape at one and eight rows: the FP8 GEMV (default config and a
-few others), the FP8 GEMM path, and the bf16 GEMV on the dequantized weight, from CUDA
-graphs cycling through every layer's weight (none in L2 when read).
+The decode GEMV's configs per matrix shape: benchmarks/fp8_gemv_sweep.py.
 Writes DIR/NAME.md and DIR/NAME.json.
 """
 from __future__ import annotations
@@ -40,15 +38,14 @@ from pathlib import Path
 import torch
 
 from engine_timing import (  # benchmarks/engine_timing.py: the shared timing helpers
-    LOG, BlockSource, Counts, calls_ms, decode_inputs, gpu_ms, rel_err, say, time_decode,
+    LOG, BlockSource, Counts, decode_inputs, gpu_ms, say, time_decode,
 )
+from fp8_accuracy import gemm_errors, model_errors
 from pdserve.engine.fp8 import Fp8Checkpoint, Fp8Linear
 from pdserve.engine.kernels import fp8_gemm
-from pdserve.engine.kernels import gemv as gemv_kernel
-from pdserve.engine.kernels.gemv import GemvConfig
 from pdserve.engine.loader import LoadedModel, _arrange
 from pdserve.engine.model_spec import spec_from_config
-from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
+from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.sharding import ShardLayout
 from pdserve.engine.weight_reader import WeightReader
 from shapes import LLAMA3_8B
@@ -57,10 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_SIZE = 16
 NUM_BLOCKS = 5000  # B=64 at 1k context, B=1, prefill 2k + 8 x 512, the correctness prompt
 LAYOUTS = {"block": (128, 128), "tensor": None}
-GEMV_CANDIDATES = (  # (block_n, block_k, warps, stages, dot); block_k <= 128 also fits 128-wide scale groups
-    GemvConfig(16, 128, 4, 4), GemvConfig(32, 128, 4, 4), GemvConfig(64, 128, 4, 4),
-    GemvConfig(16, 512, 4, 3), GemvConfig(8, 1024, 4, 2),
-)
 
 
 # ---------------------------------------------------------------- ceilings
@@ -176,23 +169,6 @@ def decode_bytes(runner: ModelRunner, batch: int, context: int) -> int:
 
 # ---------------------------------------------------------------- sections
 
-def check_correctness(hf, runner: ModelRunner, blocks: BlockSource) -> dict:
-    vocab = runner.spec.vocab_size
-    prompt = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(7)).tolist()
-    table = blocks.take(512 + 32)
-    with torch.inference_mode():
-        logits = runner.prefill([PrefillChunk(tuple(prompt), 0, table)])
-        steps, tokens = [logits[0]], [int(logits[0].argmax())]
-        for step in range(16):
-            out = runner.decode([DecodeInput(tokens[-1], len(prompt) + step, table)])
-            steps.append(out[0].clone())
-            tokens.append(int(out[0].argmax()))
-        ref = hf(torch.tensor([prompt + tokens[:-1]], device="cuda"), logits_to_keep=17).logits[0].float()
-    errors = [rel_err(e, r) for e, r in zip(steps, ref)]
-    return dict(prefill_logits_rel_err=errors[0], decode_logits_rel_err_max=max(errors[1:]),
-                greedy_agreement=f"{sum(int(e.argmax() == r.argmax()) for e, r in zip(steps, ref))}/{len(errors)}")
-
-
 def time_rows(label: str, runner: ModelRunner, ceilings: dict, rows: dict, with_prefill: bool) -> None:
     blocks = BlockSource(NUM_BLOCKS)
     vocab = runner.spec.vocab_size
@@ -220,46 +196,6 @@ def time_rows(label: str, runner: ModelRunner, ceilings: dict, rows: dict, with_
         say(f"{label} prefill {len(lengths)} x {lengths[0]}: {ms:.2f} ms (floor {floor:.2f} ms, MFU {floor / ms:.2f})")
 
 
-def sweep_gemv(loaded: LoadedModel, layout: str, out: dict) -> None:
-    """Each FP8 decode GEMM at 1 and 8 rows: FP8 GEMV configs, the FP8 GEMM path, the bf16 GEMV (dequantized)."""
-    layers = loaded.weights.layers
-    shapes = {"qkv": [l.qkv for l in layers], "o": [l.o for l in layers],
-              "gate_up": [l.mlp.gate_up for l in layers], "down": [l.mlp.down for l in layers]}
-    for name, projs in shapes.items():
-        w0 = projs[0].weight
-        n, k = w0.shape
-        fp8_bytes = w0.weight.numel() + w0.scale.numel() * 4
-        dense = [p.weight.dequantize(torch.bfloat16) for p in projs[:4]] * (len(projs) // 4)  # 4 copies cycled
-        row = out[f"{layout} {name}"] = {"shape": [n, k]}
-        for rows in (1, 8):
-            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            candidates = {"fp8 gemv default": lambda p: fp8_gemm.fp8_gemv_triton(
-                x, p.weight.weight, p.weight.scale, p.weight.group_n, p.weight.group_k)}
-            for c in GEMV_CANDIDATES:
-                c = GemvConfig(c.block_n, c.block_k, c.num_warps, c.num_stages, use_dot=rows > 1)
-                if w0.group_k < k and w0.group_k % c.block_k:
-                    continue
-                candidates[f"fp8 gemv {c}"] = lambda p, c=c: fp8_gemm.fp8_gemv_triton(
-                    x, p.weight.weight, p.weight.scale, p.weight.group_n, p.weight.group_k, config=c)
-            candidates["fp8 gemm (x quantized)"] = lambda p: fp8_gemm.fp8_matmul(
-                x, p.weight.weight, p.weight.scale, p.weight.group_n, p.weight.group_k)
-            for label, fn in candidates.items():
-                try:
-                    us = calls_ms([lambda p=p: fn(p) for p in projs]) * 1e3
-                    row[f"M={rows} {label}"] = dict(us=us, tbps=fp8_bytes / (us * 1e-6) / 1e12)
-                except Exception as e:
-                    row[f"M={rows} {label}"] = dict(error=f"{type(e).__name__}: {e}"[:200])
-            try:
-                us = calls_ms([lambda w=w: gemv_kernel.gemv(x, w) for w in dense]) * 1e3
-                row[f"M={rows} bf16 gemv"] = dict(us=us, tbps=n * k * 2 / (us * 1e-6) / 1e12)
-            except Exception as e:
-                row[f"M={rows} bf16 gemv"] = dict(error=f"{type(e).__name__}: {e}"[:200])
-        del dense
-        say(f"gemv {layout} {name} {n}x{k}: " + ", ".join(
-            f"{label} {v['us']:.1f} us ({v['tbps']:.2f} TB/s)" if "us" in v else f"{label} {v['error']}"
-            for label, v in row.items() if label != "shape"))
-
-
 # ---------------------------------------------------------------- report
 
 def write_report(results: dict, out_dir: Path, name: str) -> None:
@@ -275,13 +211,14 @@ def write_report(results: dict, out_dir: Path, name: str) -> None:
     for row, r in results["rows"].items():
         wall = f"{r['wall_ms']:.3f}" if "wall_ms" in r else ""
         lines.append(f"| {row} | {r['ms']:.3f} | {r['floor_ms']:.3f} | {r['ms'] / r['floor_ms']:.2f} | {wall} |")
-    lines += ["", "Correctness (FP8 engine vs bf16 transformers on the dequantized weights):", ""]
-    lines += [f"- {k}: {json.dumps(v)}" for k, v in results["correctness"].items()]
-    lines += ["", "Decode GEMMs (us per call, weight bytes / time):", ""]
-    for shape, row in results["gemv"].items():
-        cells = [f"{k} {v['us']:.1f} us {v['tbps']:.2f} TB/s" if "us" in v else f"{k} {v['error']}"
-                 for k, v in row.items() if k != "shape"]
-        lines.append(f"- {shape} {row['shape']}: " + "; ".join(cells))
+    lines += ["", "Accuracy (benchmarks/fp8_accuracy.py): relative L2 error of logits rows; top1 = argmax agreement.",
+              "Per GEMM: against float64 on the dequantized weight (the first layer's).", ""]
+    for layout, acc in results["accuracy"].items():
+        for name, row in acc.get("gemm", {}).items():
+            lines.append(f"- {layout} {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in row.items()))
+        for section, rows in acc.get("model", {}).items():
+            for label, v in rows.items():
+                lines.append(f"- {layout}, {section}: {label}: {json.dumps(v)}")
     if results["errors"]:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in results["errors"]]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -297,7 +234,7 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 comparison rows")
     args = parser.parse_args()
     results = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M"), rows={},
-                   correctness={}, gemv={}, errors=[])
+                   accuracy={}, errors=[])
     results["ceilings"] = ceilings = measure_ceilings()
     config, hf = build_reference()
 
@@ -310,15 +247,16 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     for layout in args.layouts.split(","):
-        loaded = fp8_model(config, hf, layout)
+        loaded = fp8_model(config, hf, layout)  # hf now holds this layout's dequantized weights
+        acc = results["accuracy"][f"fp8-{layout}"] = {}
+        section(f"fp8-{layout} gemm accuracy", lambda: acc.__setitem__("gemm", gemm_errors(loaded)))
+        section(f"fp8-{layout} model accuracy", lambda: acc.__setitem__(
+            "model", model_errors(hf, bf16_model(config, hf), loaded)))
         for kv in ("auto", "fp8_e4m3"):
             runner = runner_for(loaded, kv)
             label = f"fp8-{layout} weights, KV {'bf16' if kv == 'auto' else kv}"
-            section(f"{label} correctness", lambda: results["correctness"].__setitem__(
-                label, check_correctness(hf, runner, BlockSource(NUM_BLOCKS))))
             section(label, lambda: time_rows(label, runner, ceilings, results["rows"], with_prefill=kv == "auto"))
             del runner
-        section(f"gemv {layout}", lambda: sweep_gemv(loaded, layout, results["gemv"]))
         del loaded
         torch.cuda.empty_cache()
     if not args.no_bf16:  # hf holds the last layout's dequantized weights

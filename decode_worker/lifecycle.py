@@ -148,7 +148,7 @@ class Lifecycle:
 
     def finish(self, seq: DecodeSequence, reason: str) -> None:
         decode_s = time.monotonic() - seq.admitted_at if seq.admitted_at else 0.0
-        timings = {"kv_wait_s": seq.kv_wait_s, "prefill_s": seq.prefill_s, "decode_s": decode_s,
+        timings = {"kv_wait_s": seq.kv_wait_s, "prefill_s": seq.prefill_s, "queue_s": seq.queue_s, "decode_s": decode_s,
                    "decode_steps": seq.num_steps}
         self._end(seq, Ending(seq.transfer_id, finish_reason=reason, timings=timings))
         self.move(seq, SequenceState.FINISHED)

@@ -20,7 +20,7 @@ class Ending:
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
     error_code: FailureCode | None = None
-    timings: dict[str, float] | None = None  # kv_wait_s, prefill_s, decode_s, decode_steps
+    timings: dict[str, float] | None = None  # kv_wait_s, queue_s, prefill_s, decode_s, decode_steps
 
 
 @dataclass

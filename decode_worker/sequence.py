@@ -74,10 +74,12 @@ class DecodeSequence:
     opened_at: float = 0.0
     admitted_at: float = 0.0
     kv_wait_s: float = 0.0
+    queue_s: float = 0.0  # a local prefill: opened to its first chunk
     prefill_s: float = 0.0
     num_steps: int = 0
     ready_order: int = 0  # when it became PREFILLING or WAITING: admission keeps this order
     _block_ids: tuple[int, ...] = ()
+    _block_ids_released: int = 0  # the table's num_released when _block_ids was built
 
     @property
     def tokens(self) -> list[int]:
@@ -92,8 +94,9 @@ class DecodeSequence:
     def block_ids(self) -> tuple[int, ...]:
         """The table's block ids as one tuple, rebuilt only when the table changed: the decode
         graphs compare each row's ids by identity first, so an unchanged table costs no work."""
-        if len(self._block_ids) != len(self.table.block_ids):  # tables only grow, or empty on release
-            self._block_ids = tuple(self.table.block_ids)
+        table = self.table  # tables only grow, return leading blocks (release_before), or empty on release
+        if len(self._block_ids) != len(table.block_ids) or self._block_ids_released != table.num_released:
+            self._block_ids, self._block_ids_released = tuple(table.block_ids), table.num_released
         return self._block_ids
 
     @property

@@ -68,6 +68,8 @@ class DecodeWorker:
         self.stream_address = stream_address
         spec = runner.kv_cache.spec
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
+        self._kv_window = runner.spec.kv_window  # every layer slides: older blocks go back as sequences run
+        self.num_blocks_returned = 0  # blocks given back early, wholly outside every layer's window
         self._lock = threading.Condition()
         self._emission = Emission()
         self._in_flight = InFlight()
@@ -221,19 +223,24 @@ class DecodeWorker:
         started = time.monotonic()
         with self._clock.work():  # the device's time, not a step point
             logits = self.runner.prefill([chunk for _, chunk in batch])
-        elapsed = time.monotonic() - started
         done_rows = []
         with self._lock:
             for row, (seq, chunk) in enumerate(batch):
+                if seq.num_prefilled == 0:
+                    seq.queue_s = started - seq.opened_at
                 seq.num_prefilled += len(chunk.token_ids)
-                seq.prefill_s += elapsed
                 if seq.state is _PREFILLING and seq.num_prefilled == seq.num_to_prefill:
                     self._seqs.move(seq, _WAITING)
                     if not seq.generated:
                         done_rows.append((row, seq))
-            if done_rows:
-                seqs = [s for _, s in done_rows]
-                self._accept(_sample(logits[[r for r, _ in done_rows]], seqs), seqs)
+            seqs = [s for _, s in done_rows]
+            # Sampling reads the tokens back, so a finishing batch's time is the device's, not the launch's.
+            sampled = _sample(logits[[r for r, _ in done_rows]], seqs) if seqs else None
+            elapsed = time.monotonic() - started
+            for seq, _ in batch:
+                seq.prefill_s += elapsed
+            if seqs:
+                self._accept(sampled, seqs)
             self._emission.flush()
 
     def _launch_decode(self) -> bool:
@@ -288,6 +295,13 @@ class DecodeWorker:
             reason = seq.finish_reason()
             if reason:
                 self._seqs.finish(seq, reason)
+            elif self._kv_window is not None:
+                self._return_old_blocks(seq)
+
+    def _return_old_blocks(self, seq: DecodeSequence) -> None:
+        """Blocks before the window of the next query (the last token, at num_tokens - 1): no step reads
+        them again, not even the one in flight, whose query is the position of the token just accepted."""
+        self.num_blocks_returned += seq.table.release_before(seq.num_tokens - self._kv_window)
 
 
 def _release_all(steps: list[Step]) -> None:

@@ -2,7 +2,9 @@
 
 `BlockPool` hands out integer block ids with reference counts (a block shared by
 two sequences, as prefix sharing will do, is freed when its last holder lets go).
-`BlockTable` is one sequence's list of blocks, grown as its tokens grow.
+`BlockTable` is one sequence's list of blocks, grown as its tokens grow; when every
+layer of the model attends within a window, the blocks wholly before it can be
+returned while the sequence runs (`release_before`).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class BlockTable:
         self.pool = pool
         self.block_ids: list[int] = list(held)
         self.num_tokens = len(self.block_ids) * pool.block_size
+        self.num_released = 0  # leading entries already returned to the pool (see release_before)
 
     def ensure_capacity(self, num_tokens: int) -> None:
         """Allocate blocks so that `num_tokens` tokens fit (all or nothing)."""
@@ -83,8 +86,25 @@ class BlockTable:
     def append_tokens(self, count: int) -> None:
         self.ensure_capacity(self.num_tokens + count)
 
+    def release_before(self, first_needed: int) -> int:
+        """Return the blocks holding only tokens before position `first_needed` (never read again:
+        every layer's window starts later); how many were returned.
+
+        Their entries then name the first block still held, so positions keep their index in
+        the table and anything that would read them (no attention does) reads this sequence's
+        own block, never another's."""
+        keep_from = min(first_needed // self.pool.block_size, len(self.block_ids) - 1)
+        if keep_from <= self.num_released:
+            return 0
+        self.pool.free(self.block_ids[self.num_released:keep_from])
+        count = keep_from - self.num_released
+        self.block_ids[:keep_from] = [self.block_ids[keep_from]] * keep_from
+        self.num_released = keep_from
+        return count
+
     def fork(self) -> "BlockTable":
         """A second table sharing these blocks (copy-on-write is the caller's concern)."""
+        assert self.num_released == 0, "a table with returned blocks is not forked"
         child = BlockTable(self.pool)
         self.pool.share(self.block_ids)
         child.block_ids = list(self.block_ids)
@@ -96,6 +116,7 @@ class BlockTable:
         return self.block_ids[position // self.pool.block_size] * self.pool.block_size + position % self.pool.block_size
 
     def release(self) -> None:
-        self.pool.free(self.block_ids)
+        self.pool.free(self.block_ids[self.num_released:])
         self.block_ids = []
         self.num_tokens = 0
+        self.num_released = 0

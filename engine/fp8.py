@@ -10,10 +10,18 @@ Layouts read (weights `float8_e4m3fn` [N, K]; dequantized W = q * s, elementwise
   * `quant_method: compressed-tensors` with float 8-bit weights: `weight_scale` of
     strategy tensor ([1]), channel ([N, 1]) or block ([ceil(N / bn), ceil(K / bk)]).
 
+KV cache scales (used by `kv_cache.dtype: fp8_e4m3`, engine/kv_cache.py: stored = K / k_scale)
+come from the checkpoint where it ships them: `self_attn.k_scale` / `v_scale` (llm-compressor,
+Qwen and vLLM-style FP8 checkpoints), `self_attn.k_proj.output_scale` / `v_proj.output_scale`
+(older compressed-tensors) or one `self_attn.kv_scale` for both (AutoFP8). A per-head scale is
+read as its largest (the cache keeps one per tensor; the largest clips nothing).
+
 Which projections are FP8 is read from the tensors themselves (a weight with a scale
-beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Static
-`input_scale`s are ignored: activations are quantized dynamically per token (per
-token and 128-group for block weights), which is at least as accurate.
+beside it), so `ignore` / `modules_to_not_convert` lists need no parsing. Activations of
+the FP8 GEMM are quantized dynamically per token (and 128-group for block weights), unless
+the checkpoint says static (`activation_scheme: static`, or compressed-tensors
+`input_activations` with `dynamic: false`) and ships `input_scale`s: then x / input_scale,
+one scale per tensor (the largest of a fused projection's parts, which clips none of them).
 
 In memory every FP8 weight is an `Fp8Weight`: the fp8 tensor and an fp32 scale grid
 `scale[i // group_n, j // group_k]`. A per-tensor scale becomes a per-row one
@@ -26,12 +34,14 @@ through a block's columns is refused with the TP sizes that would do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from . import linear
-from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_gemv, fp8_matmul
+from .kernels.fp8_gemm import FP8_DTYPE, dequantize, fp8_matmul
+from .kernels.fp8_gemv import fp8_gemv
 from .linear import Linear
 
 _METHODS = ("fp8", "compressed-tensors")
@@ -49,14 +59,16 @@ class Fp8Weight:
     scale: torch.Tensor
     group_n: int
     group_k: int
+    input_scale: torch.Tensor | None = None  # [1] fp32: a static activation scale; None: dynamic
 
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
 
     def to(self, device: torch.device) -> Fp8Weight:
+        input_scale = None if self.input_scale is None else self.input_scale.to(device, torch.float32)
         return Fp8Weight(self.weight.to(device).contiguous(), self.scale.to(device, torch.float32).contiguous(),
-                         self.group_n, self.group_k)
+                         self.group_n, self.group_k, input_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W = q * s, computed in fp32 and rounded to `dtype` once."""
@@ -67,7 +79,8 @@ class Fp8Weight:
         if self.group_n == 1:
             return self
         n = self.weight.shape[0]
-        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k)
+        return Fp8Weight(self.weight, self.scale.repeat_interleave(self.group_n, 0)[:n], 1, self.group_k,
+                         self.input_scale)
 
     @staticmethod
     def cat(parts: list[Fp8Weight]) -> Fp8Weight:
@@ -81,8 +94,10 @@ class Fp8Weight:
         if any(p.group_n != group_n or p.weight.shape[0] % group_n for p in parts):
             parts = [p.per_row_groups() for p in parts]
             group_n = 1
+        static = [p.input_scale for p in parts]
+        input_scale = None if any(s is None for s in static) else torch.stack(static).amax(0)
         return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
-                         group_n, group_k.pop())
+                         group_n, group_k.pop(), input_scale)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class Fp8Checkpoint:
     """How a checkpoint lays out its FP8 weights, from its quantization_config."""
 
     block_size: tuple[int, int] | None  # (bn, bk) of block scales; None: per-tensor or per-channel scales
+    static_activations: bool = False  # the checkpoint's input_scales quantize the activations
 
     @staticmethod
     def of(hf_config: Any) -> Fp8Checkpoint | None:
@@ -102,9 +118,9 @@ class Fp8Checkpoint:
         if method == "fp8":
             if quant.get("fmt", "e4m3") != "e4m3":
                 raise Fp8FormatError(f"FP8 format {quant.get('fmt')!r} is not supported (only e4m3)")
-            return Fp8Checkpoint(_pair(quant.get("weight_block_size")))
+            return Fp8Checkpoint(_pair(quant.get("weight_block_size")), quant.get("activation_scheme") == "static")
         if method == "compressed-tensors":
-            return Fp8Checkpoint(_compressed_tensors_block(quant))
+            return Fp8Checkpoint(_compressed_tensors_block(quant), _compressed_tensors_static(quant))
         raise Fp8FormatError(f"quantization method {method!r} is not supported; supported: {list(_METHODS)}")
 
     def weight(self, tensors: Any, name: str, rows: slice | None = None,
@@ -123,9 +139,11 @@ class Fp8Checkpoint:
             raise Fp8FormatError(f"{name}: has a scale but is {weight.dtype} {tuple(weight.shape)}; "
                                  "only 2-d float8_e4m3fn weights are read")
         n, k = _shape(tensors, name)
+        static = tensors.get(stem + "input_scale") if self.static_activations else None
+        static = None if static is None else static.float().reshape(-1).amax().reshape(1)
         grid, group_n, group_k = self._scale_grid(name, scale.float(), n, k)
         rows, columns = rows or slice(0, n), columns or slice(0, k)
-        return _shard(name, weight, grid, group_n, group_k, range(n)[rows], range(k)[columns], n, k)
+        return _shard(name, weight, grid, group_n, group_k, range(n)[rows], range(k)[columns], n, k, static)
 
     def _scale_grid(self, name: str, scale: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, int, int]:
         """The whole weight's scales as a grid [ceil(n / group_n), ceil(k / group_k)] and its groups."""
@@ -140,13 +158,15 @@ class Fp8Checkpoint:
         raise Fp8FormatError(f"{name}: scale of shape {tuple(scale.shape)} fits no FP8 layout for a [{n}, {k}] "
                              f"weight (block size {self.block_size})")
 
-    def dequantized(self, tensors: Any, name: str, rows: slice | None = None,
-                    columns: slice | None = None) -> torch.Tensor:
-        """Checkpoint tensor `name` (its `rows` and `columns`), dequantized to fp32 when it is an FP8 weight."""
+    def dequantized(self, tensors: Any, name: str, rows: slice | None = None, columns: slice | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
+        """Checkpoint tensor `name` (its `rows` and `columns`), dequantized to fp32 (on `device`, moved there
+        as FP8: a quarter of the bytes, and the GPU's arithmetic) when it is an FP8 weight with scales; else
+        as it is stored."""
         quantized = self.weight(tensors, name, rows, columns)
-        if quantized is not None:
-            return quantized.dequantize()
-        return _read(tensors, name, rows, columns)
+        if quantized is None:
+            return _read(tensors, name, rows, columns)
+        return (quantized if device is None else quantized.to(device)).dequantize()
 
     def linear(self, tensors: Any, names: list[str], bias: torch.Tensor | None, device: torch.device,
                shards: list[tuple[slice | None, slice | None]] | None = None) -> Fp8Linear | None:
@@ -171,11 +191,12 @@ def _shape(tensors: Any, name: str) -> tuple[int, ...]:
 
 
 def _shard(name: str, weight: torch.Tensor, grid: torch.Tensor, group_n: int, group_k: int, rows: range,
-           columns: range, n: int, k: int) -> Fp8Weight:
+           columns: range, n: int, k: int, input_scale: torch.Tensor | None) -> Fp8Weight:
     """weight[rows, columns] (already read) with its scales cut to match.
 
     A row cut inside a block is exact (that shard's rows get per-row scales); a column cut
-    inside a block is refused: the FP8 GEMM quantizes activations in the weight's K groups."""
+    inside a block is refused: the FP8 GEMM quantizes activations in the weight's K groups.
+    A static activation scale holds for any shard: a rank's input is part of the same activations."""
     if len(columns) != k:
         if group_k >= k:  # one scale across each whole row: the shard's columns share it
             group_k = len(columns)
@@ -192,7 +213,42 @@ def _shard(name: str, weight: torch.Tensor, grid: torch.Tensor, group_n: int, gr
         else:  # per-row scales for this shard: exact, at 4 bytes a row
             grid = grid.repeat_interleave(group_n, 0)[rows.start:rows.stop]
             group_n = 1
-    return Fp8Weight(weight, grid.contiguous(), group_n, group_k)
+    return Fp8Weight(weight, grid.contiguous(), group_n, group_k, input_scale)
+
+
+_KV_SCALE_NAMES = (
+    ("self_attn.k_scale", "self_attn.v_scale"),
+    ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+    ("self_attn.kv_scale", "self_attn.kv_scale"),
+)
+
+
+def checkpoint_kv_scales(tensors: Mapping[str, torch.Tensor], num_layers: int) -> tuple[tuple[float, float], ...] | None:
+    """Each layer's (K, V) cache scale from the checkpoint; None when it ships none."""
+    scales = []
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        names = next(((p + k, p + v) for k, v in _KV_SCALE_NAMES if p + k in tensors and p + v in tensors), None)
+        scales.append(None if names is None else tuple(_kv_scale(tensors[n], n) for n in names))
+    if all(s is None for s in scales):
+        return None
+    if any(s is None for s in scales):
+        missing = [i for i, s in enumerate(scales) if s is None]
+        raise Fp8FormatError(f"the checkpoint has KV cache scales for some layers only (none for layers {missing[:8]})")
+    return tuple(scales)
+
+
+def _kv_scale(t: torch.Tensor, name: str) -> float:
+    value = float(t.float().max())
+    if not value > 0 or value == float("inf"):
+        raise Fp8FormatError(f"{name}: a KV cache scale must be positive and finite, got {value}")
+    return value
+
+
+def _compressed_tensors_static(quant: dict[str, Any]) -> bool:
+    """Whether a compressed-tensors config quantizes activations with static (checkpoint) scales."""
+    inputs = [g.get("input_activations") for g in (quant.get("config_groups") or {}).values()]
+    return any(i is not None and i.get("dynamic") is False for i in inputs)
 
 
 def _pair(block: Any) -> tuple[int, int] | None:
@@ -238,4 +294,4 @@ class Fp8Linear(Linear):
         w = self.weight
         if x.is_cuda and x.shape[0] <= linear.GEMV_MAX_ROWS:
             return fp8_gemv(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
-        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias)
+        return fp8_matmul(x, w.weight, w.scale, w.group_n, w.group_k, self.bias, w.input_scale)

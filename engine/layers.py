@@ -11,7 +11,8 @@ import torch
 
 from .kernels.activation import gated_activation
 from .kernels.fused_moe import fused_moe
-from .kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_heads_
+from .kernels.moe_routing import route
+from .kernels.rms_norm import add_rms_norm, rms_norm
 from .linear import Linear
 
 
@@ -29,10 +30,6 @@ class RmsNorm:
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """residual += x (in place), then (norm(residual), residual)."""
         return add_rms_norm(x, residual, self.weight, self.eps, self.offset)
-
-    def heads_(self, x: torch.Tensor) -> None:
-        """Normalises each head of x [T, heads, dim] (a view into the fused qkv is fine) in place."""
-        rms_norm_heads_(x, self.weight, self.eps, self.offset)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +50,8 @@ class MoeMlp:
 
     Routing follows Qwen3-MoE and Mixtral: softmax over all experts in fp32, the top_k
     largest, divided by their sum when `renormalize` (Mixtral always, Qwen3-MoE if
-    norm_topk_prob): the same as a softmax over the top_k logits.
+    norm_topk_prob): the same as a softmax over the top_k logits. On CUDA the block is
+    the router GEMV, one routing kernel, and fused_moe's launches (two at decode sizes).
     """
 
     router: Linear  # [num_experts, hidden]
@@ -63,8 +61,5 @@ class MoeMlp:
     renormalize: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        probs = self.router(x).float().softmax(dim=-1)  # [T, E]
-        weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, ids = route(self.router(x), self.top_k, self.renormalize)  # [T, k] each
         return fused_moe(x, self.w13, self.w2, weights, ids)

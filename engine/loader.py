@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .architectures import text_config
-from .fp8 import Fp8Checkpoint, Fp8FormatError
+from .fp8 import Fp8Checkpoint, Fp8FormatError, checkpoint_kv_scales
 from .layers import GatedMlp, MoeMlp, RmsNorm
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
@@ -60,6 +60,7 @@ class ModelWeights:
     layers: tuple[LayerWeights, ...]
     norm: RmsNorm
     lm_head: Linear  # [vocab, hidden] (vocab-parallel: this rank's rows); the embedding itself when tied
+    kv_scales: tuple[tuple[float, float], ...] | None = None  # an FP8 checkpoint's (K, V) cache scale per layer
 
 
 @dataclass(frozen=True)
@@ -187,16 +188,16 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     of a TP rank, only its slices (`layout`).
 
     FP8 weights (engine/fp8.py) stay FP8 in the projections on CUDA in bfloat16 (the
-    FP8 kernels' output); everywhere else (the CPU, experts, any other tensor) they are
-    dequantized here."""
+    FP8 kernels' output); everywhere else (the CPU, MoE experts, any other tensor) they are
+    dequantized here, on the target device."""
     family = spec.family
 
     def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
         if name not in reader:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         try:
-            if fp8 is not None:  # this rank's slice, its scales cut to match
-                return fp8.dequantized(reader, name, *layout.slices(kind))
+            if fp8 is not None:  # this rank's slice, its scales cut to match (e.g. MoE experts: no FP8 grouped GEMM)
+                return fp8.dequantized(reader, name, *layout.slices(kind), device=device)
             return reader.read(name, *layout.slices(kind))
         except (WeightFileError, Fp8FormatError) as e:
             raise ModelLoadError(str(e)) from None
@@ -245,7 +246,8 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], [kinds[n] for n in "qkv"], qkv_bias),
             o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=_moe(reader, p, spec, layout, put, take) if layer_spec.moe else _gated_mlp(p, family.activation, projection),
+            mlp=(_moe(reader, p, spec, layout, put, take) if layer_spec.moe
+                 else _gated_mlp(p, family.activation, projection)),
             q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
             k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
@@ -258,7 +260,11 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
         lm_head = Linear.dense(embed if rows is None else embed[rows])
     else:
         lm_head = projection(["lm_head.weight"], [COLUMN_VOCAB])
-    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head)
+    try:
+        kv_scales = checkpoint_kv_scales(reader, spec.num_layers) if fp8 is not None else None
+    except Fp8FormatError as e:
+        raise ModelLoadError(str(e)) from None
+    return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head, kv_scales)
 
 
 def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
@@ -290,7 +296,8 @@ def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put
     return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
 
 
-def _stacked_experts(reader: WeightReader, block: str, inter: int, layout: ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked_experts(reader: WeightReader, block: str, inter: int,
+                     layout: ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's part of stacked expert weights: its columns of the gate half and of the up half, and of down."""
     mine = layout.expert_columns
     gate_up, down = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
@@ -298,7 +305,8 @@ def _stacked_experts(reader: WeightReader, block: str, inter: int, layout: Shard
         raise ModelLoadError(f"weight {gate_up!r} has shape {reader.shape(gate_up)}, the config says "
                              f"{2 * inter} gate and up rows")
     try:
-        halves = [reader.read_experts(gate_up, rows=slice(start + mine.start, start + mine.stop)) for start in (0, inter)]
+        halves = [reader.read_experts(gate_up, rows=slice(start + mine.start, start + mine.stop))
+                  for start in (0, inter)]
         return torch.cat(halves, dim=1), reader.read_experts(down, columns=slice(mine.start, mine.stop))
     except WeightFileError as e:
         raise ModelLoadError(str(e)) from None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .copies import on_device
 from .kernels.paged_attention import paged_decode_attention
 from .kernels.prefill_attention import prefill_attention_varlen
+from .kernels.qk_norm_rope import qk_norm_rope_
 from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
@@ -164,10 +165,12 @@ class Model:
         q = qkv[:, :q_size].view(-1, num_heads, head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
-        if layer.q_norm is not None:  # in place, on views of qkv
-            layer.q_norm.heads_(q)
-            layer.k_norm.heads_(k)
-        apply_rope(q, k, positions, self.cos_sin[layer_spec.rope])  # in place, on views of qkv
+        cos_sin = self.cos_sin[layer_spec.rope]
+        if layer.q_norm is not None:  # q/k norms and rope in one launch, in place, on views of qkv
+            qn, kn = layer.q_norm, layer.k_norm
+            qk_norm_rope_(q, k, qn.weight, kn.weight, qn.eps, qn.offset, positions, cos_sin)
+        else:
+            apply_rope(q, k, positions, cos_sin)  # in place, on views of qkv
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
         kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))

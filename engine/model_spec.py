@@ -49,6 +49,15 @@ class ModelSpec:
         return ARCHITECTURES[self.architecture]
 
     @property
+    def kv_window(self) -> int | None:
+        """When every layer attends within a window: the widest, the most tokens of KV any later
+        step reads (older blocks can be returned); None when some layer sees the whole context."""
+        windows = [layer.sliding_window for layer in self.layers]
+        if not windows or None in windows:
+            return None
+        return max(windows)
+
+    @property
     def scale(self) -> float:
         return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 

@@ -32,6 +32,8 @@ class OfflineEngine:
         self.runner = ModelRunner(loaded, num_blocks, block_size, kv_cache_dtype=kv_cache_dtype, tp=tp)
         self.pool = BlockPool(num_blocks, block_size)
         self.eos_ids = set(loaded.spec.eos_token_ids)
+        self.kv_window = loaded.spec.kv_window
+        self.num_blocks_returned = 0  # blocks given back early: wholly outside every layer's window
 
     def generate(self, sequences: list[OfflineSequence], ignore_eos: bool = False) -> Iterator[tuple[int, int]]:
         """Yields (sequence index, token id) as tokens are produced; fills each `output`."""
@@ -43,6 +45,7 @@ class OfflineEngine:
             logits = self.runner.prefill(chunks)
             yield from self._accept(sequences, list(range(len(sequences))), logits, ignore_eos)
             while active := [i for i, s in enumerate(sequences) if not s.is_finished]:
+                self._return_old_blocks(sequences, tables)
                 inputs = [DecodeInput(sequences[i].output[-1], len(sequences[i].prompt) + len(sequences[i].output) - 1,
                                       tuple(tables[i].block_ids)) for i in active]
                 logits = self.runner.decode(inputs)
@@ -50,6 +53,15 @@ class OfflineEngine:
         finally:
             for table in tables:
                 table.release()
+
+    def _return_old_blocks(self, sequences: list[OfflineSequence], tables: list[BlockTable]) -> None:
+        """The next step's query (the last token, at position n - 1) sees from n - window on."""
+        if self.kv_window is None:
+            return
+        for seq, table in zip(sequences, tables):
+            if not seq.is_finished:
+                num_tokens = len(seq.prompt) + len(seq.output)
+                self.num_blocks_returned += table.release_before(num_tokens - self.kv_window)
 
     def _accept(self, sequences, rows, logits, ignore_eos) -> Iterator[tuple[int, int]]:
         params = [sequences[i].params for i in rows]

@@ -72,7 +72,7 @@ class ModelRunner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         use_graphs = (loaded.device.type == "cuda" and self.tp.can_capture_graphs if use_cuda_graphs is None
                       else use_cuda_graphs)
-        self.kv_cache = KvCache(KvCacheSpec(
+        kv_spec = KvCacheSpec(
             num_layers=loaded.spec.num_layers,
             num_blocks=num_blocks,
             block_size=block_size,
@@ -80,7 +80,9 @@ class ModelRunner:
             head_dim=loaded.spec.head_dim,
             dtype=kv_dtype(kv_cache_dtype, loaded.dtype),
             device=loaded.device,
-        ), num_scratch_blocks=1 if use_graphs else 0)  # block num_blocks: the graphs' scratch block
+        )
+        self.kv_cache = KvCache(kv_spec, num_scratch_blocks=1 if use_graphs else 0,  # block num_blocks: graphs' scratch
+                                scales=loaded.weights.kv_scales if kv_spec.is_fp8 else None)  # the checkpoint's
         self.block_size = block_size
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_cache, max_decode_batch,

@@ -138,7 +138,7 @@ class Pipeline:
                     if item.ending.error:
                         raise _ending_error(item.ending, reservation.replica_id)
                     if local and item.ending.timings.prefill_s:
-                        run.timings.update(prefill_s=item.ending.timings.prefill_s,
+                        run.timings.update(queue_s=item.ending.timings.queue_s, prefill_s=item.ending.timings.prefill_s,
                                            prefill_replica=reservation.replica_id)
                     yield self._last(run, item.ending.finish_reason, reservation)
                     return

@@ -1,5 +1,6 @@
 """Tiny models saved in the Hugging Face FP8 checkpoint layouts (quantized here), for the FP8 tests."""
 import json
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,11 +44,13 @@ def save_fp8_model(arch: str, directory, layout: str, **overrides):
 
 
 def quantize_saved_model(model, directory, layout: str):
-    """Rewrite the model saved in `directory` into `layout`; `model` gets the dequantized weights."""
+    """Rewrite the model saved in `directory` into `layout`; returns the transformers model of the
+    dequantized weights (loaded from a dequantized copy beside `directory`, so checkpoint names map to the
+    model's parameters as transformers itself maps them, stacked MoE experts included)."""
     quant_config, scale_name, block, per_channel = LAYOUTS[layout]
     file = directory / "model.safetensors"
     tensors = load_file(file)
-    params = dict(model.named_parameters())
+    dequantized = dict(tensors)
     gen = torch.Generator().manual_seed(0)
     for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
         # 32 x 32 tiles of different magnitudes (x0.5..2), so a scale applied to the wrong block shows
@@ -57,11 +60,14 @@ def quantize_saved_model(model, directory, layout: str):
         q, scale = quantize(weight, block, per_channel)
         tensors[name], tensors[name.removesuffix("weight") + scale_name] = q, scale
         if layout == "fp8-tensor":
-            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.02)  # static, ignored
-        with torch.no_grad():
-            params[name].copy_(Fp8Checkpoint(block).weight(tensors, name).dequantize())
+            tensors[name.removesuffix("weight") + "input_scale"] = torch.tensor(0.02)  # static: x / 0.02, up to |x| = 9
+        dequantized[name] = Fp8Checkpoint(block).weight(tensors, name).dequantize()
+    oracle_dir = directory.parent / f"{directory.name}-dequantized"
+    oracle_dir.mkdir(exist_ok=True)
+    shutil.copy(directory / "config.json", oracle_dir / "config.json")
+    save_file(dequantized, oracle_dir / "model.safetensors", metadata={"format": "pt"})
     save_file(tensors, file, metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"] = quant_config
     (directory / "config.json").write_text(json.dumps(config))
-    return model
+    return type(model).from_pretrained(oracle_dir).eval()

@@ -19,11 +19,8 @@ per-row weights), and both operands go through the FP8 tensor cores:
     [BLOCK_M, BLOCK_N] output tiles, walking K in BLOCK_K <= group_k steps; each
     step's FP8 dot product is scaled by its token scales and weight block scale
     before it joins the fp32 accumulator (a per-row layout scales once at the end).
-`fp8_gemv` (decode steps of few rows): weight-only, the activation stays in its
-dtype; each FP8 weight tile is widened on load and scaled, so the step streams one
-byte per weight instead of two (`_fp8_gemv_kernel`, the layout of
-engine/kernels/gemv.py).
-Off CUDA both dispatch to torch references with the same numerics (fp32 math on
+The weight-only GEMV of decode steps is engine/kernels/fp8_gemv.py.
+Off CUDA `fp8_matmul` dispatches to torch references with the same numerics (fp32 math on
 the dequantized operands).
 """
 from __future__ import annotations
@@ -34,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
-from pdserve.engine.kernels.gemv import MAX_ROWS, GemvConfig
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -57,14 +53,6 @@ def default_gemm_config(num_rows: int, k: int, group_k: int) -> Fp8GemmConfig:
     return Fp8GemmConfig(block_m, 128, block_k, num_warps=8 if block_m == 128 else 4, num_stages=3)
 
 
-def default_gemv_config(num_rows: int, k: int, group_k: int) -> GemvConfig:
-    """Per-row scales: wide K steps (scaled once at the end); blocks: one 128-wide group per step, more rows."""
-    use_dot = num_rows > 1
-    if group_k >= k:
-        return GemvConfig(block_n=16, block_k=512, num_warps=4, num_stages=3, use_dot=use_dot)
-    return GemvConfig(block_n=32, block_k=min(group_k, 128), num_warps=4, num_stages=4, use_dot=use_dot)
-
-
 # -- activation quantization ------------------------------------------------------------------
 
 def quantize_per_token_group(x: torch.Tensor, group_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +63,18 @@ def quantize_per_token_group(x: torch.Tensor, group_k: int) -> tuple[torch.Tenso
     scale = padded.abs().amax(-1).clamp(min=_MIN_SCALE) / FP8_MAX  # [M, groups]
     q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group_k)
     return q[:, :k].contiguous(), scale
+
+
+def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, group_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] / input_scale (a checkpoint's static scale, [1]) -> the same (q, scale [M, groups]) as above."""
+    m, k = x.shape
+    q = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, input_scale.float().reshape(1, 1).expand(m, -(-k // group_k)).contiguous()
+
+
+def quantize_activation(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None):
+    """Dynamic per token (and group) without a static scale, else static."""
+    return quantize_per_token_group(x, group_k) if input_scale is None else quantize_static(x, input_scale, group_k)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
@@ -88,14 +88,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int)
 
 def fp8_matmul(
     x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ W.T (+ bias) with x quantized per token (and group_k group) to FP8."""
+    """x @ W.T (+ bias) with x quantized to FP8: per token (and group_k group), or by a static `input_scale`."""
     k = x.shape[1]
     act_group = min(group_k, k)
     if not use_triton(x, weight):
-        return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias)
-    q, x_scale = quantize_per_token_group(x, act_group)
+        return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias, input_scale)
+    q, x_scale = quantize_activation(x, act_group, input_scale)
     if _scaled_mm_fits(weight, group_n, group_k):
         out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
         return out if bias is None else out.add_(bias)
@@ -110,10 +110,10 @@ def _scaled_mm_fits(weight: torch.Tensor, group_n: int, group_k: int) -> bool:
 
 def fp8_matmul_reference(
     x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same numerics in fp32 torch: the quantized activation times the dequantized weight."""
-    q, x_scale = quantize_per_token_group(x, min(group_k, x.shape[1]))
+    q, x_scale = quantize_activation(x, min(group_k, x.shape[1]), input_scale)
     a = dequantize(q, x_scale, 1, min(group_k, x.shape[1]))
     out = a @ dequantize(weight, w_scale, group_n, group_k).t()
     if bias is not None:
@@ -202,107 +202,3 @@ def _fp8_gemm_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-
-
-# -- GEMV (weight-only) ------------------------------------------------------------------------
-
-def fp8_gemv(
-    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x @ W.T (+ bias) for few rows, W dequantized on load; Triton on CUDA, the exact torch reference elsewhere."""
-    if use_triton(x, weight) and x.shape[0] <= MAX_ROWS:
-        return fp8_gemv_triton(x, weight, w_scale, group_n, group_k, bias)
-    return F.linear(x, dequantize(weight, w_scale, group_n, group_k).to(x.dtype), bias)
-
-
-def fp8_gemv_triton(
-    x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, group_n: int, group_k: int,
-    bias: torch.Tensor | None = None, config: GemvConfig | None = None,
-) -> torch.Tensor:
-    num_rows, k = x.shape
-    n = weight.shape[0]
-    assert 1 <= num_rows <= MAX_ROWS, f"fp8_gemv takes 1..{MAX_ROWS} rows, got {num_rows}"
-    assert weight.dtype == FP8_DTYPE and weight.shape[1] == k and weight.is_contiguous() and x.stride(-1) == 1
-    assert w_scale.is_contiguous() and (bias is None or bias.shape == (n,) and bias.is_contiguous())
-    config = config or default_gemv_config(num_rows, k, group_k)
-    per_row = group_k >= k
-    assert per_row or group_k % config.block_k == 0, "a K step must lie inside one scale group"
-    assert not config.use_dot or config.block_n >= 16, "tensor-core tiles are at least 16 wide"
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    num_tiles = triton.cdiv(n, config.block_n)
-    grid = (num_tiles,) if config.use_dot else (num_rows * num_tiles,)
-    _fp8_gemv_kernel[grid](
-        x, weight, w_scale, bias, out, num_rows, n, k, x.stride(0), w_scale.stride(0), out.stride(0),
-        GROUP_N=group_n, GROUP_K=group_k, PER_ROW=per_row, HAS_BIAS=bias is not None, USE_DOT=config.use_dot,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
-
-
-@triton.jit
-def _fp8_gemv_kernel(
-    x_ptr,  # [M, K]
-    w_ptr,  # [N, K] fp8, contiguous
-    w_scale_ptr,  # [ceil(N / GROUP_N), ceil(K / GROUP_K)] fp32
-    bias_ptr,  # [N]; unused without HAS_BIAS
-    out_ptr,  # [M, N]
-    num_rows, n, k,
-    stride_x, stride_ws, stride_out,
-    GROUP_N: tl.constexpr,
-    GROUP_K: tl.constexpr,
-    PER_ROW: tl.constexpr,  # one scale group over all of K: applied once after the K loop
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if USE_DOT:
-        tile = pid
-        rows = tl.arange(0, BLOCK_M)
-    else:  # row-fastest order: the programs sharing a weight tile run side by side
-        tile = pid // num_rows
-        rows = pid % num_rows + tl.arange(0, 1)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    row_mask, col_mask = rows < num_rows, cols < n
-    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * k + offs_k[None, :]
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
-    w_scales = w_scale_ptr + (cols // GROUP_N) * stride_ws  # [BLOCK_N] pointers to each row's first group
-    if USE_DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
-        k_mask = start + offs_k < k
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_DOT:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)  # fp8 -> x's dtype: exact
-            if PER_ROW:
-                acc += part
-            else:
-                acc += part * tl.load(w_scales + start // GROUP_K, mask=col_mask, other=0.0)[None, :]
-        else:
-            part = w.to(tl.float32) * x.to(tl.float32)
-            if PER_ROW:
-                acc += part
-            else:
-                acc += part * tl.load(w_scales + start // GROUP_K, mask=col_mask, other=0.0)[:, None]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    if USE_DOT:
-        y = acc
-    else:
-        y = tl.sum(acc, axis=1)[None, :]
-    if PER_ROW:
-        y = y * tl.load(w_scales, mask=col_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -16,7 +16,9 @@ Numerics follow the dense MLP: each projection accumulates in fp32 and is rounde
 the dtype, silu_and_mul rounds like transformers; the weighted expert outputs are
 summed in fp32 and rounded once.
 
-GPU path: five steps, none of which reads anything back to the host or sizes a
+GPU paths: a decode step of few tokens, whose pairs rarely share an expert (`is_sparse`),
+runs pair-major in two launches (moe_decode.py: gate_up with silu_and_mul fused, then
+down with the weighted sum over the slots). Otherwise five steps, none of which reads anything back to the host or sizes a
 buffer by the routing (so a decode step's launches can be captured in a CUDA graph):
 
   1. align (one program for a decode step, two launches of one program per chunk of
@@ -45,6 +47,12 @@ import torch.nn.functional as F
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 from pdserve.engine.kernels.activation import silu_and_mul
+from pdserve.engine.kernels.moe_decode import moe_pairs_triton
+
+# Pair-major (moe_decode.py) while T * k <= this fraction of E: pairs then rarely share an expert, so
+# sorting them buys no weight reuse and costs three launches. benchmarks/moe_kernel.py times both
+# paths at T = 1..16 (Qwen3-30B-A3B: E = 128, k = 8, so T <= 8). Read at each call; 0 turns it off.
+SPARSE_PAIRS_PER_EXPERT = 0.5
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,18 @@ SWEEP_CONFIGS = (
 def fused_moe(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The MoE MLP; Triton on CUDA, the torch reference elsewhere."""
-    if use_triton(x, w13, w2, topk_weights, topk_ids):
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
-    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+    """The MoE MLP; Triton on CUDA (pair-major or grouped, by `is_sparse`), the torch reference elsewhere."""
+    if not use_triton(x, w13, w2, topk_weights, topk_ids):
+        return fused_moe_reference(x, w13, w2, topk_weights, topk_ids)
+    if is_sparse(topk_ids.numel(), w13.shape[0]):
+        _check_shapes(x, w13, w2, topk_weights, topk_ids)
+        return moe_pairs_triton(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+
+
+def is_sparse(num_pairs: int, num_experts: int) -> bool:
+    """Whether the pair-major path runs: few (token, slot) pairs for the experts there are."""
+    return num_pairs <= SPARSE_PAIRS_PER_EXPERT * num_experts
 
 
 def _check_shapes(x, w13, w2, topk_weights, topk_ids) -> None:
@@ -125,7 +141,7 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     config: MoeConfig | None = None,
 ) -> torch.Tensor:
-    """Launches the kernels; works on any device Triton runs on (the interpreter included)."""
+    """Launches the grouped path's kernels; works on any device Triton runs on (the interpreter included)."""
     _check_shapes(x, w13, w2, topk_weights, topk_ids)
     assert x.stride(-1) == 1 and w13.stride(-1) == 1 and w2.stride(-1) == 1, "last dims contiguous"
     num_tokens, top_k = topk_ids.shape

@@ -52,3 +52,18 @@ def test_double_free_is_refused():
     pool.free(ids)
     with pytest.raises(ValueError):
         pool.free(ids)
+
+
+def test_release_before_returns_only_blocks_wholly_before_the_position():
+    pool = BlockPool(num_blocks=8, block_size=4)
+    table = BlockTable(pool)
+    table.ensure_capacity(20)  # 5 blocks
+    held = list(table.block_ids)
+    assert table.release_before(7) == 1  # block 0 (tokens 0..3) only: token 7 is in block 1
+    assert table.release_before(7) == 0 and table.release_before(3) == 0
+    assert table.release_before(16) == 3  # blocks 1..3
+    assert pool.num_free == 3 + 4 and table.block_ids == [held[4]] * 5
+    assert table.slot(17) == held[4] * 4 + 1  # positions keep their index
+    assert table.release_before(100) == 0  # the last block is always kept
+    table.release()
+    assert pool.num_free == pool.num_blocks

@@ -1,8 +1,7 @@
-"""FP8 GEMM and GEMV: the Triton kernels (interpreted on the CPU) against torch references.
+"""FP8 GEMM: the Triton kernel (interpreted on the CPU) against torch references.
 
 The GEMM quantizes the activation, so its reference is the same quantized activation
-times the dequantized weight in float64; the GEMV is weight-only, so its reference is
-F.linear on the dequantized weight.
+times the dequantized weight in float64 (the weight-only GEMV: test_fp8_gemv.py).
 """
 import pytest
 import torch
@@ -14,12 +13,10 @@ from pdserve.engine.kernels.fp8_gemm import (
     Fp8GemmConfig,
     dequantize,
     fp8_gemm_triton,
-    fp8_gemv_triton,
     fp8_matmul,
     fp8_matmul_reference,
     quantize_per_token_group,
 )
-from pdserve.engine.kernels.gemv import GemvConfig
 
 # (N, K, group_n, group_k): blocks that tile exactly, blocks with partial edges, one scale per row
 LAYOUTS = [(64, 64, 32, 32), (40, 100, 32, 32), (48, 96, 1, 96)]
@@ -59,19 +56,6 @@ def test_gemm_matches_quantized_reference(n, k, group_n, group_k, m, with_bias):
     assert relative_error(out, ref) < 1e-2  # bf16 output rounding
 
 
-@requires_triton
-@pytest.mark.parametrize("n, k, group_n, group_k", LAYOUTS)
-@pytest.mark.parametrize("config", [GemvConfig(8, 32, 2, 1), GemvConfig(16, 32, 2, 1, use_dot=True)], ids=["fma", "dot"])
-@pytest.mark.parametrize("m", [1, 3])
-def test_gemv_matches_dequantized_linear(n, k, group_n, group_k, config, m):
-    weight, scale = quantized_weight(n, k, group_n, group_k)
-    x = activation(m, k, torch.bfloat16)
-    bias = torch.randn(n).to(DEVICE, torch.bfloat16)
-    out = fp8_gemv_triton(x, weight, scale, group_n, group_k, bias, config)
-    ref = F.linear(x.double(), dequantize(weight, scale, group_n, group_k).double(), bias.double())
-    assert relative_error(out, ref) < 1e-2
-
-
 def test_quantization_error_is_fp8_sized():
     """Per-token-group quantization keeps every value to e4m3's 3 mantissa bits (relative 2^-4)."""
     x = torch.randn(5, 300) * torch.logspace(-3, 3, 300)  # groups of very different magnitudes
@@ -81,6 +65,20 @@ def test_quantization_error_is_fp8_sized():
     big = x.abs() > x.abs().view(5, -1).amax(-1, keepdim=True) * 2 ** -6  # normal range of the group
     rel = ((back - x).abs() / x.abs())[big[:, :300]]
     assert rel.max() <= 2 ** -4 + 1e-6
+
+
+def test_a_static_input_scale_quantizes_x_by_it():
+    """`activation_scheme: static`: q = x / input_scale (clamped to e4m3's range), one scale for every token."""
+    weight, scale = quantized_weight(48, 96, 1, 96)
+    weight, scale = weight.cpu(), scale.cpu()
+    x = torch.randn(5, 96)
+    x[0, 0] = 100.0  # past 448 * 0.05: clipped
+    s = torch.tensor([0.05])
+    q = (x / s).clamp(-448, 448).to(FP8_DTYPE).float() * s
+    expected = F.linear(q, dequantize(weight, scale, 1, 96))
+    out = fp8_matmul(x, weight, scale, 1, 96, input_scale=s)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert relative_error(out, fp8_matmul(x, weight, scale, 1, 96)) > 1e-3  # not the dynamic path
 
 
 def test_reference_is_close_to_the_unquantized_product():

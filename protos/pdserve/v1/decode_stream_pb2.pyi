@@ -61,16 +61,18 @@ class StreamRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., deadline_unix_s: _Optional[float] = ..., subscriber_id: _Optional[str] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
-    __slots__ = ("kv_wait_s", "prefill_s", "decode_s", "decode_steps")
+    __slots__ = ("kv_wait_s", "prefill_s", "decode_s", "decode_steps", "queue_s")
     KV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     kv_wait_s: float
     prefill_s: float
     decode_s: float
     decode_steps: int
-    def __init__(self, kv_wait_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_steps: _Optional[int] = ...) -> None: ...
+    queue_s: float
+    def __init__(self, kv_wait_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class Ending(_message.Message):
     __slots__ = ("transfer_id", "finish_reason", "error", "error_code", "timings")
