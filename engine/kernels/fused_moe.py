@@ -51,8 +51,10 @@ from pdserve.engine.kernels.moe_decode import moe_pairs_triton
 
 # Pair-major (moe_decode.py) while T * k <= this fraction of E: pairs then rarely share an expert, so
 # sorting them buys no weight reuse and costs three launches. benchmarks/moe_kernel.py times both
-# paths at T = 1..16 (Qwen3-30B-A3B: E = 128, k = 8, so T <= 8). Read at each call; 0 turns it off.
-SPARSE_PAIRS_PER_EXPERT = 0.5
+# paths at T = 1..16. Read at each call; 0 turns it off. Off: on the H200 (2026-12-01, Qwen3-30B-A3B's
+# layer) the grouped path was faster at every T (T=1: 32.5 vs 39.4 us; T=8: 134 vs 161 us) with the
+# pair kernels' untuned blocks; the benchmark's sweep says when they win.
+SPARSE_PAIRS_PER_EXPERT = 0.0
 
 
 @dataclass(frozen=True)

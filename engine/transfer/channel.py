@@ -104,6 +104,8 @@ def own_stream(device: torch.device) -> contextlib.AbstractContextManager:
     """
     if device.type != "cuda":
         return contextlib.nullcontext()
+    if device.index is None:  # "cuda": the GPU current now (set_device wants an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     return torch.cuda.stream(torch.cuda.Stream(device))
 
