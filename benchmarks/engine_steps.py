@@ -27,7 +27,7 @@ def time_engine(runner, blocks: BlockSource, counts: Counts, results: dict) -> N
     vocab = runner.spec.vocab_size
     graphs = runner.decode_graphs
     t0 = time.perf_counter()
-    runner.capture_decode_graphs()
+    runner.capture_graphs()
     results["graph_capture_s"] = time.perf_counter() - t0
     say(f"captured {len(graphs.sizes)} decode graphs in {results['graph_capture_s']:.2f} s")
     for batch, context in ((1, 1024), (64, 1024)):

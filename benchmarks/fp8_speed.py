@@ -172,7 +172,7 @@ def decode_bytes(runner: ModelRunner, batch: int, context: int) -> int:
 def time_rows(label: str, runner: ModelRunner, ceilings: dict, rows: dict, with_prefill: bool) -> None:
     blocks = BlockSource(NUM_BLOCKS)
     vocab = runner.spec.vocab_size
-    runner.capture_decode_graphs()
+    runner.capture_graphs()
     for batch in (1, 64):
         inputs = decode_inputs(blocks, batch, 1024, vocab)
         timed = time_decode(runner, inputs)

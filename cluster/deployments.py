@@ -141,8 +141,11 @@ class PrefillDeployment:
                              timeout_s=self.config.transfer.timeout_s, host=kv_host(self.config),
                              shard=_shard(runner))
         self.ranks.start_followers(runner.kv_cache.spec.num_blocks)
-        self.worker = PrefillWorker(TpRunner(runner, sender), sender, prefill_settings(self.config), self.replica_id)
+        tp_runner = TpRunner(runner, sender)
         self.roofline = Roofline.measure(runner.device)
+        if self.roofline is not None:  # a GPU: no batch of the first requests stalls on a graph capture
+            tp_runner.capture_graphs(decode=False)
+        self.worker = PrefillWorker(tp_runner, sender, prefill_settings(self.config), self.replica_id)
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -203,6 +206,8 @@ class DecodeDeployment:
         self.weight_bytes = weight_bytes_per_gpu(runner)
         # The engine's own step at batch 1 and at the batch limit, before any request: diagnose's anchors.
         # GPU only, as the roofline: on the CPU, replicas starting beside each other make it noise.
+        if self.roofline is not None:  # a GPU: no step of the first requests stalls on a graph capture
+            self.tp_runner.capture_graphs()
         self.engine_steps = decode_step_anchors(self.tp_runner, (1, self.config.decode.max_running)) if self.roofline is not None else []
         self.worker = DecodeWorker(self.tp_runner, receiver, decode_settings(self.config), self.replica_id)
         self.server = StreamServer(self.worker, host=host)

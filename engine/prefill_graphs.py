@@ -19,7 +19,8 @@ Inputs live in static device tensors refilled from pinned host mirrors, as the
 decode graphs' (engine/cuda_graphs.py): tokens, positions and slots [3, max_tokens],
 and offsets [max_seqs + 2 cu_seqlens, then max_seqs logit rows], int64. The
 attention kernel's grid is sized by the bucket, never by the batch. Graphs share one
-memory pool and are captured the first time a bucket is needed. CUDA only.
+memory pool and are captured the first time a bucket is needed, or all at once
+(`capture_all`, as GPU replicas do at start). CUDA only.
 """
 from __future__ import annotations
 
@@ -71,6 +72,11 @@ class PrefillGraphs:
         seqs = next((b for b in self.seq_buckets if b >= num_seqs), None)
         tokens = next((b for b in self.token_buckets if b >= num_tokens), None)
         return None if seqs is None or tokens is None else (seqs, tokens)
+
+    def capture_all(self) -> None:
+        for seqs in reversed(self.seq_buckets):  # largest first: the pool is sized once
+            for tokens in reversed(self.token_buckets):
+                self._capture((seqs, tokens))
 
     def run(self, prompts: Sequence[tuple[Sequence[int], tuple[int, ...]]]) -> torch.Tensor | None:
         """Logits [len(prompts), vocab] float32 of each prompt's last token, or None when no graph holds them.

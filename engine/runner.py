@@ -172,10 +172,12 @@ class ModelRunner:
         return graphs is not None and self._sampled is not None and len(self._sampled) <= graphs.max_batch
 
     @torch.inference_mode()
-    def capture_decode_graphs(self) -> None:
-        """Capture every decode graph now, rather than on each batch size's first step."""
-        if self.decode_graphs is not None:
-            self.decode_graphs.capture_all()
+    def capture_graphs(self, decode: bool = True) -> None:
+        """Capture every prefill graph and (unless `decode` is False: a prefill replica) every decode
+        graph now, rather than stalling the first step of each size."""
+        for graphs in (self.decode_graphs if decode else None, self.prefill_graphs):
+            if graphs is not None:
+                graphs.capture_all()
 
     @torch.inference_mode()
     def decode_eager(self, inputs: list[DecodeInput]) -> torch.Tensor:

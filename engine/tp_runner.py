@@ -88,10 +88,10 @@ class TpRunner:
             self.tp.broadcast((_DECODE_AND_SAMPLE, inputs, params))
             return self.runner.decode_and_sample(inputs, params)
 
-    def capture_decode_graphs(self) -> None:
+    def capture_graphs(self, decode: bool = True) -> None:
         with self._watch():
-            self.tp.broadcast((_CAPTURE,))
-            self.runner.capture_decode_graphs()
+            self.tp.broadcast((_CAPTURE, decode))
+            self.runner.capture_graphs(decode)
 
     @contextlib.contextmanager
     def _watch(self) -> Iterator[None]:
@@ -131,7 +131,7 @@ def follow(runner: ModelRunner, sender: KvSender | None = None) -> None:
             elif kind == _DECODE_AND_SAMPLE:
                 runner.decode_and_sample(command[1], command[2])
             elif kind == _CAPTURE:
-                runner.capture_decode_graphs()
+                runner.capture_graphs(command[1])
             else:
                 raise ValueError(f"unknown TP step {kind!r}")
     finally:

@@ -205,3 +205,18 @@ def test_graph_prefills_of_different_prompts_in_a_row(tmp_path):
         chunk = PrefillChunk(prompt, 0, tuple(range(-(-length // 4))))
         graphed, eager = graphed_runner.prefill([chunk]), eager_runner.prefill([chunk])
         assert relative_error(graphed, eager) < (1e-5 if IS_EXACT else 1e-2), length
+
+
+@needs_cuda
+def test_captured_at_once_then_replayed(tmp_path):
+    """capture_graphs (what GPU replicas run at start) captures every size; replays equal eager steps."""
+    save_tiny_model("llama", tmp_path)
+    loaded = load_model_dir(tmp_path, DEVICE, DTYPE_NAME)
+    runner = ModelRunner(loaded, 64, 4, max_decode_batch=8, max_graph_prefill_tokens=32)
+    eager_runner = ModelRunner(loaded, 64, 4, max_graph_prefill_tokens=0)
+    runner.capture_graphs()
+    graphs = runner.prefill_graphs
+    assert set(graphs._graphs) == {(s, t) for s in graphs.seq_buckets for t in graphs.token_buckets}
+    assert set(runner.decode_graphs._graphs) == set(runner.decode_graphs.sizes)
+    chunks = [PrefillChunk(tuple(range(3, 3 + n)), 0, tuple(range(4 * i, 4 * i + 4))) for i, n in enumerate((9, 13))]
+    assert relative_error(runner.prefill(chunks), eager_runner.prefill(chunks)) < (1e-5 if IS_EXACT else 1e-2)
