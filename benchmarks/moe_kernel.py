@@ -32,13 +32,11 @@ divide + the grouped path), floor = touched experts + router weight.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from engine_timing import calls_ms as graph_ms, measure_ceilings  # benchmarks/engine_timing.py
+from engine_timing import calls_ms as graph_ms, measure_ceilings, wall_ms  # benchmarks/engine_timing.py
 
 from pdserve.engine.kernels import fused_moe as moe
 from pdserve.engine.kernels import moe_decode
@@ -51,19 +49,6 @@ DEVICE = "cuda"
 CALLS = 16  # calls per graph, each on its own routing
 LAYERS = 2  # weight sets the calls alternate between
 EXPERT_BYTES = 3 * INTER * HIDDEN * DTYPE.itemsize  # gate, up and down rows of one expert
-
-
-def host_ms(fn, iters: int = 5) -> float:
-    """Median milliseconds of fn() + synchronize on the host clock, after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_layers(gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -117,7 +102,7 @@ def row(num_tokens: int, layers, gen, ceilings, sweep: bool) -> dict:
     result["us"] = time_kernel(layers, calls, None) * 1e3
     block_m = moe.default_config(num_tokens * TOP_K, EXPERTS).block_m
     result["align_us"] = graph_ms([lambda c=c: moe.moe_align(c[2], EXPERTS, block_m) for c in calls]) * 1e3
-    result["ref_us"] = host_ms(lambda: moe.fused_moe_reference(x, w13, w2, weights, ids)) * 1e3
+    result["ref_us"] = wall_ms(lambda: moe.fused_moe_reference(x, w13, w2, weights, ids), warmup=1, iters=5) * 1e3
     result["floor_us"] = max(result["bytes"] / copy_bps, result["flops"] / matmul_flops) * 1e6
     if sweep:
         result["sweep"] = {}
