@@ -79,14 +79,24 @@ def _exposed(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if r.get("gpu_step_time_s", 0) > 0 and r.get("gpu_idle_share") is not None]
 
 
+# A report's batch size is its window's mean; one taken while the batch ramped up (the window's mean far
+# from the sequences running when it was read) averages steps of other sizes, often with one-off costs
+# (graph captures, start-up prefills), and would bend the fit: such windows are left out.
+STEADY_WINDOW = 0.25  # |window mean batch - running now| <= this share of running now
+
+
 def _by_batch(reports: list[dict[str, Any]], key: str) -> dict[float, tuple[float, float]]:
-    """{batch size (rounded): (mean `key`, mean context per sequence)} over the samples that were stepping."""
+    """{batch size (rounded): (mean `key`, mean context per sequence)} over the steady samples that were stepping."""
     groups: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for r in reports:
-        if r.get("num_running", 0) > 0 and r.get("batch_size", 0) > 0 and r.get(key, 0) > 0:
+        if r.get("num_running", 0) > 0 and r.get("batch_size", 0) > 0 and r.get(key, 0) > 0 and _steady(r):
             context = r.get("num_context_tokens", 0) / r["num_running"]
             groups[round(r["batch_size"])].append((r[key], context))
     return {b: (statistics.fmean(v for v, _ in g), statistics.fmean(c for _, c in g)) for b, g in groups.items()}
+
+
+def _steady(report: dict[str, Any]) -> bool:
+    return abs(report["batch_size"] - report["num_running"]) <= STEADY_WINDOW * report["num_running"]
 
 
 def _decode_profile(reports: list[dict[str, Any]], fit: StepFit, limit: int) -> cm.DecodeProfile | None:

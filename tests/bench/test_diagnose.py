@@ -154,3 +154,20 @@ def test_a_tp_decode_replica_counts_its_gpus_in_the_goodput_per_gpu():
     assert same.max_goodput_rps == pytest.approx(tp1.best.max_goodput_rps)  # the same replicas, more GPUs each
     assert same.per_gpu_rps < tp1.best.per_gpu_rps
     assert "per GPU" in report(tp2)
+
+
+def test_the_step_fit_leaves_out_windows_taken_while_the_batch_ramped_up():
+    # Readings of an H200 run (2026-12-01, 8B colocated, 256 in flight): (window mean batch, running when
+    # read, GPU step s, context per sequence). The ramp-up windows (15 of 120, 33 of 248) held graph
+    # captures and read 11-19 ms; left in, they made the fit say 9.8 ms at batch 1 (the engine's own: 4.9).
+    readings = [(12, 12, 0.00488, 312), (15, 120, 0.0113, 131), (33, 248, 0.0190, 135), (252, 252, 0.0094, 244),
+                (252, 252, 0.0101, 345), (246, 205, 0.0113, 271), (237, 252, 0.0132, 151), (243, 252, 0.0088, 190)]
+    decode = [{"batch_size": b, "num_running": n, "num_context_tokens": n * c, "step_time_s": g * 1.02,
+               "gpu_step_time_s": g, "gpu_idle_share": 0.02, "max_running": 256, "num_blocks_total": 51171,
+               "kv_block_size": 16, "engine_steps": [[1, 0.00486], [256, 0.0074]]} for b, n, g, c in readings]
+    samples = [{"t": i, "pools": {"prefill": {"p0": {"tokens_per_s": 200000, "queued_tokens": 0}},
+                                  "decode": {"d0": r}}} for i, r in enumerate(decode)]
+    loaded = Run(None, 256, 20.0, [record(i / 20, 128, 256, 0.002, 0.01, 0.011) for i in range(64)], samples)
+    d = diagnose(BenchResult({"status": STATUS}, {}, Slo(ttft_s=1.0, tpot_s=0.02), [loaded]))
+    assert 15 not in d.fit.batch_sizes and 33 not in d.fit.batch_sizes and 12 in d.fit.batch_sizes
+    assert d.profiles.decode.gpu_step_time(1) < 0.006, report(d)
