@@ -102,7 +102,11 @@ def test_killing_the_prefill_replica_mid_prefill_loses_no_request(server, chat_m
     arrivals = [[] for _ in prompts]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(stream, server, p, 8, None, a) for p, a in zip(prompts, arrivals)]
-        time.sleep(0.3)
+        # Kill once the first prefill batch answered: the 5,600 prompt tokens take three batches of the
+        # pool's 2,048, so later ones are queued or running (a fixed sleep raced a fast machine).
+        waited_until = time.monotonic() + 60
+        while not any(arrivals) and time.monotonic() < waited_until:
+            time.sleep(0.001)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         outputs = [f.result(timeout=240) for f in futures]
