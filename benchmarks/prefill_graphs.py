@@ -18,29 +18,13 @@ from pathlib import Path
 import torch
 
 from engine_timing import BlockSource, build_models, gpu_ms, measure_ceilings, wall_ms
-from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.runner import PrefillChunk
 
 
-def weight_bytes(runner: ModelRunner) -> int:
-    """Bytes a prefill reads once: every layer's weights and the vocabulary projection (one row's logits)."""
-    embed = runner.model.weights.embed
-    total = sum(t.numel() * t.element_size() for t in _tensors(runner.model.weights))
-    return total - embed.numel() * embed.element_size()
-
-
-def _tensors(obj, seen=None):
-    """Every tensor reachable from the model's weight objects, once each."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if obj.data_ptr() not in seen:
-            seen.add(obj.data_ptr())
-            yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item, seen)
-    elif hasattr(obj, "__dict__"):
-        for value in vars(obj).values():
-            yield from _tensors(value, seen)
+def without_embedding(spec, params: int) -> int:
+    """`params` (the spec's count) less the input embedding a prefill only gathers rows of (tied: it is
+    the vocabulary projection, read whole)."""
+    return params - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
 
 
 def main() -> None:
@@ -52,8 +36,9 @@ def main() -> None:
     copy_bps, matmul_flops = measure_ceilings()
     _, runner = build_models(1200, args.shape)
     graphs = runner.prefill_graphs
-    params = sum(t.numel() for t in _tensors(runner.model.weights)) - runner.model.weights.embed.numel()
-    read_s = weight_bytes(runner) / copy_bps
+    spec = runner.spec
+    params = without_embedding(spec, spec.num_active_params)  # FLOPs: the experts a token runs
+    read_s = without_embedding(spec, spec.num_params) * runner.model.dtype.itemsize / copy_bps
     blocks = BlockSource(1200)
     lines = [f"# Prefill from CUDA graphs, {torch.cuda.get_device_name()}, {datetime.date.today()}", "",
              f"{args.shape}, bf16; copy {copy_bps / 1e12:.2f} TB/s, matmul {matmul_flops / 1e12:.0f} TFLOP/s; "
