@@ -5,7 +5,7 @@ stream server and Serve methods) plus N - 1 `RankActor`s, one in each other
 bundle of the replica's STRICT_PACK placement group (one node, a GPU each).
 Start-up:
 
-    leader: free port -> RankActor(rank r) x (N - 1)   each joins the TP group, loads its shard
+    leader: host_rendezvous -> RankActor(rank r) x (N - 1)   each joins the TP group, loads its shard
             TensorParallel.join(rank 0), loads its shard, sizes the KV pool
             actor.start(num_blocks)                    each builds its runner (and sender or
                                                        receiver) and runs `follow` on a thread
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from typing import Any, Callable, Sequence
 
@@ -29,7 +28,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdserve.engine.parallel import Rendezvous, TensorParallel
+from pdserve.engine.parallel import Rendezvous, TensorParallel, host_rendezvous
 from pdserve.engine.transfer import KvDestination, KvShard, TransferOutcome
 
 from .config import PdserveConfig, load_config
@@ -73,8 +72,8 @@ class TpGroup:
         size = tp_size(config, pool)
         if size == 1:
             return cls(TensorParallel.single(), [])
-        rendezvous = Rendezvous(host, _free_port(host), timeout_s=config.transfer.timeout_s,
-                                join_timeout_s=_JOIN_TIMEOUT_S)
+        rendezvous, store = host_rendezvous(host, timeout_s=config.transfer.timeout_s,
+                                            join_timeout_s=_JOIN_TIMEOUT_S)
         group = get_current_placement_group()
         gpus = getattr(config, pool).gpus_per_replica
         actors = []
@@ -83,7 +82,7 @@ class TpGroup:
                         if group is not None else None)
             actors.append(RankActor.options(num_cpus=0, num_gpus=gpus, scheduling_strategy=strategy).remote(
                 config.to_dict(), pool, rank, size, rendezvous, f"{replica_id}-r{rank}", host))
-        return cls(TensorParallel.join(rendezvous, 0, size, device), actors)
+        return cls(TensorParallel.join(rendezvous, 0, size, device, store), actors)
 
     def start_followers(self, num_blocks: int) -> None:
         """Have every follower build its runner on `num_blocks` blocks (every rank's pool holds the
@@ -200,8 +199,3 @@ class RemoteRankReceiver:
         except Exception as e:  # the rank may be gone already
             log.debug("TP rank receiver close: %s", e)
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

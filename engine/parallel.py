@@ -2,9 +2,11 @@
 
 A replica of TP size N runs N processes (one per GPU), each holding 1/N of every
 large weight (see engine/sharding.py). They meet through an explicit rendezvous
-that the caller passes in (cluster/ picks the address; engine/ knows no Ray):
+that the caller passes in (cluster/ picks the host; engine/ knows no Ray):
 
-    tp = TensorParallel.join(Rendezvous(host, port), rank, size, device)
+    rendezvous, store = host_rendezvous(host)                 # on the leader, before any rank starts
+    tp = TensorParallel.join(rendezvous, 0, size, device, store)  # the leader
+    tp = TensorParallel.join(rendezvous, rank, size, device)      # every other rank
     tp.all_reduce(x)          # in place, after the row-parallel projections (o, down)
     cmd = tp.broadcast(cmd)   # the leader's step inputs reach every rank (rank 0 sends)
     tp.broadcast_(tokens)     # the leader's sampled tokens, on the device, on every rank
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
 
+from pdserve.engine.stores import listening_store
 from pdserve.engine.transfer.nccl_env import keep_process_on_nccl_error
 
 
@@ -45,6 +48,18 @@ class Rendezvous:
     timeout_s: float = 30.0  # each collective's bound
     key: str = "tp"  # a prefix, so one store can host several groups
     join_timeout_s: float | None = None  # how long ranks may take to meet (None: timeout_s)
+
+    @property
+    def join_timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.join_timeout_s or self.timeout_s)
+
+
+def host_rendezvous(host: str, timeout_s: float = 30.0, join_timeout_s: float | None = None,
+                    key: str = "tp") -> tuple[Rendezvous, Store]:
+    """A store on `host` at a port the OS picks, and the rendezvous that names it. Whoever calls
+    this keeps the store alive (pass it to `join`); the ranks connect to it."""
+    store = listening_store(host, 0, join_timeout_s or timeout_s)
+    return Rendezvous(host, store.port, timeout_s, key, join_timeout_s), store
 
 
 class TensorParallel:
@@ -68,13 +83,14 @@ class TensorParallel:
     @classmethod
     def join(cls, rendezvous: Rendezvous, rank: int, size: int, device: torch.device | str = "cpu",
              store: Store | None = None) -> TensorParallel:
-        """Build this rank's groups; blocks until every rank joined (at most `rendezvous.timeout_s`)."""
+        """Build this rank's groups; blocks until every rank joined (at most the join timeout).
+        `store`: the one `host_rendezvous` made, where this process hosts it; else a client of it."""
         if size == 1:
             return cls.single()
-        timeout = datetime.timedelta(seconds=rendezvous.join_timeout_s or rendezvous.timeout_s)
+        timeout = rendezvous.join_timeout
         if store is None:
-            store = TCPStore(rendezvous.host, rendezvous.port, world_size=size, is_master=rank == 0,
-                             timeout=timeout, wait_for_workers=False)
+            store = TCPStore(rendezvous.host, rendezvous.port, is_master=False, timeout=timeout,
+                             wait_for_workers=False)
         prefixed = PrefixStore(f"{rendezvous.key}/", store)
         control = dist.ProcessGroupGloo(PrefixStore("control/", prefixed), rank, size, timeout)
         device = torch.device(device)

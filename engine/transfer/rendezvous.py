@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from typing import Callable
 
 from torch.distributed import PrefixStore, Store, TCPStore
 
+from pdserve.engine.stores import ListenError, listening_store
 from pdserve.engine.transfer.heads import KvShard
 from pdserve.engine.transfer.messages import WIRE_VERSION, ChannelAddress, HandshakeError, KvGeometry, TransferError
 
@@ -81,20 +81,6 @@ def check_hello(hello: Hello, geometry: KvGeometry) -> str:
     return hello.geometry.mismatch(geometry)
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket listening on `host:port` only: the store's own would listen on every interface."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(socket.SOMAXCONN)
-    except OSError as e:
-        sock.close()
-        raise TransferError(f"cannot listen for KV channels on {host}:{port}: {e}") from e
-    return sock
-
-
 class ChannelListener:
     """The receiver's `TCPStore`, listening on `host`, and the thread that admits new senders."""
 
@@ -106,11 +92,10 @@ class ChannelListener:
         on_accept: Callable[[PrefixStore, int, Hello], None],
         timeout_s: float,
     ):
-        sock = _listening_socket(host, port)
-        port = sock.getsockname()[1]
-        # The store takes the socket over (and closes it when it stops).
-        self._store = TCPStore(host, port, is_master=True, timeout=_seconds(timeout_s), wait_for_workers=False,
-                               master_listen_fd=sock.detach())
+        try:
+            self._store = listening_store(host, port, timeout_s)
+        except ListenError as e:
+            raise TransferError(f"KV channels: {e}") from e
         self._check = check
         self._on_accept = on_accept
         self._timeout_s = timeout_s

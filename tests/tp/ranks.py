@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-from pdserve.engine.parallel import Rendezvous, TensorParallel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pdserve.engine.parallel import Rendezvous, TensorParallel, host_rendezvous
 
 
 def _rank_main(body: Callable[..., Any], rendezvous: Rendezvous, rank: int, size: int, args: tuple,
@@ -39,7 +32,8 @@ def run_ranks(body: Callable[..., Any], size: int, *args: Any, timeout_s: float 
     context = mp.get_context("spawn")
     results = context.Queue()
     # Spawned ranks import torch at their own pace on a busy box: meeting may take far longer than a collective
-    rendezvous = Rendezvous("127.0.0.1", free_port(), timeout_s=collective_timeout_s, join_timeout_s=60.0)
+    # The store lives here, in the parent, for the test's length: every rank connects to it
+    rendezvous, _store = host_rendezvous("127.0.0.1", timeout_s=collective_timeout_s, join_timeout_s=60.0)
     processes = [context.Process(target=_rank_main, args=(body, rendezvous, rank, size, args, results), daemon=True)
                  for rank in range(size)]
     for p in processes:
