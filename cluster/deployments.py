@@ -15,7 +15,7 @@ from typing import Any
 from fastapi.responses import PlainTextResponse
 from ray import serve
 
-from pdserve.decode_worker.errors import KvPoolFull, QueueFull, ReplicaDraining
+from pdserve.decode_worker.errors import ReplicaBroken
 from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
@@ -31,12 +31,13 @@ from pdserve.engine.transfer.group import ReceiverGroup
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.generation import (
-    Overloaded, TryElsewhere, failure_error,
+    Overloaded, failure_error,
 )
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.ingress import Ingress
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
+from pdserve.router.decode_directory import DecodeDirectory
 from pdserve.router.pipeline import Pipeline
 from pdserve.router.served_models import ServedModels
 
@@ -210,16 +211,14 @@ class DecodeDeployment:
             self.tp_runner.capture_graphs()
         self.engine_steps = decode_step_anchors(self.tp_runner, (1, self.config.decode.max_running)) if self.roofline is not None else []
         self.worker = DecodeWorker(self.tp_runner, receiver, decode_settings(self.config), self.replica_id)
-        self.server = StreamServer(self.worker, host=host)
+        self.server = StreamServer(self.worker, host=host, reserve=self._reserve)
         self.worker.stream_address = self.server.address
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """What the decode routing policies rank on (router/policies.py)."""
-        return self.stats()
-
     def stats(self) -> dict[str, Any]:
+        """Also where routers find this replica: they reserve on `stream_address` (router/decode_directory.py)."""
         return {**decode_stats(self.worker, self.roofline, self.weight_bytes), "pid": os.getpid(),
+                "stream_address": self.server.address,
                 "engine_steps": self.engine_steps, "rank_pids": self.ranks.pids,
                 "tensor_parallel_size": self.ranks.tp.size, "num_gpus": replica_gpus(self.config, self.pool)}
 
@@ -227,15 +226,11 @@ class DecodeDeployment:
         """Ray Serve's custom autoscaling metrics: arrivals, batch, KV use, step time against batch size."""
         return _numbers(self.stats())
 
-    def reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
+    def _reserve(self, request_id: str, num_prompt_tokens: int, max_tokens: int, deadline: float) -> Reservation:
+        """The stream server's `Reserve`: the worker's, refused while the TP group is broken."""
         if self.tp_runner.broken is not None:  # until Serve replaces this replica, requests go elsewhere
-            raise TryElsewhere(f"decode replica {self.replica_id}: its TP group broke: {self.tp_runner.broken}")
-        try:
-            return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
-        except QueueFull as e:
-            raise Overloaded(str(e), retry_after_s=1.0) from None
-        except (KvPoolFull, ReplicaDraining) as e:
-            raise TryElsewhere(str(e)) from None
+            raise ReplicaBroken(f"decode replica {self.replica_id}: its TP group broke: {self.tp_runner.broken}")
+        return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
 
     def ping(self) -> int:
         return 1
@@ -257,10 +252,12 @@ class RouterDeployment:
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
         self.tokenizer = load_tokenizer(directory)
-        self.pipeline = Pipeline(prefill, decode, self.tokenizer, spec.eos_token_ids, pipeline_settings(self.config))
+        self._registry = registry()
+        decode_replicas = DecodeDirectory(lambda: self._registry.snapshot.remote(), self.config.router.decode_policy)
+        self.pipeline = Pipeline(prefill, decode, decode_replicas, self.tokenizer, spec.eos_token_ids,
+                                 pipeline_settings(self.config))
         self.limits = request_limits(self.config, spec.max_model_len)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
-        self._registry = registry()
         self.ingress = Ingress(ingress_settings(self.config))
         grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)

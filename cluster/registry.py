@@ -80,8 +80,8 @@ class Reporter:
             stats = self._read_stats()
             if stats is None:
                 continue
-            try:
-                self._registry.report.remote(self._pool, self._replica_id, stats)
+            try:  # reported_at: a reader tells a new report from an unchanged one
+                self._registry.report.remote(self._pool, self._replica_id, {**stats, "reported_at": time.time()})
             except Exception:  # the registry restarting must not take the replica down
                 pass
 

@@ -12,3 +12,7 @@ class KvPoolFull(RuntimeError):
 
 class ReplicaDraining(RuntimeError):
     """This replica is leaving and takes no new requests."""
+
+
+class ReplicaBroken(RuntimeError):
+    """This replica cannot serve (its TP group broke) until it is replaced."""

@@ -1,8 +1,9 @@
 """The decode replica's gRPC server: one stream of token batches per subscribed router.
 
-A router process opens `Subscribe` once per decode replica, then `Open`s each
-reservation on it; every engine step's tokens for that router's requests travel
-as one `TokenBatch` message. Batches produced while one is being sent are merged
+A router process opens `Subscribe` once per decode replica, then `Reserve`s KV
+blocks for each request and `Open`s the reservation on its subscription (one
+`Reserve` with `open` set does both, for a request that prefills here); every
+engine step's tokens for that router's requests travel as one `TokenBatch` message. Batches produced while one is being sent are merged
 into the next, so a slow router gets fewer, larger messages instead of a backlog.
 A subscription that closes (router gone) aborts its requests, which frees their
 blocks at once; `Release` does the same for one request (its client left).
@@ -10,19 +11,26 @@ blocks at once; `Release` does the same for one request (its client left).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import pickle
 import threading
+from typing import Callable
 
 import grpc
 
-from pdserve.engine.messages import SamplingParams, StreamStart
+from pdserve.engine.messages import Reservation, SamplingParams, StreamStart
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
+from .errors import KvPoolFull, QueueFull, ReplicaBroken, ReplicaDraining
 from .outbox import Outbox, TokenBatch
 from .worker import DecodeWorker
 
 log = logging.getLogger(__name__)
+
+ReserveFn = Callable[[str, int, int, float], Reservation]  # DecodeWorker.reserve's signature
+_TRY_ELSEWHERE = (KvPoolFull, ReplicaDraining, ReplicaBroken)
 
 
 def stream_start(request: pb.StreamRequest) -> StreamStart:
@@ -48,8 +56,9 @@ def batch_message(batch: TokenBatch) -> pb.TokenBatch:
 
 
 class DecodeStreamService(pb_grpc.DecodeStreamServicer):
-    def __init__(self, worker: DecodeWorker):
+    def __init__(self, worker: DecodeWorker, reserve: ReserveFn):
         self.worker = worker
+        self.reserve = reserve
         self._subscribers: dict[str, Outbox] = {}
 
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext):
@@ -68,13 +77,32 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
             self._subscribers.pop(request.subscriber_id, None)
             self.worker.abort_subscriber(outbox, "the router's stream closed")
 
+    async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveReply:
+        outbox = await self._outbox(request.open.subscriber_id, context) if request.HasField("open") else None
+        try:
+            reservation = self.reserve(request.request_id, request.num_prompt_tokens, request.max_tokens,
+                                       request.deadline_unix_s)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except _TRY_ELSEWHERE as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        if outbox is not None:
+            start = dataclasses.replace(stream_start(request.open), transfer_id=reservation.transfer_id)
+            self.worker.open(start, outbox)
+        destination = b"" if reservation.destination is None else pickle.dumps(reservation.destination)
+        return pb.ReserveReply(transfer_id=reservation.transfer_id, replica_id=reservation.replica_id,
+                               destination=destination)
+
     async def Open(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> pb.OpenReply:
-        outbox = self._subscribers.get(request.subscriber_id)
+        self.worker.open(stream_start(request), await self._outbox(request.subscriber_id, context))
+        return pb.OpenReply()
+
+    async def _outbox(self, subscriber_id: str, context: grpc.aio.ServicerContext) -> Outbox:
+        outbox = self._subscribers.get(subscriber_id)
         if outbox is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"no subscription {request.subscriber_id!r} on this decode replica")
-        self.worker.open(stream_start(request), outbox)
-        return pb.OpenReply()
+                                f"no subscription {subscriber_id!r} on this decode replica")
+        return outbox
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
         self.worker.abort(request.transfer_id, request.reason or "released by the router")
@@ -84,8 +112,10 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
 class StreamServer:
     """A grpc.aio server on its own thread and event loop, so it serves with or without Ray."""
 
-    def __init__(self, worker: DecodeWorker, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, worker: DecodeWorker, host: str = "127.0.0.1", port: int = 0, reserve: ReserveFn | None = None):
+        """`reserve`: how `Reserve` holds blocks (default `worker.reserve`; the replica adds its own checks)."""
         self.worker = worker
+        self.reserve = reserve or worker.reserve
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._host, self._port = host, port
@@ -102,7 +132,7 @@ class StreamServer:
 
     async def _start(self) -> None:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_DecodeStreamServicer_to_server(DecodeStreamService(self.worker), self._server)
+        pb_grpc.add_DecodeStreamServicer_to_server(DecodeStreamService(self.worker, self.reserve), self._server)
         self._port = self._server.add_insecure_port(f"{self._host}:{self._port}")
         await self._server.start()
         self._ready.set()

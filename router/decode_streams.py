@@ -3,12 +3,15 @@
 One `Subscription` per decode replica address: a single `Subscribe` stream whose
 batches (one per engine step) are split into per-request `Feed`s. A request
 registers its feed before it opens its reservation, so no token can arrive
-before someone listens. A subscription whose stream breaks (replica gone) ends
+before someone listens; one that reserves and opens in one call learns its
+transfer id only from the reply, so while such a call is out (`expecting`) tokens
+of unknown transfers are kept for it to claim. A subscription whose stream breaks (replica gone) ends
 every feed with `StreamLost`; the next request to that address subscribes anew.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -74,6 +77,8 @@ class Subscription:
         self.subscriber_id = uuid.uuid4().hex
         self.is_alive = True
         self._feeds: dict[int, Feed] = {}
+        self._unclaimed: set[int] = set()  # feeds made for tokens that came before their call's reply
+        self._expecting = 0  # reserve-and-open calls out
         self._registered = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -82,10 +87,27 @@ class Subscription:
         await asyncio.wait_for(asyncio.shield(self._registered), timeout=SUBSCRIBE_TIMEOUT_S)
 
     def feed(self, transfer_id: int) -> Feed:
+        if transfer_id in self._unclaimed:
+            self._unclaimed.discard(transfer_id)
+            return self._feeds[transfer_id]
         feed = self._feeds[transfer_id] = Feed()
         if not self.is_alive:
             feed.lose("the decode replica's stream is closed")
         return feed
+
+    @contextlib.contextmanager
+    def expecting(self):
+        """Around a call that opens a request whose transfer id comes back with its reply:
+        claim the request's feed (`feed`) inside it."""
+        self._expecting += 1
+        try:
+            yield
+        finally:
+            self._expecting -= 1
+            if not self._expecting:  # every such call claimed its own: the rest belong to no one
+                for transfer_id in self._unclaimed:
+                    self._feeds.pop(transfer_id, None)
+                self._unclaimed.clear()
 
     def forget(self, transfer_id: int) -> None:
         self._feeds.pop(transfer_id, None)
@@ -119,13 +141,22 @@ class Subscription:
             entry[0].append(token)
             entry[1].append(lp)
         for tid, (tokens, logprobs) in grouped.items():
-            feed = self._feeds.get(tid)
+            feed = self._feeds.get(tid) or self._early(tid)
             if feed is not None:
                 feed.push(tokens, logprobs)
         for ending in batch.endings:
-            feed = self._feeds.pop(ending.transfer_id, None)
+            tid = ending.transfer_id
+            feed = self._feeds.get(tid) if tid in self._unclaimed else self._feeds.pop(tid, None) or self._early(tid)
             if feed is not None:
                 feed.end(ending)
+
+    def _early(self, transfer_id: int) -> Feed | None:
+        """A feed for a transfer no one listens to yet, while a call that may claim it is out."""
+        if not self._expecting:
+            return None
+        self._unclaimed.add(transfer_id)
+        feed = self._feeds[transfer_id] = Feed()
+        return feed
 
     def close(self) -> None:
         self._task.cancel()

@@ -121,13 +121,6 @@ class TransferFailed(Unavailable):
     """The KV handoff between a prefill and a decode replica failed."""
 
 
-class TryElsewhere(GenerationError):
-    """One replica cannot take the request now (KV pool full, draining); another, or later, may."""
-
-    http_status = 503
-    grpc_code = "UNAVAILABLE"
-
-
 class DeadlineExceeded(GenerationError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"

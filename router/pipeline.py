@@ -1,11 +1,14 @@
 """The serving pipeline behind the public APIs: reserve → prefill → stream.
 
 For each `GenerationRequest`:
-1. reserve KV blocks on a decode replica (Serve handle) — a full KV pool is
-   retried until the deadline, a full queue is refused at once (429);
-2. prefill on a prefill replica, which pushes the KV straight into those blocks
-   and returns the first token — unless the request prefills on the decode
-   replica itself (colocated pools, short prompts);
+1. reserve KV blocks on a decode replica, chosen from the router's own view of
+   the pool (router/decode_directory.py) and called on its stream server: a full
+   KV pool is retried elsewhere or later until the deadline, full queues
+   everywhere are refused at once (429);
+2. prefill on a prefill replica (Serve handle), which pushes the KV straight into
+   those blocks and returns the first token — unless the request prefills on the
+   decode replica itself (colocated pools, short prompts), which then reserves and
+   opens it in one call;
 3. open the reservation on the router's subscription to that decode replica
    (router/decode_streams.py: one gRPC stream per replica carries every request's
    tokens, a message per engine step) and relay its tokens, detokenized and cut
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -29,7 +33,8 @@ from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, 
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
-from .decode_streams import DecodeStreams, FeedItem, StreamLost, Subscription
+from .decode_directory import DecodeDirectory, DecodeReplica
+from .decode_streams import DecodeStreams, Feed, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
     Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage, failure_error,
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 20  # bounded anyway by the request's deadline
 MAX_TRANSFER_RETRIES = 1  # a handoff that failed is retried once through another pair
 RETRY_BACKOFF_S = 0.25
+RESERVE_TIMEOUT_S = 10.0  # one Reserve call (the replica answers at once, or is gone)
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,11 @@ class PipelineSettings:
 class Pipeline:
     """A `GenerationBackend` over a prefill pool and a decode pool (or one colocated pool)."""
 
-    def __init__(self, prefill: Any, decode: Any, tokenizer: Any, eos_token_ids: tuple[int, ...],
-                 settings: PipelineSettings, metrics: RouterMetrics | None = None):
+    def __init__(self, prefill: Any, decode: Any, directory: DecodeDirectory, tokenizer: Any,
+                 eos_token_ids: tuple[int, ...], settings: PipelineSettings, metrics: RouterMetrics | None = None):
         self.prefill = prefill  # Serve handle (None when colocated)
-        self.decode = decode  # Serve handle of the decode (or colocated) pool
+        self.decode = decode  # Serve handle of the decode (or colocated) pool: its health only
+        self.directory = directory  # where requests reserve on it
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.settings = settings
@@ -107,11 +114,12 @@ class Pipeline:
     async def _attempt(self, run: "_Run") -> AsyncIterator[GenerationChunk]:
         """One try: reserve, prefill (unless the decode replica does it), stream until finished."""
         request = run.request
-        reservation = await self._reserve(request)
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
         local = (self.settings.colocated or bool(run.generated)
                  or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
-        subscription, ended = None, False
+        held = await self._reserve(run, local)
+        reservation, subscription, feed = held.reservation, held.subscription, held.feed
+        ended = False
         try:
             if not local:
                 result = await self._prefill(request, reservation, run.seed)
@@ -122,10 +130,10 @@ class Pipeline:
                 if run.relay.is_stopped or run.is_done():
                     yield self._last(run, "length", reservation)  # _last says "stop" for a stop string
                     return
-            subscription = await self._subscribe(reservation)
-            feed = subscription.feed(reservation.transfer_id)
-            await subscription.stub.Open(self._stream_request(run, reservation, local, subscription.subscriber_id),
-                                         timeout=max(min(request.deadline - time.time(), 30.0), 0.001))
+                feed = subscription.feed(reservation.transfer_id)
+                await subscription.stub.Open(
+                    self._stream_request(run, local, subscription.subscriber_id, reservation.transfer_id),
+                    timeout=max(min(request.deadline - time.time(), 30.0), 0.001))
             while True:
                 item = await self._next(feed, request, reservation)
                 if item.token_ids:
@@ -145,16 +153,9 @@ class Pipeline:
         except grpc.aio.AioRpcError as e:
             raise _Retriable(f"decode replica {reservation.replica_id} failed: {e.code().name}: {e.details()}") from None
         finally:
-            if subscription is not None:
-                subscription.forget(reservation.transfer_id)
+            subscription.forget(reservation.transfer_id)
             if not ended:  # detached: this runs even when the client has gone; frees the blocks at once
                 self._detached(self._release(reservation))
-
-    async def _subscribe(self, reservation: Reservation) -> Subscription:
-        try:
-            return await self._streams.subscription(reservation.stream_address)
-        except (StreamLost, asyncio.TimeoutError) as e:
-            raise _Retriable(f"decode replica {reservation.replica_id}: cannot subscribe: {e}") from None
 
     async def _next(self, feed: Any, request: GenerationRequest, reservation: Reservation) -> FeedItem:
         """The request's next tokens or ending; its deadline bounds the wait."""
@@ -176,36 +177,71 @@ class Pipeline:
                 return HealthStatus(False, 0, 0, f"{name} pool not ready: {e}")
         return HealthStatus(True, counts.get("prefill", 0), counts["decode"])
 
-    async def _reserve(self, request: GenerationRequest) -> Reservation:
-        """A reservation on some decode replica; waits (within the deadline) while none can take it.
+    async def _reserve(self, run: "_Run", local: bool) -> "_Held":
+        """Blocks on some decode replica (opened there at once when `local`); waits, within the
+        deadline, while none can take the request.
 
         The call runs detached: a client leaving mid-call must not orphan blocks the replica
         already reserved, so a reservation that arrives after the caller left is released.
         """
-        call = self._detached(self._reserve_until_deadline(request))
+        call = self._detached(self._reserve_until_deadline(run, local))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
             call.add_done_callback(self._release_orphan)
             raise
 
-    async def _reserve_until_deadline(self, request: GenerationRequest) -> Reservation:
+    async def _reserve_until_deadline(self, run: "_Run", local: bool) -> "_Held":
+        request = run.request
         while True:
-            try:
-                return await self.decode.reserve.remote(
-                    request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
-                    max_tokens=request.sampling.max_tokens, deadline=request.deadline)
-            except (Overloaded, InvalidRequest, DeadlineExceeded):
-                raise
-            except Exception as e:  # full, draining, or died under the call: wait for room or a replacement
-                if time.time() + self.settings.reserve_retry_s > request.deadline:
-                    raise Unavailable(f"no decode replica could take the request before its deadline: "
-                                      f"{_first_line(e)}") from None
-                await asyncio.sleep(self.settings.reserve_retry_s)
+            refusals = []
+            for replica in await self.directory.ranked():
+                try:
+                    held = await self._reserve_on(replica, run, local)
+                except _Refused as e:
+                    refusals.append(e)
+                    continue
+                self.directory.reserved(replica, len(request.prompt_token_ids) + request.sampling.max_tokens)
+                return held
+            if refusals and all(r.queue_full for r in refusals):
+                raise Overloaded(f"{refusals[0]}", retry_after_s=1.0)
+            if time.time() + self.settings.reserve_retry_s > request.deadline:
+                why = refusals[0] if refusals else "no decode replica is up"
+                raise Unavailable(f"no decode replica could take the request before its deadline: {why}")
+            await asyncio.sleep(self.settings.reserve_retry_s)
+
+    async def _reserve_on(self, replica: DecodeReplica, run: "_Run", local: bool) -> "_Held":
+        """Reserve (and open, when `local`) on one replica; `_Refused` when it cannot take the request now."""
+        request = run.request
+        try:
+            subscription = await self._streams.subscription(replica.stream_address)
+        except (StreamLost, asyncio.TimeoutError) as e:
+            self.directory.failed(replica.replica_id)
+            raise _Refused(f"decode replica {replica.replica_id}: cannot subscribe: {e}") from None
+        call = pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
+                                 max_tokens=request.sampling.max_tokens, deadline_unix_s=request.deadline)
+        if local:
+            call.open.CopyFrom(self._stream_request(run, local, subscription.subscriber_id))
+        try:
+            with subscription.expecting():
+                reply = await subscription.stub.Reserve(
+                    call, timeout=max(min(request.deadline - time.time(), RESERVE_TIMEOUT_S), 0.001))
+                feed = subscription.feed(reply.transfer_id) if local else None
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
+                self.directory.failed(replica.replica_id)  # gone or hung, not a refusal
+            raise _Refused(f"decode replica {replica.replica_id}: {e.details()}",
+                           queue_full=code == grpc.StatusCode.RESOURCE_EXHAUSTED) from None
+        destination = pickle.loads(reply.destination) if reply.destination else None  # our own replica's
+        reservation = Reservation(reply.transfer_id, destination, replica.stream_address, reply.replica_id)
+        return _Held(reservation, subscription, feed)
 
     def _release_orphan(self, call: asyncio.Task) -> None:
         if not call.cancelled() and call.exception() is None:
-            self._detached(self._release(call.result()))
+            held = call.result()
+            held.subscription.forget(held.reservation.transfer_id)
+            self._detached(self._release(held.reservation))
 
     def _detached(self, work: Any) -> asyncio.Task:
         """A task outside the request's context: neither the client leaving nor Ray Serve's
@@ -229,11 +265,12 @@ class Pipeline:
         except Exception as e:  # the replica died: Ray Serve brings one back within the deadline
             raise _Retriable(f"prefill failed: {_first_line(e)}") from None
 
-    def _stream_request(self, run: "_Run", reservation: Reservation, local: bool, subscriber_id: str) -> pb.StreamRequest:
+    def _stream_request(self, run: "_Run", local: bool, subscriber_id: str, transfer_id: int = 0) -> pb.StreamRequest:
+        """What the decode replica runs; `transfer_id` 0 inside a Reserve (the reservation's own is used)."""
         s = run.request.sampling
         stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
         return pb.StreamRequest(
-            request_id=run.request.request_id, transfer_id=reservation.transfer_id,
+            request_id=run.request.request_id, transfer_id=transfer_id,
             prompt_token_ids=run.request.prompt_token_ids, generated_token_ids=run.generated,
             prefill_locally=local, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(stop_ids), logprobs=s.logprobs,
@@ -261,6 +298,23 @@ class Pipeline:
                                                  reason="not seen to its end by the router"), timeout=5)
         except grpc.aio.AioRpcError as e:  # the replica is gone, and its blocks with it
             log.warning("could not release reservation %d: %s", reservation.transfer_id, e.details())
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A reservation, the subscription its tokens come on, and its feed once opened."""
+
+    reservation: Reservation
+    subscription: Subscription
+    feed: Feed | None
+
+
+class _Refused(Exception):
+    """One decode replica cannot take the request now; `queue_full`: its waiting queue is full."""
+
+    def __init__(self, message: str, queue_full: bool = False):
+        super().__init__(message)
+        self.queue_full = queue_full
 
 
 class _Retriable(Exception):

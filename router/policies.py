@@ -1,9 +1,10 @@
 """Routing policies: which prefill and which decode replica take a request.
 
-Each policy is a ranking over the replicas' own reports (Ray Serve's routing
-stats, which the worker deployments record every half second, read back as
-typed `PrefillLoad` / `DecodeLoad`), plugged into Ray Serve as a request router
-of the pool's deployment:
+Each policy is a ranking over the replicas' own reports, read back as typed
+`PrefillLoad` / `DecodeLoad`: for prefill, Ray Serve's routing stats (recorded
+every half second), the ranking plugged into Ray Serve as the pool's request
+router; for decode, the registry's reports, ranked by the router's own
+directory (router/decode_directory.py):
 
     round_robin    replicas in turn
     least_loaded   prefill: fewest queued prompt tokens; decode: most free KV
@@ -95,11 +96,6 @@ class PrefillLeastLoadedRouter(_RankingRouter):
         return rank_prefill_least_loaded([reported_load(PrefillLoad, r.routing_stats) for r in replicas])
 
 
-class DecodeLeastLoadedRouter(_RankingRouter):
-    def rank(self, replicas, request):
-        return rank_decode_least_loaded([reported_load(DecodeLoad, r.routing_stats) for r in replicas])
-
-
 class PrefixAwareRouter(_RankingRouter):
     def rank(self, replicas, request):
         prefill = request.kwargs.get("request") if request is not None else None  # a PrefillRequest
@@ -110,4 +106,3 @@ class PrefixAwareRouter(_RankingRouter):
 
 PREFILL_POLICIES = {"round_robin": RoundRobinRouter, "least_loaded": PrefillLeastLoadedRouter,
                     "prefix_aware": PrefixAwareRouter}
-DECODE_POLICIES = {"round_robin": RoundRobinRouter, "least_loaded": DecodeLeastLoadedRouter}

@@ -98,3 +98,77 @@ def test_open_on_an_unknown_subscription_is_refused(served):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         asyncio.run(open_unknown())
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def reserve_request(i: int, prompt: list[int], subscriber: str | None, max_tokens: int = MAX_TOKENS) -> pb.ReserveRequest:
+    call = pb.ReserveRequest(request_id=f"r{i}", num_prompt_tokens=len(prompt), max_tokens=max_tokens,
+                             deadline_unix_s=time.time() + 60)
+    if subscriber is not None:
+        call.open.CopyFrom(stream_request(0, prompt, subscriber))
+        call.open.max_tokens = max_tokens
+    return call
+
+
+async def reserve_and_open(address: str, prompts, max_tokens: int = MAX_TOKENS):
+    """The router's side: one Subscription; each prompt reserved and opened by one Reserve call,
+    its feed claimed from the reply (tokens that come first wait for it)."""
+    from pdserve.router.decode_streams import Subscription
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        subscription = Subscription(channel)
+        await subscription.ready()
+
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            with subscription.expecting():
+                reply = await subscription.stub.Reserve(reserve_request(i, prompt, subscription.subscriber_id, max_tokens))
+                feed = subscription.feed(reply.transfer_id)
+            tokens = []
+            while True:
+                item = await feed.next(30)
+                tokens += item.token_ids
+                if item.ending is not None:
+                    assert item.ending.finish_reason == "length" and not item.ending.error
+                    return tokens
+
+        outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        subscription.close()
+        return outputs
+
+
+@pytest.mark.parametrize("max_tokens", [1, MAX_TOKENS])
+def test_reserve_with_open_streams_every_token(loaded, served, max_tokens):
+    """One call reserves and starts each request; none of its tokens is lost to the reply's race
+    (max_tokens 1: the whole request may end before its reply arrives)."""
+    worker, server = served
+    outputs = asyncio.run(reserve_and_open(server.address, PROMPTS, max_tokens))
+    assert outputs == engine_outputs(loaded, [(p, max_tokens) for p in PROMPTS])
+    assert worker.pool.num_free == worker.pool.num_blocks
+
+
+def test_reserve_refusals_say_whether_to_try_elsewhere(loaded):
+    """A full waiting queue: RESOURCE_EXHAUSTED (the request is refused); no room in the KV pool or an
+    unknown subscription: FAILED_PRECONDITION (another replica may take it), and nothing stays held."""
+    settings = decode_settings(load_config({"decode": {"max_waiting": 1}}))
+    worker = DecodeWorker(ModelRunner(loaded, 8, 4), None, settings, "decode-refusals")
+    server = StreamServer(worker)
+
+    async def codes():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.DecodeStreamStub(channel)
+            out = []
+            for call in (reserve_request(0, [1] * 4, "nobody"), reserve_request(1, [1] * 40, None),
+                         reserve_request(2, [1] * 4, None), reserve_request(3, [1] * 4, None)):
+                try:
+                    await stub.Reserve(call)
+                    out.append("ok")
+                except grpc.aio.AioRpcError as e:
+                    out.append(e.code())
+            return out
+
+    try:
+        assert asyncio.run(codes()) == [grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.FAILED_PRECONDITION,
+                                        "ok", grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert worker.pool.num_blocks - worker.pool.num_free == 4  # the one reservation: 4 + 12 tokens
+    finally:
+        server.stop()
+        worker.close()

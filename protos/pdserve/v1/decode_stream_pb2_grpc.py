@@ -39,6 +39,11 @@ class DecodeStreamStub:
                 request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/pdserve.internal.v2.DecodeStream/Reserve',
+                request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.Open = channel.unary_unary(
                 '/pdserve.internal.v2.DecodeStream/Open',
                 request_serializer=pdserve_dot_v1_dot_decode__stream__pb2.StreamRequest.SerializeToString,
@@ -57,6 +62,15 @@ class DecodeStreamServicer:
     def Subscribe(self, request, context):
         """The router's stream of token batches. Its first message is empty (the
         subscription is registered); closing it aborts every request opened on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """Hold KV blocks for a request; with `open`, also start it (it prefills here).
+        Refusals: RESOURCE_EXHAUSTED (the waiting queue is full: refuse the request),
+        FAILED_PRECONDITION (no room now, draining, or broken: try another replica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +97,11 @@ def add_DecodeStreamServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=pdserve_dot_v1_dot_decode__stream__pb2.ReserveRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_decode__stream__pb2.ReserveReply.SerializeToString,
             ),
             'Open': grpc.unary_unary_rpc_method_handler(
                     servicer.Open,
@@ -122,6 +141,33 @@ class DecodeStream:
             '/pdserve.internal.v2.DecodeStream/Subscribe',
             pdserve_dot_v1_dot_decode__stream__pb2.SubscribeRequest.SerializeToString,
             pdserve_dot_v1_dot_decode__stream__pb2.TokenBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.internal.v2.DecodeStream/Reserve',
+            pdserve_dot_v1_dot_decode__stream__pb2.ReserveRequest.SerializeToString,
+            pdserve_dot_v1_dot_decode__stream__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,
