@@ -11,9 +11,6 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
-
-from pdserve.router.policies import PREFILL_POLICIES
 
 from .autoscaling import serve_autoscaling_config
 from .config import PdserveConfig, ReplicaRange, load_config
@@ -30,8 +27,7 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
         decode, prefill = colocated.bind(plain, colocated=True), None
     else:
         prefill = _deployment(PrefillDeployment, "prefill", config.prefill.replicas,
-                              config.prefill.gpus_per_replica, config.prefill.ray_resources, config,
-                              PREFILL_POLICIES[config.router.prefill_policy]).bind(plain)
+                              config.prefill.gpus_per_replica, config.prefill.ray_resources, config).bind(plain)
         decode = _deployment(DecodeDeployment, "decode", config.decode.replicas,
                              config.decode.gpus_per_replica, config.decode.ray_resources, config).bind(plain)
     router = serve.deployment(RouterDeployment).options(
@@ -42,21 +38,16 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
 
 
 def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float],
-                config: PdserveConfig, policy: type | None = None):
+                config: PdserveConfig):
     """A pool: fixed, or sized by the application's policy (cluster/autoscaling.py) when any pool autoscales.
-    `policy`: the Serve request router of a pool called through its handle (prefill); the routers
-    choose decode replicas themselves (router/decode_directory.py)."""
+    Routers call its replicas' own gRPC servers (router/directory.py), never through its Serve handle."""
     autoscaling = serve_autoscaling_config(config, name)
     sizing = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas.min}
-    # the routing policy ranks replicas on what they report (record_routing_stats)
-    routing = {"request_router_config": RequestRouterConfig(request_router_class=policy,
-                                                            request_routing_stats_period_s=0.5)} if policy else {}
     return serve.deployment(cls).options(
         name=name,
         **sizing,
         **placement(config, name, gpus, resources),  # TP N: N bundles on one node, the ranks in 1..N-1
         max_ongoing_requests=10_000,  # the workers bound their own queues and answer 429
-        **routing,
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus, "resources": dict(resources)},
         # a replica leaving drains in __del__ (its streams, bounded by drain_timeout_s) before Serve kills it
         graceful_shutdown_timeout_s=config.autoscaling.drain_timeout_s + 30,

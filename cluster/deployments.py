@@ -6,7 +6,6 @@ themselves), and nothing more.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -20,7 +19,7 @@ from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.kv_cache import kv_dtype, num_blocks_that_fit
 from pdserve.engine.loader import DEFAULT_MODEL_NAME, read_model_spec
-from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation
+from pdserve.engine.messages import Reservation
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.roofline import Roofline, decode_step_anchors
 from pdserve.engine.runner import ModelRunner
@@ -28,16 +27,14 @@ from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
 from pdserve.engine.transfer.group import ReceiverGroup
-from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
+from pdserve.prefill_worker.prefill_server import PrefillServer
+from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
-from pdserve.router.generation import (
-    Overloaded, failure_error,
-)
 from pdserve.router.grpc_api import GrpcFrontEnd
 from pdserve.router.ingress import Ingress
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
-from pdserve.router.decode_directory import DecodeDirectory
+from pdserve.router.directory import DecodeDirectory, PrefillDirectory
 from pdserve.router.pipeline import Pipeline
 from pdserve.router.served_models import ServedModels
 
@@ -147,15 +144,14 @@ class PrefillDeployment:
         if self.roofline is not None:  # a GPU: no batch of the first requests stalls on a graph capture
             tp_runner.capture_graphs(decode=False)
         self.worker = PrefillWorker(tp_runner, sender, prefill_settings(self.config), self.replica_id)
+        self.server = PrefillServer(self.worker, host=_node_host())
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """What the prefill routing policies rank on (router/policies.py)."""
-        return self.stats()
-
     def stats(self) -> dict[str, Any]:
+        """Also where routers find this replica: they call `address` (router/directory.py)."""
         batches = self.worker.batch_times()
-        stats = {**dataclasses.asdict(self.worker.load()), "pid": os.getpid(), "rank_pids": self.ranks.pids,
+        stats = {**dataclasses.asdict(self.worker.load()), "pid": os.getpid(), "address": self.server.address,
+                 "rank_pids": self.ranks.pids,
                  "tensor_parallel_size": self.ranks.tp.size, "num_gpus": replica_gpus(self.config, "prefill")}
         if self.roofline is not None and batches.num_steps:
             spec = self.worker.runner.spec  # MFU over the GPU's busy time and over the wall time, labelled
@@ -164,28 +160,16 @@ class PrefillDeployment:
             stats["mfu_wall"] = self.roofline.prefill_mfu(spec, batches.size / max(batches.wall_s, 1e-9)) / gpus
         return stats
 
-    async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        try:
-            future = self.worker.submit(request)
-            return await asyncio.wrap_future(future)
-        except PrefillOverloaded as e:
-            raise Overloaded(str(e), retry_after_s=1.0) from None
-        except PrefillFailed as e:
-            raise failure_error(e.code, f"prefill replica {self.replica_id}: {e}") from None
-
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics: the prefill backlog and rate."""
         return _numbers(self.stats())
-
-    def ping(self) -> int:
-        return 1
 
     def check_health(self) -> None:
         """Serve's health check: a broken TP group fails it, and Serve replaces the replica."""
         _check_ranks(self.ranks, self.worker.runner)
 
     def __del__(self) -> None:
-        _close_parts(self, "reporter")
+        _close_parts(self, "reporter", "server")
 
 
 class DecodeDeployment:
@@ -216,9 +200,9 @@ class DecodeDeployment:
         self.reporter = Reporter("decode", self.replica_id, self.stats)
 
     def stats(self) -> dict[str, Any]:
-        """Also where routers find this replica: they reserve on `stream_address` (router/decode_directory.py)."""
+        """Also where routers find this replica: they reserve on `address` (router/directory.py)."""
         return {**decode_stats(self.worker, self.roofline, self.weight_bytes), "pid": os.getpid(),
-                "stream_address": self.server.address,
+                "address": self.server.address,
                 "engine_steps": self.engine_steps, "rank_pids": self.ranks.pids,
                 "tensor_parallel_size": self.ranks.tp.size, "num_gpus": replica_gpus(self.config, self.pool)}
 
@@ -231,9 +215,6 @@ class DecodeDeployment:
         if self.tp_runner.broken is not None:  # until Serve replaces this replica, requests go elsewhere
             raise ReplicaBroken(f"decode replica {self.replica_id}: its TP group broke: {self.tp_runner.broken}")
         return self.worker.reserve(request_id, num_prompt_tokens, max_tokens, deadline)
-
-    def ping(self) -> int:
-        return 1
 
     def check_health(self) -> None:
         """Serve's health check: a broken TP group fails it, and Serve replaces the replica."""
@@ -248,13 +229,17 @@ class RouterDeployment:
     (router/ingress.py), shared by every router replica of a node; Ray Serve's proxies stay off."""
 
     def __init__(self, config: dict[str, Any], prefill: Any, decode: Any):
+        """`prefill`, `decode`: the pools' Serve handles, bound so that Serve deploys the pools with
+        the router; requests reach their replicas' own servers (router/directory.py)."""
         self.config = load_config(config)
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
         self.tokenizer = load_tokenizer(directory)
         self._registry = registry()
-        decode_replicas = DecodeDirectory(lambda: self._registry.snapshot.remote(), self.config.router.decode_policy)
-        self.pipeline = Pipeline(prefill, decode, decode_replicas, self.tokenizer, spec.eos_token_ids,
+        snapshot = lambda: self._registry.snapshot.remote()  # noqa: E731 - awaited on the ingress loop
+        router = self.config.router
+        self.pipeline = Pipeline(None if self.config.is_colocated else PrefillDirectory(snapshot, router.prefill_policy),
+                                 DecodeDirectory(snapshot, router.decode_policy), self.tokenizer, spec.eos_token_ids,
                                  pipeline_settings(self.config))
         self.limits = request_limits(self.config, spec.max_model_len)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None

@@ -14,12 +14,12 @@ import asyncio
 import dataclasses
 import logging
 import pickle
-import threading
 from typing import Callable
 
 import grpc
 
 from pdserve.engine.messages import Reservation, SamplingParams, StreamStart
+from pdserve.engine.rpc_server import RpcServer
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
@@ -110,35 +110,14 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
 
 
 class StreamServer:
-    """A grpc.aio server on its own thread and event loop, so it serves with or without Ray."""
+    """The decode replica's `DecodeStream` server."""
 
     def __init__(self, worker: DecodeWorker, host: str = "127.0.0.1", port: int = 0, reserve: ReserveFn | None = None):
         """`reserve`: how `Reserve` holds blocks (default `worker.reserve`; the replica adds its own checks)."""
-        self.worker = worker
-        self.reserve = reserve or worker.reserve
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._host, self._port = host, port
-        self._thread = threading.Thread(target=self._run, name="decode-stream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=30):
-            raise RuntimeError("the decode stream server did not start")
-        self.address = f"{host}:{self._port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_DecodeStreamServicer_to_server(DecodeStreamService(self.worker, self.reserve), self._server)
-        self._port = self._server.add_insecure_port(f"{self._host}:{self._port}")
-        await self._server.start()
-        self._ready.set()
+        service = DecodeStreamService(worker, reserve or worker.reserve)
+        self._server = RpcServer(lambda server: pb_grpc.add_DecodeStreamServicer_to_server(service, server),
+                                 host, port, "decode-stream")
+        self.address = self._server.address
 
     def stop(self, grace_s: float = 1.0) -> None:
-        future = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
-        future.result(timeout=grace_s + 5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._server.stop(grace_s)

@@ -2,17 +2,18 @@
 
 For each `GenerationRequest`:
 1. reserve KV blocks on a decode replica, chosen from the router's own view of
-   the pool (router/decode_directory.py) and called on its stream server: a full
-   KV pool is retried elsewhere or later until the deadline, full queues
-   everywhere are refused at once (429);
-2. prefill on a prefill replica (Serve handle), which pushes the KV straight into
-   those blocks and returns the first token — unless the request prefills on the
-   decode replica itself (colocated pools, short prompts), which then reserves and
-   opens it in one call;
+   the pool (router/directory.py) and called on its stream server: a full KV pool
+   is retried elsewhere or later until the deadline, full queues everywhere are
+   refused at once (429);
+2. prefill on a prefill replica, chosen the same way and called on its own server,
+   which pushes the KV straight into those blocks and returns the first token —
+   unless the request prefills on the decode replica itself (colocated pools, short
+   prompts), which then reserves and opens it in one call;
 3. open the reservation on the router's subscription to that decode replica
    (router/decode_streams.py: one gRPC stream per replica carries every request's
    tokens, a message per engine step) and relay its tokens, detokenized and cut
    at stop strings.
+No Ray call is on a request's path.
 A reservation that is not seen to its end (never opened, the client left, a stop
 string matched) is released, which frees its blocks on the decode replica at once.
 """
@@ -32,8 +33,9 @@ import grpc
 from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
+from pdserve.protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
-from .decode_directory import DecodeDirectory, DecodeReplica
+from .directory import DecodeDirectory, PrefillDirectory, Replica
 from .decode_streams import DecodeStreams, Feed, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
@@ -60,11 +62,10 @@ class PipelineSettings:
 class Pipeline:
     """A `GenerationBackend` over a prefill pool and a decode pool (or one colocated pool)."""
 
-    def __init__(self, prefill: Any, decode: Any, directory: DecodeDirectory, tokenizer: Any,
+    def __init__(self, prefill: PrefillDirectory | None, decode: DecodeDirectory, tokenizer: Any,
                  eos_token_ids: tuple[int, ...], settings: PipelineSettings, metrics: RouterMetrics | None = None):
-        self.prefill = prefill  # Serve handle (None when colocated)
-        self.decode = decode  # Serve handle of the decode (or colocated) pool: its health only
-        self.directory = directory  # where requests reserve on it
+        self.prefill = prefill  # None when colocated
+        self.decode = decode  # the decode (or colocated) pool
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.settings = settings
@@ -168,13 +169,11 @@ class Pipeline:
         return item
 
     async def health(self) -> HealthStatus:
-        pools = {"decode": self.decode} if self.settings.colocated else {"prefill": self.prefill, "decode": self.decode}
-        counts = {}
-        for name, handle in pools.items():
-            try:
-                counts[name] = await asyncio.wait_for(handle.ping.remote(), timeout=5)
-            except Exception as e:  # any failure means: not ready
-                return HealthStatus(False, 0, 0, f"{name} pool not ready: {e}")
+        pools = {"decode": self.decode} if self.prefill is None else {"prefill": self.prefill, "decode": self.decode}
+        counts = {name: await directory.count() for name, directory in pools.items()}
+        for name, count in counts.items():
+            if not count:
+                return HealthStatus(False, 0, 0, f"{name} pool not ready: no replica has reported yet")
         return HealthStatus(True, counts.get("prefill", 0), counts["decode"])
 
     async def _reserve(self, run: "_Run", local: bool) -> "_Held":
@@ -195,13 +194,13 @@ class Pipeline:
         request = run.request
         while True:
             refusals = []
-            for replica in await self.directory.ranked():
+            for replica in await self.decode.ranked():
                 try:
                     held = await self._reserve_on(replica, run, local)
                 except _Refused as e:
                     refusals.append(e)
                     continue
-                self.directory.reserved(replica, len(request.prompt_token_ids) + request.sampling.max_tokens)
+                self.decode.reserved(replica, len(request.prompt_token_ids) + request.sampling.max_tokens)
                 return held
             if refusals and all(r.queue_full for r in refusals):
                 raise Overloaded(f"{refusals[0]}", retry_after_s=1.0)
@@ -210,13 +209,13 @@ class Pipeline:
                 raise Unavailable(f"no decode replica could take the request before its deadline: {why}")
             await asyncio.sleep(self.settings.reserve_retry_s)
 
-    async def _reserve_on(self, replica: DecodeReplica, run: "_Run", local: bool) -> "_Held":
+    async def _reserve_on(self, replica: Replica, run: "_Run", local: bool) -> "_Held":
         """Reserve (and open, when `local`) on one replica; `_Refused` when it cannot take the request now."""
         request = run.request
         try:
-            subscription = await self._streams.subscription(replica.stream_address)
+            subscription = await self._streams.subscription(replica.address)
         except (StreamLost, asyncio.TimeoutError) as e:
-            self.directory.failed(replica.replica_id)
+            self.decode.failed(replica.replica_id)
             raise _Refused(f"decode replica {replica.replica_id}: cannot subscribe: {e}") from None
         call = pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
                                  max_tokens=request.sampling.max_tokens, deadline_unix_s=request.deadline)
@@ -230,11 +229,11 @@ class Pipeline:
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
-                self.directory.failed(replica.replica_id)  # gone or hung, not a refusal
+                self.decode.failed(replica.replica_id)  # gone or hung, not a refusal
             raise _Refused(f"decode replica {replica.replica_id}: {e.details()}",
                            queue_full=code == grpc.StatusCode.RESOURCE_EXHAUSTED) from None
         destination = pickle.loads(reply.destination) if reply.destination else None  # our own replica's
-        reservation = Reservation(reply.transfer_id, destination, replica.stream_address, reply.replica_id)
+        reservation = Reservation(reply.transfer_id, destination, replica.address, reply.replica_id)
         return _Held(reservation, subscription, feed)
 
     def _release_orphan(self, call: asyncio.Task) -> None:
@@ -252,18 +251,46 @@ class Pipeline:
         return task
 
     async def _prefill(self, request: GenerationRequest, reservation: Reservation, seed: int) -> PrefillResult:
+        """The prompt's first token, from the best prefill replica that takes it."""
         s = request.sampling
         prefill = PrefillRequest(request.request_id, tuple(request.prompt_token_ids),
                                  SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs),
                                  reservation.destination, request.deadline)
-        try:  # by keyword: the prefix-aware policy reads it there (router/policies.py)
-            return await self.prefill.prefill.remote(request=prefill)
-        except TransferFailed as e:  # another pair may do; a handoff that keeps failing is an error
-            raise _Retriable(f"prefill failed: {e.message}", is_transfer=True) from None
-        except (Overloaded, InvalidRequest, DeadlineExceeded):
-            raise
-        except Exception as e:  # the replica died: Ray Serve brings one back within the deadline
-            raise _Retriable(f"prefill failed: {_first_line(e)}") from None
+        call = prefill_pb2.PrefillCall(request=pickle.dumps(prefill))
+        while True:
+            full = []
+            for replica in await self.prefill.ranked(request.prompt_token_ids):
+                self.prefill.sent(replica, len(request.prompt_token_ids))
+                try:
+                    return await self._prefill_on(replica, call, request)
+                except _Refused as e:
+                    full.append(e)
+            if full:  # every replica's queue is full
+                raise Overloaded(str(full[0]), retry_after_s=1.0)
+            if time.time() + self.settings.reserve_retry_s > request.deadline:
+                raise Unavailable("no prefill replica is up")
+            await asyncio.sleep(self.settings.reserve_retry_s)
+
+    async def _prefill_on(self, replica: Replica, call: prefill_pb2.PrefillCall,
+                          request: GenerationRequest) -> PrefillResult:
+        stub = prefill_pb2_grpc.PrefillStub(self._streams.channel(replica.address))
+        try:
+            reply = await stub.Prefill(call, timeout=max(request.deadline - time.time(), 0.001))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _Refused(e.details(), queue_full=True) from None
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded("the request's deadline passed during its prefill") from None
+            self.prefill.failed(replica.replica_id)  # the replica died: Serve brings one back within the deadline
+            raise _Retriable(f"prefill replica {replica.replica_id} failed: {e.code().name}: {e.details()}") from None
+        if not reply.error:
+            return pickle.loads(reply.result)
+        error = failure_error(reply.error_code, reply.error)
+        if isinstance(error, TransferFailed):  # another pair may do; a handoff that keeps failing is an error
+            raise _Retriable(f"prefill failed: {error.message}", is_transfer=True)
+        if isinstance(error, (InvalidRequest, DeadlineExceeded)):
+            raise error
+        raise _Retriable(f"prefill failed: {error.message}")
 
     def _stream_request(self, run: "_Run", local: bool, subscriber_id: str, transfer_id: int = 0) -> pb.StreamRequest:
         """What the decode replica runs; `transfer_id` 0 inside a Reserve (the reservation's own is used)."""

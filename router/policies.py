@@ -1,10 +1,7 @@
 """Routing policies: which prefill and which decode replica take a request.
 
 Each policy is a ranking over the replicas' own reports, read back as typed
-`PrefillLoad` / `DecodeLoad`: for prefill, Ray Serve's routing stats (recorded
-every half second), the ranking plugged into Ray Serve as the pool's request
-router; for decode, the registry's reports, ranked by the router's own
-directory (router/decode_directory.py):
+`PrefillLoad` / `DecodeLoad` by the router's directories (router/directory.py):
 
     round_robin    replicas in turn
     least_loaded   prefill: fewest queued prompt tokens; decode: most free KV
@@ -13,15 +10,12 @@ directory (router/decode_directory.py):
                    tokens go to the same replica (rendezvous hashing), unless
                    it has PREFIX_SLACK_TOKENS more queued than the least loaded
 
-The ranking functions are pure; the `RequestRouter` classes only adapt them.
+The ranking functions are pure.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
-from typing import Any, Sequence
-
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from typing import Sequence
 
 from pdserve.engine.messages import DecodeLoad, PrefillLoad
 
@@ -59,50 +53,6 @@ def _queued_tokens(load: PrefillLoad | None) -> int:
     return 0 if load is None else load.queued_tokens
 
 
-def reported_load(cls: type[PrefillLoad] | type[DecodeLoad], stats: dict[str, Any]) -> PrefillLoad | DecodeLoad | None:
-    """A replica's routing stats as its typed load: None before its first report (Serve gives {}),
-    LoadReportError if a report lacks a field the ranking reads."""
-    return cls.from_dict(stats) if stats else None
-
-
 def _score(key: str, replica_id: str) -> int:
     """Rendezvous hashing: a replica leaving moves only its own prefixes."""
     return int.from_bytes(hashlib.blake2b(f"{key}|{replica_id}".encode(), digest_size=8).digest(), "big")
-
-
-class _RankingRouter(RequestRouter):
-    """Adapts a ranking to Ray Serve: one rank per replica, best first."""
-
-    def rank(self, replicas: list[RunningReplica], request: PendingRequest | None) -> list[int]:
-        raise NotImplementedError
-
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        order = self.rank(candidate_replicas, pending_request)
-        return [[candidate_replicas[i]] for i in order]
-
-
-class RoundRobinRouter(_RankingRouter):
-    def initialize_state(self, **kwargs: Any) -> None:
-        self._turn = itertools.count()
-
-    def rank(self, replicas, request):
-        start = next(self._turn) % len(replicas)
-        return [(start + i) % len(replicas) for i in range(len(replicas))]
-
-
-class PrefillLeastLoadedRouter(_RankingRouter):
-    def rank(self, replicas, request):
-        return rank_prefill_least_loaded([reported_load(PrefillLoad, r.routing_stats) for r in replicas])
-
-
-class PrefixAwareRouter(_RankingRouter):
-    def rank(self, replicas, request):
-        prefill = request.kwargs.get("request") if request is not None else None  # a PrefillRequest
-        return rank_prefix_aware(prefill.prompt if prefill is not None else (),
-                                 [r.replica_id.unique_id for r in replicas],
-                                 [reported_load(PrefillLoad, r.routing_stats) for r in replicas])
-
-
-PREFILL_POLICIES = {"round_robin": RoundRobinRouter, "least_loaded": PrefillLeastLoadedRouter,
-                    "prefix_aware": PrefixAwareRouter}

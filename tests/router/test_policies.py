@@ -6,7 +6,7 @@ import pytest
 from loads import IDLE_DECODE, IDLE_PREFILL
 from pdserve.engine.messages import DecodeLoad, LoadReportError, PrefillLoad
 from pdserve.router.policies import (
-    PREFIX_SLACK_TOKENS, rank_decode_least_loaded, rank_prefill_least_loaded, rank_prefix_aware, reported_load,
+    PREFIX_SLACK_TOKENS, rank_decode_least_loaded, rank_prefill_least_loaded, rank_prefix_aware,
 )
 
 def prefill(queued_tokens: int) -> PrefillLoad:
@@ -34,15 +34,14 @@ def test_policies_rank_on_the_fields_the_workers_report():
     """The ranking reads the reported dict through the typed load: a report that lost a field
     (renamed on one side only) fails loudly instead of ranking every replica as idle."""
     reports = [dataclasses.asdict(prefill(900)), dataclasses.asdict(prefill(10))]
-    assert rank_prefill_least_loaded([reported_load(PrefillLoad, r) for r in reports]) == [1, 0]
+    assert rank_prefill_least_loaded([PrefillLoad.from_dict(r) for r in reports]) == [1, 0]
     renamed = {("num_queued_tokens" if k == "queued_tokens" else k): v for k, v in reports[0].items()}
     with pytest.raises(LoadReportError, match="queued_tokens"):
-        reported_load(PrefillLoad, renamed)
+        PrefillLoad.from_dict(renamed)
     report = dataclasses.asdict(decode(50, 2))
     del report["num_blocks_free"]
     with pytest.raises(LoadReportError, match="num_blocks_free"):
-        reported_load(DecodeLoad, report)
-    assert reported_load(DecodeLoad, {}) is None  # Serve's stats before a replica's first report
+        DecodeLoad.from_dict(report)
 
 
 def test_prompts_sharing_a_prefix_go_to_one_replica():
