@@ -7,6 +7,8 @@ starts nothing and loads no model.
 """
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from typing import Any
 
 from ray import serve
@@ -19,7 +21,7 @@ from .tp_ranks import placement
 
 def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
     """The pdserve application: router → prefill pool → decode pool (or one colocated pool)."""
-    config = args if isinstance(args, PdserveConfig) else load_config(args)
+    config = with_call_secret(args if isinstance(args, PdserveConfig) else load_config(args))
     plain = config.to_dict()
     if config.is_colocated:
         colocated = _deployment(DecodeDeployment, "colocated", ReplicaRange(config.colocated.replicas, config.colocated.replicas),
@@ -35,6 +37,14 @@ def build_app(args: dict[str, Any] | PdserveConfig) -> Application:
         ray_actor_options={"num_cpus": 0, "resources": dict(config.router.ray_resources)},
     )
     return router.bind(plain, prefill, decode)
+
+
+def with_call_secret(config: PdserveConfig) -> PdserveConfig:
+    """The config with a fresh call secret unless it has one: drawn once per application, every
+    replica gets it with the config (engine/sealed.py)."""
+    if config.router.call_secret:
+        return config
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, call_secret=secrets.token_hex(16)))
 
 
 def _deployment(cls: type, name: str, replicas: ReplicaRange, gpus: float, resources: dict[str, float],

@@ -14,7 +14,7 @@ A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node 
     kv_cache:     {block_size, num_blocks, memory_fraction, dtype}
     transfer:     {backend, timeout_s, interface}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
-                   short_prompt_tokens, api_key, ray_resources, replicas}
+                   short_prompt_tokens, api_key, ray_resources, replicas, call_secret}
     slo:          {ttft_ms, tpot_ms}
     autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s, max_gpus}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
@@ -150,6 +150,7 @@ class RouterConfig:
     api_key: str | None = None
     ray_resources: dict[str, float] = field(default_factory=dict)
     replicas: int = 1  # each binds http_port and grpc_port too (SO_REUSEPORT): the kernel spreads connections
+    call_secret: str = ""  # seals the routers' calls to the workers (engine/sealed.py); build_app draws one
 
 
 @dataclass(frozen=True)

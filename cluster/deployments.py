@@ -144,7 +144,7 @@ class PrefillDeployment:
         if self.roofline is not None:  # a GPU: no batch of the first requests stalls on a graph capture
             tp_runner.capture_graphs(decode=False)
         self.worker = PrefillWorker(tp_runner, sender, prefill_settings(self.config), self.replica_id)
-        self.server = PrefillServer(self.worker, host=_node_host())
+        self.server = PrefillServer(self.worker, self.config.router.call_secret, host=_node_host())
         self.reporter = Reporter("prefill", self.replica_id, self.stats)
 
     def stats(self) -> dict[str, Any]:

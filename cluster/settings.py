@@ -34,7 +34,8 @@ def decode_settings(config: PdserveConfig) -> DecodeSettings:
 
 
 def pipeline_settings(config: PdserveConfig) -> PipelineSettings:
-    return PipelineSettings(colocated=config.is_colocated, short_prompt_tokens=config.router.short_prompt_tokens)
+    return PipelineSettings(colocated=config.is_colocated, short_prompt_tokens=config.router.short_prompt_tokens,
+                            call_secret=config.router.call_secret)
 
 
 def ingress_settings(config: PdserveConfig) -> IngressSettings:

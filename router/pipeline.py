@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams
+from pdserve.engine.sealed import seal
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 from pdserve.protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -56,6 +57,7 @@ RESERVE_TIMEOUT_S = 10.0  # one Reserve call (the replica answers at once, or is
 class PipelineSettings:
     colocated: bool
     short_prompt_tokens: int  # prompts shorter than this prefill on the decode replica
+    call_secret: str  # seals the calls to prefill replicas (engine/sealed.py)
     reserve_retry_s: float = 0.05
 
 
@@ -256,7 +258,8 @@ class Pipeline:
         prefill = PrefillRequest(request.request_id, tuple(request.prompt_token_ids),
                                  SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs),
                                  reservation.destination, request.deadline)
-        call = prefill_pb2.PrefillCall(request=pickle.dumps(prefill))
+        payload, signature = seal(prefill, self.settings.call_secret)
+        call = prefill_pb2.PrefillCall(request=payload, signature=signature)
         while True:
             full = []
             for replica in await self.prefill.ranked(request.prompt_token_ids):

@@ -7,6 +7,8 @@ import pytest
 
 from pdserve.cluster.autoscaling import PolicySettings
 from pdserve.cluster.cli import make_parser, serve_config
+from pdserve.cluster.app import with_call_secret
+from pdserve.cluster.config import load_config
 from pdserve.cluster.settings import (
     decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits,
 )
@@ -38,7 +40,7 @@ def test_workers_started_by_default_see_what_pdserve_serve_serves():
     assert decode_settings(config) == DecodeSettings(max_running=64, max_waiting=256, prefill_chunk_tokens=2048,
                                                      transfer_timeout_s=30.0, overlap_steps=None,
                                                      arrival_window_s=20.0)
-    assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0)
+    assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0, call_secret="")
     assert ingress_settings(config).http_port == 8000 and ingress_settings(config).grpc_port == 9000
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_body_bytes, limits.max_n, limits.max_stop, limits.request_timeout_s) == (4 << 20, 16, 16, 600.0)
@@ -54,9 +56,15 @@ def test_every_part_setting_follows_its_config_key(tmp_path):
     config = _served("--config", str(path), "--colocated", "2", "--http-port", "8100")
     assert prefill_settings(config) == PrefillSettings(512, 7, 4.0)
     assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True, 20.0)
-    assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32)
+    assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32, call_secret="")
     assert ingress_settings(config).http_port == 8100
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_n, limits.max_stop, limits.max_tokens, limits.max_prompt_tokens, limits.request_timeout_s) \
         == (2, 1, 100, 50, 9.0)
     assert PolicySettings.from_config(config).max_running == 5
+
+
+def test_each_application_draws_its_own_call_secret_unless_given():
+    drawn = [with_call_secret(load_config()).router.call_secret for _ in range(2)]
+    assert len(drawn[0]) == 32 and drawn[0] != drawn[1]
+    assert with_call_secret(load_config({"router": {"call_secret": "s3"}})).router.call_secret == "s3"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\x13pdserve.internal.v2\"\x1e\n\x0bPrefillCall\x12\x0f\n\x07request\x18\x01 \x01(\x0c\"A\n\x0cPrefillReply\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t2Y\n\x07Prefill\x12N\n\x07Prefill\x12 .pdserve.internal.v2.PrefillCall\x1a!.pdserve.internal.v2.PrefillReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\x13pdserve.internal.v2\"1\n\x0bPrefillCall\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"A\n\x0cPrefillReply\x12\x0e\n\x06result\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t2Y\n\x07Prefill\x12N\n\x07Prefill\x12 .pdserve.internal.v2.PrefillCall\x1a!.pdserve.internal.v2.PrefillReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLCALL']._serialized_start=49
-  _globals['_PREFILLCALL']._serialized_end=79
-  _globals['_PREFILLREPLY']._serialized_start=81
-  _globals['_PREFILLREPLY']._serialized_end=146
-  _globals['_PREFILL']._serialized_start=148
-  _globals['_PREFILL']._serialized_end=237
+  _globals['_PREFILLCALL']._serialized_end=98
+  _globals['_PREFILLREPLY']._serialized_start=100
+  _globals['_PREFILLREPLY']._serialized_end=165
+  _globals['_PREFILL']._serialized_start=167
+  _globals['_PREFILL']._serialized_end=256
 # @@protoc_insertion_point(module_scope)

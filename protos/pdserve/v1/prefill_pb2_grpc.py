@@ -46,7 +46,8 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Prefill one prompt into a decode replica's reserved blocks and return its first token.
-        RESOURCE_EXHAUSTED: this replica's queue is full or it is draining (try another).
+        RESOURCE_EXHAUSTED: this replica's queue is full or it is draining (try another);
+        PERMISSION_DENIED: the call is not sealed with this application's secret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
