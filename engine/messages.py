@@ -116,6 +116,7 @@ class PrefillLoad:
     gpu_batch_time_s: float  # mean device time of one recent batch
     batch_period_s: float  # mean wall time between recent batches
     batch_tokens: float  # mean tokens of recent batches
+    launch_time_s: float  # mean host time launching a batch (CUDA; near gpu_batch_time_s: launch-bound)
 
     @classmethod
     def from_dict(cls, report: Mapping[str, Any]) -> PrefillLoad:

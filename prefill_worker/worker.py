@@ -161,6 +161,7 @@ class PrefillWorker:
                 gpu_batch_time_s=batches.step_busy_s,
                 batch_period_s=batches.wall_s,
                 batch_tokens=batches.size,
+                launch_time_s=batches.launch_s,
             )
 
     def prefix_hit_rate(self) -> float:

@@ -12,6 +12,7 @@ HOST_PARTS = {
     "decode loop": "the decode replica's host work per step (building the step's inputs, emitting tokens, locks)",
     "kernel launches": "Python launching the decode step's kernels one by one (no CUDA graph at this batch size)",
     "prefill loop": "the prefill replica's host work between batches while prompts wait",
+    "prefill launches": "Python launching a prefill batch's kernels one by one (no CUDA graph for its shape)",
     "router": "the router: routing, the decode reservation and relaying the stream",
     "front end": "the router's HTTP/gRPC serving of the stream and the network to the client",
     "client": "the client itself: its event loop lagged while the server had nothing waiting",
@@ -58,6 +59,8 @@ class ReplicaTimes:
     decode_waiting: float = 0.0  # sequences reserved or admitted but not running
     prefill_idle_share: float | None = None  # over samples with prompts queued (colocated: the decode replica's)
     prefill_queued: float = 0.0  # prompts waiting
+    prefill_gpu_batch_s: float | None = None  # the GPU's busy time of a batch (a prefill pool's; CUDA only)
+    prefill_launch_s: float | None = None  # host time launching a batch (a prefill pool's; CUDA only)
 
 
 @dataclass(frozen=True)

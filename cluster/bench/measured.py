@@ -121,13 +121,15 @@ def replica_times(run: Run, colocated: bool) -> ReplicaTimes:
         return statistics.fmean(values) if values else None
 
     clocked = [r for r in decode if r.get("gpu_step_time_s", 0) > 0]
+    batches = [r for r in prefill if r.get("gpu_batch_time_s", 0) > 0]
     return ReplicaTimes(
         decode_step_s=mean(decode, "step_time_s"), decode_gpu_step_s=mean(clocked, "gpu_step_time_s"),
         decode_launch_s=mean(clocked, "launch_time_s"), decode_idle_share=mean(clocked, "gpu_idle_share"),
         decode_waiting=mean(decode, "num_waiting") or 0.0,
         prefill_idle_share=(mean(clocked, "gpu_idle_share") if colocated
-                            else mean([r for r in prefill if r.get("gpu_batch_time_s", 0) > 0], "gpu_idle_share")),
-        prefill_queued=mean(prefill, "queued_requests") or 0.0)
+                            else mean(batches, "gpu_idle_share")),
+        prefill_queued=mean(prefill, "queued_requests") or 0.0,
+        prefill_gpu_batch_s=mean(batches, "gpu_batch_time_s"), prefill_launch_s=mean(batches, "launch_time_s"))
 
 
 def alone_request(result: BenchResult) -> AloneRequest | None:

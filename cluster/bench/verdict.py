@@ -9,7 +9,8 @@ names the part:
   launches when the GPU's busy time is no more than the time spent launching it;
 - prefill (TTFT): the client's TTFT broke its SLO and routing and the front end took
   more of it than the prefill pool did -> the router or the front end (or the client);
-  else prompts queued while the prefill GPU idled -> the prefill loop.
+  else a prefill batch's GPU time no more than the time spent launching it -> prefill
+  launches; else prompts queued while the prefill GPU idled -> the prefill loop.
 """
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ def _prefill(ratio: float, parts: dict[str, float], r: ReplicaTimes, client_lag_
         return Verdict("prefill", ratio, "host", part,
                        f"{1e3 * parts['router']:.0f} ms of TTFT in the router and {1e3 * parts['front']:.0f} ms in "
                        f"front of it against {1e3 * pool:.0f} ms in the prefill pool (means)")
+    gpu, launch = r.prefill_gpu_batch_s or 0.0, r.prefill_launch_s or 0.0
+    if launch > 0 and gpu <= launch / LAUNCH_BOUND:
+        return Verdict("prefill", ratio, "host", "prefill launches",
+                       f"a prefill batch took {1e3 * gpu:.1f} ms on the GPU and {1e3 * launch:.1f} ms launching it "
+                       f"(its kernels waited for Python)")
     idle = r.prefill_idle_share
     if idle is not None and idle >= HOST_IDLE_SHARE and parts["queue"] > parts["prefill"]:
         return Verdict("prefill", ratio, "host", "prefill loop",

@@ -107,6 +107,25 @@ def test_the_front_end_and_the_router_are_named_when_ttft_goes_outside_the_prefi
     assert (d.bottleneck, d.host_part, d.phase) == ("host", "router", "prefill"), report(d)
 
 
+def launch_bound_prefill_pools(gpu: float, launch: float) -> list[dict]:
+    prefill = {"tokens_per_s": 12000, "queued_tokens": 1024, "queued_requests": 8, "gpu_batch_time_s": gpu,
+               "launch_time_s": launch, "gpu_idle_share": 0.02, "batch_period_s": gpu + 0.0002}
+    return [{"t": i, "pools": {"prefill": {"p0": prefill},
+                               "decode": {"d0": {"batch_size": 4, "step_time_s": 0.005, "num_running": 4}}}}
+            for i in range(5)]
+
+
+def test_a_prefill_whose_kernels_wait_for_their_launches_is_host_bound():
+    """The H200 probe of issue 17: a 128-token 8B prefill launched from Python took 10.7 ms, 10.5 of it
+    launching (its kernels 5.3 ms): the GPU is busy by its clock, yet faster GPUs would not help."""
+    queued = [record(i / 40, 128, 2, 1.2, 0.0107, 0.005) for i in range(80)]
+    d = diagnose(result([Run(40.0, None, 2.0, queued, launch_bound_prefill_pools(0.0107, 0.0105))]))
+    assert (d.bottleneck, d.host_part, d.phase) == ("host", "prefill launches", "prefill"), report(d)
+    assert "10.7 ms on the GPU and 10.5 ms launching it" in report(d)
+    graphed = diagnose(result([Run(40.0, None, 2.0, queued, launch_bound_prefill_pools(0.0056, 0.0004))]))
+    assert graphed.bottleneck == "prefill", report(graphed)  # from its graph: the GPU's own time
+
+
 def test_a_result_survives_its_json_round_trip():
     run = Run(2.0, 4, 5.0, [record(i, 16, 8, 0.0, 0.01, 0.01) for i in range(4)], pools(1000, [(1, 0.01)]))
     original = result([run])
