@@ -23,7 +23,7 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SUBSCRIBE_TIMEOUT_S = 5.0  # a live replica registers a subscription in ms; a dead host may never answer
+SUBSCRIBE_TIMEOUT_S = 10.0
 
 
 class StreamLost(Exception):

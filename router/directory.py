@@ -61,7 +61,6 @@ class _Directory(Generic[L]):
         self._turn = itertools.count()
         self._task: asyncio.Task | None = None
         self._first: asyncio.Future | None = None
-        self._failure = ""  # the last registry read's failure, logged once
 
     async def ranked(self, prompt: Sequence[int] = ()) -> list[Replica[L]]:
         """The live replicas, best first for `prompt` (none yet: an empty list)."""
@@ -106,11 +105,7 @@ class _Directory(Generic[L]):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the registry restarting: keep the last view
-                if repr(e) != self._failure:  # each new failure once, not four times a second
-                    log.warning("%s directory: cannot read the registry, keeping the last view: %s", self.pool, e)
-                self._failure = repr(e)
-            else:
-                self._failure = ""
+                log.warning("%s directory: cannot read the registry: %s", self.pool, e)
             if not self._first.done():
                 self._first.set_result(None)
             await asyncio.sleep(REFRESH_S)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 20  # bounded anyway by the request's deadline
 MAX_TRANSFER_RETRIES = 1  # a handoff that failed is retried once through another pair
 RETRY_BACKOFF_S = 0.25
-RESERVE_TIMEOUT_S = 2.0  # one Reserve call: the replica answers in ms, or is gone (a dead host may not say so)
+RESERVE_TIMEOUT_S = 10.0  # one Reserve call (the replica answers at once, or is gone)
 
 
 @dataclass(frozen=True)
