@@ -27,7 +27,6 @@ from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.tp_runner import TpRunner
 from pdserve.engine.transfer import KvShard, make_receiver, make_sender
 from pdserve.engine.transfer.group import ReceiverGroup
-from pdserve.prefill_worker.prefill_server import PrefillServer
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.grpc_api import GrpcFrontEnd
@@ -40,6 +39,7 @@ from pdserve.router.served_models import ServedModels
 
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE
 from .config import PdserveConfig, load_config, replica_gpus
+from .prefill_server import PrefillServer
 from .rank_process import kv_host, load_rank_model, model_dir, rank_device, transfer_backend
 from .registry import Reporter, registry
 from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits

@@ -19,7 +19,7 @@ from typing import Callable
 import grpc
 
 from pdserve.engine.messages import Reservation, SamplingParams, StreamStart
-from pdserve.engine.rpc_server import RpcServer
+from .rpc_server import RpcServer
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 

@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.engine.messages import PrefillRequest, SamplingParams
 from pdserve.engine.sealed import seal
-from pdserve.prefill_worker.prefill_server import PrefillServer
+from pdserve.cluster.prefill_server import PrefillServer
 from pdserve.protos.pdserve.v1 import prefill_pb2 as pb
 from pdserve.protos.pdserve.v1 import prefill_pb2_grpc as pb_grpc
 from test_handoff import engine_outputs, loaded, workers  # noqa: F401 - fixtures

@@ -1,4 +1,4 @@
-"""The prefill replica's gRPC server: the routers call `Prefill` here, not through Ray.
+"""The prefill replica's gRPC server (its Serve shell's part): the routers call `Prefill` here, not through Ray.
 
 A call waits for its prompt's batch, the KV push into the decode replica's blocks,
 and the first token. Its request is unpickled only once its seal checks out. A full queue (or a draining replica) answers RESOURCE_EXHAUSTED
@@ -12,12 +12,12 @@ import pickle
 
 import grpc
 
-from pdserve.engine.rpc_server import RpcServer
+from pdserve.decode_worker.rpc_server import RpcServer
 from pdserve.engine.sealed import SealBroken, unseal
 from pdserve.protos.pdserve.v1 import prefill_pb2 as pb
 from pdserve.protos.pdserve.v1 import prefill_pb2_grpc as pb_grpc
 
-from .worker import PrefillFailed, PrefillOverloaded, PrefillWorker
+from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
 
 
 class PrefillService(pb_grpc.PrefillServicer):
