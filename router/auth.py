@@ -8,11 +8,8 @@ from __future__ import annotations
 import hmac
 from typing import Any, Iterable
 
-from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-
-from .errors import Unauthenticated, openai_error_body
+from .asgi import App, Receive, Scope, Send, send_error
+from .errors import Unauthenticated
 
 OPEN_PATHS = frozenset({"/health", "/-/healthz"})
 
@@ -35,17 +32,19 @@ class ApiKey:
         self.check(values[0] if values else None)
 
 
-class ApiKeyMiddleware(BaseHTTPMiddleware):
-    """Refuse HTTP requests without the key with 401 and an OpenAI-style error."""
+class ApiKeyMiddleware:
+    """Refuse HTTP requests without the key with 401 and an OpenAI-style error (pure ASGI)."""
 
-    def __init__(self, app: Any, api_key: ApiKey):
-        super().__init__(app)
+    def __init__(self, app: App, api_key: ApiKey):
+        self.app = app
         self.api_key = api_key
 
-    async def dispatch(self, request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = [v for k, v in scope.get("headers", ()) if k.lower() == b"authorization"]
             try:
-                self.api_key.check(request.headers.get("authorization"))
-            except Unauthenticated as e:
-                return JSONResponse(openai_error_body(e), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+                self.api_key.check(given[0].decode("latin-1") if given else None)
+            except Unauthenticated as refusal:
+                await send_error(send, refusal, headers=((b"www-authenticate", b"Bearer"),))
+                return
+        await self.app(scope, receive, send)

@@ -15,17 +15,8 @@ connection (uvicorn does).
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Awaitable, Callable
-
-from pdserve.router.errors import InvalidParameter, PayloadTooLarge, openai_error_body
-from pdserve.router.generation import GenerationError
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
+from pdserve.router.asgi import App, Message, Receive, Scope, Send, send_error
+from pdserve.router.errors import InvalidParameter, PayloadTooLarge
 
 
 class BodySizeLimit:
@@ -44,10 +35,10 @@ class BodySizeLimit:
         try:
             declared = _declared_length(scope)
         except InvalidParameter as refusal:
-            await _send_error(send, refusal)
+            await send_error(send, refusal)
             return
         if declared is not None and declared > self.max_bytes:
-            await _send_error(send, PayloadTooLarge(
+            await send_error(send, PayloadTooLarge(
                 f"The request body is {declared} bytes; the limit is {self.max_bytes}."))
             return
         body = _CountingReceive(receive, self.max_bytes)
@@ -57,15 +48,7 @@ class BodySizeLimit:
         except PayloadTooLarge as refusal:
             if response.started:
                 raise
-            await _send_error(send, refusal)
-
-
-async def _send_error(send: Send, error: GenerationError) -> None:
-    """Answer with `error`'s status and OpenAI-style JSON body."""
-    payload = json.dumps(openai_error_body(error), separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+            await send_error(send, refusal)
 
 
 class _CountingReceive:

@@ -45,28 +45,47 @@ class Feed:
 
     def __init__(self) -> None:
         self._item = FeedItem()
-        self._event = asyncio.Event()
+        self._has_news = False
+        self._waiter: asyncio.Future | None = None
 
     def push(self, token_ids: list[int], logprobs: list[float]) -> None:
         self._item.token_ids += token_ids
         self._item.logprobs += logprobs
-        self._event.set()
+        self._wake()
 
     def end(self, ending: pb.Ending) -> None:
         self._item.ending = ending
-        self._event.set()
+        self._wake()
 
     def lose(self, why: str) -> None:
         self._item.lost = why
-        self._event.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._has_news = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self, timeout_s: float) -> FeedItem:
         """Everything received since the last call; waits at most `timeout_s` (asyncio.TimeoutError)."""
-        if not self._event.is_set():
-            await asyncio.wait_for(self._event.wait(), timeout=timeout_s)
+        if not self._has_news:
+            # A future and a timer, not asyncio.wait_for (a task per wait): this runs for every token.
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         item, self._item = self._item, FeedItem()
-        self._event.clear()
+        self._has_news = False
         return item
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class Subscription:

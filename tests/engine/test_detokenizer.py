@@ -2,7 +2,7 @@
 import pytest
 
 from pdserve.engine.loader import default_model_dir
-from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pdserve.engine.tokenizer import IncrementalDetokenizer, ids_decoder, load_tokenizer
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -31,3 +31,15 @@ def test_byte_level_pieces_wait_for_the_whole_character(tokenizer):
     detok = IncrementalDetokenizer(tokenizer)
     assert [detok.add([t]) for t in ids[:-1]] == [""] * (len(ids) - 1)
     assert detok.add(ids[-1:]) == "🚀"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_the_fast_decoder_equals_the_tokenizers_decode(tokenizer, skip_special_tokens, clean_up, monkeypatch):
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", clean_up)
+    decode = ids_decoder(tokenizer, skip_special_tokens)
+    special = tokenizer.all_special_ids[:2]
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for window in (ids, ids[3:9], special + ids[:5] + special, ids[:1], []):
+            assert decode(window) == tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
