@@ -1,9 +1,10 @@
 """The router's CPU time per streamed token, by protocol: what one router replica costs per token.
 
-    python benchmarks/router_cpu.py TOKENIZER_DIR [--in-flight 64] [--tokens 128] [--out FILE]
+    python benchmarks/router_cpu.py TOKENIZER_DIR [--in-flight 64] [--tokens 128] [--stream-intervals 1,4]
+                                               [--out FILE]
 
-`pdserve serve --colocated 1` on a 1-layer random model, one router replica, with and without an
-API key; `pdserve bench` streams `--in-flight` requests of `--tokens` tokens over HTTP SSE and over
+`pdserve serve --colocated 1` on a 1-layer random model, one router replica: once per stream
+interval (`--stream-interval`), and once with an API key; `pdserve bench` streams `--in-flight` requests of `--tokens` tokens over HTTP SSE and over
 gRPC. Per row: the router replica's CPU time over the bench (from /proc, its process found by
 Ray's process title) divided by the tokens the clients received, and the same for the decode
 replica. One router core carries about 1e6 / (us per token) tokens/s, so this is the figure that
@@ -16,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("tokenizer", type=Path)
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--stream-intervals", default="1,4", help="a server for each (comma-separated)")
     parser.add_argument("--out", type=Path, default=None, help="write the table here too")
     args = parser.parse_args()
     SCRATCH.mkdir(exist_ok=True)
@@ -90,14 +91,17 @@ def main() -> None:
     config = SCRATCH / "config.yaml"
     config.write_text(f"decode: {{max_running: {max(args.in_flight, 8)}, max_waiting: {4 * args.in_flight}}}\n")
     rows = []
-    for api_key in (None, API_KEY):
-        server = Server("--model", str(model), "--colocated", "1", "--config", str(config), api_key=api_key)
+    servers = [(int(n), None) for n in args.stream_intervals.split(",")] + [(1, API_KEY)]
+    for interval, api_key in servers:
+        server = Server("--model", str(model), "--colocated", "1", "--config", str(config),
+                        *(("--stream-interval", str(interval)) if interval != 1 else ()), api_key=api_key)
         try:
             for grpc in (False, True):
-                name = ("gRPC" if grpc else "HTTP") + (", API key" if api_key else "")
+                name = ("gRPC" if grpc else "HTTP") + (", API key" if api_key else "") + \
+                       (f", stream interval {interval}" if interval != 1 else "")
                 rows.append(row(server, name, grpc, args.in_flight, args.tokens))
                 r = rows[-1]
-                print(f"{name:14s} router {r['router_us']:6.1f} us/token  decode {r['decode_us']:6.1f} us/token  "
+                print(f"{name:30s} router {r['router_us']:6.1f} us/token  decode {r['decode_us']:6.1f} us/token  "
                       f"{r['tokens_per_s']:7.0f} tok/s  failed {r['failed']}", flush=True)
         finally:
             server.stop()

@@ -45,6 +45,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--router-replicas", type=int,
                        help="router processes, each listening on the HTTP and gRPC ports (default 1)")
+    serve.add_argument("--stream-interval", type=int,
+                       help="send each request's tokens every N (its first and last at once; default 1): "
+                            "less work per token on the routers and decode replicas, N steps between chunks")
     serve.add_argument("--address", help="join this Ray cluster instead of starting one")
     serve.add_argument("--api-key", help="require this bearer key (or set PDSERVE_API_KEY)")
     serve.add_argument("--slo-ttft-ms", type=float)
@@ -126,6 +129,7 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "router.http_port": args.http_port,
         "router.grpc_port": args.grpc_port,
         "router.replicas": args.router_replicas,
+        "router.stream_interval": args.stream_interval,
         "router.api_key": args.api_key or os.environ.get("PDSERVE_API_KEY"),
         "slo.ttft_ms": args.slo_ttft_ms,
         "slo.tpot_ms": args.slo_tpot_ms,

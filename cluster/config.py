@@ -14,7 +14,7 @@ A replica of tensor_parallel_size N holds N x gpus_per_replica GPUs of one node 
     kv_cache:     {block_size, num_blocks, memory_fraction, dtype}
     transfer:     {backend, timeout_s, interface}
     router:       {http_host, http_port, grpc_port, prefill_policy, decode_policy,
-                   short_prompt_tokens, api_key, ray_resources, replicas, call_secret}
+                   short_prompt_tokens, stream_interval, api_key, ray_resources, replicas, call_secret}
     slo:          {ttft_ms, tpot_ms}
     autoscaling:  {upscale_delay_s, downscale_delay_s, drain_timeout_s, interval_s, max_gpus}
     limits:       {max_body_bytes, max_prompt_tokens, max_tokens, max_n, max_stop,
@@ -147,6 +147,10 @@ class RouterConfig:
     prefill_policy: str = "prefix_aware"  # round_robin | least_loaded | prefix_aware
     decode_policy: str = "least_loaded"  # round_robin | least_loaded
     short_prompt_tokens: int = 0  # prompts shorter than this prefill on the decode replica
+    # A request's tokens leave its decode replica every this many (its first and last at once): 1 streams
+    # each token; more cuts the router's and the replica's work per token that many times (vLLM's
+    # --stream-interval), at that many steps between a client's chunks.
+    stream_interval: int = 1
     api_key: str | None = None
     ray_resources: dict[str, float] = field(default_factory=dict)
     replicas: int = 1  # each binds http_port and grpc_port too (SO_REUSEPORT): the kernel spreads connections
@@ -234,7 +238,7 @@ _POSITIVE = {
     ("kv_cache", "block_size"), ("kv_cache", "num_blocks"), ("kv_cache", "cpu_num_blocks"),
     ("transfer", "timeout_s"), ("slo", "ttft_ms"), ("slo", "tpot_ms"),
     ("autoscaling", "interval_s"), ("autoscaling", "max_gpus"), ("limits", "max_body_bytes"), ("router", "replicas"),
-    ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
+    ("router", "stream_interval"), ("limits", "max_prompt_tokens"), ("limits", "max_tokens"), ("limits", "max_n"),
     ("limits", "request_timeout_s"), ("model", "max_model_len"), ("engine", "gil_switch_interval_s"),
 }
 _NON_NEGATIVE = {

@@ -35,7 +35,7 @@ def decode_settings(config: PdserveConfig) -> DecodeSettings:
 
 def pipeline_settings(config: PdserveConfig) -> PipelineSettings:
     return PipelineSettings(colocated=config.is_colocated, short_prompt_tokens=config.router.short_prompt_tokens,
-                            call_secret=config.router.call_secret)
+                            call_secret=config.router.call_secret, stream_interval=config.router.stream_interval)
 
 
 def ingress_settings(config: PdserveConfig) -> IngressSettings:

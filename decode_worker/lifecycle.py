@@ -105,6 +105,7 @@ class Lifecycle:
             return
         seq.prompt, seq.generated = list(start.prompt), list(start.generated)
         seq.params, seq.stop_ids, seq.max_tokens = start.params, start.stop_ids, start.max_tokens
+        seq.stream_interval = start.stream_interval
         seq.deadline, seq.opened_at = min(seq.deadline, start.deadline), time.monotonic()
         if seq.generated and seq.finish_reason():  # prefill's first token already ends it
             self._cancel_transfer(seq)

@@ -70,6 +70,8 @@ class DecodeSequence:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     outbox: Outbox | None = None  # where its tokens go, once a stream opened it
+    stream_interval: int = 1  # its tokens go out every this many (the first and the last at once)
+    unsent: list[tuple[int, float | None]] = field(default_factory=list)  # (token, logprob) held back
     num_prefilled: int = 0  # tokens whose KV is in the cache (local chunked prefill)
     opened_at: float = 0.0
     admitted_at: float = 0.0

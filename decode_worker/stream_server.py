@@ -41,6 +41,7 @@ def stream_start(request: pb.StreamRequest) -> StreamStart:
         prompt=tuple(request.prompt_token_ids), generated=tuple(request.generated_token_ids),
         prefill_locally=request.prefill_locally, max_tokens=request.max_tokens, params=params,
         stop_ids=frozenset(request.stop_token_ids), deadline=request.deadline_unix_s,
+        stream_interval=max(request.stream_interval, 1),
     )
 
 

@@ -286,17 +286,29 @@ class DecodeWorker:
             self._emission.flush()
 
     def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
-        """Emit each sequence's sampled token, finish those that stop (lock held)."""
+        """Emit each sequence's sampled token (every `stream_interval`), finish those that stop (lock held)."""
         self._tokens_out.add(len(seqs))
         for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
             seq.generated.append(token)
             seq.num_steps += 1
-            self._emission.token(seq.outbox, seq.transfer_id, token, logprob)
             reason = seq.finish_reason()
+            if seq.stream_interval == 1:
+                self._emission.token(seq.outbox, seq.transfer_id, token, logprob)
+            else:
+                self._hold(seq, token, logprob, flush=bool(reason))
             if reason:
                 self._seqs.finish(seq, reason)
             elif self._kv_window is not None:
                 self._return_old_blocks(seq)
+
+    def _hold(self, seq: DecodeSequence, token: int, logprob: float | None, flush: bool) -> None:
+        """Keep a token back until the sequence has `stream_interval` of them, or ends; its first
+        token on this replica goes at once (it may be the request's first: TTFT)."""
+        seq.unsent.append((token, logprob))
+        if flush or seq.num_steps == 1 or len(seq.unsent) >= seq.stream_interval:
+            for held, held_logprob in seq.unsent:
+                self._emission.token(seq.outbox, seq.transfer_id, held, held_logprob)
+            seq.unsent.clear()
 
     def _return_old_blocks(self, seq: DecodeSequence) -> None:
         """Blocks before the window of the next query (the last token, at num_tokens - 1): no step reads

@@ -85,6 +85,7 @@ class StreamStart:
     params: SamplingParams
     stop_ids: frozenset[int]
     deadline: float
+    stream_interval: int = 1  # its tokens leave every this many; the first and the last at once
 
 
 class LoadReportError(KeyError):

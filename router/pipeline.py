@@ -58,6 +58,7 @@ class PipelineSettings:
     colocated: bool
     short_prompt_tokens: int  # prompts shorter than this prefill on the decode replica
     call_secret: str  # seals the calls to prefill replicas (engine/sealed.py)
+    stream_interval: int  # a request's tokens leave the decode replica every this many
     reserve_retry_s: float = 0.05
 
 
@@ -305,6 +306,7 @@ class Pipeline:
             prefill_locally=local, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(stop_ids), logprobs=s.logprobs,
             deadline_unix_s=run.request.deadline, subscriber_id=subscriber_id,
+            stream_interval=self.settings.stream_interval,
         )
 
     def _last(self, run: "_Run", reason: str, reservation: Reservation) -> GenerationChunk:

@@ -40,7 +40,8 @@ def test_workers_started_by_default_see_what_pdserve_serve_serves():
     assert decode_settings(config) == DecodeSettings(max_running=64, max_waiting=256, prefill_chunk_tokens=2048,
                                                      transfer_timeout_s=30.0, overlap_steps=None,
                                                      arrival_window_s=20.0)
-    assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0, call_secret="")
+    assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0, call_secret="",
+                                                         stream_interval=1)
     assert ingress_settings(config).http_port == 8000 and ingress_settings(config).grpc_port == 9000
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_body_bytes, limits.max_n, limits.max_stop, limits.request_timeout_s) == (4 << 20, 16, 16, 600.0)
@@ -51,12 +52,13 @@ def test_every_part_setting_follows_its_config_key(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("prefill: {max_batch_tokens: 512, max_queued_requests: 7}\n"
                     "decode: {max_running: 5, max_waiting: 9, overlap_steps: true}\n"
-                    "transfer: {timeout_s: 4}\nrouter: {short_prompt_tokens: 32}\n"
+                    "transfer: {timeout_s: 4}\nrouter: {short_prompt_tokens: 32, stream_interval: 4}\n"
                     "limits: {max_n: 2, max_stop: 1, max_tokens: 100, max_prompt_tokens: 50, request_timeout_s: 9}\n")
     config = _served("--config", str(path), "--colocated", "2", "--http-port", "8100")
     assert prefill_settings(config) == PrefillSettings(512, 7, 4.0)
     assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True, 20.0)
-    assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32, call_secret="")
+    assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32, call_secret="",
+                                                         stream_interval=4)
     assert ingress_settings(config).http_port == 8100
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_n, limits.max_stop, limits.max_tokens, limits.max_prompt_tokens, limits.request_timeout_s) \

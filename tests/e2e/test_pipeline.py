@@ -119,13 +119,31 @@ def test_two_and_two_equal_transformers(chat_model, tmp_path):
     assert len(decode) == 2 and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
-def test_colocated_gives_the_same_outputs(chat_model, tmp_path):
-    server = Server("--model", str(chat_model[0]), "--colocated", "1", *overlapping(tmp_path))
+def test_colocated_with_a_stream_interval_gives_the_same_outputs(chat_model, tmp_path):
+    # tokens leave the replica 4 at a time (the first at once): the same tokens, fewer messages
+    server = Server("--model", str(chat_model[0]), "--colocated", "1", "--stream-interval", "4", *overlapping(tmp_path))
     try:
         outputs = run_concurrently(server, REQUESTS)
+        streamed = stream_chunks(server.url, REQUESTS[0][0], 13)
         decode = server.wait_all_blocks_free()
     finally:
         server.stop()
     for (prompt, max_tokens), output in zip(REQUESTS, outputs):
         assert output == reference_tokens(chat_model[1], prompt, max_tokens)
     assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
+    # 13 tokens: the first alone, then 4, 4, 4; the finish reason in a chunk of its own
+    assert [len(c["logprobs"]["tokens"]) for c in streamed] == [1, 4, 4, 4, 0], streamed
+
+
+def stream_chunks(url: str, prompt: list[int], max_tokens: int) -> list[dict]:
+    """The `choices[0]` of every SSE chunk of a streamed completion (logprobs on: they list its tokens)."""
+    import json
+
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "logprobs": 1}
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    return chunks

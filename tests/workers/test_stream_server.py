@@ -37,14 +37,17 @@ def served(loaded):
     worker.close()
 
 
-def stream_request(transfer_id: int, prompt: list[int], subscriber: str) -> pb.StreamRequest:
+def stream_request(transfer_id: int, prompt: list[int], subscriber: str, stream_interval: int = 0) -> pb.StreamRequest:
     return pb.StreamRequest(request_id=f"r{transfer_id}", transfer_id=transfer_id, prompt_token_ids=prompt,
                             prefill_locally=True, max_tokens=MAX_TOKENS, top_p=1.0, seed=1,
-                            deadline_unix_s=time.time() + 60, subscriber_id=subscriber)
+                            deadline_unix_s=time.time() + 60, subscriber_id=subscriber,
+                            stream_interval=stream_interval)
 
 
-async def subscribe_and_open(address: str, worker: DecodeWorker, prompts, read_until_done: bool):
-    """Open every prompt on one subscription; collect tokens per transfer id and count messages."""
+async def subscribe_and_open(address: str, worker: DecodeWorker, prompts, read_until_done: bool,
+                             stream_interval: int = 0):
+    """Open every prompt on one subscription: tokens per transfer id, endings, the number of
+    messages, and how many tokens of each request each message carried."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.DecodeStreamStub(channel)
         call = stub.Subscribe(pb.SubscribeRequest(subscriber_id="router-1"))
@@ -52,28 +55,42 @@ async def subscribe_and_open(address: str, worker: DecodeWorker, prompts, read_u
         assert not (await stream.__anext__()).transfer_ids  # registered
         ids = [worker.reserve(f"r{i}", len(p), MAX_TOKENS, time.time() + 60).transfer_id for i, p in enumerate(prompts)]
         for transfer_id, prompt in zip(ids, prompts):
-            await stub.Open(stream_request(transfer_id, prompt, "router-1"))
+            await stub.Open(stream_request(transfer_id, prompt, "router-1", stream_interval))
         tokens = {i: [] for i in ids}
+        sizes = {i: [] for i in ids}
         endings, messages = {}, 0
         while read_until_done and len(endings) < len(ids):
             batch = await stream.__anext__()
             messages += 1
             for tid, token in zip(batch.transfer_ids, batch.token_ids):
                 tokens[tid].append(token)
+            for tid in set(batch.transfer_ids):
+                sizes[tid].append(list(batch.transfer_ids).count(tid))
             endings.update({e.transfer_id: e for e in batch.endings})
         if not read_until_done:
             await stream.__anext__()  # some tokens flowed; then the router goes away
         call.cancel()
-        return [tokens[i] for i in ids], endings, messages
+        return [tokens[i] for i in ids], endings, messages, [sizes[i] for i in ids]
 
 
 def test_one_stream_carries_every_request_a_message_per_step(loaded, served):
     worker, server = served
-    outputs, endings, messages = asyncio.run(subscribe_and_open(server.address, worker, PROMPTS, True))
+    outputs, endings, messages, _ = asyncio.run(subscribe_and_open(server.address, worker, PROMPTS, True))
     assert outputs == engine_outputs(loaded, [(p, MAX_TOKENS) for p in PROMPTS])
     assert all(e.finish_reason == "length" and not e.error for e in endings.values())
     # 4 requests x 12 tokens: about one message per step (prefill steps add a few), far below 48
     assert messages <= MAX_TOKENS + len(PROMPTS) + 2
+    assert worker.pool.num_free == worker.pool.num_blocks
+
+
+def test_a_stream_interval_sends_the_same_tokens_that_many_at_a_time(loaded, served):
+    worker, server = served
+    outputs, endings, _, sizes = asyncio.run(subscribe_and_open(server.address, worker, PROMPTS, True,
+                                                                 stream_interval=5))
+    assert outputs == engine_outputs(loaded, [(p, MAX_TOKENS) for p in PROMPTS])
+    # the first token at once, then five at a time, the rest with the ending: 1 + 5 + 5 + 1 = 12
+    assert sizes == [[1, 5, 5, 1]] * len(PROMPTS)
+    assert all(e.finish_reason == "length" for e in endings.values())
     assert worker.pool.num_free == worker.pool.num_blocks
 
 

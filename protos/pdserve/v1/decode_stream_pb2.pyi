@@ -53,7 +53,7 @@ class OpenReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "generated_token_ids", "prefill_locally", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "logprobs", "deadline_unix_s", "subscriber_id")
+    __slots__ = ("request_id", "transfer_id", "prompt_token_ids", "generated_token_ids", "prefill_locally", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "logprobs", "deadline_unix_s", "subscriber_id", "stream_interval")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class StreamRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBER_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -82,7 +83,8 @@ class StreamRequest(_message.Message):
     logprobs: bool
     deadline_unix_s: float
     subscriber_id: str
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., deadline_unix_s: _Optional[float] = ..., subscriber_id: _Optional[str] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., prefill_locally: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[bool] = ..., deadline_unix_s: _Optional[float] = ..., subscriber_id: _Optional[str] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
     __slots__ = ("kv_wait_s", "prefill_s", "decode_s", "decode_steps", "queue_s")
