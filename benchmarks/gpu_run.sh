@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the serving pipeline on a GPU. Run from the repo root on the device
 # machine with .carry carried (Ray's site from ../shared/tools/gpu-site, tokenizer files):
-#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench] [overlap] [plane] [serving8b] [diagnose8b]  (one GPU)
+#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench] [overlap] [plane] [plane_si4] [serving8b] [diagnose8b]  (one GPU)
 #   bash benchmarks/gpu_run.sh [nccl_tests] [pipeline2] [handoff2] [goodput2]     (two GPUs)
 set -u
 export PYTHONUNBUFFERED=1
@@ -22,7 +22,9 @@ for step in "$@"; do
     pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
-    plane) timeout 400 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane > "$OUT/plane.log" 2>&1 ;;
+    plane) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2,4 --stream-intervals 1 --seconds 8 > "$OUT/plane.log" 2>&1 ;;
+    plane_si4) timeout 400 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2 \
+               --stream-intervals 4 --seconds 8 > "$OUT/plane_si4.log" 2>&1 ;;
     serving8b) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
     diagnose8b) timeout 450 python3 benchmarks/diagnose_h200.py .carry/tokenizer "$OUT" > "$OUT/diagnose8b.log" 2>&1
                then_keep_rc cat "$OUT/diagnose_h200.md" ;;

@@ -1,11 +1,12 @@
 """The serving plane against the engine, on one GPU, in one call: what reaches the clients.
 
     python benchmarks/serving_plane.py TOKENIZER_DIR OUT_DIR [--parts plane,8b] [--seconds S] [--routers 1,2]
-                                      [--clients 6]
+                                      [--clients 6] [--stream-intervals 1,4]
 
 Parts (each prints its rows; the table is written last, to OUT_DIR/serving_plane.md):
   plane   a 2-layer model (the GPU idles): output tokens/s over HTTP SSE and over gRPC from several
-          `pdserve bench` client processes at once (--clients), with each of --routers router replicas.
+          `pdserve bench` client processes at once (--clients), with each of --routers router replicas
+          and each of --stream-intervals.
   8b      Llama-3-8B shape (random bf16 weights, the tokenizer's vocabulary), 128-token prompts,
           256-token answers, 256 in flight: the decode worker's own steady step at batch 256
           (DecodeWorker alone, no server) against what clients receive from `--colocated 1` and
@@ -103,20 +104,22 @@ def decode_reports(pools: list[dict]) -> dict:
             "gpu_idle": median("gpu_idle_share"), "host_us_per_seq": 1e6 * median("host_s_per_seq")}
 
 
-def part_plane(tokenizer: Path, out: Path, seconds: float, routers_each: tuple[int, ...], clients: int) -> None:
+def part_plane(tokenizer: Path, out: Path, seconds: float, routers_each: tuple[int, ...], clients: int,
+               intervals: tuple[int, ...]) -> None:
     directory = save_random_checkpoint(Path("/tmp/tiny-2l"), TINY_2L, tokenizer)
     config = write_config(out / "plane.yaml", "decode: {max_running: 512, max_waiting: 1024}\n"
                                               "kv_cache: {memory_fraction: 0.3}\n")
-    for routers in routers_each:
+    for routers, interval in [(r, i) for i in intervals for r in routers_each]:
         server = Server("--model", str(directory), "--colocated", "1", "--config", str(config),
-                        "--router-replicas", str(routers))
+                        "--router-replicas", str(routers), "--stream-interval", str(interval))
         try:
             for grpc in (False, True):
                 for in_flight in (512,):
                     each = max(int(in_flight * seconds / 16 / clients), 8)  # ~`seconds` at ~6 ms a token
-                    row = bench_clients(server, out, f"plane-r{routers}-{'grpc' if grpc else 'http'}-{in_flight}",
-                                        clients, in_flight, each, "64", "256", grpc)
-                    line = (f"| plane | {'gRPC' if grpc else 'HTTP'} | routers {routers} | {in_flight} in flight, "
+                    name = f"plane-r{routers}-s{interval}-{'grpc' if grpc else 'http'}-{in_flight}"
+                    row = bench_clients(server, out, name, clients, in_flight, each, "64", "256", grpc)
+                    line = (f"| plane | {'gRPC' if grpc else 'HTTP'} | routers {routers}, stream interval {interval} | "
+                            f"{in_flight} in flight, "
                             f"{clients} clients | {row['tokens_per_s']:,.0f} tok/s | TPOT p50 {row.get('tpot_p50_ms', 0):.1f} ms"
                             f" | step {row.get('step_ms', float('nan')):.2f} ms at batch {row.get('batch', 0):.0f}"
                             f" | decode makes {row.get('decode_tokens_per_s', float('nan')):,.0f} tok/s"
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="rough length of each bench")
     parser.add_argument("--routers", default="1,2", help="the plane part's router replicas, one server each")
     parser.add_argument("--clients", type=int, default=6, help="the plane part's bench processes")
+    parser.add_argument("--stream-intervals", default="1", help="the plane part's --stream-interval values")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -220,7 +224,8 @@ def main() -> None:
         try:
             if part == "plane":
                 routers = tuple(int(r) for r in args.routers.split(","))
-                part_plane(args.tokenizer, args.out, args.seconds, routers, args.clients)
+                part_plane(args.tokenizer, args.out, args.seconds, routers, args.clients,
+                           tuple(int(n) for n in args.stream_intervals.split(",")))
             else:
                 {"8b": part_8b}[part](args.tokenizer, args.out, args.seconds)
         except Exception as e:  # one part failing still leaves the others' rows
