@@ -26,7 +26,7 @@ class KvReceiver(abc.ABC):
         """`shard`: the kv heads this pool holds, when it is one TP rank's (None: all of them)."""
         self.kv_cache = kv_cache
         self.shard = shard or KvShard.whole(kv_cache.spec.num_kv_heads)
-        self.geometry = KvGeometry.of(kv_cache.spec, self.shard)
+        self.geometry = KvGeometry.of(kv_cache, self.shard)
         self._ledger = TransferLedger(kv_cache)
 
     @property
@@ -81,7 +81,7 @@ class KvSender(abc.ABC):
         """`shard`: the kv heads this pool holds, when it is one TP rank's (None: all of them)."""
         self.kv_cache = kv_cache
         self.shard = shard or KvShard.whole(kv_cache.spec.num_kv_heads)
-        self.geometry = KvGeometry.of(kv_cache.spec, self.shard)
+        self.geometry = KvGeometry.of(kv_cache, self.shard)
 
     def routes(self, dest: KvDestination) -> list[tuple[ChannelAddress, range]]:
         """The receivers of `dest` this sender sends to, each with the global heads it sends them."""

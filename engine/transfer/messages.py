@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from pdserve.engine.kv_cache import KvCacheSpec
+from pdserve.engine.kv_cache import KvCache
 from pdserve.engine.transfer.heads import KvShard
 
 # Bump on any change to the frame layout, the message kinds or the handshake.
-WIRE_VERSION = 4  # 4: kv head shards (TP) in the hello and the address
+WIRE_VERSION = 5  # 4: kv head shards (TP) in the hello and the address; 5: FP8 KV scales in the geometry
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,20 @@ class KvGeometry:
     num_kv_heads: int  # the model's, over all TP ranks
     head_dim: int
     dtype: str
+    # An FP8 pool's (K, V) scale per layer: its bytes mean x / scale, so both ends need the same
+    # scales (the checkpoint's); () for other dtypes, whose bytes are the values themselves.
+    scales: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:  # from JSON the pairs arrive as lists
+        object.__setattr__(self, "scales", tuple(tuple(pair) for pair in self.scales))
 
     @classmethod
-    def of(cls, spec: KvCacheSpec, shard: KvShard) -> KvGeometry:
+    def of(cls, kv_cache: KvCache, shard: KvShard) -> KvGeometry:
+        spec = kv_cache.spec
         if len(shard.heads) != spec.num_kv_heads:
             raise ValueError(f"a pool of {spec.num_kv_heads} kv heads cannot hold shard {shard} ({shard.heads})")
-        return cls(spec.num_layers, spec.block_size, shard.num_model_kv_heads, spec.head_dim, str(spec.dtype))
+        scales = tuple(tuple(pair) for pair in kv_cache.scales) if spec.is_fp8 else ()
+        return cls(spec.num_layers, spec.block_size, shard.num_model_kv_heads, spec.head_dim, str(spec.dtype), scales)
 
     def mismatch(self, theirs: KvGeometry) -> str:
         """Why a peer with `theirs` cannot share blocks with us ('' when it can)."""
@@ -108,6 +116,10 @@ class KvGeometry:
             # Same shape, other bytes: most often one pool set kv_cache.dtype: fp8_e4m3 and the other did not.
             return (f"KV dtype {self.dtype} != peer's {theirs.dtype}: "
                     "prefill and decode pools need the same kv_cache.dtype (and model dtype)")
+        if self.scales != theirs.scales:
+            layer = next((i for i, (a, b) in enumerate(zip(self.scales, theirs.scales)) if a != b), 0)
+            return (f"FP8 KV scales differ (layer {layer}: {self.scales[layer:layer + 1]} != peer's "
+                    f"{theirs.scales[layer:layer + 1]}): both pools must load the same checkpoint's KV scales")
         if self != theirs:
             return f"KV geometry {self} != peer's {theirs}"
         return ""

@@ -17,11 +17,13 @@ SENDER_EXIT_OK, SENDER_EXIT_TRANSFER_ERROR = 0, 3
 
 
 def make_cache(num_blocks: int = 16, seed: int | None = None, head_dim: int = 8,
-               dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> KvCache:
-    """A small pool: zeros, or random values from `seed` (the same seed gives the same pool on any device)."""
+               dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+               scales: tuple[tuple[float, float], ...] | None = None) -> KvCache:
+    """A small pool: zeros, or random values from `seed` (the same seed gives the same pool on any device);
+    `scales`: an FP8 pool's (K, V) scale per layer."""
     spec = KvCacheSpec(NUM_LAYERS, num_blocks, block_size=4, num_kv_heads=2, head_dim=head_dim,
                        dtype=dtype, device=torch.device(device))
-    cache = KvCache(spec)
+    cache = KvCache(spec, scales=scales)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
         cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=generator))

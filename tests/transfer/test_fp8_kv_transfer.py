@@ -1,4 +1,5 @@
-"""FP8 KV pools over gloo: blocks arrive bit-exact, and a peer with another KV dtype is refused clearly."""
+"""FP8 KV pools over gloo: blocks arrive bit-exact, and a peer with another KV dtype or other KV
+scales is refused clearly."""
 import pytest
 import torch
 
@@ -33,4 +34,21 @@ def test_a_peer_with_another_kv_dtype_is_refused_naming_the_setting(backend):
             sender.connect(receiver.address, timeout_s=10.0)
     finally:
         sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("backend", ["gloo", "fake"])
+def test_a_peer_with_other_fp8_kv_scales_is_refused_naming_the_layer(backend):
+    calibrated = ((0.5, 0.25),) * 4
+    other = calibrated[:2] + ((0.5, 0.125),) + calibrated[3:]
+    receiver = make_receiver(backend, make_cache(dtype=FP8, scales=calibrated), timeout_s=10.0)
+    same = make_sender(backend, make_cache(dtype=FP8, scales=calibrated), timeout_s=10.0)
+    different = make_sender(backend, make_cache(dtype=FP8, scales=other), timeout_s=10.0)
+    try:
+        same.connect(receiver.address, timeout_s=10.0)  # the same checkpoint's scales: accepted
+        with pytest.raises(HandshakeError, match="FP8 KV scales differ \\(layer 2"):
+            different.connect(receiver.address, timeout_s=10.0)
+    finally:
+        same.close()
+        different.close()
         receiver.close()
