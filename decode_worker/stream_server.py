@@ -25,6 +25,7 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
 from .errors import KvPoolFull, QueueFull, ReplicaBroken, ReplicaDraining
 from .outbox import Outbox, TokenBatch
+from .reserve_calls import ReserveCalls
 from .worker import DecodeWorker
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
         self.worker = worker
         self.reserve = reserve
         self._subscribers: dict[str, Outbox] = {}
+        self._calls = ReserveCalls()
 
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext):
         loop = asyncio.get_running_loop()
@@ -80,6 +82,8 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveReply:
         outbox = await self._outbox(request.open.subscriber_id, context) if request.HasField("open") else None
+        if self._calls.is_released(request.call_id):  # its router gave up on it and released it first
+            await context.abort(grpc.StatusCode.CANCELLED, f"reserve call {request.call_id} was released")
         try:
             reservation = self.reserve(request.request_id, request.num_prompt_tokens, request.max_tokens,
                                        request.deadline_unix_s)
@@ -87,6 +91,7 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except _TRY_ELSEWHERE as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        self._calls.served(request.call_id, reservation.transfer_id)
         if outbox is not None:
             start = dataclasses.replace(stream_start(request.open), transfer_id=reservation.transfer_id)
             self.worker.open(start, outbox)
@@ -106,7 +111,9 @@ class DecodeStreamService(pb_grpc.DecodeStreamServicer):
         return outbox
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseReply:
-        self.worker.abort(request.transfer_id, request.reason or "released by the router")
+        transfer_id = self._calls.release(request.call_id) if request.call_id else request.transfer_id
+        if transfer_id is not None:
+            self.worker.abort(transfer_id, request.reason or "released by the router")
         return pb.ReleaseReply()
 
 

@@ -25,6 +25,7 @@ import logging
 import pickle
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -221,7 +222,8 @@ class Pipeline:
             self.decode.failed(replica.replica_id)
             raise _Refused(f"decode replica {replica.replica_id}: cannot subscribe: {e}") from None
         call = pb.ReserveRequest(request_id=request.request_id, num_prompt_tokens=len(request.prompt_token_ids),
-                                 max_tokens=request.sampling.max_tokens, deadline_unix_s=request.deadline)
+                                 max_tokens=request.sampling.max_tokens, deadline_unix_s=request.deadline,
+                                 call_id=uuid.uuid4().hex)
         if local:
             call.open.CopyFrom(self._stream_request(run, local, subscription.subscriber_id))
         try:
@@ -233,6 +235,8 @@ class Pipeline:
             code = e.code()
             if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
                 self.decode.failed(replica.replica_id)  # gone or hung, not a refusal
+                # it may have reserved all the same (a late answer): free that, or refuse the call if it comes
+                self._detached(self._release_call(replica.address, call.call_id))
             raise _Refused(f"decode replica {replica.replica_id}: {e.details()}",
                            queue_full=code == grpc.StatusCode.RESOURCE_EXHAUSTED) from None
         destination = pickle.loads(reply.destination) if reply.destination else None  # our own replica's
@@ -324,12 +328,18 @@ class Pipeline:
         )
 
     async def _release(self, reservation: Reservation) -> None:
-        stub = pb_grpc.DecodeStreamStub(self._streams.channel(reservation.stream_address))
+        await self._send_release(reservation.stream_address, pb.ReleaseRequest(
+            transfer_id=reservation.transfer_id, reason="not seen to its end by the router"))
+
+    async def _release_call(self, address: str, call_id: str) -> None:
+        await self._send_release(address, pb.ReleaseRequest(call_id=call_id, reason="its Reserve call failed"))
+
+    async def _send_release(self, address: str, release: pb.ReleaseRequest) -> None:
+        stub = pb_grpc.DecodeStreamStub(self._streams.channel(address))
         try:
-            await stub.Release(pb.ReleaseRequest(transfer_id=reservation.transfer_id,
-                                                 reason="not seen to its end by the router"), timeout=5)
+            await stub.Release(release, timeout=5)
         except grpc.aio.AioRpcError as e:  # the replica is gone, and its blocks with it
-            log.warning("could not release reservation %d: %s", reservation.transfer_id, e.details())
+            log.warning("could not release %s on %s: %s", release.call_id or release.transfer_id, address, e.details())
 
 
 @dataclass(frozen=True)

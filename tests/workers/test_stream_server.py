@@ -189,3 +189,45 @@ def test_reserve_refusals_say_whether_to_try_elsewhere(loaded):
     finally:
         server.stop()
         worker.close()
+
+
+def test_a_reserve_call_given_up_on_is_freed_by_its_call_id(loaded):
+    """A router whose Reserve timed out releases by the call's id: a reservation made late is freed,
+    and a call that arrives after its release reserves nothing."""
+    worker = DecodeWorker(ModelRunner(loaded, 64, 4), None, decode_settings(load_config()), "decode-late")
+
+    def slow_reserve(*args):
+        time.sleep(0.5)  # the replica answers after the router gave up
+        return worker.reserve(*args)
+
+    server = StreamServer(worker, reserve=slow_reserve)
+
+    async def give_up_then_release():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.DecodeStreamStub(channel)
+            late = reserve_request(0, [1] * 8, None)
+            late.call_id = "late-call"
+            with pytest.raises(grpc.aio.AioRpcError) as timed_out:
+                await stub.Reserve(late, timeout=0.1)
+            assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.6)  # the replica reserved all the same
+            held = worker.pool.num_blocks - worker.pool.num_free
+            await stub.Release(pb.ReleaseRequest(call_id="late-call"))
+            early = reserve_request(1, [1] * 8, None)
+            early.call_id = "released-first"
+            await stub.Release(pb.ReleaseRequest(call_id="released-first"))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Reserve(early)
+            return held, refused.value.code()
+
+    try:
+        held, refused = asyncio.run(give_up_then_release())
+        assert held == 5  # 8 + 12 tokens in blocks of 4: the orphan the release frees
+        assert refused == grpc.StatusCode.CANCELLED
+        deadline = time.monotonic() + 5
+        while worker.pool.num_free != worker.pool.num_blocks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.pool.num_free == worker.pool.num_blocks
+    finally:
+        server.stop()
+        worker.close()

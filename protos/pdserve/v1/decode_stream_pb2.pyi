@@ -13,18 +13,20 @@ class SubscribeRequest(_message.Message):
     def __init__(self, subscriber_id: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "deadline_unix_s", "open")
+    __slots__ = ("request_id", "num_prompt_tokens", "max_tokens", "deadline_unix_s", "open", "call_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_prompt_tokens: int
     max_tokens: int
     deadline_unix_s: float
     open: StreamRequest
-    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., open: _Optional[_Union[StreamRequest, _Mapping]] = ...) -> None: ...
+    call_id: str
+    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., open: _Optional[_Union[StreamRequest, _Mapping]] = ..., call_id: _Optional[str] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
     __slots__ = ("transfer_id", "replica_id", "destination")
@@ -37,12 +39,14 @@ class ReserveReply(_message.Message):
     def __init__(self, transfer_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., destination: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("transfer_id", "reason")
+    __slots__ = ("transfer_id", "reason", "call_id")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_id: int
     reason: str
-    def __init__(self, transfer_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    call_id: str
+    def __init__(self, transfer_id: _Optional[int] = ..., reason: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ()

@@ -84,7 +84,8 @@ class DecodeStreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Frees a reservation (stream never opened, or the client left).
+        """Frees a reservation (stream never opened, or the client left), or what a Reserve call whose
+        reply never came reserved (by its call_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
