@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 0.25  # replicas report every 0.5 s: a view at most ~0.75 s old
 PASS_OVER_S = 3.0
-DECODE_POLICIES = ("round_robin", "least_loaded")
-PREFILL_POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
 Snapshot = Callable[[], Awaitable[Mapping[str, Mapping[str, Mapping[str, Any]]]]]  # the registry's
 L = TypeVar("L", DecodeLoad, PrefillLoad)
@@ -50,11 +48,9 @@ class _Directory(Generic[L]):
 
     pool: str
     load_type: type
-    policies: tuple[str, ...]
 
     def __init__(self, snapshot: Snapshot, policy: str):
-        if policy not in self.policies:
-            raise ValueError(f"{self.pool} policy {policy!r}: one of {', '.join(self.policies)}")
+        """`policy`: one of router.decode_policy's / router.prefill_policy's names (the config checks them)."""
         self._snapshot, self.policy = snapshot, policy
         self._replicas: dict[str, Replica[L]] = {}
         self._passed_over: dict[str, float] = {}  # replica id -> until when
@@ -129,7 +125,7 @@ class _Directory(Generic[L]):
 
 
 class DecodeDirectory(_Directory[DecodeLoad]):
-    pool, load_type, policies = "decode", DecodeLoad, DECODE_POLICIES  # colocated replicas report as decode
+    pool, load_type = "decode", DecodeLoad  # colocated replicas report as decode
 
     def reserved(self, replica: Replica[DecodeLoad], num_tokens: int) -> None:
         replica.sent_tokens += math.ceil(num_tokens / max(replica.block_size, 1))
@@ -145,7 +141,7 @@ class DecodeDirectory(_Directory[DecodeLoad]):
 
 
 class PrefillDirectory(_Directory[PrefillLoad]):
-    pool, load_type, policies = "prefill", PrefillLoad, PREFILL_POLICIES
+    pool, load_type = "prefill", PrefillLoad
 
     def sent(self, replica: Replica[PrefillLoad], num_prompt_tokens: int) -> None:
         replica.sent_tokens += num_prompt_tokens

@@ -23,34 +23,26 @@ PREFIX_TOKENS = 64  # the prompt head that decides affinity
 PREFIX_SLACK_TOKENS = 4096  # queued prompt tokens the preferred replica may carry beyond the least loaded
 
 
-def rank_prefill_least_loaded(loads: Sequence[PrefillLoad | None]) -> list[int]:
-    """Indices from the fewest queued prompt tokens to the most; a replica that has not reported
-    yet (None) counts as idle: it has just started."""
-    return sorted(range(len(loads)), key=lambda i: _queued_tokens(loads[i]))
+def rank_prefill_least_loaded(loads: Sequence[PrefillLoad]) -> list[int]:
+    """Indices from the fewest queued prompt tokens to the most."""
+    return sorted(range(len(loads)), key=lambda i: loads[i].queued_tokens)
 
 
-def rank_decode_least_loaded(loads: Sequence[DecodeLoad | None]) -> list[int]:
-    """Indices from the most free KV blocks (then fewest held requests) to the least; replicas
-    that have not reported yet (None) last, in their order."""
-    reported = [i for i, load in enumerate(loads) if load is not None]
-    ranked = sorted(reported, key=lambda i: (-loads[i].num_blocks_free, loads[i].num_running + loads[i].num_waiting))
-    return ranked + [i for i, load in enumerate(loads) if load is None]
+def rank_decode_least_loaded(loads: Sequence[DecodeLoad]) -> list[int]:
+    """Indices from the most free KV blocks (then fewest held requests) to the least."""
+    return sorted(range(len(loads)), key=lambda i: (-loads[i].num_blocks_free, loads[i].num_running + loads[i].num_waiting))
 
 
-def rank_prefix_aware(prompt: Sequence[int], replica_ids: Sequence[str], loads: Sequence[PrefillLoad | None]) -> list[int]:
+def rank_prefix_aware(prompt: Sequence[int], replica_ids: Sequence[str], loads: Sequence[PrefillLoad]) -> list[int]:
     """The prompt head's replica first, if its queue is not far above the least loaded."""
     by_load = rank_prefill_least_loaded(loads)
     if not prompt or not replica_ids:
         return by_load
     head = ",".join(map(str, prompt[:PREFIX_TOKENS]))
     preferred = max(range(len(replica_ids)), key=lambda i: _score(head, replica_ids[i]))
-    if _queued_tokens(loads[preferred]) - _queued_tokens(loads[by_load[0]]) > PREFIX_SLACK_TOKENS:
+    if loads[preferred].queued_tokens - loads[by_load[0]].queued_tokens > PREFIX_SLACK_TOKENS:
         return by_load
     return [preferred] + [i for i in by_load if i != preferred]
-
-
-def _queued_tokens(load: PrefillLoad | None) -> int:
-    return 0 if load is None else load.queued_tokens
 
 
 def _score(key: str, replica_id: str) -> int:

@@ -3,7 +3,6 @@ policy, what this router sent them counted until their next report."""
 import asyncio
 import dataclasses
 
-import pytest
 
 from loads import IDLE_DECODE, IDLE_PREFILL
 from pdserve.router.directory import DecodeDirectory, PrefillDirectory
@@ -62,11 +61,6 @@ def test_round_robin_turns_and_unreadable_reports_are_skipped():
     firsts = [ranked_ids(directory)[0] for _ in range(4)]
     assert sorted(firsts) == ["a", "a", "b", "b"] and firsts[0] != firsts[1]
     assert len(ranked_ids(directory)) == 2
-
-
-def test_an_unknown_policy_is_refused():
-    with pytest.raises(ValueError, match="round_robin, least_loaded"):
-        DecodeDirectory(Registry({}).snapshot, "prefix_aware")
 
 
 def prefill_report(queued: int, at: float) -> dict:

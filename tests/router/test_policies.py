@@ -25,11 +25,6 @@ def test_decode_least_loaded_prefers_free_blocks_then_small_batches():
     assert rank_decode_least_loaded([decode(10, 1), decode(50, 9), decode(50, 2), decode(50, 1, waiting=5)]) == [2, 3, 1, 0]
 
 
-def test_replicas_not_reported_yet_rank_idle_for_prefill_and_last_for_decode():
-    assert rank_prefill_least_loaded([prefill(10), None]) == [1, 0]
-    assert rank_decode_least_loaded([None, decode(0, 60)]) == [1, 0]
-
-
 def test_policies_rank_on_the_fields_the_workers_report():
     """The ranking reads the reported dict through the typed load: a report that lost a field
     (renamed on one side only) fails loudly instead of ranking every replica as idle."""
