@@ -21,6 +21,8 @@ import grpc
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
+from .channels import Channels
+
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 10.0
@@ -184,19 +186,14 @@ class Subscription:
 class DecodeStreams:
     """The router process's subscriptions, one per decode replica address, made on first use."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, channels: Channels) -> None:
+        self._channels = channels
         self._subscriptions: dict[str, Subscription] = {}
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
-        return self._channels[address]
 
     async def subscription(self, address: str) -> Subscription:
         """The live subscription to `address`, subscribing (again) if there is none."""
         subscription = self._subscriptions.get(address)
         if subscription is None or not subscription.is_alive:
-            subscription = self._subscriptions[address] = Subscription(self.channel(address))
+            subscription = self._subscriptions[address] = Subscription(self._channels.get(address))
         await subscription.ready()
         return subscription

@@ -38,6 +38,7 @@ from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 from pdserve.protos.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 from .directory import DecodeDirectory, PrefillDirectory, Replica
+from .channels import Channels
 from .decode_streams import DecodeStreams, Feed, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
@@ -74,7 +75,8 @@ class Pipeline:
         self.eos_token_ids = eos_token_ids
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
-        self._streams = DecodeStreams()
+        self._channels = Channels()
+        self._streams = DecodeStreams(self._channels)
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -281,7 +283,7 @@ class Pipeline:
 
     async def _prefill_on(self, replica: Replica, call: prefill_pb2.PrefillCall,
                           request: GenerationRequest) -> PrefillResult:
-        stub = prefill_pb2_grpc.PrefillStub(self._streams.channel(replica.address))
+        stub = prefill_pb2_grpc.PrefillStub(self._channels.get(replica.address))
         try:
             reply = await stub.Prefill(call, timeout=max(request.deadline - time.time(), 0.001))
         except grpc.aio.AioRpcError as e:
@@ -335,7 +337,7 @@ class Pipeline:
         await self._send_release(address, pb.ReleaseRequest(call_id=call_id, reason="its Reserve call failed"))
 
     async def _send_release(self, address: str, release: pb.ReleaseRequest) -> None:
-        stub = pb_grpc.DecodeStreamStub(self._streams.channel(address))
+        stub = pb_grpc.DecodeStreamStub(self._channels.get(address))
         try:
             await stub.Release(release, timeout=5)
         except grpc.aio.AioRpcError as e:  # the replica is gone, and its blocks with it

@@ -1,7 +1,7 @@
 """A decode replica that prefills locally (colocated) reports its own queue and prefill time."""
 import time
 
-from test_worker_failures import PROMPT, Stream, loaded, make_decode, start  # noqa: F401 (loaded: the fixture)
+from test_worker_failures import PROMPT, Stream, make_decode, start
 
 
 def test_a_local_prefill_reports_its_queue_and_prefill_time(loaded):

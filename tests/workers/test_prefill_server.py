@@ -12,14 +12,14 @@ from pdserve.engine.sealed import seal
 from pdserve.cluster.prefill_server import PrefillServer
 from pdserve.protos.pdserve.v1 import prefill_pb2 as pb
 from pdserve.protos.pdserve.v1 import prefill_pb2_grpc as pb_grpc
-from test_handoff import engine_outputs, loaded, workers  # noqa: F401 - fixtures
+from handoff_helpers import engine_outputs
 
 SECRET = "the-application's-secret"
 PROMPT = [5, 9, 13, 2, 7]
 
 
 @pytest.fixture
-def server(workers):  # noqa: F811
+def server(workers):
     prefill, decode = workers
     server = PrefillServer(prefill, SECRET)
     yield server, decode
@@ -34,7 +34,7 @@ def call(server: PrefillServer, request: PrefillRequest, secret: str) -> pb.Pref
     return asyncio.run(go())
 
 
-def test_a_sealed_call_answers_the_first_token(loaded, server):  # noqa: F811
+def test_a_sealed_call_answers_the_first_token(loaded, server):
     server, decode = server
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(PROMPT), 4, deadline)

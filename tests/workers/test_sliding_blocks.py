@@ -9,7 +9,7 @@ from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.transfer import make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillWorker
-from test_handoff import engine_outputs, run_all_at_once
+from handoff_helpers import engine_outputs, run_all_at_once
 from tiny_models import SLIDING_WINDOW, save_tiny_model
 
 

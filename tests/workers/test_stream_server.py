@@ -10,22 +10,13 @@ from pdserve.decode_worker.stream_server import StreamServer
 from pdserve.cluster.config import load_config
 from pdserve.cluster.settings import decode_settings
 from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import ModelRunner
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
-from test_handoff import engine_outputs
-from tiny_models import save_tiny_model
+from handoff_helpers import engine_outputs
 
 PROMPTS = [[5, 9, 13], [7] * 11, list(range(2, 30)), [3, 1, 4, 1, 5, 9, 2, 6]]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("stream")
-    save_tiny_model("llama", directory, max_position_embeddings=512)
-    return load_model_dir(directory)
 
 
 @pytest.fixture

@@ -14,23 +14,14 @@ from pdserve.cluster.config import load_config
 from pdserve.cluster.settings import decode_settings, prefill_settings
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.loader import load_model_dir
 from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.transfer import FaultInjection, make_receiver, make_sender
 from pdserve.prefill_worker.worker import PrefillFailed, PrefillOverloaded, PrefillWorker
-from test_handoff import engine_outputs
-from tiny_models import save_tiny_model
+from handoff_helpers import engine_outputs
 
 BLOCK = 4
 PROMPT = list(range(2, 22))  # 20 tokens: 5 blocks
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("failures")
-    save_tiny_model("llama", directory, max_position_embeddings=512)
-    return load_model_dir(directory)
 
 
 class Stream:
