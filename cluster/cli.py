@@ -81,6 +81,9 @@ def make_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--from", dest="source", help="read this bench JSON instead of running a sweep")
     diagnose.add_argument("--rates", help="the sweep's offered requests/s (default: found from one probe run)")
     diagnose.add_argument("--out", default="diagnose", help="stem of the PNG and JSON written")
+    diagnose.add_argument("--confirm", action="store_true",
+                          help="then offer the deployment the rate the model says it holds within both SLOs "
+                               "(a Poisson run of --num-requests) and report whether it did")
     diagnose.set_defaults(run=_diagnose)
 
     status = commands.add_parser("status", help="pools, replicas, autoscaling targets and the last decision's reason")

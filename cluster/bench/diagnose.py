@@ -13,7 +13,9 @@ From a bench result (read, or a short sweep run now):
    model's profiles (`cluster/cost_model.py`, the one the autoscaler uses); it
    predicts, for every prefill:decode split up to `MAX_REPLICAS`, the highest rate
    that holds both SLOs, and the split with the most goodput per GPU is the
-   recommendation (a replica of tensor parallelism N counts N GPUs).
+   recommendation (a replica of tensor parallelism N counts N GPUs);
+3. with `--confirm`, the deployment is offered the rate the model predicts for its own
+   sizes, and the measured goodput says whether the model holds there (`confirm.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import cost_model as cm
+from .confirm import confirm, unconfirmable
 from .diagnosis import MAX_REPLICAS, Diagnosis, LoadPoint, Split
 from .measured import alone_request, fit_profiles, hardware_lines, prefix_hit_rate, replica_times
 from .report import report
@@ -176,6 +179,13 @@ def main(args: Any) -> int:
         print(f"pdserve diagnose: {e}", file=sys.stderr)
         return 1
     print(report(diagnosis))
-    out.with_name(out.name + ".json").write_text(json.dumps(dataclasses.asdict(diagnosis), indent=1, default=str))
+    written = dataclasses.asdict(diagnosis)
+    if args.confirm:
+        why_not = unconfirmable(diagnosis)
+        checked = None if why_not else asyncio.run(confirm(diagnosis, dataclasses.replace(main_config(args),
+                                                                                         slo=diagnosis.slo)))
+        print(why_not or "\n".join(checked.lines()))
+        written["confirmation"] = checked and {**dataclasses.asdict(checked), "confirmed": checked.confirmed}
+    out.with_name(out.name + ".json").write_text(json.dumps(written, indent=1, default=str))
     print(f"wrote {plot_diagnosis(diagnosis, out.with_name(out.name + '.png'))}")
     return 0

@@ -31,7 +31,7 @@ WORKLOADS = {
 def test_diagnose_names_the_bottleneck_and_moves_the_ratio_its_way(one_and_one, tmp_path, phase, capsys):
     out = tmp_path / phase
     assert cli.main(["diagnose", "--url", one_and_one.url, "--rates", "inf", *WORKLOADS[phase], "--warmup", "2",
-                     "--slo-tpot-ms", "100", "-q", "--out", str(out)]) == 0
+                     "--slo-tpot-ms", "100", "-q", "--out", str(out), "--confirm"]) == 0
     text = capsys.readouterr().out
     diagnosis = json.loads((tmp_path / f"{phase}.json").read_text())
     assert diagnosis["bottleneck"] == phase, text
@@ -42,6 +42,12 @@ def test_diagnose_names_the_bottleneck_and_moves_the_ratio_its_way(one_and_one, 
     assert best["max_goodput_rps"] > diagnosis["baseline"]["max_goodput_rps"], text
     assert (tmp_path / f"{phase}.png").stat().st_size > 10_000
     assert (tmp_path / f"{phase}-bench.json").exists()
+    # --confirm offered the deployment as it is the rate the model predicts for it, and measured it
+    confirmation = diagnosis["confirmation"]
+    assert confirmation["offered_rps"] == pytest.approx(diagnosis["current"]["max_goodput_rps"])
+    assert confirmation["throughput_rps"] > 0 and confirmation["num_failed"] == 0, confirmation
+    assert confirmation["confirmed"] == (confirmation["goodput_rps"] >= 0.9 * confirmation["offered_rps"])
+    assert "Confirm: offered the predicted" in text
 
 
 class BusyClient(HttpClient):

@@ -1,0 +1,56 @@
+"""`pdserve diagnose --confirm`: offer the deployment the rate the cost model says it holds, and measure.
+
+Every split diagnose recommends is a prediction of the same model, so the model is
+checked where it can be without redeploying: at the deployment's own sizes. A
+Poisson run at `current.max_goodput_rps` (the highest rate the model says keeps
+both SLOs there); the prediction is confirmed when the measured goodput (requests
+meeting both SLOs, per second) is at least `CONFIRMED_SHARE` of that rate. A
+colocated deployment is not confirmable: the model predicts prefill:decode splits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .diagnosis import Diagnosis
+from .run import BenchConfig, run_bench
+
+CONFIRMED_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    offered_rps: float  # the model's max goodput at the deployment's sizes
+    goodput_rps: float  # measured: requests within both SLOs, per second
+    throughput_rps: float
+    ttft_p90_s: float
+    tpot_p90_s: float
+    num_failed: int
+
+    @property
+    def confirmed(self) -> bool:
+        return self.goodput_rps >= CONFIRMED_SHARE * self.offered_rps
+
+    def lines(self) -> list[str]:
+        word = "confirmed" if self.confirmed else "NOT confirmed"
+        return [f"Confirm: offered the predicted {self.offered_rps:.2f} req/s; measured goodput {self.goodput_rps:.2f} "
+                f"req/s (throughput {self.throughput_rps:.2f}, TTFT p90 {1e3 * self.ttft_p90_s:.0f} ms, TPOT p90 "
+                f"{1e3 * self.tpot_p90_s:.1f} ms, {self.num_failed} failed): the model is {word} here "
+                f"(at least {CONFIRMED_SHARE:.0%} of the rate within both SLOs)."]
+
+
+def unconfirmable(diagnosis: Diagnosis) -> str:
+    """Why `confirm` cannot check this diagnosis ('' when it can)."""
+    if diagnosis.colocated:
+        return "Confirm: not run: the deployment is colocated, and the model predicts prefill:decode splits."
+    if diagnosis.current.max_goodput_rps <= 0:
+        return "Confirm: not run: the model says the current sizes hold no rate within both SLOs."
+    return ""
+
+
+async def confirm(diagnosis: Diagnosis, config: BenchConfig) -> Confirmation:
+    """One Poisson run of `config`'s workload at the model's max goodput for the deployment as it is."""
+    rate = diagnosis.current.max_goodput_rps
+    result = await run_bench(dataclasses.replace(config, rates=(rate,), concurrency=None, warmup=0))
+    s = result.runs[-1].summary(diagnosis.slo)
+    return Confirmation(rate, s.goodput_rps, s.throughput_rps, s.ttft.p90 or 0.0, s.tpot.p90 or 0.0, s.num_failed)
