@@ -40,7 +40,7 @@ def pipeline_settings(config: PdserveConfig) -> PipelineSettings:
 
 def ingress_settings(config: PdserveConfig) -> IngressSettings:
     router = config.router
-    return IngressSettings(router.http_host, router.http_port, router.grpc_port)
+    return IngressSettings(router.http_host, router.http_port, router.grpc_port, config.limits.request_timeout_s)
 
 
 def request_limits(config: PdserveConfig, max_model_len: int) -> RequestLimits:

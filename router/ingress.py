@@ -27,11 +27,18 @@ from .grpc_api import GrpcFrontEnd
 log = logging.getLogger(__name__)
 
 
+# A gRPC client keeps one connection per channel, and the kernel spreads connections, not calls, over
+# the router replicas of a node: connections older than this are asked to go (GOAWAY) so that clients
+# reconnect and rebalance; their calls in flight may finish within the request timeout.
+GRPC_MAX_CONNECTION_AGE_S = 60
+
+
 @dataclass(frozen=True)
 class IngressSettings:
     host: str
     http_port: int
     grpc_port: int
+    request_timeout_s: float  # the longest a call may run: a closing gRPC connection's grace
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
@@ -93,7 +100,9 @@ class Ingress:
                                 timeout_keep_alive=30, backlog=2048)
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[_shared_socket(s.host, s.http_port)]))
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1), ("grpc.max_connection_age_ms", 1000 * GRPC_MAX_CONNECTION_AGE_S),
+            ("grpc.max_connection_age_grace_ms", int(1000 * s.request_timeout_s))])
         generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(grpc_front), self._grpc)
         if self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}") == 0:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")

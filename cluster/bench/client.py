@@ -5,6 +5,7 @@ A record keeps the client's own clock (send, each chunk, end) and the server's
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field, fields
@@ -109,11 +110,17 @@ def _take_event(event: dict, record: RequestRecord, at: float) -> None:
 
 
 class GrpcClient:
-    """Streams `pdserve.v1.Generation/Generate`; token counts per message are exact."""
+    """Streams `pdserve.v1.Generation/Generate`; token counts per message are exact.
 
-    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 600.0):
-        self._channel = grpc.aio.insecure_channel(address)
-        self._stub = pb_grpc.GenerationStub(self._channel)
+    Requests take `num_channels` connections in turn: router replicas share a port and the kernel
+    spreads connections, not requests, so one connection would load one router (as HTTP's pool of
+    connections does not)."""
+
+    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 600.0, num_channels: int = 8):
+        # a local subchannel pool each: channels to one address otherwise share one connection
+        self._channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                          for _ in range(num_channels)]
+        self._stubs = itertools.cycle([pb_grpc.GenerationStub(channel) for channel in self._channels])
         self._metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._timeout_s = timeout_s
 
@@ -123,7 +130,7 @@ class GrpcClient:
                    else pb.GenerateRequest(prompt=spec.prompt, sampling=sampling))
         started = time.perf_counter()
         try:
-            async for response in self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout_s):
+            async for response in next(self._stubs).Generate(request, metadata=self._metadata, timeout=self._timeout_s):
                 if response.token_ids:
                     record.chunk_s.append(time.perf_counter() - started)
                     record.output_tokens += len(response.token_ids)
@@ -136,7 +143,8 @@ class GrpcClient:
             record.error = f"{e.code().name}: {e.details()}"
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
 
 def _kept(timings: dict | None) -> dict | None:
