@@ -26,6 +26,7 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve a model: prefill and decode pools behind HTTP and gRPC")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model directory, as `vllm serve MODEL` takes it")
     serve.add_argument("--config", help="a config.yaml (flags below override it)")
     serve.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -40,14 +41,15 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-tp", type=int, help="tensor-parallel GPUs per prefill replica (default 1)")
     serve.add_argument("--decode-tp", type=int, help="tensor-parallel GPUs per decode replica (default 1)")
     serve.add_argument("--colocated-tp", type=int, help="tensor-parallel GPUs per colocated replica (default 1)")
-    serve.add_argument("--http-host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--http-host", "--host", dest="http_host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", "--port", dest="http_port", type=int, help="the OpenAI API's port (default 8000)")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--router-replicas", type=int,
                        help="router processes, each listening on the HTTP and gRPC ports (default 1)")
     serve.add_argument("--stream-interval", type=int,
                        help="send each request's tokens every N (its first and last at once; default 1): "
                             "less work per token on the routers and decode replicas, N steps between chunks")
+    _add_vllm_engine_arguments(serve)
     serve.add_argument("--address", help="join this Ray cluster instead of starting one")
     serve.add_argument("--api-key", help="require this bearer key (or set PDSERVE_API_KEY)")
     serve.add_argument("--slo-ttft-ms", type=float)
@@ -97,6 +99,27 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# vLLM's spellings of the model and engine settings: `vllm serve` command lines run as they are.
+_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
+           "float32": "float32"}
+_KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3"}
+
+
+def _add_vllm_engine_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--max-model-len", type=int, help="the context the server allows (default: the model's)")
+    serve.add_argument("--dtype", choices=sorted(_DTYPES), help="weights' and activations' dtype (default auto)")
+    serve.add_argument("--kv-cache-dtype", choices=sorted(_KV_DTYPES), help="auto, or fp8 (e4m3): half the KV bytes")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int,
+                       help="GPUs per replica of every pool (--prefill-tp / --decode-tp / --colocated-tp override)")
+    serve.add_argument("--max-num-seqs", type=int, help="sequences in one decode batch (decode.max_running)")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens in one prefill batch (prefill.max_batch_tokens)")
+    serve.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    serve.add_argument("--gpu-memory-utilization", type=float,
+                       help="share of the GPU memory free after the weights that the KV cache takes (default 0.8)")
+    serve.add_argument("--trust-remote-code", action="store_true",
+                       help="accepted as vLLM takes it; pdserve runs its own model code, never a checkpoint's")
+
+
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """What bench and diagnose share: the target, the workload, the SLOs."""
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
@@ -118,16 +141,26 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> PdserveConfig:
     """The config `pdserve serve` runs with: --config's file (or the defaults), then the flags."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ConfigError(f"two models named: {args.model_tag!r} and --model {args.model!r}")
+    tp = args.tensor_parallel_size
     overrides = {
-        "model.path": args.model,
+        "model.path": args.model or args.model_tag,
+        "model.max_model_len": args.max_model_len,
+        "model.dtype": _DTYPES.get(args.dtype),
+        "kv_cache.dtype": _KV_DTYPES.get(args.kv_cache_dtype),
+        "kv_cache.block_size": args.block_size,
+        "kv_cache.memory_fraction": args.gpu_memory_utilization,
+        "decode.max_running": args.max_num_seqs,
+        "prefill.max_batch_tokens": args.max_num_batched_tokens,
         "model.served_model_name": args.served_model_name,
         "model.cache_dir": args.cache_dir,
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,
-        "prefill.tensor_parallel_size": args.prefill_tp,
-        "decode.tensor_parallel_size": args.decode_tp,
-        "colocated.tensor_parallel_size": args.colocated_tp,
+        "prefill.tensor_parallel_size": args.prefill_tp or tp,
+        "decode.tensor_parallel_size": args.decode_tp or tp,
+        "colocated.tensor_parallel_size": args.colocated_tp or tp,
         "router.http_host": args.http_host,
         "router.http_port": args.http_port,
         "router.grpc_port": args.grpc_port,

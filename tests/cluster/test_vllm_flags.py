@@ -1,0 +1,41 @@
+"""`pdserve serve` takes a `vllm serve` command line's model and engine flags, in vLLM's spelling."""
+import pytest
+
+from pdserve.cluster.cli import make_parser, serve_config
+from pdserve.cluster.config import ConfigError
+
+
+def served(*argv: str):
+    return serve_config(make_parser().parse_args(["serve", *argv]))
+
+
+def test_a_vllm_command_line_sets_the_same_settings():
+    config = served("/models/qwen3", "--host", "0.0.0.0", "--port", "8100", "--max-model-len", "2048",
+                    "--dtype", "half", "--kv-cache-dtype", "fp8", "--tensor-parallel-size", "2",
+                    "--max-num-seqs", "128", "--max-num-batched-tokens", "4096", "--block-size", "32",
+                    "--gpu-memory-utilization", "0.9", "--trust-remote-code", "--served-model-name", "qwen")
+    assert config.model.path == "/models/qwen3" and config.model.served_model_name == ("qwen",)
+    assert (config.router.http_host, config.router.http_port) == ("0.0.0.0", 8100)
+    assert (config.model.max_model_len, config.model.dtype, config.kv_cache.dtype) == (2048, "float16", "fp8_e4m3")
+    assert (config.prefill.tensor_parallel_size, config.decode.tensor_parallel_size,
+            config.colocated.tensor_parallel_size) == (2, 2, 2)
+    assert (config.decode.max_running, config.prefill.max_batch_tokens) == (128, 4096)
+    assert (config.kv_cache.block_size, config.kv_cache.memory_fraction) == (32, 0.9)
+
+
+def test_a_pool_s_own_tp_flag_overrides_the_shared_one():
+    config = served("--tensor-parallel-size", "2", "--decode-tp", "4")
+    assert (config.prefill.tensor_parallel_size, config.decode.tensor_parallel_size) == (2, 4)
+
+
+def test_the_positional_model_and_model_flag_must_agree():
+    assert served("--model", "/m").model.path == served("/m").model.path == "/m"
+    with pytest.raises(ConfigError, match="two models named"):
+        served("/a", "--model", "/b")
+
+
+@pytest.mark.parametrize("flag, value", [("--dtype", "int8"), ("--kv-cache-dtype", "fp8_e5m2")])
+def test_values_pdserve_cannot_run_are_refused_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        served(flag, value)
+    assert "invalid choice" in capsys.readouterr().err
