@@ -116,6 +116,7 @@ def _add_vllm_engine_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     serve.add_argument("--gpu-memory-utilization", type=float,
                        help="share of the GPU memory free after the weights that the KV cache takes (default 0.8)")
+    serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, replacing the model's")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="accepted as vLLM takes it; pdserve runs its own model code, never a checkpoint's")
 
@@ -147,6 +148,7 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
     overrides = {
         "model.path": args.model or args.model_tag,
         "model.max_model_len": args.max_model_len,
+        "model.chat_template": _chat_template(args.chat_template),
         "model.dtype": _DTYPES.get(args.dtype),
         "kv_cache.dtype": _KV_DTYPES.get(args.kv_cache_dtype),
         "kv_cache.block_size": args.block_size,
@@ -173,6 +175,15 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "autoscaling.downscale_delay_s": args.downscale_delay_s,
     }
     return load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
+
+
+def _chat_template(given: str | None) -> str | None:
+    """`--chat-template`'s text: the file's when it names one (read here: replicas may run elsewhere)."""
+    from pathlib import Path
+
+    if given is None:
+        return None
+    return Path(given).read_text() if Path(given).is_file() else given
 
 
 def _serve(args: argparse.Namespace) -> int:

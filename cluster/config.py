@@ -4,7 +4,7 @@
 land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
-    model:        {path, served_model_name, dtype, max_model_len, cache_dir}
+    model:        {path, served_model_name, dtype, max_model_len, cache_dir, chat_template}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
@@ -91,6 +91,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     # where the embedded default model is unpacked; None: $PDSERVE_CACHE, else ~/.cache/pdserve
     cache_dir: str | None = None
+    chat_template: str | None = None  # a Jinja chat template's text, replacing the tokenizer's (None: its own)
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,19 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _check_chat_template(template: str | None) -> None:
+    """A template Jinja cannot compile is refused here, not at a user's first chat request."""
+    import jinja2
+
+    if template is not None:
+        try:
+            jinja2.Environment().parse(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"model.chat_template: does not compile: {e.message} (line {e.lineno})") from None
+
+
 def _check(config: PdserveConfig) -> None:
+    _check_chat_template(config.model.chat_template)
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:

@@ -235,6 +235,8 @@ class RouterDeployment:
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
         self.tokenizer = load_tokenizer(directory)
+        if self.config.model.chat_template is not None:  # --chat-template: the deployment's, not the checkpoint's
+            self.tokenizer.chat_template = self.config.model.chat_template
         self._registry = registry()
         snapshot = lambda: self._registry.snapshot.remote()  # noqa: E731 - awaited on the ingress loop
         router = self.config.router

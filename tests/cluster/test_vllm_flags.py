@@ -39,3 +39,12 @@ def test_values_pdserve_cannot_run_are_refused_by_the_parser(flag, value, capsys
     with pytest.raises(SystemExit):
         served(flag, value)
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_chat_template_comes_from_its_file_or_as_text(tmp_path):
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    (tmp_path / "chat.jinja").write_text(template)
+    assert served("--chat-template", str(tmp_path / "chat.jinja")).model.chat_template == template
+    assert served("--chat-template", template).model.chat_template == template
+    with pytest.raises(ConfigError, match="model.chat_template: does not compile"):
+        served("--chat-template", "{% for m in messages %}")
