@@ -189,6 +189,7 @@ def _chat_template(given: str | None) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     from pdserve.engine.loader import ModelLoadError
     from pdserve.engine.model_spec import UnsupportedModel
+    from pdserve.router.ingress import PortTaken
 
     from .server import serve_forever
 
@@ -197,6 +198,9 @@ def _serve(args: argparse.Namespace) -> int:
         serve_forever(config, args.address)
     except (ModelLoadError, UnsupportedModel) as e:  # read before anything is deployed
         print(f"pdserve: cannot serve {config.model.path or 'the default model'}: {e}", file=sys.stderr)
+        return 2
+    except PortTaken as e:
+        print(f"pdserve: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,11 +7,13 @@ themselves), and nothing more.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any
 
 from fastapi.responses import PlainTextResponse
+import ray
 from ray import serve
 
 from pdserve.decode_worker.errors import ReplicaBroken
@@ -30,7 +32,7 @@ from pdserve.engine.transfer.group import ReceiverGroup
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.auth import ApiKey, ApiKeyMiddleware
 from pdserve.router.grpc_api import GrpcFrontEnd
-from pdserve.router.ingress import Ingress
+from pdserve.router.ingress import APP_PATH, Ingress
 from pdserve.router.metrics import autoscaling_lines
 from pdserve.router.openai_api import make_http_app
 from pdserve.router.directory import DecodeDirectory, PrefillDirectory
@@ -245,7 +247,8 @@ class RouterDeployment:
                                  pipeline_settings(self.config))
         self.limits = request_limits(self.config, spec.max_model_len)
         self.api_key = ApiKey(self.config.router.api_key) if self.config.router.api_key else None
-        self.ingress = Ingress(ingress_settings(self.config))
+        self.app_id = _application_id()
+        self.ingress = Ingress(ingress_settings(self.config, self.app_id))
         grpc_front = GrpcFrontEnd(self.pipeline, self.tokenizer, served_models(self.config), self.limits, self.api_key)
         self.ingress.start(self._http_app(), grpc_front)
 
@@ -253,6 +256,7 @@ class RouterDeployment:
         app = make_http_app(self.pipeline, self.tokenizer, served_models(self.config), self.limits)
         app.add_api_route("/metrics", self.metrics, methods=["GET"], response_class=PlainTextResponse)
         app.add_api_route("/v1/pdserve/status", self.status, methods=["GET"])
+        app.add_api_route(APP_PATH, lambda: {"app": self.app_id}, methods=["GET"])  # which application holds the port
         # KubeRay's probe of a Serve node (GET /-/healthz on the HTTP port, expects "success")
         app.add_api_route("/-/healthz", lambda: PlainTextResponse("success"), methods=["GET"])
         if self.api_key is not None:
@@ -273,3 +277,10 @@ class RouterDeployment:
         ingress = getattr(self, "ingress", None)  # None when the constructor failed before it
         if ingress is not None:
             ingress.stop()
+
+
+def _application_id() -> str:
+    """This Serve application on this Ray cluster: its routers (an in-place upgrade's too) share their
+    ports, a second `pdserve serve` on the host does not."""
+    cluster = ray.get_runtime_context().gcs_address
+    return hashlib.sha256(f"{cluster}/{serve.get_replica_context().app_name}".encode()).hexdigest()[:16]

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, read_model_spec
+from pdserve.router.ingress import check_ports_are_ours
 
 from .app import build_app
 from .autoscaling import is_autoscaled, serve_application_policy
 from .config import PdserveConfig, load_config
+from .settings import ingress_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,10 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
         # A model the engine cannot run is refused here, before anything is deployed
         # (UnsupportedModel / ModelLoadError), not by every replica inside Ray.
         read_model_spec(data["model"]["path"], config.model.max_model_len)
+    if not joining:
+        # The routers will listen here: a port another process holds is refused now (PortTaken),
+        # not by a router replica inside Ray. No application of ours is running yet, so none is "ours".
+        check_ports_are_ours(ingress_settings(config, app_id=""))
     if not joining and not torch.cuda.is_available():
         for pool in ("prefill", "decode", "colocated"):
             data[pool]["gpus_per_replica"] = 0.0

@@ -38,9 +38,10 @@ def pipeline_settings(config: PdserveConfig) -> PipelineSettings:
                             call_secret=config.router.call_secret, stream_interval=config.router.stream_interval)
 
 
-def ingress_settings(config: PdserveConfig) -> IngressSettings:
+def ingress_settings(config: PdserveConfig, app_id: str) -> IngressSettings:
+    """`app_id`: the application the routers' ports belong to (router/ingress.py)."""
     router = config.router
-    return IngressSettings(router.http_host, router.http_port, router.grpc_port, config.limits.request_timeout_s)
+    return IngressSettings(router.http_host, router.http_port, router.grpc_port, config.limits.request_timeout_s, app_id)
 
 
 def request_limits(config: PdserveConfig, max_model_len: int) -> RequestLimits:

@@ -5,6 +5,11 @@ kernel spreads client connections over the replicas of a node and each token goe
 from the replica that made it straight to its client: no proxy relays it (Ray
 Serve's proxies stay off). The listeners run on their own thread and event loop
 (uvloop where installed), so they serve the same with or without Ray.
+
+SO_REUSEPORT would as gladly share a port with any process of the same user, say a
+second `pdserve serve` left running, and split the clients between two servers.
+So a router first asks whoever listens on its HTTP port which application it
+serves (`GET /v1/pdserve/app`), and joins the port only as a router of its own.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import httpx
 import uvicorn
 
 from pdserve.protos.pdserve.v1 import generate_pb2_grpc
@@ -39,6 +45,44 @@ class IngressSettings:
     http_port: int
     grpc_port: int
     request_timeout_s: float  # the longest a call may run: a closing gRPC connection's grace
+    app_id: str  # the application's (routers of one application share their ports, no one else)
+
+
+APP_PATH = "/v1/pdserve/app"
+
+
+class PortTaken(OSError):
+    """Another process, not a router of this application, listens on a router port."""
+
+
+def check_ports_are_ours(settings: IngressSettings) -> None:
+    """Raise `PortTaken` unless each port is free or served by a router of `settings.app_id`."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else "::1" if settings.host == "::" else settings.host
+    http_taken, grpc_taken = (_listening(host, port) for port in (settings.http_port, settings.grpc_port))
+    if not http_taken and not grpc_taken:
+        return
+    served = _served_app(host, settings.http_port) if http_taken else None
+    if served != settings.app_id:  # a foreign HTTP server, or a gRPC port taken beside a free HTTP one
+        port = settings.http_port if http_taken else settings.grpc_port
+        raise PortTaken(f"Address already in use: port {port} on {settings.host} is served by another process, not "
+                        "a router of this application (another pdserve serve?); stop it or choose other ports")
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _served_app(host: str, port: int) -> str | None:
+    """The application id a pdserve router on `port` answers with; None for anything else."""
+    try:
+        reply = httpx.get(f"http://{host if ':' not in host else f'[{host}]'}:{port}{APP_PATH}", timeout=3.0)
+        return reply.json().get("app") if reply.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
@@ -92,6 +136,7 @@ class Ingress:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=timeout_s)
 
     def start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
+        check_ports_are_ours(self.settings)
         self._run(self._start(http_app, grpc_front))
 
     async def _start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:

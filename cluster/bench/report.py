@@ -104,11 +104,20 @@ def _splits(d: Diagnosis) -> list[str]:
     gain = "no gain" if d.gain <= 1e-6 else ("from nothing" if math.isinf(d.gain) else f"+{100 * d.gain:.0f}%")
     lines.append(f"  the current ratio scaled to {b.num_prefill}:{b.num_decode}: {_rate(b.max_goodput_rps)}, "
                  f"{b.per_gpu_rps:.2f} per GPU → expected gain {gain} in goodput per GPU")
+    # colocated, the prediction is for a split of twice the GPUs: compare per GPU, not the totals
+    measured, deployed_gpus = max(p.goodput_rps for p in d.points), _deployed_gpus(d)
     lines.append(f"  {d.current.num_prefill}:{d.current.num_decode} {now}: predicted {_rate(d.current.max_goodput_rps)}"
-                 f", measured best goodput {max(p.goodput_rps for p in d.points):.2f} req/s")
+                 f" on {d.current.num_gpus:g} GPUs ({d.current.per_gpu_rps:.2f} per GPU); measured: best goodput "
+                 f"{measured:.2f} req/s on the {deployed_gpus:g} deployed ({measured / deployed_gpus:.2f} per GPU)")
     if d.best.max_goodput_rps == 0:
         lines.append("  " + _no_split(d))
     return lines
+
+
+def _deployed_gpus(d: Diagnosis) -> float:
+    """The GPUs the measured deployment holds (a colocated replica: as a decode replica)."""
+    gpus = d.num_decode * d.profiles.decode.num_gpus + (0 if d.colocated else d.num_prefill * d.profiles.prefill.num_gpus)
+    return gpus or 1.0
 
 
 def _no_split(d: Diagnosis) -> str:

@@ -190,3 +190,15 @@ def test_the_step_fit_leaves_out_windows_taken_while_the_batch_ramped_up():
     d = diagnose(BenchResult({"status": STATUS}, {}, Slo(ttft_s=1.0, tpot_s=0.02), [loaded]))
     assert 15 not in d.fit.batch_sizes and 33 not in d.fit.batch_sizes and 12 in d.fit.batch_sizes
     assert d.profiles.decode.gpu_step_time(1) < 0.006, report(d)
+
+
+def test_a_colocated_deployment_is_compared_with_its_predicted_split_per_gpu():
+    """Colocated x1 holds 1 GPU; its 1:1 prediction is for 2: the report sets them side by side per GPU."""
+    heavy = Run(4.0, None, 10.0, [record(i / 4, 900, 2, 1.5 + i / 40, 0.2, 0.02) for i in range(40)],
+                pools(4500, [(1, 0.02), (2, 0.022)]))
+    colocated = BenchResult({"status": {**STATUS, "colocated": True, "pools": {"decode": {"d0": {}}}}}, {}, SLO, [heavy])
+    d = diagnose(colocated)
+    measured = max(p.goodput_rps for p in d.points)
+    assert (f"on {d.current.num_gpus:g} GPUs ({d.current.per_gpu_rps:.2f} per GPU); measured: best goodput "
+            f"{measured:.2f} req/s on the 1 deployed ({measured:.2f} per GPU)") in report(d)
+    assert d.current.num_gpus == 2

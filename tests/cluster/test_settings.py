@@ -42,7 +42,7 @@ def test_workers_started_by_default_see_what_pdserve_serve_serves():
                                                      arrival_window_s=20.0)
     assert pipeline_settings(config) == PipelineSettings(colocated=False, short_prompt_tokens=0, call_secret="",
                                                          stream_interval=1)
-    assert ingress_settings(config).http_port == 8000 and ingress_settings(config).grpc_port == 9000
+    assert ingress_settings(config, "app").http_port == 8000 and ingress_settings(config, "app").grpc_port == 9000
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_body_bytes, limits.max_n, limits.max_stop, limits.request_timeout_s) == (4 << 20, 16, 16, 600.0)
     assert PolicySettings.from_config(config).max_running == 64
@@ -59,7 +59,7 @@ def test_every_part_setting_follows_its_config_key(tmp_path):
     assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True, 20.0)
     assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32, call_secret="",
                                                          stream_interval=4)
-    assert ingress_settings(config).http_port == 8100
+    assert ingress_settings(config, "app").http_port == 8100
     limits = request_limits(config, max_model_len=4096)
     assert (limits.max_n, limits.max_stop, limits.max_tokens, limits.max_prompt_tokens, limits.request_timeout_s) \
         == (2, 1, 100, 50, 9.0)

@@ -172,3 +172,16 @@ def test_oversized_bodies_get_413_and_the_connection_and_server_go_on(server):
             assert response.json()["error"]["code"] == "request_too_large"
         ok = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+
+
+def test_a_second_server_on_the_same_ports_is_refused_up_front(server, chat_model):
+    """SO_REUSEPORT would let it share the port and split the clients: it exits at once instead."""
+    import subprocess
+    import sys
+
+    second = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "serve", "--model", str(chat_model[0]),
+                             "--http-port", str(server.http_port), "--grpc-port", str(server.grpc_port)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"Address already in use: port {server.http_port}" in second.stderr
+    assert client(server).models.list().data  # the first goes on serving
