@@ -141,17 +141,22 @@ class Ingress:
 
     async def _start(self, http_app: Any, grpc_front: GrpcFrontEnd) -> None:
         s = self.settings
-        config = uvicorn.Config(http_app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_keep_alive=30, backlog=2048)
-        self._http = uvicorn.Server(config)
-        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[_shared_socket(s.host, s.http_port)]))
+        # gRPC first: a replica that cannot bind must fail before its HTTP port has answered /health
         self._grpc = grpc.aio.server(options=[
             ("grpc.so_reuseport", 1), ("grpc.max_connection_age_ms", 1000 * GRPC_MAX_CONNECTION_AGE_S),
             ("grpc.max_connection_age_grace_ms", int(1000 * s.request_timeout_s))])
         generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(grpc_front), self._grpc)
-        if self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}") == 0:
-            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
+        try:
+            bound = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:  # grpc raises where it cannot bind
+            bound = 0
+        if bound == 0:
+            raise PortTaken(f"Address already in use: cannot bind the gRPC port {s.host}:{s.grpc_port}")
         await self._grpc.start()
+        config = uvicorn.Config(http_app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=30, backlog=2048)
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[_shared_socket(s.host, s.http_port)]))
         for _ in range(500):  # uvicorn sets `started` once its socket serves
             if self._http.started or self._http_task.done():
                 break
@@ -161,10 +166,13 @@ class Ingress:
         log.info("router ingress: HTTP %s:%d, gRPC %s:%d", s.host, s.http_port, s.host, s.grpc_port)
 
     def stop(self, grace_s: float = 2.0) -> None:
-        async def shutdown() -> None:
-            self._http.should_exit = True
-            await self._grpc.stop(grace_s)
-            await asyncio.wait_for(self._http_task, timeout=grace_s + 3)
+        async def shutdown() -> None:  # of what `_start` got to start
+            if hasattr(self, "_http"):
+                self._http.should_exit = True
+            if hasattr(self, "_grpc"):
+                await self._grpc.stop(grace_s)
+            if hasattr(self, "_http_task"):
+                await asyncio.wait_for(self._http_task, timeout=grace_s + 3)
 
         try:
             self._run(shutdown(), timeout_s=grace_s + 10)

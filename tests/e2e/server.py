@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,10 +13,24 @@ from pathlib import Path
 import httpx
 
 
+# Below the kernel's ephemeral range (32768-60999 by default) and above Ray's worker ports (10002-19999):
+# the ports Ray's processes and the replicas' own servers take while a server starts (they bind port 0)
+# are never these, so a port found free here is still free when the routers bind it.
+SERVER_PORTS = range(20000, 32768)
+_PICK = random.SystemRandom()  # whatever a test seeds the module with
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, outside the ranges processes are handed when they bind port 0."""
+    for _ in range(100):
+        port = _PICK.choice(SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS}")
 
 
 class PortTaken(RuntimeError):
