@@ -94,15 +94,20 @@ def serve_forever(config: PdserveConfig, address: str | None) -> None:
     config = prepare(config, joining=address is not None)
     if config.router.http_host not in ("127.0.0.1", "localhost", "::1") and not config.router.api_key:
         log.warning("listening on %s without an API key: anyone who reaches it can use it", config.router.http_host)
-    start(config, address)
+    try:
+        start(config, address)
+    except KeyboardInterrupt:  # Ctrl-C while deploying: take down what was deployed, not leave it running
+        print("pdserve: interrupted while deploying; shutting down", flush=True)
+        stop()
+        return
     router = config.router
     print(f"pdserve: serving {config.model.path} — HTTP http://{router.http_host}:{router.http_port}/v1 , "
           f"gRPC {router.http_host}:{router.grpc_port} (Ctrl-C to stop)", flush=True)
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        done.wait()
-    except KeyboardInterrupt:
+    # Both set explicitly: a process started with SIGINT ignored (in the background) still stops on it.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: done.set())
+    while not done.wait(1.0):  # woken each second: the handlers run on this thread
         pass
     print("pdserve: shutting down", flush=True)
     stop()

@@ -123,10 +123,15 @@ class PdserveOnHost:
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
+        """Until this deployment runs (pdserve says so: an application an earlier module left on the
+        cluster may answer /health meanwhile, and stop answering while Serve replaces it) and is healthy."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.process.poll() is not None:
                 raise RuntimeError(f"pdserve serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if "pdserve: serving" not in self.log_path.read_text(errors="replace"):
+                time.sleep(1)
+                continue
             try:
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
