@@ -302,10 +302,10 @@ class DecodeWorker:
                 self._return_old_blocks(seq)
 
     def _hold(self, seq: DecodeSequence, token: int, logprob: float | None, flush: bool) -> None:
-        """Keep a token back until the sequence has `stream_interval` of them, or ends; its first
-        token on this replica goes at once (it may be the request's first: TTFT)."""
+        """Keep a token back until the sequence has `stream_interval` of them, or ends; the request's
+        first token goes at once (TTFT; after a remote prefill the router already sent it)."""
         seq.unsent.append((token, logprob))
-        if flush or seq.num_steps == 1 or len(seq.unsent) >= seq.stream_interval:
+        if flush or len(seq.generated) == 1 or len(seq.unsent) >= seq.stream_interval:
             for held, held_logprob in seq.unsent:
                 self._emission.token(seq.outbox, seq.transfer_id, held, held_logprob)
             seq.unsent.clear()

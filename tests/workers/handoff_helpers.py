@@ -7,7 +7,10 @@ from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.engine.offline import OfflineEngine, OfflineSequence
 
 
-def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset()):
+def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), stop_ids=frozenset(),
+                stream_interval=1, sizes=None):
+    """The request's tokens, prefilled on `prefill` and decoded on `decode`; `sizes`, a list given,
+    gets how many tokens each message from the decode replica carried."""
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
     result = prefill.submit(PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline)).result(timeout=60)
@@ -20,12 +23,14 @@ def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), st
             done.set()
 
     start = StreamStart(reservation.transfer_id, "r", tuple(prompt), (result.first_token,), False, max_tokens,
-                        params, stop_ids, deadline)
+                        params, stop_ids, deadline, stream_interval)
     decode.open(start, Outbox(deliver))
     assert done.wait(60)
     ending = batches[-1].endings[-1]
     assert ending.error is None and ending.transfer_id == reservation.transfer_id, ending.error
     assert {t for b in batches for t in b.transfer_ids} <= {reservation.transfer_id}
+    if sizes is not None:
+        sizes += [len(b.token_ids) for b in batches if b.token_ids]
     return [result.first_token] + [t for b in batches for t in b.token_ids]
 
 

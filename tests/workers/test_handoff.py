@@ -49,3 +49,12 @@ def test_stop_tokens_end_sequences_mid_batch_and_their_blocks_come_back(loaded, 
     while decode.pool.num_free != decode.pool.num_blocks and time.monotonic() < deadline:
         time.sleep(0.01)
     assert decode.pool.num_free == decode.pool.num_blocks
+
+
+def test_after_a_remote_prefill_a_stream_interval_sends_the_decoded_tokens_that_many_at_a_time(loaded, workers):
+    """The prefill's first token went to the client already: the decode replica's tokens leave N at a time."""
+    prefill, decode = workers
+    sizes = []
+    tokens = run_request(prefill, decode, [5, 9, 13, 2], 9, stream_interval=4, sizes=sizes)
+    assert tokens == engine_outputs(loaded, [([5, 9, 13, 2], 9)])[0]
+    assert sizes == [4, 4]  # tokens 2-5 and 6-9; the last with the ending
