@@ -17,33 +17,30 @@ KEEP_S = 30.0
 class ReserveCalls:
     def __init__(self, keep_s: float = KEEP_S):
         self.keep_s = keep_s
-        self._served: OrderedDict[str, tuple[float, int]] = OrderedDict()  # call id: (when, transfer id)
-        self._released: OrderedDict[str, float] = OrderedDict()  # call ids released before they came
+        # call id: (when, the transfer it reserved, or None: released before it came), oldest first
+        self._calls: OrderedDict[str, tuple[float, int | None]] = OrderedDict()
 
     def served(self, call_id: str, transfer_id: int) -> None:
         self._forget_old()
         if call_id:
-            self._served[call_id] = (time.monotonic(), transfer_id)
+            self._calls[call_id] = (time.monotonic(), transfer_id)
 
     def is_released(self, call_id: str) -> bool:
         """Whether a release of this call came first (the call must then reserve nothing)."""
-        return bool(call_id) and self._released.pop(call_id, None) is not None
+        if call_id in self._calls and self._calls[call_id][1] is None:
+            del self._calls[call_id]
+            return True
+        return False
 
     def release(self, call_id: str) -> int | None:
         """The transfer id the call reserved; None if it has not come yet (it will be refused)."""
         self._forget_old()
-        served = self._served.pop(call_id, None)
-        if served is None:
-            self._released[call_id] = time.monotonic()
-            return None
-        return served[1]
+        _, transfer_id = self._calls.pop(call_id, (0.0, None))
+        if transfer_id is None:
+            self._calls[call_id] = (time.monotonic(), None)
+        return transfer_id
 
     def _forget_old(self) -> None:
         horizon = time.monotonic() - self.keep_s
-        for entries in (self._served, self._released):
-            while entries and _when(next(iter(entries.values()))) < horizon:
-                entries.popitem(last=False)
-
-
-def _when(entry: tuple[float, int] | float) -> float:
-    return entry[0] if isinstance(entry, tuple) else entry
+        while self._calls and next(iter(self._calls.values()))[0] < horizon:
+            self._calls.popitem(last=False)

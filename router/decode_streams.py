@@ -41,13 +41,15 @@ class FeedItem:
     ending: pb.Ending | None = None
     lost: str = ""  # the stream broke: why
 
+    def __bool__(self) -> bool:
+        return bool(self.token_ids or self.ending is not None or self.lost)
+
 
 class Feed:
     """One request's tokens from a subscription, collected until the request reads them."""
 
     def __init__(self) -> None:
         self._item = FeedItem()
-        self._has_news = False
         self._waiter: asyncio.Future | None = None
 
     def push(self, token_ids: list[int], logprobs: list[float]) -> None:
@@ -64,13 +66,12 @@ class Feed:
         self._wake()
 
     def _wake(self) -> None:
-        self._has_news = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     async def next(self, timeout_s: float) -> FeedItem:
         """Everything received since the last call; waits at most `timeout_s` (asyncio.TimeoutError)."""
-        if not self._has_news:
+        if not self._item:
             # A future and a timer, not asyncio.wait_for (a task per wait): this runs for every token.
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
@@ -81,7 +82,6 @@ class Feed:
                 timer.cancel()
                 self._waiter = None
         item, self._item = self._item, FeedItem()
-        self._has_news = False
         return item
 
 
