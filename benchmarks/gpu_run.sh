@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the serving pipeline on a GPU. Run from the repo root on the device
 # machine with .carry carried (Ray's site from ../shared/tools/gpu-site, tokenizer files):
-#   bash benchmarks/gpu_run.sh [handoff] [pipeline] [ipc_tests] [bench] [overlap] [plane] [plane_si4] [serving8b] [diagnose8b]  (one GPU)
+#   bash benchmarks/gpu_run.sh [handoff] [handoff_profile] [pipeline] [ipc_tests] [bench] [overlap] [plane] [plane_si4] [plane_all] [serving8b] [serving8b_1p1d] [diagnose8b]  (one GPU)
 #   bash benchmarks/gpu_run.sh [nccl_tests] [pipeline2] [handoff2] [goodput2]     (two GPUs)
 set -u
 export PYTHONUNBUFFERED=1
@@ -19,14 +19,20 @@ for step in "$@"; do
   case $step in
     handoff) timeout 200 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 512,2048,8192 \
                --repeats 5 --out "$OUT/handoff_h100.md" > "$OUT/handoff.log" 2>&1 ;;
-    pipeline) timeout 280 python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
+    handoff_profile) timeout 130 python3 benchmarks/handoff.py --device cuda --shape llama3-8b --lengths 128,2048 \
+               --repeats 3 --sample-stacks "$OUT/prefill_stacks.txt" --out "$OUT/handoff_profile.md" > "$OUT/handoff_profile.log" 2>&1 ;;
+    pipeline) timeout ${PIPELINE_S:-280} python3 benchmarks/gpu_pipeline.py .carry/tokenizer "$OUT" > "$OUT/pipeline.log" 2>&1 ;;
     ipc_tests) timeout 120 python3 -m pytest -q -p no:cacheprovider tests/transfer > "$OUT/ipc_tests.log" 2>&1 ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py .carry/tokenizer "$OUT" > "$OUT/bench.log" 2>&1 ;;
     plane) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2,4 --stream-intervals 1 --seconds 8 > "$OUT/plane.log" 2>&1 ;;
     plane_si4) timeout 400 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2 \
                --stream-intervals 4 --seconds 8 > "$OUT/plane_si4.log" 2>&1 ;;
-    serving8b) timeout 560 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
-    diagnose8b) timeout 450 python3 benchmarks/diagnose_h200.py .carry/tokenizer "$OUT" > "$OUT/diagnose8b.log" 2>&1
+    plane_all) timeout 570 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2,4 \
+               --stream-intervals 1,4 --seconds 8 > "$OUT/plane_all.log" 2>&1 ;;
+    serving8b) timeout ${SERVING8B_S:-560} python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
+    serving8b_1p1d) timeout $((540 - SECONDS)) python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b --deployments 1P1D \
+               > "$OUT/serving8b_1p1d.log" 2>&1 ;;
+    diagnose8b) timeout ${DIAGNOSE8B_S:-450} python3 benchmarks/diagnose_h200.py .carry/tokenizer "$OUT" > "$OUT/diagnose8b.log" 2>&1
                then_keep_rc cat "$OUT/diagnose_h200.md" ;;
     cuda_tests) PDSERVE_TEST_DEVICE=cuda PDSERVE_TEST_DTYPE=bfloat16 timeout 150 python3 -m pytest -q -p no:cacheprovider \
                tests/engine/test_model_vs_transformers.py tests/engine/test_cuda_graphs.py tests/engine/test_overlap.py \

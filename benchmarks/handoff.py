@@ -47,6 +47,7 @@ from pdserve.engine.messages import SamplingParams, StreamStart
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from server import free_port  # noqa: E402  (tests/e2e/server.py)
 from shapes import LLAMA3_8B, TINY  # noqa: E402  (benchmarks/shapes.py)
+from stack_sampler import StackSampler  # noqa: E402
 
 SHAPES = {"tiny": TINY, "llama3-8b": LLAMA3_8B}
 BLOCK_SIZE = 16
@@ -106,13 +107,17 @@ def _prefill_process(args, requests: mp.Queue, results: mp.Queue) -> None:
     worker = PrefillWorker(runner, sender, dataclasses.replace(prefill_settings(load_config()),
                                                               max_batch_tokens=max(args.lengths)), "bench-prefill")
     results.put("ready")
-    while (item := requests.get()) is not None:
-        kind, prompt, destination = item
-        if kind == "prefill":
-            result = worker.submit(PrefillRequest("bench", tuple(prompt), SamplingParams(), destination, time.time() + 120)).result(120)
-        else:
-            result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
-        results.put(result)
+    with StackSampler() if args.sample_stacks else contextlib.nullcontext() as sampler:
+        while (item := requests.get()) is not None:
+            kind, prompt, destination = item
+            if kind == "prefill":
+                result = worker.submit(PrefillRequest("bench", tuple(prompt), SamplingParams(), destination,
+                                                      time.time() + 120)).result(120)
+            else:
+                result = _push(sender, runner, destination, -(-len(prompt) // BLOCK_SIZE))
+            results.put(result)
+    if sampler is not None:
+        args.sample_stacks.write_text(sampler.report())
     worker.close()
 
 
@@ -148,7 +153,7 @@ def run(args) -> list[Sample]:
     try:
         for length in args.lengths:
             for attempt in range(args.repeats + 1):
-                sample = _one(decode, requests, results, length, StreamStart)
+                sample = _one(decode, requests, results, length, attempt, StreamStart)
                 if attempt:  # the first is a warm-up
                     samples.append(sample)
     finally:
@@ -158,10 +163,11 @@ def run(args) -> list[Sample]:
     return samples
 
 
-def _one(decode, requests, results, length: int, stream_start) -> Sample:
+def _one(decode, requests, results, length: int, attempt: int, stream_start) -> Sample:
     from pdserve.decode_worker.outbox import Outbox, TokenBatch
 
-    prompt = [(i * 7919) % 30000 + 1 for i in range(length)]
+    # A new prompt each time: a repeated one would come from the prefill's prefix cache
+    prompt = [(i * 7919 + attempt * 104729) % 30000 + 1 for i in range(length)]
     reservation = decode.reserve("bench", length, 3, time.time() + 120)
     requests.put(("push", prompt, reservation.destination))
     push_s = results.get(timeout=300)
@@ -301,6 +307,8 @@ def main() -> None:
                         help="both pools' kv_cache.dtype (fp8_e4m3: half the bytes handed off)")
     parser.add_argument("--isolate", action="store_true",
                         help="each process sees only its own GPU (CUDA_VISIBLE_DEVICES), as Ray gives replicas")
+    parser.add_argument("--sample-stacks", type=Path,
+                        help="write where the prefill process's threads spent their time (stack_sampler.py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.visible = (None, None)

@@ -1,7 +1,7 @@
 """The serving plane against the engine, on one GPU, in one call: what reaches the clients.
 
     python benchmarks/serving_plane.py TOKENIZER_DIR OUT_DIR [--parts plane,8b] [--seconds S] [--routers 1,2]
-                                      [--clients 6] [--stream-intervals 1,4]
+                                      [--clients 6] [--stream-intervals 1,4] [--deployments 1P1D]
 
 Parts (each prints its rows; the table is written last, to OUT_DIR/serving_plane.md):
   plane   a 2-layer model (the GPU idles): output tokens/s over HTTP SSE and over gRPC from several
@@ -147,7 +147,7 @@ def engine_worker_step(directory: Path, batch: int, context: int) -> float:
         torch.cuda.empty_cache()
 
 
-def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
+def part_8b(tokenizer: Path, out: Path, seconds: float, only: tuple[str, ...]) -> None:
     directory = save_random_checkpoint(Path("/tmp/llama3-8b"), LLAMA3_8B, tokenizer)
     own_ms = engine_worker_step(directory, 256, 256)
     line = f"| 8B | engine | the decode worker alone | batch 256, 256 context | {256 / own_ms * 1e3:,.0f} tok/s | step {own_ms:.2f} ms |"
@@ -160,6 +160,8 @@ def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
                   "prefill: {gpus_per_replica: 0.5}\nkv_cache: {memory_fraction: 0.35}\n"),
     }
     for name, (flags, yaml) in deployments.items():
+        if only and name.replace(" ", "").replace("+", "") not in only:
+            continue
         config = write_config(out / f"8b-{name.replace(' ', '')}.yaml", yaml)
         server = Server("--model", str(directory), *flags, "--config", str(config), "--router-replicas", "4")
         try:
@@ -174,17 +176,21 @@ def part_8b(tokenizer: Path, out: Path, seconds: float) -> None:
                     f"{row.get('gpu_idle', float('nan')):.2f} | host {row.get('host_us_per_seq', float('nan')):.1f} us/seq |")
             say(line)
             ROWS.append(line)
-            diagnose(out, f"8b-{name.replace(' ', '').replace('+', '')}")
+            diagnose(out, f"8b-{name.replace(' ', '').replace('+', '')}", server if name == "1P+1D" else None)
             single(server, out, name)
         finally:
             server.stop()
 
 
-def diagnose(out: Path, name: str) -> None:
-    """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the whole load)."""
+def diagnose(out: Path, name: str, confirm_on: Server | None) -> None:
+    """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the
+    whole load); with `confirm_on`, `--confirm` against that server (the same workload, a Poisson run)."""
+    confirm = (["--confirm", "--url", confirm_on.url, "--prompt-tokens", "128", "--output-tokens", "256",
+                "--num-requests", "300"] if confirm_on else [])
     result = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "diagnose", "--from",
                              f"/tmp/serving_plane/{name}-c0.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
-                             "--out", f"/tmp/serving_plane/{name}-diagnose"], capture_output=True, text=True, timeout=120)
+                             "--out", f"/tmp/serving_plane/{name}-diagnose", *confirm],
+                            capture_output=True, text=True, timeout=200)
     (out / f"{name}-diagnose.txt").write_text(result.stdout + result.stderr[-2000:])
     say(result.stdout)
 
@@ -217,6 +223,7 @@ def main() -> None:
     parser.add_argument("--routers", default="1,2", help="the plane part's router replicas, one server each")
     parser.add_argument("--clients", type=int, default=6, help="the plane part's bench processes")
     parser.add_argument("--stream-intervals", default="1", help="the plane part's --stream-interval values")
+    parser.add_argument("--deployments", default="", help="the 8b part's deployments (colocated1, 1P1D; default both)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -227,7 +234,8 @@ def main() -> None:
                 part_plane(args.tokenizer, args.out, args.seconds, routers, args.clients,
                            tuple(int(n) for n in args.stream_intervals.split(",")))
             else:
-                {"8b": part_8b}[part](args.tokenizer, args.out, args.seconds)
+                {"8b": part_8b}[part](args.tokenizer, args.out, args.seconds,
+                                      tuple(d for d in args.deployments.split(",") if d))
         except Exception as e:  # one part failing still leaves the others' rows
             say(f"part {part} failed: {type(e).__name__}: {e}")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

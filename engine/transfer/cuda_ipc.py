@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -140,12 +141,16 @@ class CudaIpcReceiver(TorchDistReceiver):
 class _Peer:
     """One receiver as this sender sees it: its mapped pool, the state of transfers.
 
-    Copies run on the channel thread, on its own stream (`_copy_stream`)."""
+    Touched on the channel thread only, where copies run on its own stream (`_copy_stream`).
+    Nothing there waits for the receiver, and a transfer's report waits for that transfer's own
+    copies (`copied`), never for copies of transfers queued after it."""
 
     channel: SendChannel
     remote: torch.Tensor
     admitted: dict[int, bool] = field(default_factory=dict)  # transfer id -> may write
+    held: dict[int, list[Callable[[], None]]] = field(default_factory=dict)  # its work waiting for ADMITTED
     ranges: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (layer, first, n) copied
+    copied: dict[int, torch.cuda.Event] = field(default_factory=dict)  # recorded after its last copy
 
 
 class CudaIpcSender(TorchDistSender):
@@ -168,37 +173,52 @@ class CudaIpcSender(TorchDistSender):
         dst_ids = dest.block_ids[first_block_index : first_block_index + n]
 
         def copy() -> None:
-            if tid not in peer.admitted:
-                peer.admitted[tid] = self._begin(peer, tid)
             if not peer.admitted[tid]:
                 return  # the receiver no longer wants it (cancelled, timed out) or fenced it
-            device = self.kv_cache.spec.device
-            self._copy_stream().wait_event(ready)
+            device, stream = self.kv_cache.spec.device, self._copy_stream()
+            stream.wait_event(ready)
             src = raw_bytes(self.kv_cache.layer(layer)).index_select(1, on_device(src_block_ids, torch.long, device))
             raw_bytes(peer.remote[layer]).index_copy_(1, on_device(dst_ids, torch.long, device), src)
             peer.ranges.setdefault(tid, []).append((layer, first_block_index, n))
+            peer.copied[tid] = torch.cuda.Event()
+            peer.copied[tid].record(stream)
 
-        peer.channel.submit(copy)
+        peer.channel.submit(lambda: self._once_admitted(peer, tid, copy))
 
-    def finish(self, dest: KvDestination, num_blocks_total: int, timeout_s: float) -> None:
-        (channel, _), = self._bind(dest)
-        peer = self._peers[channel]
-        tid = dest.transfer_id
+    def _submit_finish(self, channel: SendChannel, frame: Frame) -> None:
+        """LANDED frames, then FINISH: after the transfer's copies, once they are in the receiver's pool."""
+        peer, tid = self._peers[channel], frame.transfer_id
 
         def report() -> None:
-            self._copy_stream().synchronize()  # only now are the copies in the receiver's pool
-            for frame in _landed_frames(tid, peer.ranges.pop(tid, []), self.kv_cache.spec.num_layers):
-                peer.channel.send_frame(frame)
+            copied = peer.copied.pop(tid, None)
+            if copied is not None:
+                copied.synchronize()
+            for landed in _landed_frames(tid, peer.ranges.pop(tid, []), self.kv_cache.spec.num_layers):
+                peer.channel.send_frame(landed)
             peer.admitted.pop(tid, None)
+            peer.channel.send_frame(frame)
 
-        peer.channel.submit(report)
-        super().finish(dest, num_blocks_total, timeout_s)
+        channel.submit(lambda: self._once_admitted(peer, tid, report))
 
-    def _begin(self, peer: _Peer, transfer_id: int) -> bool:
-        """Ask the receiver whether it still expects the transfer (channel thread)."""
-        reply = peer.channel.expect_reply(MessageKind.ADMITTED, transfer_id)
-        peer.channel.send_frame(Frame(MessageKind.BEGIN, transfer_id))
-        return reply.result(self._timeout_s) == AckStatus.ACCEPTED
+    def _once_admitted(self, peer: _Peer, transfer_id: int, work: Callable[[], None]) -> None:
+        """Run `work` once the receiver answered the transfer's BEGIN (channel thread). A transfer's
+        first work sends BEGIN; it and what follows are held while other transfers' work goes on."""
+        if transfer_id in peer.admitted:
+            work()
+            return
+        if transfer_id not in peer.held:
+            peer.held[transfer_id] = []
+            answer = peer.channel.expect_reply(MessageKind.ADMITTED, transfer_id)
+            peer.channel.send_frame(Frame(MessageKind.BEGIN, transfer_id))
+            # Set on the reply thread, which submits this before any later CANCEL of the transfer.
+            answer.add_done_callback(lambda _: peer.channel.submit(lambda: self._release(peer, transfer_id, answer)))
+        peer.held[transfer_id].append(work)
+
+    def _release(self, peer: _Peer, transfer_id: int, answer: Future) -> None:
+        """BEGIN was answered: whether the transfer may be written, then its held work in order."""
+        peer.admitted[transfer_id] = answer.exception() is None and answer.result() == AckStatus.ACCEPTED
+        for work in peer.held.pop(transfer_id, []):
+            work()
 
     def _stop_writing(self, peer: _Peer, transfer_id: int) -> None:
         """The receiver cancelled: stop writing, wait for copies in flight, confirm (channel thread)."""

@@ -166,8 +166,7 @@ class TorchDistSender(KvSender):
         replies = []
         for channel, _ in routes:
             replies.append((channel, channel.expect_reply(MessageKind.FINISHED, dest.transfer_id)))
-            frame = Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total)
-            channel.submit(functools.partial(channel.send_frame, frame))
+            self._submit_finish(channel, Frame(MessageKind.FINISH, dest.transfer_id, num_blocks=num_blocks_total))
         deadline = time.monotonic() + timeout_s
         for channel, reply in replies:
             try:
@@ -177,6 +176,10 @@ class TorchDistSender(KvSender):
             if status != AckStatus.OK:
                 raise _finish_error(dest, channel.address.peer_id, status)
         log.debug("transfer %d: delivered to %s", dest.transfer_id, dest.key[0])
+
+    def _submit_finish(self, channel: SendChannel, frame: Frame) -> None:
+        """Queue the FINISH frame after the transfer's pieces (a backend with more to say first overrides)."""
+        channel.submit(functools.partial(channel.send_frame, frame))
 
     def close(self) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """The cuda_ipc backend on one GPU: a sender in another process writes the receiver's pool directly."""
 import multiprocessing
+import time
 
 import pytest
 import torch
@@ -64,5 +65,47 @@ def test_a_cancelled_transfer_is_never_written():
     process.start()
     assert "UNKNOWN_TRANSFER" in results.get(timeout=30.0)
     assert not receiver.kv_cache.tensor.any()
+    process.join(10.0)
+    receiver.close()
+
+
+def run_two_transfers(first, second, results) -> None:
+    """The first transfer whole, then the second's first layer behind ~1 s of GPU work: finish the first."""
+    sender = make_sender("cuda_ipc", cuda_cache(3), timeout_s=10.0)
+    try:
+        for layer in range(NUM_LAYERS):
+            sender.send_layer(first, layer, (0, 1), 0)
+        torch.cuda._sleep(2_000_000_000)  # the compute stream busy for about a second
+        sender.send_layer(second, 0, (2,), 0)
+        started = time.monotonic()
+        sender.finish(first, 2, timeout_s=10.0)
+        finished = time.monotonic()
+        torch.cuda.synchronize()
+        results.put((finished - started, time.monotonic() - started))
+        for layer in range(1, NUM_LAYERS):
+            sender.send_layer(second, layer, (2,), 0)
+        sender.finish(second, 1, timeout_s=10.0)
+        results.put("ok")
+    except TransferError as e:
+        results.put(str(e))
+    sender.close()
+
+
+def test_a_finish_waits_for_its_own_copies_not_for_later_transfers():
+    spawn = multiprocessing.get_context("spawn")
+    receiver = make_receiver("cuda_ipc", cuda_cache(), timeout_s=10.0)
+    receiver.expect(1, (3, 4))
+    receiver.expect(2, (8,))
+    results = spawn.Queue()
+    process = spawn.Process(target=run_two_transfers, args=(receiver.destination(1, (3, 4)),
+                                                            receiver.destination(2, (8,)), results))
+    process.start()
+
+    assert receiver.wait(1, timeout_s=30.0).is_ok
+    finish_s, gpu_busy_s = results.get(timeout=30.0)
+    assert receiver.wait(2, timeout_s=30.0).is_ok
+    assert results.get(timeout=10.0) == "ok"
+    assert finish_s < 0.5 * gpu_busy_s, (finish_s, gpu_busy_s)
+    assert torch.equal(blocks(receiver.kv_cache, [3, 4, 8]), blocks(cuda_cache(3), [0, 1, 2]))
     process.join(10.0)
     receiver.close()
