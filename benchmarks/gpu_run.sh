@@ -30,7 +30,7 @@ for step in "$@"; do
     plane_all) timeout 570 python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts plane --routers 1,2,4 \
                --stream-intervals 1,4 --seconds 8 > "$OUT/plane_all.log" 2>&1 ;;
     serving8b) timeout ${SERVING8B_S:-560} python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b > "$OUT/serving8b.log" 2>&1 ;;
-    serving8b_1p1d) timeout $((540 - SECONDS)) python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b --deployments 1P1D \
+    serving8b_1p1d) timeout ${SERVING8B_1P1D_S:-$((540 - SECONDS))} python3 benchmarks/serving_plane.py .carry/tokenizer "$OUT" --parts 8b --deployments 1P1D \
                > "$OUT/serving8b_1p1d.log" 2>&1 ;;
     diagnose8b) timeout ${DIAGNOSE8B_S:-450} python3 benchmarks/diagnose_h200.py .carry/tokenizer "$OUT" > "$OUT/diagnose8b.log" 2>&1
                then_keep_rc cat "$OUT/diagnose_h200.md" ;;

@@ -130,13 +130,18 @@ class ModelRunner:
             tokens, positions, slots, attention, self._tensor(last_rows), self.kv_cache, on_layer_done,
         )
 
-    def _prefill_from_graph(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
-        """Prompts with no cached prefix that a graph holds: their logits (a copy), else None."""
+    def graph_holds(self, chunks: list[PrefillChunk]) -> bool:
+        """Whether a prefill graph replays these chunks: prompts from position 0 within its sizes."""
         graphs = self.prefill_graphs
-        if graphs is None or any(c.start_pos != 0 for c in chunks):
+        return (graphs is not None and all(c.start_pos == 0 for c in chunks)
+                and graphs.bucket_for(len(chunks), sum(len(c.token_ids) for c in chunks)) is not None)
+
+    def _prefill_from_graph(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        """Prompts a graph holds: their logits (a copy), else None."""
+        if not self.graph_holds(chunks):
             return None
-        logits = graphs.run([(c.token_ids, c.block_ids) for c in chunks])
-        return None if logits is None else logits.clone()  # the graph's output is overwritten by the next
+        logits = self.prefill_graphs.run([(c.token_ids, c.block_ids) for c in chunks])
+        return logits.clone()  # the graph's output is overwritten by the next
 
     @torch.inference_mode()
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:

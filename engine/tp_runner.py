@@ -78,6 +78,9 @@ class TpRunner:
             self.tp.broadcast((_PREFILL, chunks, tuple(pushes), tuple(ends)))
             return _prefill(self.runner, self.sender, chunks, pushes)
 
+    def graph_holds(self, chunks: list[PrefillChunk]) -> bool:
+        return self.runner.graph_holds(chunks)
+
     def decode(self, inputs: list[DecodeInput]) -> torch.Tensor:
         with self._watch():
             self.tp.broadcast((_DECODE, inputs))

@@ -213,7 +213,9 @@ class PrefillWorker:
             self._run(batch)
 
     def _next_batch(self) -> list[tuple[PrefillJob, PrefillChunk]]:
-        """Chunks for queued jobs in order, under the token budget (lock held)."""
+        """Chunks for queued jobs in order, under the token budget (lock held). A batch a CUDA graph
+        replays takes no job that would make it one launched kernel by kernel: on a busy host that
+        launch takes longer than the GPU's work, and holds the GIL the KV channels need."""
         budget, batch, now = self.settings.max_batch_tokens, [], time.time()
         for job in list(self._queue):
             if job.deadline < now:
@@ -230,7 +232,11 @@ class PrefillWorker:
                 self._prompt_tokens += len(job.prompt)
                 self._cached_tokens += job.num_cached
             end = min(len(job.prompt), job.num_done + budget)
-            batch.append((job, PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))))
+            chunk = PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))
+            chunks = [c for _, c in batch]
+            if chunks and self.runner.graph_holds(chunks) and not self.runner.graph_holds(chunks + [chunk]):
+                break  # the job leads the next batch
+            batch.append((job, chunk))
             budget -= end - job.num_done
         return batch
 

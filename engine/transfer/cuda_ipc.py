@@ -151,6 +151,9 @@ class _Peer:
     held: dict[int, list[Callable[[], None]]] = field(default_factory=dict)  # its work waiting for ADMITTED
     ranges: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # (layer, first, n) copied
     copied: dict[int, torch.cuda.Event] = field(default_factory=dict)  # recorded after its last copy
+    # A push's (source, destination) block ids on the GPU, by (first block index, blocks): made once
+    # for all its layers, since each upload goes through pinned memory the host allocator may have to make
+    indices: dict[int, dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 class CudaIpcSender(TorchDistSender):
@@ -170,15 +173,15 @@ class CudaIpcSender(TorchDistSender):
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.kv_cache.spec.device))
         tid, n = dest.transfer_id, len(src_block_ids)
-        dst_ids = dest.block_ids[first_block_index : first_block_index + n]
 
         def copy() -> None:
             if not peer.admitted[tid]:
                 return  # the receiver no longer wants it (cancelled, timed out) or fenced it
-            device, stream = self.kv_cache.spec.device, self._copy_stream()
+            stream = self._copy_stream()
             stream.wait_event(ready)
-            src = raw_bytes(self.kv_cache.layer(layer)).index_select(1, on_device(src_block_ids, torch.long, device))
-            raw_bytes(peer.remote[layer]).index_copy_(1, on_device(dst_ids, torch.long, device), src)
+            src_ids, dst_ids = self._indices(peer, dest, src_block_ids, first_block_index)
+            src = raw_bytes(self.kv_cache.layer(layer)).index_select(1, src_ids)
+            raw_bytes(peer.remote[layer]).index_copy_(1, dst_ids, src)
             peer.ranges.setdefault(tid, []).append((layer, first_block_index, n))
             peer.copied[tid] = torch.cuda.Event()
             peer.copied[tid].record(stream)
@@ -196,9 +199,21 @@ class CudaIpcSender(TorchDistSender):
             for landed in _landed_frames(tid, peer.ranges.pop(tid, []), self.kv_cache.spec.num_layers):
                 peer.channel.send_frame(landed)
             peer.admitted.pop(tid, None)
+            peer.indices.pop(tid, None)
             peer.channel.send_frame(frame)
 
         channel.submit(lambda: self._once_admitted(peer, tid, report))
+
+    def _indices(self, peer: _Peer, dest: KvDestination, src_block_ids: Sequence[int],
+                 first_block_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A push's source and destination block ids on the GPU (channel thread)."""
+        n, device = len(src_block_ids), self.kv_cache.spec.device
+        pushes = peer.indices.setdefault(dest.transfer_id, {})
+        if (first_block_index, n) not in pushes:
+            dst_block_ids = dest.block_ids[first_block_index : first_block_index + n]
+            pushes[(first_block_index, n)] = (on_device(list(src_block_ids), torch.long, device),
+                                              on_device(list(dst_block_ids), torch.long, device))
+        return pushes[(first_block_index, n)]
 
     def _once_admitted(self, peer: _Peer, transfer_id: int, work: Callable[[], None]) -> None:
         """Run `work` once the receiver answered the transfer's BEGIN (channel thread). A transfer's

@@ -69,10 +69,16 @@ def test_a_cancelled_transfer_is_never_written():
     receiver.close()
 
 
-def run_two_transfers(first, second, results) -> None:
-    """The first transfer whole, then the second's first layer behind ~1 s of GPU work: finish the first."""
+def run_two_transfers(warmup, first, second, results) -> None:
+    """A warm-up transfer (the process's first allocations may wait for the GPU), then the first
+    transfer whole, then the second's first layer behind ~1 s of GPU work: finish the first."""
     sender = make_sender("cuda_ipc", cuda_cache(3), timeout_s=10.0)
     try:
+        for layer in range(NUM_LAYERS):
+            sender.send_layer(warmup, layer, (0, 1), 0)
+            sender.send_layer(warmup, layer, (2,), 2)
+        sender.finish(warmup, 3, timeout_s=10.0)
+        torch.cuda.synchronize()
         for layer in range(NUM_LAYERS):
             sender.send_layer(first, layer, (0, 1), 0)
         torch.cuda._sleep(2_000_000_000)  # the compute stream busy for about a second
@@ -94,13 +100,15 @@ def run_two_transfers(first, second, results) -> None:
 def test_a_finish_waits_for_its_own_copies_not_for_later_transfers():
     spawn = multiprocessing.get_context("spawn")
     receiver = make_receiver("cuda_ipc", cuda_cache(), timeout_s=10.0)
+    receiver.expect(9, (10, 11, 12))
     receiver.expect(1, (3, 4))
     receiver.expect(2, (8,))
     results = spawn.Queue()
-    process = spawn.Process(target=run_two_transfers, args=(receiver.destination(1, (3, 4)),
-                                                            receiver.destination(2, (8,)), results))
+    process = spawn.Process(target=run_two_transfers, args=(
+        receiver.destination(9, (10, 11, 12)), receiver.destination(1, (3, 4)), receiver.destination(2, (8,)), results))
     process.start()
 
+    assert receiver.wait(9, timeout_s=30.0).is_ok
     assert receiver.wait(1, timeout_s=30.0).is_ok
     finish_s, gpu_busy_s = results.get(timeout=30.0)
     assert receiver.wait(2, timeout_s=30.0).is_ok
