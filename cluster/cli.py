@@ -137,6 +137,9 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO for goodput (default 1000; diagnose --from: the bench's)")
     parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO for goodput (default 100; diagnose --from: the bench's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="client processes sharing each run (one Python process reads some thousands of "
+                             "streamed tokens/s; past that it measures itself)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

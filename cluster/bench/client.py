@@ -35,6 +35,7 @@ class RequestRecord:
     e2e_s: float | None = None
     error: str | None = None
     server: dict[str, Any] | None = None  # the server's pdserve_timings
+    client: int = 0  # the client process that sent it (bench --processes)
 
     @property
     def is_ok(self) -> bool:

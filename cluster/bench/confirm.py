@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .diagnosis import Diagnosis
 from .run import BenchConfig, run_bench
+from .verdict import CLIENT_LAG_S
 
 CONFIRMED_SHARE = 0.9
 
@@ -26,6 +27,8 @@ class Confirmation:
     ttft_p90_s: float
     tpot_p90_s: float
     num_failed: int
+    client_lag_s: float  # p90 of the bench client's own loop lag: a busy client measures itself
+    processes: int  # client processes that offered the load
 
     @property
     def confirmed(self) -> bool:
@@ -36,7 +39,13 @@ class Confirmation:
         return [f"Confirm: offered the predicted {self.offered_rps:.2f} req/s; measured goodput {self.goodput_rps:.2f} "
                 f"req/s (throughput {self.throughput_rps:.2f}, TTFT p90 {1e3 * self.ttft_p90_s:.0f} ms, TPOT p90 "
                 f"{1e3 * self.tpot_p90_s:.1f} ms, {self.num_failed} failed): the model is {word} here "
-                f"(at least {CONFIRMED_SHARE:.0%} of the rate within both SLOs)."]
+                f"(at least {CONFIRMED_SHARE:.0%} of the rate within both SLOs)."] + self._busy_client()
+
+    def _busy_client(self) -> list[str]:
+        if self.confirmed or self.client_lag_s < CLIENT_LAG_S:
+            return []
+        return [f"  The client was the limit, not the server: its loop lagged {1e3 * self.client_lag_s:.0f} ms at p90 "
+                f"with {self.processes} client process(es); confirm again with more `--processes`."]
 
 
 def unconfirmable(diagnosis: Diagnosis) -> str:
@@ -52,5 +61,7 @@ async def confirm(diagnosis: Diagnosis, config: BenchConfig) -> Confirmation:
     """One Poisson run of `config`'s workload at the model's max goodput for the deployment as it is."""
     rate = diagnosis.current.max_goodput_rps
     result = await run_bench(dataclasses.replace(config, rates=(rate,), concurrency=None, warmup=0))
-    s = result.runs[-1].summary(diagnosis.slo)
-    return Confirmation(rate, s.goodput_rps, s.throughput_rps, s.ttft.p90 or 0.0, s.tpot.p90 or 0.0, s.num_failed)
+    run = result.runs[-1]
+    s = run.summary(diagnosis.slo)
+    return Confirmation(rate, s.goodput_rps, s.throughput_rps, s.ttft.p90 or 0.0, s.tpot.p90 or 0.0, s.num_failed,
+                        run.client_lag_s, config.processes)

@@ -5,10 +5,19 @@ A bench is a warm-up, then one run per offered rate (Poisson arrivals, at most
 loop). While a run goes, the server's pool reports (`/v1/pdserve/status`) are
 sampled every second; they, the client's records and the server's per-request
 phase timings all go into the JSON, which `pdserve diagnose` reads back.
+
+One Python process reads some thousands of streamed tokens a second; past that the
+client, not the server, is measured. `processes` > 1 shares each run among that many
+client processes (each 1/N of the requests, the rate and the concurrency; Poisson
+arrivals split this way add up to the offered rate), started together, their
+records merged into one run.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import multiprocessing
+import queue
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +34,7 @@ from .workload import LengthRange, Workload, arrival_times
 
 STATUS_INTERVAL_S = 1.0
 LAG_PROBE_S = 0.01  # the client's loop is asked to wake every 10 ms; how late it wakes is its own lag
+CLIENT_START_S = 60.0  # a client process connects within this
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class BenchConfig:
     slo: Slo = Slo(ttft_s=1.0, tpot_s=0.1)
     seed: int = 0
     progress: bool = True
+    processes: int = 1  # client processes sharing each run
 
 
 async def run_bench(config: BenchConfig, client: BenchClient | None = None) -> BenchResult:
@@ -52,9 +63,12 @@ async def run_bench(config: BenchConfig, client: BenchClient | None = None) -> B
             await _run(client, warm, None, min(config.warmup, 4), config, "warm-up")
         runs = []
         for i, rate in enumerate(config.rates):
-            specs = config.workload.requests(config.num_requests, seed=config.seed + 2 + i)
             label = f"rate {rate:g}/s" if rate is not None else f"concurrency {config.concurrency or 'all'}"
-            runs.append(await _run(client, specs, rate, config.concurrency, config, label))
+            shares = _shares(config, i, rate)
+            if len(shares) == 1:
+                runs.append(await _run(client, _specs(config, shares[0]), rate, config.concurrency, config, label))
+            else:
+                runs.append(await _run_shared(client, config, shares, label))
     finally:
         await client.close()
     protocol = "grpc" if config.grpc_address else "http"
@@ -63,8 +77,99 @@ async def run_bench(config: BenchConfig, client: BenchClient | None = None) -> B
                                 "warmup": config.warmup, "seed": config.seed}, config.slo, runs)
 
 
+@dataclass(frozen=True)
+class _Share:
+    """One client process's part of a run."""
+
+    index: int
+    num_requests: int
+    rate: float | None
+    concurrency: int | None
+    seed: int
+
+
+def _shares(config: BenchConfig, run_index: int, rate: float | None) -> list[_Share]:
+    """The run split over the client processes; the first share is this process's (seeded as a lone client)."""
+    n = max(1, min(config.processes, config.num_requests, config.concurrency or config.num_requests))
+
+    def part(total: int, k: int) -> int:
+        return total // n + (1 if k < total % n else 0)
+
+    return [_Share(k, part(config.num_requests, k), rate and rate * part(config.num_requests, k) / config.num_requests,
+                   config.concurrency and part(config.concurrency, k), config.seed + 2 + run_index + 1000 * k)
+            for k in range(n)]
+
+
+def _specs(config: BenchConfig, share: _Share) -> list:
+    return config.workload.requests(share.num_requests, seed=share.seed)
+
+
+async def _run_shared(client: BenchClient, config: BenchConfig, shares: list[_Share], label: str) -> Run:
+    """One run from this process (the first share) and a child process per other share, started together."""
+    spawn = multiprocessing.get_context("spawn")
+    ready, results, go = spawn.Queue(), spawn.Queue(), spawn.Event()
+    quiet = dataclasses.replace(config, progress=False)
+    children = [spawn.Process(target=_child_main, args=(quiet, share, label, ready, go, results), daemon=True)
+                for share in shares[1:]]
+    loop = asyncio.get_running_loop()
+    try:
+        for child in children:
+            child.start()
+        for _ in children:
+            try:
+                await loop.run_in_executor(None, ready.get, True, CLIENT_START_S)
+            except queue.Empty:
+                raise RuntimeError(f"a bench client process did not start within {CLIENT_START_S:g} s") from None
+        go.set()
+        mine = shares[0]
+        runs = [await _run(client, _specs(config, mine), mine.rate, mine.concurrency, config, label)]
+        runs += await loop.run_in_executor(None, _collect, children, results)
+    finally:
+        for child in children:
+            child.join(5.0)
+            if child.is_alive():
+                child.kill()
+    records = [r for run in runs for r in run.requests]
+    first_send = min(r.sent_at for r in records)
+    last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
+    rate = shares[0].rate and sum(s.rate for s in shares)
+    return Run(rate, config.concurrency, last_end - first_send, records, runs[0].pools,
+               max(run.client_lag_s for run in runs))
+
+
+def _collect(children: list, results) -> list[Run]:
+    """The children's runs, in any order; a child that dies without one fails the bench."""
+    runs: list[Run] = []
+    while len(runs) < len(children):
+        try:
+            runs.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [c for c in children if c.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a bench client process exited with code {dead[0].exitcode}") from None
+    return runs
+
+
+def _child_main(config: BenchConfig, share: _Share, label: str, ready, go, results) -> None:
+    """A client process: connect, say ready, start on `go`, send its run back."""
+    async def main() -> Run:
+        client = _client(config)
+        try:
+            ready.put(share.index)
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            run = await _run(client, _specs(config, share), share.rate, share.concurrency, config, label,
+                             sample_pools=False)
+            for record in run.requests:
+                record.client = share.index
+            return run
+        finally:
+            await client.close()
+
+    results.put(asyncio.run(main()))
+
+
 async def _run(client: BenchClient, specs: list, rate: float | None, concurrency: int | None,
-               config: BenchConfig, label: str) -> Run:
+               config: BenchConfig, label: str, sample_pools: bool = True) -> Run:
     """Send `specs` at their Poisson times (at most `concurrency` at once); sample the pools meanwhile."""
     gate = asyncio.Semaphore(concurrency or len(specs))
     bar = tqdm(total=len(specs), desc=label, unit="req", file=sys.stderr, disable=not config.progress)
@@ -81,7 +186,8 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
 
     pools: list[dict[str, Any]] = []
     lags: list[float] = []
-    sampler = asyncio.create_task(_sample_pools(config.url, config.api_key, started, pools))
+    sampler = asyncio.create_task(_sample_pools(config.url, config.api_key, started, pools) if sample_pools
+                                  else asyncio.sleep(0))
     probe = asyncio.create_task(_probe_lag(lags))
     try:
         times = arrival_times(len(specs), rate, seed=config.seed)
@@ -167,7 +273,7 @@ def main_config(args: Any) -> BenchConfig:
         num_requests=args.num_requests, rates=rates,
         concurrency=args.concurrency, warmup=args.warmup,
         slo=Slo((args.slo_ttft_ms or 1000.0) / 1e3, (args.slo_tpot_ms or 100.0) / 1e3), seed=args.seed,
-        progress=not args.quiet)
+        progress=not args.quiet, processes=args.processes)
 
 
 def main(args: Any) -> int:

@@ -41,3 +41,15 @@ def test_bench_over_grpc_with_impossible_slos_has_zero_goodput(one_and_one, tmp_
     assert summary["num_ok"] == 6 and summary["throughput_rps"] > 0
     assert summary["goodput_rps"] == 0 and summary["slo_attainment"] == 0
     assert summary["output_tokens_per_s"] == pytest.approx(4 * summary["throughput_rps"])
+
+
+def test_bench_shares_a_run_among_client_processes(one_and_one, tmp_path):
+    out = tmp_path / "shared.json"
+    assert cli.main(["bench", "--url", one_and_one.url, "--processes", "3", "--rates", "12", "--num-requests", "14",
+                     "--warmup", "1", "--output-tokens", "4", "-q", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["summary"]["num_ok"] == 14 and run["rate"] == pytest.approx(12.0)
+    assert sorted({r["client"] for r in run["requests"]}) == [0, 1, 2]
+    assert sorted(sum(r["client"] == k for r in run["requests"]) for k in range(3)) == [4, 5, 5]
+    assert run["pools"], "this process sampled the pools"
+    assert 0 < run["duration_s"] < 60

@@ -46,7 +46,6 @@ def test_diagnose_names_the_bottleneck_and_moves_the_ratio_its_way(one_and_one, 
     confirmation = diagnosis["confirmation"]
     assert confirmation["offered_rps"] == pytest.approx(diagnosis["current"]["max_goodput_rps"])
     assert confirmation["throughput_rps"] > 0 and confirmation["num_failed"] == 0, confirmation
-    assert confirmation["confirmed"] == (confirmation["goodput_rps"] >= 0.9 * confirmation["offered_rps"])
     assert "Confirm: offered the predicted" in text
 
 
