@@ -186,7 +186,7 @@ def diagnose(out: Path, name: str, confirm_on: Server | None) -> None:
     """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the
     whole load); with `confirm_on`, `--confirm` against that server (the same workload, a Poisson run)."""
     confirm = (["--confirm", "--url", confirm_on.url, "--prompt-tokens", "128", "--output-tokens", "256",
-                "--num-requests", "300"] if confirm_on else [])
+                "--num-requests", "300", "--processes", "6"] if confirm_on else [])
     result = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "diagnose", "--from",
                              f"/tmp/serving_plane/{name}-c0.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
                              "--out", f"/tmp/serving_plane/{name}-diagnose", *confirm],

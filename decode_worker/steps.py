@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pdserve.engine.block_pool import BlockTable
-from pdserve.engine.runner import DecodeInput, PrefillChunk
+from pdserve.engine.runner import DecodeInput, PrefillChunk, leaves_graphs
 from pdserve.engine.sampler import PendingSample
 
 from .sequence import DecodeSequence
@@ -27,15 +28,19 @@ def decode_input(seq: DecodeSequence, source: int = -1) -> DecodeInput:
     return DecodeInput(0, seq.num_tokens, seq.block_ids, source)
 
 
-def prefill_chunks(prefilling: list[DecodeSequence], budget: int) -> list[tuple[DecodeSequence, PrefillChunk]]:
-    """One chunk for each prefilling sequence, in order, under the step's token budget."""
-    batch = []
+def prefill_chunks(prefilling: list[DecodeSequence], budget: int,
+                   graph_holds: Callable[[list[PrefillChunk]], bool]) -> list[tuple[DecodeSequence, PrefillChunk]]:
+    """One chunk for each prefilling sequence, in order, under the step's token budget; a batch a
+    CUDA graph replays stays one (`leaves_graphs`: an eager launch here also delays the decode step)."""
+    batch: list[tuple[DecodeSequence, PrefillChunk]] = []
     for seq in prefilling:
         if budget <= 0:
             break
         tokens = seq.tokens[: seq.num_to_prefill]
         end = min(len(tokens), seq.num_prefilled + budget)
         chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, seq.block_ids)
+        if leaves_graphs(graph_holds, [c for _, c in batch], chunk):
+            break
         batch.append((seq, chunk))
         budget -= len(chunk.token_ids)
     return batch

@@ -194,7 +194,8 @@ class DecodeWorker:
                 if self._stopped:
                     return
                 turn_started, self._waited_s = time.monotonic(), 0.0
-                prefill_batch = prefill_chunks(self._seqs.of(_PREFILLING), self.settings.prefill_chunk_tokens)
+                prefill_batch = prefill_chunks(self._seqs.of(_PREFILLING), self.settings.prefill_chunk_tokens,
+                                               self.runner.graph_holds)
                 self._seqs.admit(self.settings.max_running)
                 self._emission.flush()
             try:

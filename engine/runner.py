@@ -20,7 +20,7 @@ stays num_blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -212,3 +212,10 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return on_device(values, torch.long, self.device)
+
+
+def leaves_graphs(graph_holds: Callable[[list[PrefillChunk]], bool], chunks: list[PrefillChunk],
+                  chunk: PrefillChunk) -> bool:
+    """Whether adding `chunk` turns a batch a prefill graph replays into one launched kernel by kernel:
+    on a busy host that launch outlasts the GPU's work (and holds the GIL), so the batchers stop there."""
+    return bool(chunks) and graph_holds(chunks) and not graph_holds(chunks + [chunk])

@@ -41,7 +41,7 @@ from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, SamplingParams
 from pdserve.engine.prefix_cache import PrefixCache
-from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import sample
 from pdserve.engine.step_timing import StepClock, StepTimes
@@ -213,9 +213,8 @@ class PrefillWorker:
             self._run(batch)
 
     def _next_batch(self) -> list[tuple[PrefillJob, PrefillChunk]]:
-        """Chunks for queued jobs in order, under the token budget (lock held). A batch a CUDA graph
-        replays takes no job that would make it one launched kernel by kernel: on a busy host that
-        launch takes longer than the GPU's work, and holds the GIL the KV channels need."""
+        """Chunks for queued jobs in order, under the token budget (lock held); a batch a CUDA graph
+        replays stays one (`leaves_graphs`: an eager launch also holds the GIL the KV channels need)."""
         budget, batch, now = self.settings.max_batch_tokens, [], time.time()
         for job in list(self._queue):
             if job.deadline < now:
@@ -233,8 +232,7 @@ class PrefillWorker:
                 self._cached_tokens += job.num_cached
             end = min(len(job.prompt), job.num_done + budget)
             chunk = PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))
-            chunks = [c for _, c in batch]
-            if chunks and self.runner.graph_holds(chunks) and not self.runner.graph_holds(chunks + [chunk]):
+            if leaves_graphs(self.runner.graph_holds, [c for _, c in batch], chunk):
                 break  # the job leads the next batch
             batch.append((job, chunk))
             budget -= end - job.num_done
