@@ -22,6 +22,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
@@ -29,7 +30,7 @@ from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SampleResult, sample
-from pdserve.engine.step_timing import StepClock
+from pdserve.engine.step_timing import StepClock, batch_rate
 from pdserve.engine.transfer.base import KvReceiver
 
 from .errors import KvPoolFull, QueueFull, ReplicaDraining
@@ -82,6 +83,7 @@ class DecodeWorker:
         self._host_time = HostTimePerSeq()
         self._waited_s = 0.0  # of this loop turn, spent waiting for the device's tokens
         self._tokens_out = TokenRate()
+        self._prefills: deque[tuple[int, float]] = deque(maxlen=32)  # (prompt tokens, seconds) of recent local batches
         self._arrivals = RateMeter(settings.arrival_window_s)
         self._thread = threading.Thread(target=self._loop, name=f"decode-{replica_id}", daemon=True)
         self._thread.start()
@@ -152,6 +154,7 @@ class DecodeWorker:
                 launch_time_s=steps.launch_s,
                 max_running=self.settings.max_running,
                 tokens_per_s=self._tokens_out.per_s(),
+                prefill_tokens_per_s=batch_rate(self._prefills),
                 host_s_per_seq=self._host_time.per_seq(),
                 arrivals_per_s=arrivals_per_s,
                 prompt_tokens_mean=prompt_tokens_mean,
@@ -240,6 +243,8 @@ class DecodeWorker:
             elapsed = time.monotonic() - started
             for seq, _ in batch:
                 seq.prefill_s += elapsed
+            if seqs:  # its time is the device's (sampling read it back), not only the launch's
+                self._prefills.append((sum(len(c.token_ids) for _, c in batch), elapsed))
             if seqs:
                 self._accept(sampled, seqs)
             self._emission.flush()

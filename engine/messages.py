@@ -142,6 +142,9 @@ class DecodeLoad:
     launch_time_s: float  # mean host time launching a step (CUDA; near gpu_step_time_s: launch-bound)
     max_running: int  # the batch limit this replica runs with
     tokens_per_s: float
+    # Its own prefills' prompt tokens per second of their batches (colocated, short prompts, failover; 0: none).
+    # Per request, a batch's time would count once for each prompt in it.
+    prefill_tokens_per_s: float
     host_s_per_seq: float  # the decode loop's own host time per running sequence per step (not waiting for the GPU)
     arrivals_per_s: float  # reservations per second over the recent window
     prompt_tokens_mean: float  # their mean prompt length

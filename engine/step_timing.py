@@ -34,7 +34,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -168,3 +168,10 @@ class StepClock:
             with self._lock:
                 self._periods.append((period.wall_s, sum(s.busy_s for s in period.spans)))
                 self._steps.extend((s.size, s.busy_s, s.launch_s) for s in period.spans if s.size > 0)
+
+
+def batch_rate(batches: Iterable[tuple[int, float]]) -> float:
+    """Tokens per second over (tokens, seconds) batches; 0 with none."""
+    batches = list(batches)
+    seconds = sum(s for _, s in batches)
+    return sum(t for t, _ in batches) / seconds if seconds > 0 else 0.0

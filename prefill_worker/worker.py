@@ -44,7 +44,7 @@ from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import sample
-from pdserve.engine.step_timing import StepClock, StepTimes
+from pdserve.engine.step_timing import StepClock, StepTimes, batch_rate
 from pdserve.engine.transfer.base import KvSender
 from pdserve.engine.transfer.messages import KvDestination, TransferError
 
@@ -149,12 +149,11 @@ class PrefillWorker:
     def load(self) -> PrefillLoad:
         batches = self._clock.times()
         with self._lock:
-            tokens, seconds = sum(t for t, _ in self._rates), sum(s for _, s in self._rates)
             return PrefillLoad(
                 replica_id=self.replica_id,
                 queued_tokens=sum(len(j.prompt) - j.num_done for j in self._queue),
                 queued_requests=len(self._queue),
-                tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+                tokens_per_s=batch_rate(self._rates),
                 prefix_hit_rate=self._prefix_hit_rate(),
                 prefix_cached_blocks=self.prefix_cache.num_blocks,
                 gpu_idle_share=batches.idle_share,

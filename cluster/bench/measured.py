@@ -39,7 +39,10 @@ def fit_profiles(result: BenchResult, workload_tokens: float) -> tuple[cm.Profil
     reports = replica_reports(result)
     rates = [s["tokens_per_s"] for pool, s in reports if pool == "prefill" and s.get("tokens_per_s", 0) > 0]
     timed = [(q.prompt_tokens, q.server) for run in result.runs for q in run.requests if q.is_ok and q.server]
-    if not rates:  # colocated: the prompt's own forward time on the replica that decodes it
+    if not rates:  # colocated: the replica that decodes a prompt prefills it, in batches of its own
+        rates = [s["prefill_tokens_per_s"] for pool, s in reports
+                 if pool == "decode" and s.get("prefill_tokens_per_s", 0) > 0]
+    if not rates:  # no report says (an older server's JSON): each prompt over its batch's time, a lower bound
         rates = [n / t["prefill_s"] for n, t in timed if t.get("prefill_s", 0) > 0]
     handoff = statistics.median([t.get("kv_transfer_s", 0.0) for _, t in timed]) if timed else 0.0
     decode_reports = [s for pool, s in reports if pool == "decode"] + _status_reports(result, "decode")

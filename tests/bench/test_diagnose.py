@@ -202,3 +202,21 @@ def test_a_colocated_deployment_is_compared_with_its_predicted_split_per_gpu():
     assert (f"on {d.current.num_gpus:g} GPUs ({d.current.per_gpu_rps:.2f} per GPU); measured: best goodput "
             f"{measured:.2f} req/s on the 1 deployed ({measured:.2f} per GPU)") in report(d)
     assert d.current.num_gpus == 2
+
+
+def colocated_pools(prefill_tokens_per_s: float) -> list[dict]:
+    """A colocated replica's reports: decode steps, and its own prefill batches' rate."""
+    return [{"t": i, "pools": {"decode": {"d0": {"batch_size": 16, "step_time_s": 0.02, "num_running": 16,
+                                                 "prefill_tokens_per_s": prefill_tokens_per_s}}}} for i in range(4)]
+
+
+def test_a_colocated_prefill_rate_is_its_batches_not_each_prompt_over_its_batch():
+    # 16 prompts of 128 tokens prefilled in one 51 ms batch: each request's own prefill_s is the batch's,
+    # so prompt / prefill_s reads 2.5k tokens/s; the replica's batches ran 40k
+    requests = [record(i / 40, 128, 64, 0.01, 0.051, 0.012) for i in range(80)]
+    status = {"status": {**STATUS, "colocated": True, "pools": {"decode": {"d0": {}}}}}
+    reported = diagnose(BenchResult(status, {}, SLO, [Run(None, 16, 2.0, requests, colocated_pools(40_000))]))
+    older = diagnose(BenchResult(status, {}, SLO, [Run(None, 16, 2.0, requests, colocated_pools(0))]))
+    assert reported.profiles.prefill.tokens_per_s == pytest.approx(40_000)
+    assert older.profiles.prefill.tokens_per_s == pytest.approx(128 / 0.051)
+    assert reported.current.max_goodput_rps > older.current.max_goodput_rps
