@@ -47,6 +47,8 @@ POOL_GAUGES = (
     ("decode", "num_blocks_used", "pdserve_kv_blocks_used", "KV blocks held on the decode replica"),
     ("decode", "num_blocks_free", "pdserve_kv_blocks_free", "KV blocks free on the decode replica"),
     ("decode", "tokens_per_s", "pdserve_decode_tokens_per_second", "Decode throughput"),
+    ("decode", "prefill_tokens_per_s", "pdserve_decode_prefill_tokens_per_second",
+     "The decode replica's own prefill batches' prompt tokens/s (colocated, short prompts, failover)"),
     ("decode", "step_time_s", "pdserve_decode_step_seconds", "Mean recent decode step period (wall time)"),
     ("decode", "gpu_step_time_s", "pdserve_decode_gpu_step_seconds", "Mean GPU busy time of a recent decode step"),
     ("decode", "gpu_idle_share", "pdserve_decode_gpu_idle_share",
