@@ -243,9 +243,8 @@ class DecodeWorker:
             elapsed = time.monotonic() - started
             for seq, _ in batch:
                 seq.prefill_s += elapsed
-            if seqs:  # its time is the device's (sampling read it back), not only the launch's
+            if seqs:  # the batch's time is then the device's (sampling read it back), not only the launch's
                 self._prefills.append((sum(len(c.token_ids) for _, c in batch), elapsed))
-            if seqs:
                 self._accept(sampled, seqs)
             self._emission.flush()
 
