@@ -4,12 +4,15 @@ Every split diagnose recommends is a prediction of the same model, so the model 
 checked where it can be without redeploying: at the deployment's own sizes. A
 Poisson run at `current.max_goodput_rps` (the highest rate the model says keeps
 both SLOs there); the prediction is confirmed when the measured goodput (requests
-meeting both SLOs, per second) is at least `CONFIRMED_SHARE` of that rate. A
+meeting both SLOs, per second) is at least `CONFIRMED_SHARE` of that rate. A run that
+fell short while the client itself was the limit (its event loop lagging) says nothing
+of the server: it is run again with twice the client processes, up to this machine's CPUs. A
 colocated deployment is not confirmable: the model predicts prefill:decode splits.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from .diagnosis import Diagnosis
@@ -45,7 +48,8 @@ class Confirmation:
         if self.confirmed or self.client_lag_s < CLIENT_LAG_S:
             return []
         return [f"  The client was the limit, not the server: its loop lagged {1e3 * self.client_lag_s:.0f} ms at p90 "
-                f"with {self.processes} client process(es); confirm again with more `--processes`."]
+                f"with {self.processes} client process(es), as many as this machine's CPUs allow; confirm from a "
+                "machine with more."]
 
 
 def unconfirmable(diagnosis: Diagnosis) -> str:
@@ -57,7 +61,24 @@ def unconfirmable(diagnosis: Diagnosis) -> str:
     return ""
 
 
+def more_processes(checked: Confirmation, cpus: int) -> int | None:
+    """The client processes to offer the rate again with; None when the run stands (it held, the client
+    was not the limit, or twice the processes would outnumber the CPUs)."""
+    if checked.confirmed or checked.client_lag_s < CLIENT_LAG_S or 2 * checked.processes > cpus:
+        return None
+    return 2 * checked.processes
+
+
 async def confirm(diagnosis: Diagnosis, config: BenchConfig) -> Confirmation:
+    """Offer the deployment as it is the model's max goodput; again with more client processes while the
+    client was the limit."""
+    checked = await _offer(diagnosis, config)
+    while (processes := more_processes(checked, os.cpu_count() or 1)) is not None:
+        checked = await _offer(diagnosis, dataclasses.replace(config, processes=processes))
+    return checked
+
+
+async def _offer(diagnosis: Diagnosis, config: BenchConfig) -> Confirmation:
     """One Poisson run of `config`'s workload at the model's max goodput for the deployment as it is."""
     rate = diagnosis.current.max_goodput_rps
     result = await run_bench(dataclasses.replace(config, rates=(rate,), concurrency=None, warmup=0))
