@@ -12,12 +12,12 @@ ADVICE = {
                        "largest graph), or a smaller decode.max_running",
     "prefill loop": "less host work between prefill batches (a larger prefill.max_batch_tokens batches more "
                     "prompts per launch)",
-    "prefill launches": "prompts that fit the prefill CUDA graphs (up to 8 prompts from position 0 and 512 "
-                        "tokens in all: a prefill.max_batch_tokens of 512), or a GPU replica started with its "
-                        "graphs captured",
+    "prefill launches": "prompts within the prefill CUDA graphs (up to 8 prompts and 512 tokens in all, "
+                        "which the replicas batch to on their own; longer prompts launch eagerly), more prefill "
+                        "replicas (each launches its own batches), or a GPU replica started with its graphs captured",
     "router": "more CPU for the router (more router replicas, fewer other processes on its node)",
     "front end": "more router replicas (router.replicas) or more CPU on their nodes, or the client closer",
-    "client": "a client that keeps up: more client processes or machines, fewer streams per process",
+    "client": "a client that keeps up: more client processes (`--processes N`) or machines, fewer streams per process",
 }
 
 
