@@ -199,8 +199,8 @@ def single(server: Server, out: Path, name: str) -> None:
     """One request in flight: the TTFT the server does not explain, and prefill against its floor."""
     file = Path("/tmp/serving_plane") / f"single-{name.replace(' ', '').replace('+', '')}.json"
     subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
-                    "--prompt-tokens", "128", "--output-tokens", "16", "--num-requests", "30", "--concurrency", "1", "--seed", "99",
-                    "--warmup", "3", "--out", str(file)], check=False, timeout=300)
+                    "--prompt-tokens", "128", "--output-tokens", "16", "--num-requests", "30", "--concurrency", "1",
+                    "--seed", "99", "--warmup", "3", "--out", str(file)], check=False, timeout=300)
     records = [r for r in json.loads(file.read_text())["runs"][-1]["requests"] if r.get("server")]
     outside = [r["chunk_s"][0] - r["server"]["queue_s"] - r["server"]["prefill_s"] - r["server"]["kv_transfer_s"]
                for r in records if r["chunk_s"]]
