@@ -42,6 +42,20 @@ def wait_decode_on_both_hosts(server: PdserveOnHost, network, timeout_s: float) 
     return placed
 
 
+def wait_routed_to_both_hosts(server: PdserveOnHost, network, timeout_s: float = 60) -> None:
+    """Until two requests at once reach the decode replicas of both hosts: a replacement replica is in
+    the pool's reports a moment before the router sends it work."""
+    end = time.monotonic() + timeout_s
+    while True:
+        replicas = {r["replica_id"] for r in wait_decode_on_both_hosts(server, network, timeout_s).values()}
+        probes = generate_all(server.grpc_address, [([500, 5], 2), ([501, 5], 2)])
+        used = {o.timings.get("decode_replica") for o in probes}
+        if replicas <= used:
+            return
+        assert time.monotonic() < end, f"requests reached {used}, not both hosts' decode replicas {replicas}"
+        time.sleep(1)
+
+
 def assert_exact(outcomes, requests, model) -> None:
     for (prompt, max_tokens), outcome in zip(requests, outcomes):
         assert not outcome.error, outcome.error
@@ -65,6 +79,7 @@ def test_decode_on_both_hosts_equals_transformers(server, network, chat_model):
 
 
 def test_a_decode_replica_killed_mid_stream_on_host_b_loses_no_token(server, network, chat_model):
+    wait_routed_to_both_hosts(server, network)
     requests = [([200 + i, 7, 8], 150) for i in range(6)]
     with ThreadPoolExecutor(len(requests)) as pool:
         outcomes, futures = start_all(pool, server.grpc_address, requests, timeout_s=DEADLINE_S)
@@ -81,6 +96,7 @@ def test_a_decode_replica_killed_mid_stream_on_host_b_loses_no_token(server, net
 
 def test_host_b_dying_fails_its_requests_over_and_its_rejoining_brings_the_pool_back(
         server, network, ray_cluster, chat_model):
+    wait_routed_to_both_hosts(server, network)
     requests = [([300 + i, 9, 9], 150) for i in range(6)]
     with ThreadPoolExecutor(len(requests)) as pool:
         outcomes, futures = start_all(pool, server.grpc_address, requests, timeout_s=DEADLINE_S)
