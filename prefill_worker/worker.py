@@ -244,7 +244,7 @@ class PrefillWorker:
         At least the last token is always computed: its logits give the first token. A prompt a
         prefill graph holds whole is computed from position 0 instead: the rest of a cached prompt
         runs kernel by kernel, slower than the whole one replayed (Llama-3-8B shape on an H200,
-        2026-12-01: ~28 ms for any cached remainder, 5.9 ms for 128 tokens from a graph).
+        2026-12-01: 28–34 ms for any cached remainder, 5.9 ms for 128 tokens from a graph).
         """
         whole = self.runner.graph_holds([PrefillChunk(prompt, 0, ())])
         reusable = 0 if whole else (len(prompt) - 1) // self.pool.block_size
