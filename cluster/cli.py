@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from .config import ConfigError, PdserveConfig, load_config, load_config_file
@@ -190,6 +191,17 @@ def _chat_template(given: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # A process started in the background inherits SIGINT ignored; Ctrl-C or kill -INT while it
+    # loads or deploys must still stop it (serve_forever then takes down what was deployed).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _serve_until_stopped(args)
+    except KeyboardInterrupt:  # before anything was deployed
+        print("pdserve: interrupted", file=sys.stderr)
+        return 130
+
+
+def _serve_until_stopped(args: argparse.Namespace) -> int:
     from pdserve.engine.loader import ModelLoadError
     from pdserve.engine.model_spec import UnsupportedModel
     from pdserve.router.ingress import PortTaken

@@ -1,10 +1,12 @@
 """`pdserve serve`: start (or join) Ray, deploy the application, serve until Ctrl-C."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -46,18 +48,32 @@ def start(config: PdserveConfig, address: str | None) -> None:
     import ray
     from ray import serve
 
-    if address:
-        # Joining: each replica's listeners bind the address Ray reports for its own node.
-        ray.init(address=address)
-    else:
-        # One machine: Ray's node address is loopback, so the KV channels and token streams are too.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    with _sigint_deferred():  # ray.init interrupted halfway leaves a driver that cannot shut down
+        if address:
+            # Joining: each replica's listeners bind the address Ray reports for its own node.
+            ray.init(address=address)
+        else:
+            # One machine: Ray's node address is loopback, so the KV channels and token streams are too.
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
     # The router replicas listen on router.http_port / grpc_port themselves (router/ingress.py).
     serve.start(proxy_location="Disabled")
     if is_autoscaled(config):
         _deploy_with_policy(config)
     else:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """A SIGINT during the block raises KeyboardInterrupt once the block is done."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _deploy_with_policy(config: PdserveConfig, timeout_s: float = 900.0) -> None:
@@ -83,7 +99,9 @@ def _deploy_with_policy(config: PdserveConfig, timeout_s: float = 900.0) -> None
 
 
 def stop() -> None:
+    """Take down Serve and the Ray this process started (or leave the cluster it joined)."""
     import ray
+
     from ray import serve
 
     serve.shutdown()
@@ -94,9 +112,10 @@ def serve_forever(config: PdserveConfig, address: str | None) -> None:
     config = prepare(config, joining=address is not None)
     if config.router.http_host not in ("127.0.0.1", "localhost", "::1") and not config.router.api_key:
         log.warning("listening on %s without an API key: anyone who reaches it can use it", config.router.http_host)
-    try:
+    try:  # SIGINT reaches this process even if it started in the background (cli._serve)
         start(config, address)
-    except KeyboardInterrupt:  # Ctrl-C while deploying: take down what was deployed, not leave it running
+    except (KeyboardInterrupt, SystemExit):  # interrupted while deploying (ray.init makes SIGTERM exit):
+        # take down what was deployed, not leave it running
         print("pdserve: interrupted while deploying; shutting down", flush=True)
         stop()
         return
