@@ -130,11 +130,13 @@ async def _run_shared(client: BenchClient, config: BenchConfig, shares: list[_Sh
             if child.is_alive():
                 child.kill()
     records = [r for run in runs for r in run.requests]
-    first_send = min(r.sent_at for r in records)
-    last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
     rate = shares[0].rate and sum(s.rate for s in shares)
-    return Run(rate, config.concurrency, last_end - first_send, records, runs[0].pools,
-               max(run.client_lag_s for run in runs))
+    return Run(rate, config.concurrency, _span(records), records, runs[0].pools, max(run.client_lag_s for run in runs))
+
+
+def _span(records: list[RequestRecord]) -> float:
+    """Seconds from the first request sent to the last one done."""
+    return max(r.sent_at + (r.e2e_s or 0.0) for r in records) - min(r.sent_at for r in records)
 
 
 def _collect(children: list, results) -> list[Run]:
@@ -196,10 +198,8 @@ async def _run(client: BenchClient, specs: list, rate: float | None, concurrency
         sampler.cancel()
         probe.cancel()
         bar.close()
-    first_send = min(r.sent_at for r in records)
-    last_end = max(r.sent_at + (r.e2e_s or 0.0) for r in records)
     lag = percentile(sorted(lags), 90) if lags else 0.0
-    return Run(rate, concurrency, last_end - first_send, records, pools, lag)
+    return Run(rate, concurrency, _span(records), records, pools, lag)
 
 
 async def _probe_lag(into: list[float]) -> None:
