@@ -7,9 +7,8 @@ Serves the shape (random bf16 weights in the tokenizer's vocabulary) `--colocate
 decode.max_running = in flight and 4 router replicas, then for each mode runs `pdserve bench`
 (128-token prompts, `--output-tokens` answers, closed loop) and `pdserve diagnose --from` its JSON
 with the TPOT SLO 20 ms, TTFT 1000 ms:
-  split   `--clients` bench processes sharing `--in-flight` (what one client process can read is
-          not what binds); diagnose reads the first client's JSON: its own requests, and every
-          replica report taken under the whole load
+  split   `pdserve bench --processes` with `--clients` client processes sharing `--in-flight` (what one
+          client process can read is not what binds); one JSON holds every process's requests
   single  one bench process holding all `--in-flight` requests (the issue's own command); a client
           too busy to read its streams is then a legitimate HOST (client)
 OUT_DIR/diagnose_h200.md gets one row per mode: the verdict (bottleneck, the host part), the
@@ -40,7 +39,6 @@ SHAPES = {"llama3-8b": LLAMA3_8B,
           "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=2, max_position_embeddings=4096)}
 SLO_TPOT_MS, SLO_TTFT_MS, PROMPT_TOKENS = 20, 1000, 128
-SCRATCH = Path("/tmp/diagnose_h200")
 
 
 def say(*parts) -> None:
@@ -48,28 +46,21 @@ def say(*parts) -> None:
 
 
 def bench(server: Server, out: Path, name: str, clients: int, in_flight: int, requests: int, output_tokens: int,
-          timeout_s: float) -> list[Path]:
-    """`clients` bench processes at once sharing `in_flight` and `requests`; their JSON files (those written),
-    under SCRATCH (with their plots) but the first, which diagnose reads: in `out`."""
-    SCRATCH.mkdir(exist_ok=True)
-    files = [out / f"{name}-bench.json"] + [SCRATCH / f"{name}-bench-c{i}.json" for i in range(1, clients)]
-    procs = []
-    for i, file in enumerate(files):
-        procs.append(subprocess.Popen(
+          timeout_s: float) -> Path | None:
+    """One `pdserve bench --processes clients` sharing `in_flight` and `requests`: its JSON (None if unwritten)."""
+    file = out / f"{name}-bench.json"
+    try:
+        done = subprocess.run(
             [sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
              "--prompt-tokens", str(PROMPT_TOKENS), "--output-tokens", str(output_tokens),
-             "--num-requests", str(max(requests // clients, 8)), "--concurrency", str(max(in_flight // clients, 1)),
-             "--warmup", "2", "--seed", str(i), "--slo-tpot-ms", str(SLO_TPOT_MS), "--slo-ttft-ms", str(SLO_TTFT_MS),
-             "--out", str(file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        if p.returncode:
-            say(f"  {name}: a client exited {p.returncode}: {err.decode()[-600:]}")
-    return [f for f in files if f.exists()]
+             "--num-requests", str(requests), "--concurrency", str(in_flight), "--processes", str(clients),
+             "--warmup", "2", "--slo-tpot-ms", str(SLO_TPOT_MS), "--slo-ttft-ms", str(SLO_TTFT_MS),
+             "--out", str(file)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s)
+        if done.returncode:
+            say(f"  {name}: the bench exited {done.returncode}: {done.stderr.decode()[-600:]}")
+    except subprocess.TimeoutExpired:
+        say(f"  {name}: the bench ran past {timeout_s:.0f} s")
+    return file if file.exists() else None
 
 
 def diagnose(bench_file: Path, out: Path, name: str) -> dict:
@@ -84,25 +75,24 @@ def diagnose(bench_file: Path, out: Path, name: str) -> dict:
     return json.loads(json_file.read_text()) if json_file.exists() else {}
 
 
-def replica_reports(files: list[Path]) -> dict:
-    """Medians of the decode replicas' reports with sequences running, over every client's pool samples."""
-    runs = [json.loads(f.read_text())["runs"][-1] for f in files]
-    samples = [r for run in runs for snap in run["pools"] for r in snap["pools"].get("decode", {}).values()
+def replica_reports(file: Path) -> dict:
+    """Medians of the decode replicas' reports with sequences running, with the bench's own figures."""
+    run = json.loads(file.read_text())["runs"][-1]
+    samples = [r for snap in run["pools"] for r in snap["pools"].get("decode", {}).values()
                if r.get("num_running", 0) > 0]
 
     def median(key: str, scale: float = 1.0) -> float:
         values = [s[key] for s in samples if s.get(key) is not None]
         return scale * statistics.median(values) if values else float("nan")
 
-    summaries = [run["summary"] for run in runs]
-    tpots = [s["tpot"]["p50"] for s in summaries if s.get("tpot")]
+    summary = run["summary"]
     return {"samples": len(samples), "running": median("num_running"), "batch": median("batch_size"),
             "step_ms": median("step_time_s", 1e3), "gpu_step_ms": median("gpu_step_time_s", 1e3),
             "gpu_idle": median("gpu_idle_share"), "launch_ms": median("launch_time_s", 1e3),
             "mbu_busy": median("mbu_busy"), "mbu_wall": median("mbu_wall"),
-            "tokens_per_s": sum(s["output_tokens_per_s"] for s in summaries),
-            "tpot_p50_ms": 1e3 * statistics.median(tpots) if tpots else float("nan"),
-            "failed": sum(s.get("num_failed", 0) for s in summaries)}
+            "tokens_per_s": summary["output_tokens_per_s"],
+            "tpot_p50_ms": 1e3 * summary["tpot"]["p50"] if summary["tpot"]["p50"] is not None else float("nan"),
+            "failed": summary.get("num_failed", 0)}
 
 
 def stats_failures() -> int:
@@ -154,12 +144,12 @@ def main() -> None:
             clients = {"split": args.clients, "single": 1}[mode]
             # one process may read far fewer tokens/s than the server makes: half the requests, so it ends in time
             requests = args.requests if mode == "split" else max(args.requests // 2, 2 * args.in_flight)
-            files = bench(server, args.out, mode, clients, args.in_flight, requests, args.output_tokens,
-                          args.bench_timeout_s)
-            if not files:
+            file = bench(server, args.out, mode, clients, args.in_flight, requests, args.output_tokens,
+                         args.bench_timeout_s)
+            if file is None:
                 rows.append(f"| {mode} | no bench finished |")
                 continue
-            rows.append(row(mode, clients, args.in_flight, diagnose(files[0], args.out, mode), replica_reports(files)))
+            rows.append(row(mode, clients, args.in_flight, diagnose(file, args.out, mode), replica_reports(file)))
             say(rows[-1])
             say(f"{mode} done after {time.monotonic() - started:.0f} s")
         (args.out / "status.json").write_text(json.dumps(server.status(), indent=1))

@@ -13,8 +13,8 @@ Parts (each prints its rows; the table is written last, to OUT_DIR/serving_plane
           1 prefill + 1 decode (half the GPU each); the served decode step from the replicas' reports.
           Each 8B deployment also serves one request in flight: TTFT minus the server's own
           queue + prefill + KV parts, and the 128-token prefill against its floor (weights read once).
-Clients are `pdserve bench` processes (closed loop, `--concurrency` each); their tokens/s add up
-because they run over the same window. Host time per running sequence per step and the GPU-idle
+Clients are one `pdserve bench --processes N` (closed loop; its requests and concurrency shared
+among the N client processes, their records merged into one JSON). Host time per running sequence per step and the GPU-idle
 share come from the decode replicas' reports.
 """
 from __future__ import annotations
@@ -49,41 +49,29 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def bench_clients(server: Server, out: Path, name: str, clients: int, in_flight: int, requests_each: int,
+def bench_clients(server: Server, out: Path, name: str, clients: int, in_flight: int, requests: int,
                   prompt: str, output: str, grpc: bool) -> dict:
-    """`clients` bench processes at once, `in_flight // clients` requests in flight each; summed."""
-    procs, files = [], []
-    scratch = Path("/tmp/serving_plane")  # the clients' JSON and plots stay here; the table goes to `out`
+    """One `pdserve bench --processes clients` (closed loop, `in_flight` requests in flight among them):
+    its whole load in one JSON, under /tmp/serving_plane (with its plot); the table goes to `out`."""
+    scratch = Path("/tmp/serving_plane")
     scratch.mkdir(exist_ok=True)
-    for i in range(clients):
-        file = scratch / f"{name}-c{i}.json"
-        files.append(file)
-        command = [sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
-                   "--prompt-tokens", prompt, "--output-tokens", output, "--num-requests", str(requests_each),
-                   "--concurrency", str(max(in_flight // clients, 1)), "--warmup", "2", "--seed", str(i),
-                   "--out", str(file)]
-        if grpc:
-            command += ["--grpc", server.grpc_address]
-        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for p in procs:
-        _, err = p.communicate(timeout=400)
-        if p.returncode:
-            say(f"  client exited {p.returncode}: {err.decode()[-400:]}")
-    summaries, pools = [], []
-    for file in files:
-        if file.exists():
-            run = json.loads(file.read_text())["runs"][-1]
-            summaries.append(run["summary"])
-            pools += run["pools"]
-    if not summaries:
+    file = scratch / f"{name}.json"
+    command = [sys.executable, "-m", "pdserve.cluster.cli", "bench", "--url", server.url, "-q",
+               "--prompt-tokens", prompt, "--output-tokens", output, "--num-requests", str(requests),
+               "--concurrency", str(in_flight), "--processes", str(clients), "--warmup", "2", "--out", str(file)]
+    if grpc:
+        command += ["--grpc", server.grpc_address]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=400)
+    if done.returncode:
+        say(f"  bench exited {done.returncode}: {done.stderr.decode()[-400:]}")
+    if not file.exists():
         return {"tokens_per_s": 0.0}
-    ttft = [s["ttft"]["p50"] for s in summaries if s["ttft"]]
-    tpot = [s["tpot"]["p50"] for s in summaries if s["tpot"]]
-    return {"tokens_per_s": sum(s["output_tokens_per_s"] for s in summaries),
-            "failed": sum(s.get("num_failed", 0) for s in summaries),
-            "ttft_p50_ms": 1e3 * statistics.median(ttft) if ttft else float("nan"),
-            "tpot_p50_ms": 1e3 * statistics.median(tpot) if tpot else float("nan"),
-            **decode_reports(pools)}
+    run = json.loads(file.read_text())["runs"][-1]
+    s = run["summary"]
+    return {"tokens_per_s": s["output_tokens_per_s"], "failed": s.get("num_failed", 0),
+            "ttft_p50_ms": 1e3 * s["ttft"]["p50"] if s["ttft"]["p50"] is not None else float("nan"),
+            "tpot_p50_ms": 1e3 * s["tpot"]["p50"] if s["tpot"]["p50"] is not None else float("nan"),
+            **decode_reports(run["pools"])}
 
 
 def decode_reports(pools: list[dict]) -> dict:
@@ -115,9 +103,11 @@ def part_plane(tokenizer: Path, out: Path, seconds: float, routers_each: tuple[i
         try:
             for grpc in (False, True):
                 for in_flight in (512,):
-                    each = max(int(in_flight * seconds / 16 / clients), 8)  # ~`seconds` at ~6 ms a token
+                    # every request in flight from the start, and refilled for ~`seconds` (a 256-token answer
+                    # takes ~1.5 s at 512 in flight); the runs before 2026-12-02 sent 42 per client: ~250 in flight
+                    requests = int(in_flight * max(seconds / 1.5, 1.0))
                     name = f"plane-r{routers}-s{interval}-{'grpc' if grpc else 'http'}-{in_flight}"
-                    row = bench_clients(server, out, name, clients, in_flight, each, "64", "256", grpc)
+                    row = bench_clients(server, out, name, clients, in_flight, requests, "64", "256", grpc)
                     line = (f"| plane | {'gRPC' if grpc else 'HTTP'} | routers {routers}, stream interval {interval} | "
                             f"{in_flight} in flight, "
                             f"{clients} clients | {row['tokens_per_s']:,.0f} tok/s | TPOT p50 {row.get('tpot_p50_ms', 0):.1f} ms"
@@ -166,7 +156,7 @@ def part_8b(tokenizer: Path, out: Path, seconds: float, only: tuple[str, ...]) -
         server = Server("--model", str(directory), *flags, "--config", str(config), "--router-replicas", "4")
         try:
             row = bench_clients(server, out, f"8b-{name.replace(' ', '').replace('+', '')}", 6, 256,
-                                max(int(256 * seconds / 256 / 0.012 / 6), 64), "128", "256", False)
+                                max(int(seconds / 0.012), 6 * 64), "128", "256", False)
             ratio = row["tokens_per_s"] / (256 / own_ms * 1e3)
             line = (f"| 8B | {name} | served, HTTP | 256 in flight | {row['tokens_per_s']:,.0f} tok/s "
                     f"({ratio:.2f} of the worker alone) | served step {row.get('step_ms', float('nan')):.2f} ms at "
@@ -183,12 +173,12 @@ def part_8b(tokenizer: Path, out: Path, seconds: float, only: tuple[str, ...]) -
 
 
 def diagnose(out: Path, name: str, confirm_on: Server | None) -> None:
-    """`pdserve diagnose` on the first client's bench (its requests, and every replica's reports under the
-    whole load); with `confirm_on`, `--confirm` against that server (the same workload, a Poisson run)."""
+    """`pdserve diagnose` on the bench's JSON (every client process's requests and the replicas' reports);
+    with `confirm_on`, `--confirm` against that server (the same workload, a Poisson run)."""
     confirm = (["--confirm", "--url", confirm_on.url, "--prompt-tokens", "128", "--output-tokens", "256",
                 "--num-requests", "300", "--processes", "6"] if confirm_on else [])
     result = subprocess.run([sys.executable, "-m", "pdserve.cluster.cli", "diagnose", "--from",
-                             f"/tmp/serving_plane/{name}-c0.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
+                             f"/tmp/serving_plane/{name}.json", "--slo-tpot-ms", "20", "--slo-ttft-ms", "1000",
                              "--out", f"/tmp/serving_plane/{name}-diagnose", *confirm],
                             capture_output=True, text=True, timeout=200)
     (out / f"{name}-diagnose.txt").write_text(result.stdout + result.stderr[-2000:])

@@ -185,7 +185,8 @@ def main(args: Any) -> int:
         checked = None if why_not else asyncio.run(confirm(diagnosis, dataclasses.replace(main_config(args),
                                                                                          slo=diagnosis.slo)))
         print(why_not or "\n".join(checked.lines()))
-        written["confirmation"] = checked and {**dataclasses.asdict(checked), "confirmed": checked.confirmed}
+        written["confirmation"] = checked and {**dataclasses.asdict(checked), "goodput_rps": checked.goodput_rps,
+                                               "confirmed": checked.confirmed}
     out.with_name(out.name + ".json").write_text(json.dumps(written, indent=1, default=str))
     print(f"wrote {plot_diagnosis(diagnosis, out.with_name(out.name + '.png'))}")
     return 0
