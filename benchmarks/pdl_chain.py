@@ -3,9 +3,11 @@
     python benchmarks/pdl_chain.py [--rows 4096] [--cols 4096] [--kernels 64]
 
 A chain of bf16 GEMVs y_{i+1} = W_i @ y_i (each weight its own, so none stays in L2), captured in one
-CUDA graph three ways: plain launches; PDL launches that wait for the previous kernel before any load;
-PDL launches that load their first weight tile before waiting (weights never depend on the previous
-kernel). Prints us per GEMV and the share of the copy rate, and checks the three agree.
+CUDA graph five ways: plain launches; PDL launches that wait for the previous kernel before any load, or
+that load their first weight tile before waiting (weights never depend on the previous kernel); each
+letting the next kernel launch early (right after the wait) or as its programs exit. Prints us per
+GEMV and TB/s, and checks the variants agree. H200, 2026-12-02 (plain, wait, wait+prefetch, all early):
+10.73 / 12.43 / 12.53 us per 32 MiB GEMV: early PDL lost 1.7 us a kernel.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import triton.language as tl
 
 @triton.jit
 def _chain_gemv(x_ptr, w_ptr, out_ptr, k, scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                PDL: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * k + cols[None, :]
@@ -28,6 +30,7 @@ def _chain_gemv(x_ptr, w_ptr, out_ptr, k, scale, BLOCK_N: tl.constexpr, BLOCK_K:
         w = tl.load(w_ptrs)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    if EARLY:  # let the next kernel's programs launch now (else: as each of these exits)
         tl.extra.cuda.gdc_launch_dependents()
     if PREFETCH:
         acc += w.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
@@ -39,11 +42,11 @@ def _chain_gemv(x_ptr, w_ptr, out_ptr, k, scale, BLOCK_N: tl.constexpr, BLOCK_K:
     tl.store(out_ptr + rows, (y * scale).to(out_ptr.dtype.element_ty))  # 1/sqrt(k): the chain keeps its scale
 
 
-def chain(weights, x, outs, pdl: bool, prefetch: bool):
+def chain(weights, x, outs, pdl: bool, prefetch: bool, early: bool):
     for w, out in zip(weights, outs):
         kwargs = {"launch_pdl": True} if pdl else {}
         _chain_gemv[(w.shape[0] // 8,)](x, w, out, w.shape[1], w.shape[1] ** -0.5, BLOCK_N=8, BLOCK_K=512, PDL=pdl,
-                                        PREFETCH=prefetch, num_warps=4, num_stages=3, **kwargs)
+                                        PREFETCH=prefetch, EARLY=early, num_warps=4, num_stages=3, **kwargs)
         x = out
 
 
@@ -57,12 +60,15 @@ def main() -> None:
     weights = [torch.randn(args.rows, args.cols, device="cuda", dtype=torch.bfloat16) for _ in range(args.kernels)]
     x = torch.randn(args.cols, device="cuda", dtype=torch.bfloat16)
     results = {}
-    for name, pdl, prefetch in (("plain", False, False), ("pdl", True, False), ("pdl+prefetch", True, True)):
+    variants = (("plain", False, False, False), ("pdl, next launched at exit", True, False, False),
+                ("pdl, next launched early", True, False, True), ("pdl+prefetch, at exit", True, True, False),
+                ("pdl+prefetch, early", True, True, True))
+    for name, pdl, prefetch, early in variants:
         outs = [torch.empty(args.rows, device="cuda", dtype=torch.bfloat16) for _ in weights]
-        chain(weights, x, outs, pdl, prefetch)  # compile
+        chain(weights, x, outs, pdl, prefetch, early)  # compile
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            chain(weights, x, outs, pdl, prefetch)
+            chain(weights, x, outs, pdl, prefetch, early)
         for _ in range(3):
             graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
