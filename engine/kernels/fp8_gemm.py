@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_MIN_SCALE = 1e-12  # an all-zero group still gets a finite scale
+# constexpr annotations: kernels read them too (in Python they stay floats)
+FP8_MAX: tl.constexpr = 448.0  # largest finite float8_e4m3fn
+MIN_SCALE: tl.constexpr = 1e-12  # an all-zero group still gets a finite scale
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def quantize_per_token_group(x: torch.Tensor, group_k: int) -> tuple[torch.Tenso
     m, k = x.shape
     groups = -(-k // group_k)
     padded = F.pad(x.float(), (0, groups * group_k - k)).view(m, groups, group_k)
-    scale = padded.abs().amax(-1).clamp(min=_MIN_SCALE) / FP8_MAX  # [M, groups]
+    scale = padded.abs().amax(-1).clamp(min=MIN_SCALE) / FP8_MAX  # [M, groups]
     q = (padded / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, groups * group_k)
     return q[:, :k].contiguous(), scale
 
@@ -73,8 +74,51 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, group_k: int) ->
 
 
 def quantize_activation(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None):
-    """Dynamic per token (and group) without a static scale, else static."""
+    """Dynamic per token (and group) without a static scale, else static: one Triton pass on CUDA
+    (the torch references above take a dozen, each a launch and a trip through x)."""
+    if use_triton(x):
+        return quantize_triton(x, group_k, input_scale)
     return quantize_per_token_group(x, group_k) if input_scale is None else quantize_static(x, input_scale, group_k)
+
+
+def quantize_triton(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None = None):
+    """The references' numerics in one kernel, a program per (row, group); any device Triton runs on."""
+    m, k = x.shape
+    assert x.stride(-1) == 1, "x must be contiguous along K"
+    groups = -(-k // group_k)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(min(group_k, k))
+    static = input_scale.float().reshape(1) if input_scale is not None else scale  # unused without STATIC
+    _quantize_kernel[(m, groups)](
+        x, q.view(torch.uint8), scale, static, k, x.stride(0), q.stride(0), scale.stride(0),
+        GROUP_K=group_k, BLOCK=block, STATIC=input_scale is not None, num_warps=8 if block >= 4096 else 4,
+    )
+    return q, scale
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,  # [M, K]
+    q_ptr,  # [M, K] the fp8 bytes (uint8)
+    scale_ptr,  # [M, ceil(K / GROUP_K)] fp32
+    static_ptr,  # [1] fp32: the checkpoint's input scale (STATIC)
+    k, stride_x, stride_q, stride_s,
+    GROUP_K: tl.constexpr,
+    BLOCK: tl.constexpr,  # next power of two of min(GROUP_K, K)
+    STATIC: tl.constexpr,
+):
+    row, group = tl.program_id(0), tl.program_id(1)
+    cols = group * GROUP_K + tl.arange(0, BLOCK)
+    mask = (cols < k) & (tl.arange(0, BLOCK) < GROUP_K)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:  # IEEE divisions, as torch's: the same fp8 bytes as the reference
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), MIN_SCALE), FP8_MAX)
+    q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, q.to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(scale_ptr + row * stride_s + group, scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:

@@ -60,6 +60,20 @@ def _patch_interpreter_bf16_rounding() -> None:
     _interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
+def _patch_interpreter_fp8_rounding() -> None:
+    """The interpreter's fp32 → e4m3 drops the carry of a mantissa that rounds up (125.9 becomes 64, not
+    128); GPUs (and torch) round to nearest even: convert with torch."""
+    original = _interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.float8e4nv:
+            return original(self, src, dst_type, rounding_mode)
+        values = torch.from_numpy(src.data.astype(np.float32))
+        return _interpreter.TensorHandle(values.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), tl.float8e4nv)
+
+    _interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
+
+
 if _interpreter is not None:
     import numpy as np
     import triton.language as tl
@@ -67,6 +81,7 @@ if _interpreter is not None:
     _patch_interpreter_index()
     _patch_interpreter_bf16_dot()
     _patch_interpreter_bf16_rounding()
+    _patch_interpreter_fp8_rounding()
 
 requires_triton = pytest.mark.skipif(_interpreter is None, reason="triton is not installed")
 

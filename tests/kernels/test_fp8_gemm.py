@@ -16,6 +16,8 @@ from pdserve.engine.kernels.fp8_gemm import (
     fp8_matmul,
     fp8_matmul_reference,
     quantize_per_token_group,
+    quantize_static,
+    quantize_triton,
 )
 
 # (N, K, group_n, group_k): blocks that tile exactly, blocks with partial edges, one scale per row
@@ -54,6 +56,30 @@ def test_gemm_matches_quantized_reference(n, k, group_n, group_k, m, with_bias):
         ref += bias.double()
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     assert relative_error(out, ref) < 1e-2  # bf16 output rounding
+
+
+@requires_triton
+@pytest.mark.parametrize("m, k, group_k", [(3, 96, 96), (5, 300, 128), (2, 4096, 128), (1, 14336, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_one_pass_quantization_writes_the_references_bytes(m, k, group_k, dtype):
+    """Per row and per group, partial last groups, a row wider than 8k: q and scales equal the torch reference's."""
+    x = activation(m, k, dtype) * torch.logspace(-2, 2, k).to(DEVICE, dtype)  # groups of different magnitudes
+    x[0, : min(group_k, k)] = 0  # an all-zero group keeps a finite scale
+    q, scale = quantize_triton(x, group_k)
+    ref_q, ref_scale = quantize_per_token_group(x.cpu(), group_k)
+    assert q.dtype == FP8_DTYPE and scale.shape == ref_scale.shape
+    assert torch.equal(scale.cpu(), ref_scale)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@requires_triton
+def test_the_one_pass_quantization_takes_a_static_scale():
+    x = activation(4, 96, torch.bfloat16) * 30  # some past 448 * 0.05: clipped
+    s = torch.tensor([0.05])
+    q, scale = quantize_triton(x, 96, s.to(DEVICE))
+    ref_q, ref_scale = quantize_static(x.cpu(), s, 96)
+    assert torch.equal(scale.cpu(), ref_scale)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
 
 
 def test_quantization_error_is_fp8_sized():
