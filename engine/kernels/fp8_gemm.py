@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 
 FP8_DTYPE = torch.float8_e4m3fn
-# constexpr annotations: kernels read them too (in Python they stay floats)
-FP8_MAX: tl.constexpr = 448.0  # largest finite float8_e4m3fn
-MIN_SCALE: tl.constexpr = 1e-12  # an all-zero group still gets a finite scale
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MIN_SCALE = 1e-12  # an all-zero group still gets a finite scale
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,8 @@ def quantize_triton(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | N
     static = input_scale.float().reshape(1) if input_scale is not None else scale  # unused without STATIC
     _quantize_kernel[(m, groups)](
         x, q.view(torch.uint8), scale, static, k, x.stride(0), q.stride(0), scale.stride(0),
-        GROUP_K=group_k, BLOCK=block, STATIC=input_scale is not None, num_warps=8 if block >= 4096 else 4,
+        GROUP_K=group_k, BLOCK=block, STATIC=input_scale is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+        num_warps=8 if block >= 4096 else 4,
     )
     return q, scale
 
@@ -107,6 +107,8 @@ def _quantize_kernel(
     GROUP_K: tl.constexpr,
     BLOCK: tl.constexpr,  # next power of two of min(GROUP_K, K)
     STATIC: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # the module's (a kernel reads no globals)
+    MIN_SCALE: tl.constexpr,
 ):
     row, group = tl.program_id(0), tl.program_id(1)
     cols = group * GROUP_K + tl.arange(0, BLOCK)

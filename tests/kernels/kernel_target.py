@@ -6,6 +6,11 @@ directly, on DEVICE: the public dispatchers pick the torch reference for CPU
 tensors. The interpreter patches below only touch interpreted runs.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -92,3 +97,22 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def compile_for_hopper(module: str, kernel: str, signature: dict[str, str], constexprs: dict) -> list[str]:
+    """Compile `module.kernel` for sm_90 down to its cubin, without a GPU (triton ships ptxas), in a fresh
+    process (the interpreter patches triton in this one): what interpreted runs never check (globals a
+    kernel may not read, types the compiler refuses) fails here. The stages compiled, e.g. [..., 'cubin']."""
+    script = f"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from {module} import {kernel} as kernel
+signature = {{**{signature!r}, **{{name: "constexpr" for name in {constexprs!r}}}}}
+source = ASTSource(fn=kernel, signature=signature, constexprs={constexprs!r})
+print(json.dumps(list(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm)))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
