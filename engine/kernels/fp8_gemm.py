@@ -45,6 +45,10 @@ class Fp8GemmConfig:
     num_warps: int
     num_stages: int
 
+    def __str__(self) -> str:
+        """e.g. tile(128,128,128,8,3): (block_m, block_n, block_k, num_warps, num_stages)."""
+        return f"tile({self.block_m},{self.block_n},{self.block_k},{self.num_warps},{self.num_stages})"
+
 
 def default_gemm_config(num_rows: int, k: int, group_k: int) -> Fp8GemmConfig:
     """Fixed per shape (the launch is captured in CUDA graphs, where autotuning cannot run)."""
