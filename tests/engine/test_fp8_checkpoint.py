@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine_target import assert_logits_close, relative_error
-from fp8_models import LAYOUTS, save_fp8_model
+from fp8_models import save_fp8_model
 from pdserve.engine.fp8 import Fp8Checkpoint, Fp8Linear
 from pdserve.engine.layers import GatedMlp
 from pdserve.engine.loader import ModelLoadError, load_model_dir, read_model_spec

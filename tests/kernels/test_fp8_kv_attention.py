@@ -3,7 +3,7 @@ K and V with their per-tensor scales, and match the reference on the same stored
 import pytest
 import torch
 
-from kernel_target import DEVICE, relative_error, requires_triton
+from kernel_target import relative_error, requires_triton
 from pdserve.engine.kernels.paged_attention import paged_decode_attention_reference, paged_decode_attention_triton
 from test_paged_attention import make_inputs
 

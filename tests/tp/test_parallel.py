@@ -1,5 +1,4 @@
 """TensorParallel over real gloo process groups in separate processes."""
-import pytest
 import torch
 
 from pdserve.engine.parallel import TensorParallel
