@@ -120,6 +120,17 @@ def _add_vllm_engine_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, replacing the model's")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="accepted as vLLM takes it; pdserve runs its own model code, never a checkpoint's")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs: every step launched from Python (engine.cuda_graphs: false)")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                       help="reuse the KV of earlier prompts' full blocks (prefill.prefix_caching; default on)")
+    serve.add_argument("--quantization", choices=["fp8"],
+                       help="fp8: the checkpoint must be an FP8 one (its quantization_config); pdserve does not "
+                            "quantize weights at load")
+    serve.add_argument("--enable-chunked-prefill", action="store_true",
+                       help="accepted as vLLM takes it; prompts past --max-num-batched-tokens are always chunked")
+    serve.add_argument("--disable-log-requests", "--disable-log-stats", action="store_true",
+                       help="accepted as vLLM takes them; pdserve logs no line per request")
 
 
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +165,8 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "model.max_model_len": args.max_model_len,
         "model.chat_template": _chat_template(args.chat_template),
         "model.dtype": _DTYPES.get(args.dtype),
+        "engine.cuda_graphs": False if args.enforce_eager else None,
+        "prefill.prefix_caching": args.enable_prefix_caching,
         "kv_cache.dtype": _KV_DTYPES.get(args.kv_cache_dtype),
         "kv_cache.block_size": args.block_size,
         "kv_cache.memory_fraction": args.gpu_memory_utilization,
@@ -179,6 +192,21 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "autoscaling.downscale_delay_s": args.downscale_delay_s,
     }
     return load_config_file(args.config, **overrides) if args.config else load_config(None, **overrides)
+
+
+def _check_quantized(config: PdserveConfig, method: str) -> None:
+    """`--quantization fp8` names what the checkpoint must already be: its weights are not quantized here."""
+    import json
+    from pathlib import Path
+
+    from pdserve.engine.model_spec import UnsupportedModel
+
+    config_file = Path(config.model.path or "") / "config.json"  # the embedded default model: bf16
+    checkpoint = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if (checkpoint.get("quantization_config") or {}).get("quant_method") not in ("fp8", "compressed-tensors"):
+        raise UnsupportedModel(f"--quantization {method}: the checkpoint is not an FP8 one (no FP8 "
+                               "quantization_config); pdserve serves FP8 checkpoints as they ship and does "
+                               "not quantize weights at load")
 
 
 def _chat_template(given: str | None) -> str | None:
@@ -210,6 +238,8 @@ def _serve_until_stopped(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     try:
+        if args.quantization:
+            _check_quantized(config, args.quantization)
         serve_forever(config, args.address)
     except (ModelLoadError, UnsupportedModel) as e:  # read before anything is deployed
         print(f"pdserve: cannot serve {config.model.path or 'the default model'}: {e}", file=sys.stderr)

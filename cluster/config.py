@@ -101,6 +101,7 @@ class PrefillPoolConfig:
     tensor_parallel_size: int = 1  # ranks (GPUs) per replica, on one node
     max_batch_tokens: int = 2048  # token budget of one prefill batch; longer prompts are chunked
     max_queued_requests: int = 256  # beyond this, requests get 429
+    prefix_caching: bool = True  # reuse the KV of earlier prompts' full blocks (vLLM's --enable-prefix-caching)
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources a replica needs
 
 
@@ -193,6 +194,7 @@ class EngineConfig:
     # The engine thread holds the GIL between GPU waits; at Python's default 5 ms each KV-channel
     # or stream-thread step behind it can wait that long, which the handoff pays per message.
     gil_switch_interval_s: float = 0.001
+    cuda_graphs: bool = True  # on a GPU, decode steps and short prefills replay CUDA graphs (vLLM's --enforce-eager: off)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from pdserve.router.served_models import ServedModels
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE
 from .config import PdserveConfig, load_config, replica_gpus
 from .prefill_server import PrefillServer
-from .rank_process import kv_host, load_rank_model, model_dir, rank_device, transfer_backend
+from .rank_process import build_runner, kv_host, load_rank_model, model_dir, rank_device, transfer_backend
 from .registry import Reporter, registry
 from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits
 from .tp_ranks import TpGroup
@@ -75,9 +75,7 @@ def _runner(config: PdserveConfig, tp: TensorParallel) -> ModelRunner:
     per_block = 2 * kv.block_size * loaded.layout.num_kv_heads * loaded.spec.head_dim * loaded.spec.num_layers
     per_block *= kv_dtype(kv.dtype, loaded.dtype).itemsize
     blocks = kv.num_blocks or num_blocks_that_fit(per_block, loaded.device, kv.memory_fraction, kv.cpu_num_blocks)
-    # CUDA graphs for every batch size the decode loop may run
-    return ModelRunner(loaded, blocks, kv.block_size, max_decode_batch=config.decode.max_running,
-                       kv_cache_dtype=kv.dtype, tp=tp)
+    return build_runner(config, loaded, blocks, tp)
 
 
 def _shard(runner: ModelRunner) -> KvShard:

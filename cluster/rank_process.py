@@ -34,6 +34,14 @@ def load_rank_model(config: PdserveConfig, tp: TensorParallel) -> LoadedModel:
                           rank=tp.rank, tp_size=tp.size)
 
 
+def build_runner(config: PdserveConfig, loaded: LoadedModel, num_blocks: int, tp: TensorParallel) -> ModelRunner:
+    """Every rank's runner alike (the leader's and its followers'): CUDA graphs for every batch size the
+    decode loop may run, unless `engine.cuda_graphs` is off; the KV cache in `kv_cache.dtype`."""
+    return ModelRunner(loaded, num_blocks, config.kv_cache.block_size, max_decode_batch=config.decode.max_running,
+                       use_cuda_graphs=None if config.engine.cuda_graphs else False,
+                       kv_cache_dtype=config.kv_cache.dtype, tp=tp)
+
+
 def kv_host(config: PdserveConfig) -> str | None:
     """The address this replica's KV channels bind: `transfer.interface`'s, or None (each end decides)."""
     return interface_address(config.transfer.interface) if config.transfer.interface else None

@@ -20,7 +20,8 @@ from .config import PdserveConfig
 def prefill_settings(config: PdserveConfig) -> PrefillSettings:
     return PrefillSettings(max_batch_tokens=config.prefill.max_batch_tokens,
                            max_queued_requests=config.prefill.max_queued_requests,
-                           transfer_timeout_s=config.transfer.timeout_s)
+                           transfer_timeout_s=config.transfer.timeout_s,
+                           prefix_caching=config.prefill.prefix_caching)
 
 
 def decode_settings(config: PdserveConfig) -> DecodeSettings:

@@ -32,7 +32,7 @@ from pdserve.engine.parallel import Rendezvous, TensorParallel, host_rendezvous
 from pdserve.engine.transfer import KvDestination, KvShard, TransferOutcome
 
 from .config import PdserveConfig, load_config
-from .rank_process import kv_host, load_rank_model, rank_device, transfer_backend
+from .rank_process import build_runner, kv_host, load_rank_model, rank_device, transfer_backend
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,10 @@ class RankActor:
 
     def start(self, num_blocks: int) -> int:
         """Build the runner and follow on a thread; returns this process's id."""
-        from pdserve.engine.runner import ModelRunner
         from pdserve.engine.tp_runner import follow
         from pdserve.engine.transfer import make_receiver, make_sender
 
-        runner = ModelRunner(self.loaded, num_blocks, self.config.kv_cache.block_size,
-                             max_decode_batch=self.config.decode.max_running, tp=self.tp)
+        runner = build_runner(self.config, self.loaded, num_blocks, self.tp)
         shard = KvShard(self.tp.rank, self.tp.size, self.loaded.spec.num_kv_heads)
         backend, timeout = transfer_backend(self.config, runner), self.config.transfer.timeout_s
         sender = None

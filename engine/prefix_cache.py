@@ -27,8 +27,10 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, enabled: bool = True):
+        """`enabled` False: it keeps nothing and finds nothing (prefix caching off)."""
         self.pool = pool
+        self.enabled = enabled
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
 
     @property
@@ -52,6 +54,8 @@ class PrefixCache:
 
     def insert(self, tokens: Sequence[int], block_ids: Sequence[int]) -> None:
         """Remember the full blocks of `tokens`, whose KV is computed in `block_ids`."""
+        if not self.enabled:
+            return
         size = self.pool.block_size
         for index, (key, parent, block_tokens) in enumerate(self._blocks(tokens, len(tokens) // size)):
             if key in self._entries:

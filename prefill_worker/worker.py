@@ -70,6 +70,7 @@ class PrefillSettings:
     max_batch_tokens: int
     max_queued_requests: int
     transfer_timeout_s: float
+    prefix_caching: bool
 
 
 class PrefillState(enum.Enum):
@@ -117,7 +118,7 @@ class PrefillWorker:
         self.replica_id = replica_id
         spec = runner.kv_cache.spec
         self.pool = BlockPool(spec.num_blocks, spec.block_size)
-        self.prefix_cache = PrefixCache(self.pool)
+        self.prefix_cache = PrefixCache(self.pool, enabled=settings.prefix_caching)
         self._prompt_tokens = self._cached_tokens = 0  # since start: the prefix cache's hit rate
         self._queue: deque[PrefillJob] = deque()
         self._lock = threading.Condition()

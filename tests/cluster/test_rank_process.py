@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pdserve.cluster.config import load_config
-from pdserve.cluster.rank_process import load_rank_model, model_dir
+from pdserve.cluster.rank_process import build_runner, load_rank_model, model_dir
 from pdserve.engine import linear
 from pdserve.engine.loader import DEFAULT_MODEL_NAME
 from pdserve.engine.parallel import TensorParallel
@@ -51,3 +51,13 @@ def test_the_engines_own_gemv_bound_stays_unless_the_config_sets_one(tmp_path, p
     shipped = linear.GEMV_MAX_ROWS
     load_rank_model(load_config({"model": {"path": str(tmp_path)}}), TensorParallel.single())
     assert linear.GEMV_MAX_ROWS == shipped and sys.getswitchinterval() == pytest.approx(0.001)
+
+
+def test_every_rank_builds_its_runner_as_the_config_says(tmp_path, process_settings):
+    """Leader and TP followers alike (a follower once kept the model's KV dtype whatever kv_cache.dtype said)."""
+    save_tiny_model("llama", tmp_path)
+    config = load_config({"model": {"path": str(tmp_path)}, "kv_cache": {"dtype": "fp8_e4m3"},
+                          "engine": {"cuda_graphs": False}})
+    runner = build_runner(config, load_rank_model(config, TensorParallel.single()), 32, TensorParallel.single())
+    assert runner.kv_cache.spec.is_fp8 and runner.kv_cache.spec.num_blocks == 32
+    assert runner.decode_graphs is None and runner.prefill_graphs is None

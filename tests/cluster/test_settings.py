@@ -35,7 +35,7 @@ def test_the_parts_declare_no_default_of_their_own_for_what_the_config_sets(cls)
 def test_workers_started_by_default_see_what_pdserve_serve_serves():
     config = _served()
     assert prefill_settings(config) == PrefillSettings(max_batch_tokens=2048, max_queued_requests=256,
-                                                       transfer_timeout_s=30.0)
+                                                       transfer_timeout_s=30.0, prefix_caching=True)
     # the decode replica's local prefill budget is the prefill pool's (it once defaulted to 512 here)
     assert decode_settings(config) == DecodeSettings(max_running=64, max_waiting=256, prefill_chunk_tokens=2048,
                                                      transfer_timeout_s=30.0, overlap_steps=None,
@@ -50,12 +50,12 @@ def test_workers_started_by_default_see_what_pdserve_serve_serves():
 
 def test_every_part_setting_follows_its_config_key(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text("prefill: {max_batch_tokens: 512, max_queued_requests: 7}\n"
+    path.write_text("prefill: {max_batch_tokens: 512, max_queued_requests: 7, prefix_caching: false}\n"
                     "decode: {max_running: 5, max_waiting: 9, overlap_steps: true}\n"
                     "transfer: {timeout_s: 4}\nrouter: {short_prompt_tokens: 32, stream_interval: 4}\n"
                     "limits: {max_n: 2, max_stop: 1, max_tokens: 100, max_prompt_tokens: 50, request_timeout_s: 9}\n")
     config = _served("--config", str(path), "--colocated", "2", "--http-port", "8100")
-    assert prefill_settings(config) == PrefillSettings(512, 7, 4.0)
+    assert prefill_settings(config) == PrefillSettings(512, 7, 4.0, False)
     assert decode_settings(config) == DecodeSettings(5, 9, 512, 4.0, True, 20.0)
     assert pipeline_settings(config) == PipelineSettings(colocated=True, short_prompt_tokens=32, call_secret="",
                                                          stream_interval=4)

@@ -1,7 +1,7 @@
 """`pdserve serve` takes a `vllm serve` command line's model and engine flags, in vLLM's spelling."""
 import pytest
 
-from pdserve.cluster.cli import make_parser, serve_config
+from pdserve.cluster.cli import main, make_parser, serve_config
 from pdserve.cluster.config import ConfigError
 
 
@@ -48,3 +48,22 @@ def test_a_chat_template_comes_from_its_file_or_as_text(tmp_path):
     assert served("--chat-template", template).model.chat_template == template
     with pytest.raises(ConfigError, match="model.chat_template: does not compile"):
         served("--chat-template", "{% for m in messages %}")
+
+
+def test_vllm_s_engine_switches_land_in_the_config():
+    config = served("--enforce-eager", "--no-enable-prefix-caching")
+    assert config.engine.cuda_graphs is False and config.prefill.prefix_caching is False
+    default = served()
+    assert default.engine.cuda_graphs is True and default.prefill.prefix_caching is True
+    assert served("--enable-prefix-caching").prefill.prefix_caching is True
+
+
+def test_flags_vllm_users_pass_out_of_habit_are_accepted():
+    served("--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats", "--quantization", "fp8")
+
+
+def test_quantization_fp8_of_a_bf16_checkpoint_is_refused_before_anything_is_deployed(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert main(["serve", str(tmp_path), "--quantization", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "not an FP8 one" in err and "does not quantize weights at load" in err

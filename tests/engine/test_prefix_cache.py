@@ -54,3 +54,10 @@ def test_eviction_takes_the_least_recently_used_first():
 
     assert cache.evict(1) == 1
     assert cache.match([3, 4, 0], max_blocks=1) == [] and cache.num_blocks == 1
+
+
+def test_a_disabled_cache_keeps_and_finds_nothing():
+    cache = PrefixCache(BlockPool(16, 4), enabled=False)
+    cached_prompt(cache, list(range(10)))
+    assert cache.num_blocks == 0 and cache.match(list(range(10)), max_blocks=10) == []
+    assert cache.pool.num_free == 16  # no block held for it
