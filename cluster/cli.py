@@ -201,8 +201,8 @@ def _check_quantized(config: PdserveConfig, method: str) -> None:
 
     from pdserve.engine.model_spec import UnsupportedModel
 
-    config_file = Path(config.model.path or "") / "config.json"  # the embedded default model: bf16
-    checkpoint = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config_file = Path(config.model.path) / "config.json" if config.model.path else None  # None: the embedded bf16 model
+    checkpoint = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
     if (checkpoint.get("quantization_config") or {}).get("quant_method") not in ("fp8", "compressed-tensors"):
         raise UnsupportedModel(f"--quantization {method}: the checkpoint is not an FP8 one (no FP8 "
                                "quantization_config); pdserve serves FP8 checkpoints as they ship and does "

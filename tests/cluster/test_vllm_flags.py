@@ -67,3 +67,8 @@ def test_quantization_fp8_of_a_bf16_checkpoint_is_refused_before_anything_is_dep
     assert main(["serve", str(tmp_path), "--quantization", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "not an FP8 one" in err and "does not quantize weights at load" in err
+
+
+def test_quantization_fp8_of_the_embedded_model_is_refused(capsys):
+    assert main(["serve", "--quantization", "fp8"]) == 2
+    assert "not an FP8 one" in capsys.readouterr().err
