@@ -1,0 +1,44 @@
+"""The decode and prefill GEMM kernels compile for sm_90 (H100/H200) down to their cubin, on any machine.
+
+The interpreter that runs the other kernel tests on the CPU never meets the GPU compiler: a global a
+kernel may not read, or a type or layout the compiler refuses, passes there and fails on the GPU.
+"""
+import pytest
+
+from kernel_target import compile_for_hopper, requires_triton
+
+GEMV = ("pdserve.engine.kernels.gemv", "_gemv_kernel",
+        {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "num_rows": "i32", "n": "i32",
+         "k": "i32", "stride_x": "i32", "stride_out": "i32"})
+FP8_GEMV = ("pdserve.engine.kernels.fp8_gemv", "_fp8_gemv_kernel",
+            {"x_ptr": "*bf16", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+             "num_rows": "i32", "n": "i32", "k": "i32", "stride_x": "i32", "stride_ws": "i32", "stride_out": "i32"})
+FP8_GEMM = ("pdserve.engine.kernels.fp8_gemm", "_fp8_gemm_kernel",
+            {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
+             "bias_ptr": "*bf16", "out_ptr": "*bf16", "m": "i32", "n": "i32", "k": "i32", "stride_a": "i32",
+             "stride_as": "i32", "stride_ws": "i32", "stride_out": "i32"})
+GEMV_FLAGS = {"HAS_BIAS": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16}
+FP8_GEMV_FLAGS = {"HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
+                  "BIT_DEQUANT": False}
+
+CASES = {
+    "gemv fma": (*GEMV, {**GEMV_FLAGS, "USE_DOT": False, "BLOCK_N": 8, "BLOCK_K": 512}),
+    "gemv dot": (*GEMV, {**GEMV_FLAGS, "USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 256}),
+    "fp8 gemv per row": (*FP8_GEMV, {**FP8_GEMV_FLAGS, "GROUP_N": 1, "GROUP_K": 1, "SCALES": "row", "USE_DOT": False,
+                                     "BLOCK_N": 4, "BLOCK_K": 1024, "SUB": 1024}),
+    "fp8 gemv blocks folded": (*FP8_GEMV, {**FP8_GEMV_FLAGS, "GROUP_N": 128, "GROUP_K": 128, "SCALES": "fold",
+                                           "USE_DOT": False, "BLOCK_N": 4, "BLOCK_K": 1024, "SUB": 128}),
+    "fp8 gemv blocks on tensor cores": (*FP8_GEMV, {**FP8_GEMV_FLAGS, "GROUP_N": 1, "GROUP_K": 128, "SCALES": "gather",
+                                                    "USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "SUB": 128}),
+    "fp8 gemm blocks": (*FP8_GEMM, {"GROUP_N": 128, "GROUP_K": 128, "PER_ROW": False, "HAS_BIAS": False,
+                                    "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SWIZZLE": 8}),
+    "fp8 gemm per row": (*FP8_GEMM, {"GROUP_N": 1, "GROUP_K": 4096, "PER_ROW": True, "HAS_BIAS": False,
+                                     "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SWIZZLE": 8}),
+}
+
+
+@requires_triton
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_kernel_compiles_for_hopper(case):
+    module, kernel, signature, constexprs = CASES[case]
+    assert "cubin" in compile_for_hopper(module, kernel, signature, constexprs)
