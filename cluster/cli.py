@@ -196,14 +196,17 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
 
 def _check_quantized(config: PdserveConfig, method: str) -> None:
     """`--quantization fp8` names what the checkpoint must already be: its weights are not quantized here."""
-    import json
     from pathlib import Path
 
+    from pdserve.engine.fp8 import Fp8Checkpoint, Fp8FormatError
+    from pdserve.engine.loader import load_hf_config
     from pdserve.engine.model_spec import UnsupportedModel
 
-    config_file = Path(config.model.path) / "config.json" if config.model.path else None  # None: the embedded bf16 model
-    checkpoint = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
-    if (checkpoint.get("quantization_config") or {}).get("quant_method") not in ("fp8", "compressed-tensors"):
+    try:  # no path: the embedded model, a bf16 one
+        fp8 = config.model.path and Fp8Checkpoint.of(load_hf_config(Path(config.model.path)))
+    except Fp8FormatError:  # another quantization: not FP8 either
+        fp8 = None
+    if not fp8:
         raise UnsupportedModel(f"--quantization {method}: the checkpoint is not an FP8 one (no FP8 "
                                "quantization_config); pdserve serves FP8 checkpoints as they ship and does "
                                "not quantize weights at load")

@@ -63,7 +63,7 @@ def test_flags_vllm_users_pass_out_of_habit_are_accepted():
 
 
 def test_quantization_fp8_of_a_bf16_checkpoint_is_refused_before_anything_is_deployed(tmp_path, capsys):
-    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     assert main(["serve", str(tmp_path), "--quantization", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "not an FP8 one" in err and "does not quantize weights at load" in err

@@ -1,4 +1,5 @@
-"""The decode and prefill GEMM kernels compile for sm_90 (H100/H200) down to their cubin, on any machine.
+"""GPU kernels compile for sm_90 (H100/H200) down to their cubin, on any machine: the GEMV, FP8 GEMV,
+FP8 GEMM and FP8 activation-quantization kernels.
 
 The interpreter that runs the other kernel tests on the CPU never meets the GPU compiler: a global a
 kernel may not read, or a type or layout the compiler refuses, passes there and fails on the GPU.
@@ -17,11 +18,17 @@ FP8_GEMM = ("pdserve.engine.kernels.fp8_gemm", "_fp8_gemm_kernel",
             {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32",
              "bias_ptr": "*bf16", "out_ptr": "*bf16", "m": "i32", "n": "i32", "k": "i32", "stride_a": "i32",
              "stride_as": "i32", "stride_ws": "i32", "stride_out": "i32"})
+QUANTIZE = ("pdserve.engine.kernels.fp8_gemm", "_quantize_kernel",
+            {"x_ptr": "*bf16", "q_ptr": "*u8", "scale_ptr": "*fp32", "static_ptr": "*fp32", "k": "i32",
+             "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"})
+QUANTIZE_FLAGS = {"GROUP_K": 128, "BLOCK": 128, "FP8_MAX": 448.0, "MIN_SCALE": 1e-12}
 GEMV_FLAGS = {"HAS_BIAS": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16}
 FP8_GEMV_FLAGS = {"HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                   "BIT_DEQUANT": False}
 
 CASES = {
+    "fp8 activation quantization": (*QUANTIZE, {**QUANTIZE_FLAGS, "STATIC": False}),
+    "fp8 activation quantization, static scale": (*QUANTIZE, {**QUANTIZE_FLAGS, "STATIC": True}),
     "gemv fma": (*GEMV, {**GEMV_FLAGS, "USE_DOT": False, "BLOCK_N": 8, "BLOCK_K": 512}),
     "gemv dot": (*GEMV, {**GEMV_FLAGS, "USE_DOT": True, "BLOCK_N": 32, "BLOCK_K": 256}),
     "fp8 gemv per row": (*FP8_GEMV, {**FP8_GEMV_FLAGS, "GROUP_N": 1, "GROUP_K": 1, "SCALES": "row", "USE_DOT": False,
