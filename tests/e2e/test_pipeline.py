@@ -111,12 +111,14 @@ def test_two_and_two_equal_transformers(chat_model, tmp_path):
                     *overlapping(tmp_path))
     try:
         outputs = run_concurrently(server, REQUESTS)
-        decode = server.wait_all_blocks_free()
+        decode = server.wait_all_blocks_free(replicas=2)
+        log = server.log_tail()
     finally:
         server.stop()
     for (prompt, max_tokens), output in zip(REQUESTS, outputs):
         assert output == reference_tokens(chat_model[1], prompt, max_tokens)
-    assert len(decode) == 2 and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
+    assert len(decode) == 2 and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), (
+        decode, log)
 
 
 def test_colocated_with_a_stream_interval_gives_the_same_outputs(chat_model, tmp_path):
