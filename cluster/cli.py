@@ -27,9 +27,11 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve a model: prefill and decode pools behind HTTP and gRPC")
-    serve.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model directory, as `vllm serve MODEL` takes it")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="a model directory or Hugging Face model id, as `vllm serve MODEL` takes it")
     serve.add_argument("--config", help="a config.yaml (flags below override it)")
-    serve.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--model", help="a Hugging Face model directory, or a model id (ORG/NAME) found in the Hugging "
+                                       "Face cache or fetched into it (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
                        help="the names clients send as `model` (responses carry the first; /v1/models lists "
                             "them all; any other name gets 404). Default: the --model value exactly as given, "
@@ -118,6 +120,9 @@ def _add_vllm_engine_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float,
                        help="share of the GPU memory free after the weights that the KV cache takes (default 0.8)")
     serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one, replacing the model's")
+    serve.add_argument("--revision", help="a Hugging Face model id's branch, tag or commit (default: main)")
+    serve.add_argument("--download-dir",
+                       help="the Hugging Face cache a model id is read from and fetched into (default: HF_HOME's)")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="accepted as vLLM takes it; pdserve runs its own model code, never a checkpoint's")
     serve.add_argument("--enforce-eager", action="store_true",
@@ -174,6 +179,8 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "prefill.max_batch_tokens": args.max_num_batched_tokens,
         "model.served_model_name": args.served_model_name,
         "model.cache_dir": args.cache_dir,
+        "model.revision": args.revision,
+        "model.download_dir": args.download_dir,
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,
@@ -202,8 +209,10 @@ def _check_quantized(config: PdserveConfig, method: str) -> None:
     from pdserve.engine.loader import load_hf_config
     from pdserve.engine.model_spec import UnsupportedModel
 
+    from .rank_process import model_dir
+
     try:  # no path: the embedded model, a bf16 one
-        fp8 = config.model.path and Fp8Checkpoint.of(load_hf_config(Path(config.model.path)))
+        fp8 = config.model.path and Fp8Checkpoint.of(load_hf_config(Path(model_dir(config))))
     except Fp8FormatError:  # another quantization: not FP8 either
         fp8 = None
     if not fp8:

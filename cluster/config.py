@@ -4,7 +4,8 @@
 land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
-    model:        {path, served_model_name, dtype, max_model_len, cache_dir, chat_template}
+    model:        {path, served_model_name, dtype, max_model_len, cache_dir, chat_template, revision,
+                   download_dir}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
@@ -92,6 +93,9 @@ class ModelConfig:
     # where the embedded default model is unpacked; None: $PDSERVE_CACHE, else ~/.cache/pdserve
     cache_dir: str | None = None
     chat_template: str | None = None  # a Jinja chat template's text, replacing the tokenizer's (None: its own)
+    # a Hugging Face model id as `path`: which revision, and the cache it is read from (None: HF_HOME's)
+    revision: str | None = None
+    download_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ def generate_offline(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pdserve.engine.loader import default_model_dir, load_model_dir
+    from pdserve.engine.loader import default_model_dir, load_model_dir, resolve_model_path
     from pdserve.engine.offline import OfflineEngine, OfflineSequence
     from pdserve.engine.sampler import SamplingParams
 
-    directory = args.model or default_model_dir()
+    directory = resolve_model_path(args.model) if args.model else default_model_dir()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model_dir(directory, device)
     tokenizer = load_tokenizer(directory)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from pdserve.engine.linear import set_gemv_max_rows
-from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir
+from pdserve.engine.loader import LoadedModel, default_model_dir, load_model_dir, resolve_model_path
 from pdserve.engine.parallel import TensorParallel
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.transfer.addresses import interface_address
@@ -17,7 +17,12 @@ from .config import PdserveConfig
 
 
 def model_dir(config: PdserveConfig) -> str:
-    return config.model.path or str(default_model_dir(config.model.cache_dir))
+    """The model's directory on this node: `model.path`, or a model id's snapshot in this node's
+    Hugging Face cache (fetched when missing), or the embedded default model."""
+    model = config.model
+    if model.path is None:
+        return str(default_model_dir(model.cache_dir))
+    return str(resolve_model_path(model.path, model.revision, model.download_dir))
 
 
 def rank_device() -> torch.device:

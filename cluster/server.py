@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from pdserve.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, read_model_spec
+from pdserve.engine.loader import DEFAULT_MODEL_NAME, default_model_dir, read_model_spec, resolve_model_path
 from pdserve.router.ingress import check_ports_are_ours
 
 from .app import build_app
@@ -31,8 +31,10 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
         data["model"]["served_model_name"] = list(config.model.served_model_name) or [DEFAULT_MODEL_NAME]
     if not joining or Path(data["model"]["path"]).is_dir():
         # A model the engine cannot run is refused here, before anything is deployed
-        # (UnsupportedModel / ModelLoadError), not by every replica inside Ray.
-        read_model_spec(data["model"]["path"], config.model.max_model_len)
+        # (UnsupportedModel / ModelLoadError), not by every replica inside Ray. A model id is fetched
+        # into the cache here, once; the replicas find it there (joining: each node's own cache).
+        directory = resolve_model_path(data["model"]["path"], config.model.revision, config.model.download_dir)
+        read_model_spec(directory, config.model.max_model_len)
     if not joining:
         # The routers will listen here: a port another process holds is refused now (PortTaken),
         # not by a router replica inside Ray. No application of ours is running yet, so none is "ours".

@@ -317,6 +317,42 @@ def _check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
         raise ModelLoadError(f"weight {name!r} has shape {tuple(t.shape)}, the config says {shape}")
 
 
+# What serving reads from a model repository: configs, tokenizer files, safetensors (never .bin or .pt).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model_path(name: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A model directory for `name`: the directory itself, else (vLLM's `serve ORG/NAME`) that Hugging
+    Face model id's snapshot in the local cache (`download_dir`, else HF_HOME's), downloaded there first
+    when it is missing and the hub is reachable (never with HF_HUB_OFFLINE=1)."""
+    directory = Path(name).expanduser()
+    if directory.is_dir() or not _looks_like_model_id(name):
+        return directory
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_FILES,
+                                      local_files_only=True))
+    except Exception as cached_error:  # not in the cache (or only part of it)
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise ModelLoadError(f"{name}: no such directory, and not in the Hugging Face cache "
+                                 f"(HF_HUB_OFFLINE is set): {cached_error}") from None
+    log.info("downloading %s%s from the Hugging Face hub", name, f" at {revision}" if revision else "")
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_FILES))
+    except Exception as e:  # no network, no such repository, gated: one line, not a traceback
+        raise ModelLoadError(f"{name}: no such directory, not in the Hugging Face cache, and the hub "
+                             f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                             ) from None
+
+
+def _looks_like_model_id(name: str) -> bool:
+    """'ORG/NAME' or 'NAME' as the hub spells ids (a path with ./, ~ or more than one / is a directory)."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and all(
+        c.isalnum() or c in "-_." for part in parts for c in part)
+
+
 def default_model_dir(cache_root: str | os.PathLike | None = None) -> Path:
     """The embedded default model as a Hugging Face directory, made on first use under `cache_root`
     (`model.cache_dir`; None: $PDSERVE_CACHE, else ~/.cache/pdserve)."""
