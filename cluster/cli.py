@@ -136,6 +136,37 @@ def _add_vllm_engine_arguments(serve: argparse.ArgumentParser) -> None:
                        help="accepted as vLLM takes it; prompts past --max-num-batched-tokens are always chunked")
     serve.add_argument("--disable-log-requests", "--disable-log-stats", action="store_true",
                        help="accepted as vLLM takes them; pdserve logs no line per request")
+    serve.add_argument("--tokenizer", help="a directory or model id to take the tokenizer from (default: the model's)")
+    serve.add_argument("--seed", type=int,
+                       help="accepted as vLLM takes it; a request's own `seed` decides its samples on any replica")
+    serve.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                       help="1 only: pdserve splits a model across GPUs by tensor parallelism")
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="1 only: pdserve's replicas are its pools' (--prefill-replicas, --decode-replicas, "
+                            "--colocated)")
+    serve.add_argument("--generation-config",
+                       help="accepted as vLLM takes it; pdserve's request defaults are the OpenAI API's (vLLM's "
+                            "`--generation-config vllm`): a checkpoint's generation_config.json sampling defaults "
+                            "are not applied")
+    _add_vllm_no_ops(serve)
+
+
+# vLLM flags that tune what pdserve does its own way: accepted, so `vllm serve` command lines start
+# (flag, what it takes; None: a switch)
+_VLLM_NO_OPS = {
+    "--swap-space": float, "--cpu-offload-gb": float, "--load-format": str, "--tokenizer-mode": str,
+    "--max-seq-len-to-capture": int, "--distributed-executor-backend": str, "--uvicorn-log-level": str,
+    "--max-logprobs": int, "--disable-frontend-multiprocessing": None, "--disable-custom-all-reduce": None,
+    "--disable-fastapi-docs": None, "--max-parallel-loading-workers": int,
+}
+
+
+def _add_vllm_no_ops(serve: argparse.ArgumentParser) -> None:
+    for flag, kind in _VLLM_NO_OPS.items():
+        if kind is None:
+            serve.add_argument(flag, action="store_true", help="accepted as vLLM takes it; no effect in pdserve")
+        else:
+            serve.add_argument(flag, type=kind, help="accepted as vLLM takes it; no effect in pdserve")
 
 
 def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +195,12 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
     """The config `pdserve serve` runs with: --config's file (or the defaults), then the flags."""
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ConfigError(f"two models named: {args.model_tag!r} and --model {args.model!r}")
+    if args.pipeline_parallel_size != 1:
+        raise ConfigError("--pipeline-parallel-size: pdserve has no pipeline parallelism; split a model across "
+                          "GPUs with --tensor-parallel-size")
+    if args.data_parallel_size != 1:
+        raise ConfigError("--data-parallel-size: pdserve's replicas are its pools'; set --prefill-replicas and "
+                          "--decode-replicas (or --colocated N)")
     tp = args.tensor_parallel_size
     overrides = {
         "model.path": args.model or args.model_tag,
@@ -181,6 +218,7 @@ def serve_config(args: argparse.Namespace) -> PdserveConfig:
         "model.cache_dir": args.cache_dir,
         "model.revision": args.revision,
         "model.download_dir": args.download_dir,
+        "model.tokenizer": args.tokenizer,
         "prefill.replicas": args.prefill_replicas,
         "decode.replicas": args.decode_replicas,
         "colocated.replicas": args.colocated,

@@ -5,7 +5,7 @@ land here: a tree of dataclasses, checked whole (unknown keys, types, ranges)
 before anything starts. `load_config(mapping)` is the only way in.
 
     model:        {path, served_model_name, dtype, max_model_len, cache_dir, chat_template, revision,
-                   download_dir}
+                   download_dir, tokenizer}
     prefill:      {replicas: 2 | "1:4", gpus_per_replica, tensor_parallel_size, max_batch_tokens,
                    max_queued_requests, ray_resources}
     decode:       {replicas, gpus_per_replica, tensor_parallel_size, max_running, max_waiting,
@@ -96,6 +96,7 @@ class ModelConfig:
     # a Hugging Face model id as `path`: which revision, and the cache it is read from (None: HF_HOME's)
     revision: str | None = None
     download_dir: str | None = None
+    tokenizer: str | None = None  # another directory or model id to take the tokenizer from (None: the model's)
 
 
 @dataclass(frozen=True)

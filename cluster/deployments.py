@@ -42,7 +42,9 @@ from pdserve.router.served_models import ServedModels
 from .autoscaling import NOTES_KEY as AUTOSCALING_NOTE
 from .config import PdserveConfig, load_config, replica_gpus
 from .prefill_server import PrefillServer
-from .rank_process import build_runner, kv_host, load_rank_model, model_dir, rank_device, transfer_backend
+from .rank_process import (
+    build_runner, kv_host, load_rank_model, model_dir, rank_device, tokenizer_dir, transfer_backend,
+)
 from .registry import Reporter, registry
 from .settings import decode_settings, ingress_settings, pipeline_settings, prefill_settings, request_limits
 from .tp_ranks import TpGroup
@@ -234,7 +236,7 @@ class RouterDeployment:
         self.config = load_config(config)
         directory = model_dir(self.config)
         spec = read_model_spec(directory, self.config.model.max_model_len)
-        self.tokenizer = load_tokenizer(directory)
+        self.tokenizer = load_tokenizer(tokenizer_dir(self.config))
         if self.config.model.chat_template is not None:  # --chat-template: the deployment's, not the checkpoint's
             self.tokenizer.chat_template = self.config.model.chat_template
         self._registry = registry()

@@ -25,6 +25,14 @@ def model_dir(config: PdserveConfig) -> str:
     return str(resolve_model_path(model.path, model.revision, model.download_dir))
 
 
+def tokenizer_dir(config: PdserveConfig) -> str:
+    """Where the tokenizer is read: `model.tokenizer` (a directory or model id), else the model's directory."""
+    model = config.model
+    if model.tokenizer is None:
+        return model_dir(config)
+    return str(resolve_model_path(model.tokenizer, None, model.download_dir))
+
+
 def rank_device() -> torch.device:
     """The GPU Ray gave this process (each sees only its own), else the CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

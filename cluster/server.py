@@ -35,6 +35,8 @@ def prepare(config: PdserveConfig, joining: bool) -> PdserveConfig:
         # into the cache here, once; the replicas find it there (joining: each node's own cache).
         directory = resolve_model_path(data["model"]["path"], config.model.revision, config.model.download_dir)
         read_model_spec(directory, config.model.max_model_len)
+        if config.model.tokenizer is not None:
+            resolve_model_path(config.model.tokenizer, None, config.model.download_dir)
     if not joining:
         # The routers will listen here: a port another process holds is refused now (PortTaken),
         # not by a router replica inside Ray. No application of ours is running yet, so none is "ours".

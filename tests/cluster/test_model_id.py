@@ -8,7 +8,7 @@ import pytest
 from hf_cache import cache_with
 from pdserve.cluster.cli import make_parser, serve_config
 from pdserve.cluster.deployments import served_models
-from pdserve.cluster.rank_process import model_dir
+from pdserve.cluster.rank_process import model_dir, tokenizer_dir
 from pdserve.cluster.server import prepare
 from pdserve.engine.loader import ModelLoadError, resolve_model_path
 
@@ -40,3 +40,12 @@ def test_serve_reads_the_id_from_the_cache_and_serves_it_under_that_name(chat_mo
     config = prepare(serve_config(args), joining=False)
     assert served_models(config).names == ("tiny-org/tiny-chat",)
     assert model_dir(config) == str(snapshot)  # where each replica loads it from
+
+
+def test_the_tokenizer_comes_from_its_own_directory_or_id_when_named(chat_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = cache_with(chat_model[0], tmp_path / "hub", "tiny-org/tokenizer")
+    named = serve_config(make_parser().parse_args(["serve", str(chat_model[0]), "--tokenizer", "tiny-org/tokenizer",
+                                                   "--download-dir", str(tmp_path / "hub")]))
+    assert tokenizer_dir(named) == str(snapshot)
+    assert tokenizer_dir(serve_config(make_parser().parse_args(["serve", str(chat_model[0])]))) == str(chat_model[0])

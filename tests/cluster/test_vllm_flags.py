@@ -72,3 +72,20 @@ def test_quantization_fp8_of_a_bf16_checkpoint_is_refused_before_anything_is_dep
 def test_quantization_fp8_of_the_embedded_model_is_refused(capsys):
     assert main(["serve", "--quantization", "fp8"]) == 2
     assert "not an FP8 one" in capsys.readouterr().err
+
+
+def test_a_long_vllm_command_line_starts_as_it_is():
+    config = served("org/model", "--tokenizer", "org/tokenizer", "--seed", "0", "-pp", "1", "--data-parallel-size",
+                    "1", "--swap-space", "16", "--load-format", "safetensors", "--tokenizer-mode", "auto",
+                    "--max-seq-len-to-capture", "8192", "--distributed-executor-backend", "ray",
+                    "--uvicorn-log-level", "warning", "--max-logprobs", "20", "--disable-frontend-multiprocessing",
+                    "--disable-custom-all-reduce", "--generation-config", "vllm", "--revision", "v1")
+    assert (config.model.path, config.model.tokenizer, config.model.revision) == ("org/model", "org/tokenizer", "v1")
+    assert config == served("org/model", "--tokenizer", "org/tokenizer", "--revision", "v1")  # the rest changes nothing
+
+
+@pytest.mark.parametrize("flag, names", [("--pipeline-parallel-size", "--tensor-parallel-size"),
+                                         ("-dp", "--prefill-replicas")])
+def test_parallelism_pdserve_does_not_have_is_refused_naming_its_own(flag, names, capsys):
+    assert main(["serve", flag, "2"]) == 2
+    assert names in capsys.readouterr().err
