@@ -3,7 +3,7 @@
 `Lifecycle.move` follows only the edges of the diagram in decode_worker/sequence.py
 and keeps each live state's group (arrival order) in step with `seq.state`; a
 sequence reaching FINISHED or FAILED leaves the table at once and its blocks go
-back to the pool (after a queued step that may write them). Every method runs
+back to the pool (after a queued step that may write them), its token-history slot too. Every method runs
 under the worker's lock; each change wakes the lock's waiters (the engine loop, a drain).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import StreamStart
 from pdserve.engine.transfer.base import KvReceiver
 
+from .history_slots import HistorySlots
 from .outbox import Emission, Ending, Outbox
 from .sequence import EDGES, DecodeSequence, SequenceState
 from .steps import InFlight
@@ -30,10 +31,11 @@ class IllegalTransition(RuntimeError):
 
 class Lifecycle:
     def __init__(self, receiver: KvReceiver | None, emission: Emission, in_flight: InFlight,
-                 changed: threading.Condition, replica_id: str):
+                 history: HistorySlots, changed: threading.Condition, replica_id: str):
         self.receiver = receiver
         self.emission = emission
         self.in_flight = in_flight
+        self.history = history
         self.replica_id = replica_id
         self._changed = changed
         self._by_id: dict[int, DecodeSequence] = {}
@@ -86,6 +88,7 @@ class Lifecycle:
             del self._by_id[seq.transfer_id]
             if not self.in_flight.hold_release(seq):
                 seq.table.release()
+            self.history.release(seq)
         else:
             if state is SequenceState.PREFILLING or (state is SequenceState.WAITING and old is not SequenceState.PREFILLING):
                 seq.ready_order = next(self._ready_orders)

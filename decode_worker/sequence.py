@@ -79,6 +79,7 @@ class DecodeSequence:
     queue_s: float = 0.0  # a local prefill: opened to its first chunk
     prefill_s: float = 0.0
     num_steps: int = 0
+    history_slot: int | None = None  # its slot of the runner's token histories, when its params read one
     ready_order: int = 0  # when it became PREFILLING or WAITING: admission keeps this order
     _block_ids: tuple[int, ...] = ()
     _block_ids_released: int = 0  # the table's num_released when _block_ids was built

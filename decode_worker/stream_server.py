@@ -36,7 +36,10 @@ _TRY_ELSEWHERE = (KvPoolFull, ReplicaDraining, ReplicaBroken)
 
 def stream_start(request: pb.StreamRequest) -> StreamStart:
     params = SamplingParams(temperature=request.temperature, top_p=request.top_p or 1.0,
-                            top_k=request.top_k, seed=request.seed, logprobs=request.logprobs)
+                            top_k=request.top_k, seed=request.seed, logprobs=request.logprobs,
+                            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                            repetition_penalty=request.repetition_penalty or 1.0, min_tokens=request.min_tokens,
+                            logit_bias=tuple(sorted(request.logit_bias.items())))
     return StreamStart(
         transfer_id=request.transfer_id, request_id=request.request_id,
         prompt=tuple(request.prompt_token_ids), generated=tuple(request.generated_token_ids),

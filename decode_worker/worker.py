@@ -29,11 +29,12 @@ from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart
 from pdserve.engine.runner import ModelRunner, PrefillChunk
-from pdserve.engine.sampler import SampleResult, sample
+from pdserve.engine.sampler import SampleResult, sample_first
 from pdserve.engine.step_timing import StepClock, batch_rate
 from pdserve.engine.transfer.base import KvReceiver
 
 from .errors import KvPoolFull, QueueFull, ReplicaDraining
+from .history_slots import HistorySlots
 from .lifecycle import Lifecycle
 from .outbox import Emission, Outbox
 from .rates import HostTimePerSeq, RateMeter, TokenRate
@@ -74,7 +75,8 @@ class DecodeWorker:
         self._lock = threading.Condition()
         self._emission = Emission()
         self._in_flight = InFlight()
-        self._seqs = Lifecycle(receiver, self._emission, self._in_flight, self._lock, replica_id)
+        self._history = HistorySlots()
+        self._seqs = Lifecycle(receiver, self._emission, self._in_flight, self._history, self._lock, replica_id)
         self._overlap = runner.device.type == "cuda" if settings.overlap_steps is None else settings.overlap_steps
         self._transfer_ids = itertools.count(1)
         self._stopped = False
@@ -261,10 +263,11 @@ class DecodeWorker:
                 inputs.append(decode_input(seq, source))
             if not batch:
                 return False
+            histories = self._history.histories(batch, [i.source >= 0 for i in inputs])
             step = Step(batch, {s.transfer_id: row for row, s in enumerate(batch)})
             self._in_flight.push(step)  # before the launch: blocks freed from now on wait for it
         with self._clock.work(len(batch)):
-            step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch])
+            step.sample = self.runner.decode_and_sample(inputs, [s.params for s in batch], histories)
         return True
 
     def _complete(self, step: Step) -> None:
@@ -329,5 +332,5 @@ def _release_all(steps: list[Step]) -> None:
 
 
 def _sample(logits, seqs: list[DecodeSequence]) -> SampleResult:
-    """One token for each sequence's row of `logits` (waits for the device)."""
-    return sample(logits, [s.params for s in seqs], [s.num_tokens for s in seqs])
+    """The first token of each prompt's row of `logits` (waits for the device)."""
+    return sample_first(logits, [s.params for s in seqs], [s.prompt for s in seqs], [s.stop_ids for s in seqs])

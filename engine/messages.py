@@ -18,6 +18,7 @@ renamed field cannot silently flatten a ranking into zeros.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
@@ -27,15 +28,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to choose a sequence's next tokens; the penalties and biases are vLLM's (engine/penalties.py)."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0
     logprobs: bool = False
+    presence_penalty: float = 0.0  # subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens of the prompt or the output: logit / p where > 0, * p otherwise
+    min_tokens: int = 0  # until this many output tokens, the stop ids cannot be sampled
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @functools.cached_property  # asked of every row of every step: computed once
+    def needs_history(self) -> bool:
+        """Whether sampling reads the sequence's tokens so far (a penalty is set)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @functools.cached_property
+    def adjusts_logits(self) -> bool:
+        """Whether any penalty, bias or min_tokens changes the logits before sampling."""
+        return self.needs_history or self.min_tokens > 0 or bool(self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class PrefillRequest:
     sampling: SamplingParams  # for the first token
     destination: KvDestination
     deadline: float  # unix seconds
+    stop_ids: frozenset[int] = frozenset()  # EOS and stop_token_ids: held back below `sampling.min_tokens`
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Iterator
 from .block_pool import BlockPool, BlockTable
 from .loader import LoadedModel
 from .parallel import TensorParallel
+from .penalties import penalties_from_tokens
 from .runner import DecodeInput, ModelRunner, PrefillChunk
 from .sampler import SamplingParams, sample
 
@@ -66,7 +67,12 @@ class OfflineEngine:
     def _accept(self, sequences, rows, logits, ignore_eos) -> Iterator[tuple[int, int]]:
         params = [sequences[i].params for i in rows]
         positions = [len(sequences[i].prompt) + len(sequences[i].output) for i in rows]
-        result = sample(logits, params, positions)
+        stop_ids = frozenset() if ignore_eos else frozenset(self.eos_ids)
+        # Each step's histories from the host's tokens: simple, and this loop reads every step anyway.
+        adjustments = penalties_from_tokens(params, [sequences[i].prompt for i in rows],
+                                            [sequences[i].output for i in rows], [stop_ids] * len(rows),
+                                            logits.shape[1], logits.device)
+        result = sample(logits, params, positions, adjustments)
         for i, token in zip(rows, result.token_ids):
             seq = sequences[i]
             seq.output.append(token)

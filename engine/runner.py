@@ -7,7 +7,9 @@ only the runner builds tensors. It owns the model and the replica's KV cache.
 caller may queue step N+1 before step N's tokens reach the host, naming the rows
 of step N whose sampled tokens step N+1 takes as inputs (`DecodeInput.source`);
 the tokens move on the device. The host then prepares each step while the GPU
-runs the one before, and a step takes the GPU's time.
+runs the one before, and a step takes the GPU's time. Likewise the token histories
+that penalties read (`TokenCounts`, engine/penalties.py) count each sampled token on
+the device, before it reaches the host.
 
 On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py), one per padded
 batch size up to `max_decode_batch`, and so does a prefill of a few short prompts
@@ -31,6 +33,7 @@ from .loader import LoadedModel
 from .model import DecodeAttention, LayerHook, Model, PrefillAttention
 from .parallel import TensorParallel
 from .copies import host_to_device, on_device
+from .penalties import RowHistory, TokenCounts, penalties
 from .sampler import PendingSample, SamplingParams, fed_back_tokens, sample_async
 
 
@@ -93,6 +96,7 @@ class ModelRunner:
             scratch_slot=num_blocks * block_size,
         ) if use_graphs and max_graph_prefill_tokens > 0 else None
         self._sampled: torch.Tensor | None = None  # the last decode_and_sample's tokens, on the device
+        self.token_counts = TokenCounts(loaded.spec.vocab_size, self.device)  # the decode rows' histories
 
     def bind_thread(self) -> None:
         """Make this runner's GPU the calling thread's current device (CUDA keeps one per thread)."""
@@ -161,11 +165,19 @@ class ModelRunner:
         return self.decode_eager(inputs)
 
     @torch.inference_mode()
-    def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
-        """One decode step and its sampling, queued; the next step's rows may name these rows as sources."""
-        pending = sample_async(self.decode(inputs), params, [i.position + 1 for i in inputs])
+    def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams],
+                          histories: list[RowHistory | None] | None = None) -> PendingSample:
+        """One decode step and its sampling, queued; the next step's rows may name these rows as sources.
+
+        `histories`: where any row's params adjust the logits, what each such row's sequence is
+        (its slot of `token_counts`); None where no row's do."""
+        logits = self.decode(inputs)
+        adjustments = None if histories is None else penalties(params, histories, self.token_counts)
+        pending = sample_async(logits, params, [i.position + 1 for i in inputs], adjustments)
         # Every TP rank feeds the leader's tokens back (a rank's own draw may differ when sampling).
         self.tp.broadcast_(pending.tokens)
+        if adjustments is not None:  # the leader's tokens, on every rank: the next step's history
+            adjustments.count(pending.tokens)
         self._sampled = pending.tokens
         if self._sampled_fits_graphs():
             self.decode_graphs.sampled[:len(inputs)].copy_(pending.tokens)

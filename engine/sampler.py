@@ -1,7 +1,8 @@
 """Choosing the next token of each sequence in a batch.
 
-Greedy where temperature is 0; otherwise Gumbel-max over the temperature-scaled,
-top-k and top-p filtered logits. The Gumbel noise is a hash of (seed, position,
+Rows that ask for penalties, biases or min_tokens have their logits adjusted first
+(engine/penalties.py). Then greedy where temperature is 0; otherwise Gumbel-max over
+the temperature-scaled, top-k and top-p filtered logits. The Gumbel noise is a hash of (seed, position,
 token id), not a generator's state: the same request gives the same tokens on any
 replica, in any batch, after any failover — sampling is a function of seed and
 position.
@@ -9,11 +10,13 @@ position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from .copies import on_device, to_host
 from .messages import SamplingParams  # a message: the router and the workers pass it
+from .penalties import Penalties, penalties_from_tokens
 
 _MASK64 = (1 << 64) - 1
 
@@ -21,7 +24,9 @@ _MASK64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float | None]  # the chosen token's log-probability under the model, when asked
+    # The chosen token's log-probability under the model's own logits, before any penalty, bias or
+    # temperature (vLLM's default, `raw_logprobs`), when asked.
+    logprobs: list[float | None]
 
     def select(self, rows: list[int]) -> SampleResult:
         """The results of these rows only."""
@@ -53,18 +58,22 @@ class PendingSample:
         return SampleResult(self._host[0].tolist(), logprobs)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> SampleResult:
-    """logits [B, vocab] float32; positions[i]: the index the new token will have in sequence i."""
-    return sample_async(logits, params, positions).result()
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+           penalties: Penalties | None = None) -> SampleResult:
+    """logits [B, vocab] float32; positions[i]: the index the new token will have in sequence i;
+    `penalties`: the adjustments of the rows whose params ask for any (None: no row does)."""
+    return sample_async(logits, params, positions, penalties).result()
 
 
-def sample_async(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> PendingSample:
+def sample_async(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                 penalties: Penalties | None = None) -> PendingSample:
     """`sample`, queued on the device without waiting for it (no host tensor it builds waits either)."""
-    chosen = logits.argmax(dim=-1)
+    adjusted = logits if penalties is None else penalties.apply(logits)
+    chosen = adjusted.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         rows = on_device(random_rows, torch.long, logits.device)
-        picked = _sample_random(logits.index_select(0, rows), [params[i] for i in random_rows],
+        picked = _sample_random(adjusted.index_select(0, rows), [params[i] for i in random_rows],
                                 [positions[i] for i in random_rows])
         chosen = chosen.index_copy(0, rows, picked)
     wanted = [i for i, p in enumerate(params) if p.logprobs]
@@ -74,6 +83,14 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], positions: 
         log_probs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
         values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1)
     return PendingSample(chosen, wanted, values)
+
+
+def sample_first(logits: torch.Tensor, params: list[SamplingParams], prompts: list[Sequence[int]],
+                 stop_ids: list[frozenset[int]]) -> SampleResult:
+    """Each prompt's first token (a prefill's), under the rules of every later one: its history is
+    its prompt, and `stop_ids` are held back while `min_tokens` asks for more."""
+    adjustments = penalties_from_tokens(params, prompts, [()] * len(prompts), stop_ids, logits.shape[1], logits.device)
+    return sample(logits, params, [len(p) for p in prompts], adjustments)
 
 
 def fed_back_tokens(tokens: torch.Tensor, sources: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:

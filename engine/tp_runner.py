@@ -28,6 +28,7 @@ import torch
 
 from .parallel import CollectiveTimeout
 from .runner import DecodeInput, ModelRunner, PrefillChunk
+from .penalties import RowHistory
 from .sampler import PendingSample, SamplingParams
 from .transfer.base import KvSender
 from .transfer.messages import KvDestination, TransferError
@@ -86,10 +87,11 @@ class TpRunner:
             self.tp.broadcast((_DECODE, inputs))
             return self.runner.decode(inputs)
 
-    def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams]) -> PendingSample:
+    def decode_and_sample(self, inputs: list[DecodeInput], params: list[SamplingParams],
+                          histories: list[RowHistory | None] | None = None) -> PendingSample:
         with self._watch():
-            self.tp.broadcast((_DECODE_AND_SAMPLE, inputs, params))
-            return self.runner.decode_and_sample(inputs, params)
+            self.tp.broadcast((_DECODE_AND_SAMPLE, inputs, params, histories))
+            return self.runner.decode_and_sample(inputs, params, histories)
 
     def capture_graphs(self, decode: bool = True) -> None:
         with self._watch():
@@ -132,7 +134,7 @@ def follow(runner: ModelRunner, sender: KvSender | None = None) -> None:
             elif kind == _DECODE:
                 runner.decode(command[1])
             elif kind == _DECODE_AND_SAMPLE:
-                runner.decode_and_sample(command[1], command[2])
+                runner.decode_and_sample(*command[1:])  # inputs, params, histories
             elif kind == _CAPTURE:
                 runner.capture_graphs(command[1])
             else:

@@ -43,7 +43,7 @@ from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, 
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import sample_first
 from pdserve.engine.step_timing import StepClock, StepTimes, batch_rate
 from pdserve.engine.transfer.base import KvSender
 from pdserve.engine.transfer.messages import KvDestination, TransferError
@@ -100,6 +100,7 @@ class PrefillJob:
     destination: KvDestination
     deadline: float
     future: Future
+    stop_ids: frozenset[int] = frozenset()  # held back below params.min_tokens
     table: BlockTable | None = None
     num_done: int = 0  # prompt tokens whose KV is computed (or was found in the prefix cache)
     num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
@@ -137,7 +138,7 @@ class PrefillWorker:
         if request.destination is None or not request.destination.channels:
             raise PrefillFailed("no KV destination", FailureCode.INVALID)
         job = PrefillJob(request.request_id, tuple(request.prompt), request.sampling, request.destination,
-                         request.deadline, Future())
+                         request.deadline, Future(), request.stop_ids)
         with self._lock:
             if self._stopped or self._draining:
                 raise PrefillOverloaded(f"prefill replica {self.replica_id} is draining")
@@ -300,7 +301,8 @@ class PrefillWorker:
         if done:
             rows = [row for row, _ in done]
             jobs = [job for _, job in done]
-            result = sample(logits[rows], [j.params for j in jobs], [len(j.prompt) for j in jobs])
+            result = sample_first(logits[rows], [j.params for j in jobs], [j.prompt for j in jobs],
+                                  [j.stop_ids for j in jobs])
             for job, token, logprob in zip(jobs, result.token_ids, result.logprobs):
                 self._finisher.submit(self._finish_transfer, job, token, logprob, time.monotonic())
 

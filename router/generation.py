@@ -24,6 +24,11 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
     ignore_eos: bool = False
     logprobs: bool = False
+    presence_penalty: float = 0.0  # the penalties, min_tokens and logit_bias: vLLM's (engine/penalties.py)
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS, stop ids and stop strings end nothing before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pdserve.router.errors import InternalError, InvalidParameter, grpc_details,
 from pdserve.router.generation import (
     GenerationBackend, GenerationError, GenerationRequest, SamplingOptions,
 )
-from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.limits import RequestLimits, check_logit_bias, check_min_tokens, check_penalties, check_sampling
 from pdserve.router.served_models import ServedModels
 from pdserve.router.text import check_token_ids, encode_text
 
@@ -104,10 +104,20 @@ class GrpcFrontEnd:
         sampling = SamplingOptions(
             max_tokens=max_tokens, temperature=params.temperature, top_p=top_p, top_k=max(params.top_k, 0),
             seed=params.seed if params.HasField("seed") else None, stop=stop,
-            ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0,
+            ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0, **self._penalties(params),
         )
         return GenerationRequest(request.request_id or uuid.uuid4().hex, tuple(prompt), sampling,
                                  self.limits.deadline())
+
+    def _penalties(self, params: pb.SamplingParams) -> dict:
+        """The penalties, min_tokens and logit_bias of `SamplingOptions`, checked as the HTTP API checks them."""
+        repetition = params.repetition_penalty if params.HasField("repetition_penalty") else 1.0
+        check_penalties(params.presence_penalty, params.frequency_penalty, repetition, params.min_tokens)
+        check_min_tokens(params.min_tokens, params.max_tokens or None)
+        check_token_ids(list(params.logit_bias), self.tokenizer, "logit_bias")
+        return dict(presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                    repetition_penalty=repetition, min_tokens=params.min_tokens,
+                    logit_bias=check_logit_bias(dict(params.logit_bias)))
 
     async def _relay(self, request: GenerationRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The backend's chunks as messages; closing the relay closes the backend's stream."""

@@ -86,6 +86,35 @@ class RequestLimits:
             raise InvalidParameter("Stop strings must not be empty.", "stop", "invalid_value")
 
 
+def check_penalties(presence: float, frequency: float, repetition: float, min_tokens: int) -> None:
+    """Refuse penalties and min_tokens outside vLLM's ranges."""
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2.0 <= value <= 2.0:
+            raise InvalidParameter(f"`{name}` must be in [-2, 2], got {value}.", name, "invalid_value")
+    if not repetition > 0.0:
+        raise InvalidParameter(f"`repetition_penalty` must be greater than 0, got {repetition}.",
+                               "repetition_penalty", "invalid_value")
+    if min_tokens < 0:
+        raise InvalidParameter(f"`min_tokens` must be at least 0, got {min_tokens}.", "min_tokens", "invalid_value")
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int | None, max_param: str = "max_tokens") -> None:
+    """Refuse more min_tokens than the max_tokens asked for (when it is asked for)."""
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise InvalidParameter(f"`min_tokens` ({min_tokens}) must be at most `{max_param}` ({max_tokens}).",
+                               "min_tokens", "invalid_value")
+
+
+def check_logit_bias(bias: dict[int, float]) -> tuple[tuple[int, float], ...]:
+    """Refuse biases outside [-100, 100]; the pairs in token order (the token ids are checked by
+    `text.check_token_ids`)."""
+    for token, value in bias.items():
+        if not -100.0 <= value <= 100.0:
+            raise InvalidParameter(f"`logit_bias` of token {token} must be in [-100, 100], got {value}.",
+                                   "logit_bias", "invalid_value")
+    return tuple(sorted(bias.items()))
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     """Refuse sampling parameters outside their ranges (top_k 0 and -1 both mean off)."""
     if not 0.0 <= temperature <= 2.0:

@@ -31,7 +31,7 @@ from pdserve.router.errors import InternalError, openai_error_body
 from pdserve.router.generation import (
     GenerationBackend, GenerationChunk, GenerationError, GenerationRequest, PhaseTimings, SamplingOptions,
 )
-from pdserve.router.limits import RequestLimits, check_sampling
+from pdserve.router.limits import RequestLimits, check_logit_bias, check_min_tokens, check_penalties, check_sampling
 from pdserve.router.openai_schema import RequestBody
 from pdserve.router.sse import DONE, EventStream, sse_data
 from pdserve.router.text import check_token_ids, token_text
@@ -62,6 +62,7 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
     stop_token_ids = tuple(body.stop_token_ids or ())
     check_token_ids(list(stop_token_ids), tokenizer, "stop_token_ids")
     requested_max, max_param = body.requested_max_tokens()
+    penalties = _penalties(body, requested_max, max_param, tokenizer)
     logprobs = body.wants_logprobs()
     deadline = limits.deadline()
     requests = []
@@ -72,11 +73,23 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                 seed=None if body.seed is None else body.seed + j, stop=stop, stop_token_ids=stop_token_ids,
-                ignore_eos=body.ignore_eos, logprobs=logprobs,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, **penalties,
             )
             choice_id = f"{request_id}-{len(requests)}"
             requests.append(GenerationRequest(choice_id, tuple(ids), sampling, deadline))
     return Plan(requests, sum(len(ids) for ids in prompts), logprobs)
+
+
+def _penalties(body: RequestBody, max_tokens: int | None, max_param: str, tokenizer: Any) -> dict[str, Any]:
+    """The penalties, min_tokens and logit_bias of `SamplingOptions`, checked (null: neutral)."""
+    presence, frequency = body.presence_penalty or 0.0, body.frequency_penalty or 0.0
+    repetition = 1.0 if body.repetition_penalty is None else body.repetition_penalty
+    check_penalties(presence, frequency, repetition, body.min_tokens)
+    check_min_tokens(body.min_tokens, max_tokens, max_param)
+    bias = body.logit_bias_by_id()
+    check_token_ids(list(bias), tokenizer, "logit_bias")
+    return dict(presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+                min_tokens=body.min_tokens, logit_bias=check_logit_bias(bias))
 
 
 # ---- running the choices ---------------------------------------------------------------------

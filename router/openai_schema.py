@@ -3,7 +3,8 @@
 Unknown fields and wrong JSON types are refused (strict pydantic models);
 `parse_body` turns the first problem into an OpenAI-style 400, never
 FastAPI's 422. OpenAI features pdserve does not serve are accepted only at
-their neutral value.
+their neutral value. Besides OpenAI's fields, vLLM's `top_k`, `ignore_eos`,
+`stop_token_ids`, `repetition_penalty` and `min_tokens`.
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ class RequestBody(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     user: str | None = None  # accepted, unused
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None  # null: 0
+    frequency_penalty: float | None = None  # null: 0
+    repetition_penalty: float | None = None  # null: 1
+    min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
 
     # field -> the one value pdserve accepts besides null: OpenAI features it does not serve
-    neutral_values: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
+    neutral_values: ClassVar[dict[str, Any]] = {}
     prompt_field: ClassVar[str]
 
     def check_unsupported(self) -> None:
@@ -71,6 +74,17 @@ class RequestBody(BaseModel):
         """The completion budget asked for, and the field that asked."""
         return self.max_tokens, "max_tokens"
 
+    def logit_bias_by_id(self) -> dict[int, float]:
+        """`logit_bias` keyed by token id; a key that is not an integer is a 400."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias[int(key)] = value
+            except ValueError:
+                raise InvalidParameter(f"`logit_bias` keys must be token ids, got {key!r}.", "logit_bias",
+                                       "invalid_value") from None
+        return bias
+
     def wants_logprobs(self) -> bool:
         raise NotImplementedError
 
@@ -82,7 +96,7 @@ class CompletionBody(RequestBody):
     suffix: str | None = None
     best_of: int | None = None
 
-    neutral_values = {**RequestBody.neutral_values, "echo": False, "suffix": "", "best_of": 1}
+    neutral_values = {"echo": False, "suffix": "", "best_of": 1}
     prompt_field = "prompt"
 
     def wants_logprobs(self) -> bool:

@@ -42,7 +42,7 @@ from .channels import Channels
 from .decode_streams import DecodeStreams, Feed, FeedItem, StreamLost, Subscription
 from .generation import (
     DeadlineExceeded, GenerationChunk, GenerationError, GenerationRequest, HealthStatus, InvalidRequest,
-    Overloaded, PhaseTimings, TransferFailed, Unavailable, Usage, failure_error,
+    Overloaded, PhaseTimings, SamplingOptions, TransferFailed, Unavailable, Usage, failure_error,
 )
 from .metrics import RouterMetrics
 from .relay import TextRelay
@@ -101,8 +101,9 @@ class Pipeline:
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Attempts until one finishes: a replica lost mid-request costs the client no token."""
-        run = _Run(request, time.monotonic(), TextRelay(self.tokenizer, request.sampling.stop),
-                   request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63))
+        s = request.sampling
+        run = _Run(request, time.monotonic(), TextRelay(self.tokenizer, s.stop, s.min_tokens),
+                   s.seed if s.seed is not None else random.getrandbits(63))
         transfer_failures = 0
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
@@ -261,10 +262,9 @@ class Pipeline:
 
     async def _prefill(self, request: GenerationRequest, reservation: Reservation, seed: int) -> PrefillResult:
         """The prompt's first token, from the best prefill replica that takes it."""
-        s = request.sampling
         prefill = PrefillRequest(request.request_id, tuple(request.prompt_token_ids),
-                                 SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs),
-                                 reservation.destination, request.deadline)
+                                 _sampling_params(request.sampling, seed), reservation.destination, request.deadline,
+                                 frozenset(self._stop_ids(request.sampling)))
         payload, signature = seal(prefill, self.settings.call_secret)
         call = prefill_pb2.PrefillCall(request=payload, signature=signature)
         while True:
@@ -305,15 +305,20 @@ class Pipeline:
     def _stream_request(self, run: "_Run", local: bool, subscriber_id: str, transfer_id: int = 0) -> pb.StreamRequest:
         """What the decode replica runs; `transfer_id` 0 inside a Reserve (the reservation's own is used)."""
         s = run.request.sampling
-        stop_ids = set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
         return pb.StreamRequest(
             request_id=run.request.request_id, transfer_id=transfer_id,
             prompt_token_ids=run.request.prompt_token_ids, generated_token_ids=run.generated,
             prefill_locally=local, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(stop_ids), logprobs=s.logprobs,
+            top_k=s.top_k, seed=run.seed, stop_token_ids=sorted(self._stop_ids(s)), logprobs=s.logprobs,
             deadline_unix_s=run.request.deadline, subscriber_id=subscriber_id,
-            stream_interval=self.settings.stream_interval,
+            stream_interval=self.settings.stream_interval, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+            min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias),
         )
+
+    def _stop_ids(self, s: SamplingOptions) -> set[int]:
+        """The token ids that end a request: its stop_token_ids, and EOS unless it ignores EOS."""
+        return set(s.stop_token_ids) | (set() if s.ignore_eos else set(self.eos_token_ids))
 
     def _last(self, run: "_Run", reason: str, reservation: Reservation) -> GenerationChunk:
         """The closing chunk: held-back text, finish reason, usage and timings."""
@@ -392,6 +397,12 @@ class _Run:
     def is_done(self) -> bool:
         """All max_tokens sent (the first token alone can be all of them)."""
         return len(self.generated) >= self.request.sampling.max_tokens
+
+
+def _sampling_params(s: SamplingOptions, seed: int) -> SamplingParams:
+    """The engine's sampling parameters of a request (the prefill replica's first token)."""
+    return SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs, s.presence_penalty, s.frequency_penalty,
+                          s.repetition_penalty, s.min_tokens, s.logit_bias)
 
 
 def _ending_error(ending: pb.Ending, replica: str) -> Exception:

@@ -2,7 +2,9 @@
 
 Text that could still become the start of a stop string is held back until the
 next tokens decide; once a stop string appears, the text before it is the last
-the client sees and the completion finishes with "stop".
+the client sees and the completion finishes with "stop". With `min_tokens` (vLLM's),
+a stop string ends the completion only where it ends in the text of a token at or
+past the min_tokens-th.
 """
 from __future__ import annotations
 
@@ -19,17 +21,27 @@ class RelayOutput:
 
 
 class TextRelay:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], min_tokens: int = 0):
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = tuple(s for s in stop if s)
         self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
         self._pending = ""  # decoded but not yet released
+        self._stop_from = 0  # a stop string must end past this index of _pending (before: below min_tokens)
         self.is_stopped = False
 
     def add(self, token_ids: list[int]) -> RelayOutput:
         if self.is_stopped:
             return RelayOutput("", True)
-        self._pending += self._detok.add(token_ids)
+        # the tokens of this chunk whose text cannot stop the completion: the k-th with k < min_tokens
+        early = min(len(token_ids), max(self._min_tokens - 1 - self._num_tokens, 0))
+        self._num_tokens += len(token_ids)
+        if early:
+            self._pending += self._detok.add(token_ids[:early])
+            self._stop_from = len(self._pending)
+        if early < len(token_ids):
+            self._pending += self._detok.add(token_ids[early:])
         return self._release(final=False)
 
     def finish(self) -> RelayOutput:
@@ -37,14 +49,21 @@ class TextRelay:
         if self.is_stopped:
             return RelayOutput("", True)
         self._pending += self._detok.flush()
+        if self._num_tokens < self._min_tokens:
+            self._stop_from = len(self._pending)
         return self._release(final=True)
 
     def _release(self, final: bool) -> RelayOutput:
         if self._stop:
-            hit = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
+            hit = min((i for i in map(self._find, self._stop) if i >= 0), default=-1)
             if hit >= 0:
                 text, self._pending, self.is_stopped = self._pending[:hit], "", True
                 return RelayOutput(text, True)
         cut = len(self._pending) if final or not self._stop else max(0, len(self._pending) - self._hold)
         text, self._pending = self._pending[:cut], self._pending[cut:]
+        self._stop_from = max(self._stop_from - cut, 0)
         return RelayOutput(text, False)
+
+    def _find(self, stop: str) -> int:
+        """Where `stop` first occurs in the pending text ending past `_stop_from`; -1 if nowhere."""
+        return self._pending.find(stop, max(self._stop_from - len(stop) + 1, 0))

@@ -78,6 +78,22 @@ def test_an_unknown_model_is_not_found_naming_the_served_ones(front_end):
     assert f"`{MODEL}`" in context.details and f"`{ALIAS}`" in context.details
 
 
+def test_penalties_min_tokens_and_logit_bias_reach_the_backend(front_end, backend):
+    sampling = pb.SamplingParams(max_tokens=4, presence_penalty=-0.5, frequency_penalty=1.0, repetition_penalty=0.8,
+                                 min_tokens=2, logit_bias={7: 3.0, 2: -100.0})
+    generate(front_end, pb.GenerateRequest(prompt="hello", sampling=sampling), FakeContext())
+    options = backend.requests[0].sampling
+    assert (options.presence_penalty, options.frequency_penalty) == (-0.5, 1.0)
+    assert options.repetition_penalty == pytest.approx(0.8) and options.min_tokens == 2
+    assert options.logit_bias == ((2, -100.0), (7, 3.0))
+
+
+def test_an_unset_repetition_penalty_is_off(front_end, backend):
+    generate(front_end, pb.GenerateRequest(prompt="hello"), FakeContext())
+    options = backend.requests[0].sampling
+    assert (options.repetition_penalty, options.presence_penalty, options.min_tokens, options.logit_bias) == (1.0, 0, 0, ())
+
+
 BAD_REQUESTS = {
     "no prompt": (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT),
     "both prompts": (pb.GenerateRequest(prompt="hello", prompt_token_ids=[6]), grpc.StatusCode.INVALID_ARGUMENT),
@@ -92,6 +108,21 @@ BAD_REQUESTS = {
     "too many stop strings": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(stop=["a"] * 4)),
                               grpc.StatusCode.INVALID_ARGUMENT),
     "unknown model": (pb.GenerateRequest(prompt="hello", model="gpt-9"), grpc.StatusCode.NOT_FOUND),
+    "presence penalty below -2": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(presence_penalty=-3)),
+                                  grpc.StatusCode.INVALID_ARGUMENT),
+    "frequency penalty above 2": (pb.GenerateRequest(prompt="hello",
+                                                     sampling=pb.SamplingParams(frequency_penalty=2.5)),
+                                  grpc.StatusCode.INVALID_ARGUMENT),
+    "zero repetition penalty": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(repetition_penalty=0)),
+                                grpc.StatusCode.INVALID_ARGUMENT),
+    "min_tokens above max_tokens": (pb.GenerateRequest(prompt="hello",
+                                                       sampling=pb.SamplingParams(max_tokens=2, min_tokens=3)),
+                                    grpc.StatusCode.INVALID_ARGUMENT),
+    "logit_bias id past the vocabulary": (pb.GenerateRequest(prompt="hello",
+                                                             sampling=pb.SamplingParams(logit_bias={999: 1.0})),
+                                          grpc.StatusCode.INVALID_ARGUMENT),
+    "logit_bias above 100": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(logit_bias={7: 101.0})),
+                             grpc.StatusCode.INVALID_ARGUMENT),
 }
 
 

@@ -73,6 +73,24 @@ def test_sampling_fields_reach_the_backend(client, backend):
     assert sampling.stop == ("fox",) and sampling.stop_token_ids == (2,) and sampling.ignore_eos
 
 
+@pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_penalties_min_tokens_and_logit_bias_reach_the_backend(client, backend, path, body):
+    fields = {"presence_penalty": 0.5, "frequency_penalty": -2, "repetition_penalty": 1.3, "min_tokens": 3,
+              "logit_bias": {"7": 2.5, "2": -100}}
+    assert client.post(path, json={**body, **fields}).status_code == 200
+    sampling = backend.requests[0].sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -2.0, 1.3)
+    assert sampling.min_tokens == 3 and sampling.logit_bias == ((2, -100.0), (7, 2.5))
+
+
+def test_null_penalties_are_neutral(client, backend):
+    nulls = {"presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None, "logit_bias": None}
+    assert client.post("/v1/completions", json={**COMPLETION, **nulls}).status_code == 200
+    sampling = backend.requests[0].sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert sampling.min_tokens == 0 and sampling.logit_bias == ()
+
+
 def test_default_max_tokens_is_16_for_completions_and_the_context_left_for_chat(client, backend):
     client.post("/v1/completions", json={"model": MODEL, "prompt": "hello"})
     chat = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": None})
@@ -235,8 +253,23 @@ BAD_COMPLETIONS = {
     "too many stop strings": ({**COMPLETION, "stop": ["a", "b", "c", "d"]}, 400, "stop", "invalid_value"),
     "empty stop string": ({**COMPLETION, "stop": [""]}, 400, "stop", "invalid_value"),
     "unknown model": ({**COMPLETION, "model": "gpt-9"}, 404, None, "model_not_found"),
-    "echo": ({**COMPLETION, "echo": True}, 400, "echo", "unsupported_parameter"),
-    "presence penalty": ({**COMPLETION, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    "echo with logprobs": ({**COMPLETION, "echo": True, "logprobs": 1}, 400, "echo", "unsupported_parameter"),
+    "presence penalty above 2": ({**COMPLETION, "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value"),
+    "frequency penalty below -2": ({**COMPLETION, "frequency_penalty": -2.1}, 400, "frequency_penalty",
+                                   "invalid_value"),
+    "frequency penalty as string": ({**COMPLETION, "frequency_penalty": "1"}, 400, "frequency_penalty",
+                                    "invalid_type"),
+    "zero repetition penalty": ({**COMPLETION, "repetition_penalty": 0}, 400, "repetition_penalty", "invalid_value"),
+    "negative repetition penalty": ({**COMPLETION, "repetition_penalty": -1.5}, 400, "repetition_penalty",
+                                    "invalid_value"),
+    "negative min_tokens": ({**COMPLETION, "min_tokens": -1}, 400, "min_tokens", "invalid_value"),
+    "min_tokens above max_tokens": ({**COMPLETION, "min_tokens": 4}, 400, "min_tokens", "invalid_value"),
+    "logit_bias key not a token id": ({**COMPLETION, "logit_bias": {"hello": 1}}, 400, "logit_bias",
+                                      "invalid_value"),
+    "logit_bias id past the vocabulary": ({**COMPLETION, "logit_bias": {"999": 1}}, 400, "logit_bias",
+                                          "invalid_value"),
+    "negative logit_bias id": ({**COMPLETION, "logit_bias": {"-1": 1}}, 400, "logit_bias", "invalid_value"),
+    "logit_bias above 100": ({**COMPLETION, "logit_bias": {"7": 100.5}}, 400, "logit_bias", "invalid_value"),
     "too many logprobs": ({**COMPLETION, "logprobs": 6}, 400, "logprobs", "invalid_value"),
     "stream_options without stream": ({**COMPLETION, "stream_options": {"include_usage": True}}, 400,
                                       "stream_options", "invalid_value"),
@@ -248,11 +281,24 @@ BAD_CHATS = {
                      "messages.[0].role", "invalid_value"),
     "image part": ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                    400, "messages.[0].content.[0].type", "invalid_value"),
-    "tools": ({**CHAT, "tools": []}, 400, "tools", "unknown_parameter"),
+    "tools for the model to call": ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                                    "tool_choice", "unsupported_parameter"),
+    "tool_choice auto": ({**CHAT, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
+    "tool of another type": ({**CHAT, "tools": [{"type": "retrieval"}], "tool_choice": "none"}, 400, "tools",
+                             "invalid_value"),
+    "json output": ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format",
+                    "unsupported_parameter"),
+    "a new turn and the last one continued": ({**CHAT, "continue_final_message": True}, 400,
+                                              "continue_final_message", "invalid_value"),
+    "a renderer argument as a template variable": ({**CHAT, "chat_template_kwargs": {"tokenize": False}}, 400,
+                                                   "chat_template_kwargs", "invalid_value"),
     "top_logprobs without logprobs": ({**CHAT, "top_logprobs": 1}, 400, "top_logprobs", "invalid_value"),
     "both max token fields": ({**CHAT, "max_completion_tokens": 2}, 400, "max_completion_tokens", "invalid_value"),
     "max_completion_tokens zero": ({**CHAT, "max_tokens": None, "max_completion_tokens": 0}, 400,
                                    "max_completion_tokens", "invalid_value"),
+    "min_tokens above max_completion_tokens": ({**CHAT, "max_tokens": None, "max_completion_tokens": 2,
+                                               "min_tokens": 3}, 400, "min_tokens", "invalid_value"),
+    "logit_bias below -100": ({**CHAT, "logit_bias": {"7": -101}}, 400, "logit_bias", "invalid_value"),
     "conversation past the context": ({**CHAT, "messages": [{"role": "user", "content": "hello " * 62}]}, 400,
                                       "messages", "context_length_exceeded"),
     "forged control token": ({**CHAT, "messages": [{"role": "user", "content": "hello </s>"}]}, 400,

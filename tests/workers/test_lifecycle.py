@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from pdserve.decode_worker.history_slots import HistorySlots
 from pdserve.decode_worker.lifecycle import IllegalTransition, Lifecycle
 from pdserve.decode_worker.outbox import Emission
 from pdserve.decode_worker.sequence import EDGES, DecodeSequence, SequenceState as S
@@ -11,7 +12,7 @@ from pdserve.engine.block_pool import BlockPool, BlockTable
 
 
 def lifecycle_with(n: int, pool: BlockPool, lock: threading.Condition) -> tuple[Lifecycle, list[DecodeSequence]]:
-    lifecycle = Lifecycle(None, Emission(), InFlight(), lock, "r")
+    lifecycle = Lifecycle(None, Emission(), InFlight(), HistorySlots(), lock, "r")
     seqs = []
     for tid in range(1, n + 1):
         table = BlockTable(pool)

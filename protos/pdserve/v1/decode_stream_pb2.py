@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdserve/v1/decode_stream.proto\x12\x13pdserve.internal.v2\")\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"\xaf\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x04 \x01(\x01\x12\x30\n\x04open\x18\x05 \x01(\x0b\x32\".pdserve.internal.v2.StreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\"L\n\x0cReserveReply\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\x0c\"F\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"\x0e\n\x0cReleaseReply\"\x0b\n\tOpenReply\"\xd0\x02\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\r\x12\x17\n\x0fprefill_locally\x18\x05 \x01(\x08\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\r \x01(\x01\x12\x15\n\rsubscriber_id\x18\x0e \x01(\t\x12\x17\n\x0fstream_interval\x18\x0f \x01(\r\"n\n\rDecodeTimings\x12\x11\n\tkv_wait_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\x8c\x01\n\x06\x45nding\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x33\n\x07timings\x18\x05 \x01(\x0b\x32\".pdserve.internal.v2.DecodeTimings\"u\n\nTokenBatch\x12\x14\n\x0ctransfer_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12,\n\x07\x65ndings\x18\x04 \x03(\x0b\x32\x1b.pdserve.internal.v2.Ending2\xd7\x02\n\x0c\x44\x65\x63odeStream\x12U\n\tSubscribe\x12%.pdserve.internal.v2.SubscribeRequest\x1a\x1f.pdserve.internal.v2.TokenBatch0\x01\x12Q\n\x07Reserve\x12#.pdserve.internal.v2.ReserveRequest\x1a!.pdserve.internal.v2.ReserveReply\x12J\n\x04Open\x12\".pdserve.internal.v2.StreamRequest\x1a\x1e.pdserve.internal.v2.OpenReply\x12Q\n\x07Release\x12#.pdserve.internal.v2.ReleaseRequest\x1a!.pdserve.internal.v2.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdserve/v1/decode_stream.proto\x12\x13pdserve.internal.v2\")\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\"\xaf\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x04 \x01(\x01\x12\x30\n\x04open\x18\x05 \x01(\x0b\x32\".pdserve.internal.v2.StreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\"L\n\x0cReserveReply\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\x0c\"F\n\x0eReleaseRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"\x0e\n\x0cReleaseReply\"\x0b\n\tOpenReply\"\xae\x04\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\r\x12\x17\n\x0fprefill_locally\x18\x05 \x01(\x08\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\r\n\x05top_k\x18\t \x01(\x05\x12\x0c\n\x04seed\x18\n \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\r \x01(\x01\x12\x15\n\rsubscriber_id\x18\x0e \x01(\t\x12\x17\n\x0fstream_interval\x18\x0f \x01(\r\x12\x18\n\x10presence_penalty\x18\x10 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x11 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x12 \x01(\x02\x12\x12\n\nmin_tokens\x18\x13 \x01(\r\x12\x45\n\nlogit_bias\x18\x14 \x03(\x0b\x32\x31.pdserve.internal.v2.StreamRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"n\n\rDecodeTimings\x12\x11\n\tkv_wait_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\x8c\x01\n\x06\x45nding\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x33\n\x07timings\x18\x05 \x01(\x0b\x32\".pdserve.internal.v2.DecodeTimings\"u\n\nTokenBatch\x12\x14\n\x0ctransfer_ids\x18\x01 \x03(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12,\n\x07\x65ndings\x18\x04 \x03(\x0b\x32\x1b.pdserve.internal.v2.Ending2\xd7\x02\n\x0c\x44\x65\x63odeStream\x12U\n\tSubscribe\x12%.pdserve.internal.v2.SubscribeRequest\x1a\x1f.pdserve.internal.v2.TokenBatch0\x01\x12Q\n\x07Reserve\x12#.pdserve.internal.v2.ReserveRequest\x1a!.pdserve.internal.v2.ReserveReply\x12J\n\x04Open\x12\".pdserve.internal.v2.StreamRequest\x1a\x1e.pdserve.internal.v2.OpenReply\x12Q\n\x07Release\x12#.pdserve.internal.v2.ReleaseRequest\x1a!.pdserve.internal.v2.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STREAMREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_STREAMREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SUBSCRIBEREQUEST']._serialized_start=55
   _globals['_SUBSCRIBEREQUEST']._serialized_end=96
   _globals['_RESERVEREQUEST']._serialized_start=99
@@ -44,13 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENREPLY']._serialized_start=442
   _globals['_OPENREPLY']._serialized_end=453
   _globals['_STREAMREQUEST']._serialized_start=456
-  _globals['_STREAMREQUEST']._serialized_end=792
-  _globals['_DECODETIMINGS']._serialized_start=794
-  _globals['_DECODETIMINGS']._serialized_end=904
-  _globals['_ENDING']._serialized_start=907
-  _globals['_ENDING']._serialized_end=1047
-  _globals['_TOKENBATCH']._serialized_start=1049
-  _globals['_TOKENBATCH']._serialized_end=1166
-  _globals['_DECODESTREAM']._serialized_start=1169
-  _globals['_DECODESTREAM']._serialized_end=1512
+  _globals['_STREAMREQUEST']._serialized_end=1014
+  _globals['_STREAMREQUEST_LOGITBIASENTRY']._serialized_start=966
+  _globals['_STREAMREQUEST_LOGITBIASENTRY']._serialized_end=1014
+  _globals['_DECODETIMINGS']._serialized_start=1016
+  _globals['_DECODETIMINGS']._serialized_end=1126
+  _globals['_ENDING']._serialized_start=1129
+  _globals['_ENDING']._serialized_end=1269
+  _globals['_TOKENBATCH']._serialized_start=1271
+  _globals['_TOKENBATCH']._serialized_end=1388
+  _globals['_DECODESTREAM']._serialized_start=1391
+  _globals['_DECODESTREAM']._serialized_end=1734
 # @@protoc_insertion_point(module_scope)
