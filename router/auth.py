@@ -1,7 +1,7 @@
 """API keys: `Authorization: Bearer KEY` over HTTP, the same in gRPC metadata.
 
-Keys are compared in constant time. `/health` stays open so that probes work
-without the key.
+Keys are compared in constant time. `/health` and `/ping` (vLLM's name for it)
+stay open so that probes work without the key.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from .asgi import App, Receive, Scope, Send, send_error
 from .errors import Unauthenticated
 
-OPEN_PATHS = frozenset({"/health", "/-/healthz", "/v1/pdserve/app"})  # the last: routers ask it of their port
+OPEN_PATHS = frozenset({"/health", "/ping", "/-/healthz", "/v1/pdserve/app"})  # the last: routers ask it of their port
 
 
 class ApiKey:

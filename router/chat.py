@@ -2,12 +2,15 @@
 
 Only text is served: a message's content is a string or a list of `text` parts
 (joined with newlines). `developer` messages render as `system` (templates know
-no other). Control tokens written in a message (say `<|im_start|>`) are encoded
+no other). `TemplateOptions` carries vLLM's rendering fields: no assistant turn
+opened, the last message continued, tools shown to the template, and extra
+template variables. Control tokens written in a message (say `<|im_start|>`) are encoded
 as plain text, never as the token, so a user cannot forge template structure;
 a tokenizer that cannot do that for a token refuses the message.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jinja2
@@ -64,14 +67,44 @@ def _invalid_message(index: int, error: ValidationError) -> InvalidParameter:
     )
 
 
-def render_chat(messages: list[ChatMessage], tokenizer: Any) -> list[int]:
-    """The prompt token ids of a conversation, ready for the assistant's turn."""
+# Names a template never gets from `chat_template_kwargs`: the renderer's own arguments and variables.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a conversation is rendered (vLLM's request fields of the same names)."""
+
+    add_generation_prompt: bool = True  # open the assistant's turn
+    continue_final_message: bool = False  # leave the last message open, for the model to go on with it
+    tools: list[dict[str, Any]] | None = None  # shown to the template; pdserve parses no tool calls
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables
+
+    def __post_init__(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidParameter("Set at most one of `add_generation_prompt` and `continue_final_message`: "
+                                   "continuing the last message opens no new turn.", "continue_final_message",
+                                   "invalid_value")
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.template_kwargs))
+        if reserved:
+            raise InvalidParameter(f"`chat_template_kwargs` may not set `{reserved[0]}`; it has its own request "
+                                   "field or is the renderer's.", "chat_template_kwargs", "invalid_value")
+
+
+def render_chat(messages: list[ChatMessage], tokenizer: Any, options: TemplateOptions) -> list[int]:
+    """The prompt token ids of a conversation, rendered as `options` say."""
     if tokenizer.chat_template is None:
         raise InvalidParameter("This model has no chat template; use /v1/completions.", "messages")
     try:
         return list(tokenizer.apply_chat_template(
-            [m.as_template_input() for m in messages],
-            add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=True,
+            [m.as_template_input() for m in messages], tools=options.tools,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, tokenize=True, return_dict=False,
+            sanitize_control_tokens=True, **options.template_kwargs,
         ))
-    except (jinja2.TemplateError, ValueError) as error:
+    except (jinja2.TemplateError, ValueError, TypeError) as error:
         raise InvalidParameter(f"The chat template refused the messages: {error}", "messages") from None

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models, /health, and
+vLLM's /tokenize, /detokenize, /version and /ping (the health check again, SageMaker's name for it).
 
 A call's life: the body (capped by `BodySizeLimit` before it is read) → its
 fields checked (`openai_schema`; every refusal is a 400/404/413 with an OpenAI
@@ -6,8 +7,9 @@ fields checked (`openai_schema`; every refusal is a 400/404/413 with an OpenAI
 against the served names → tokenize (chat: render the template) → a `Call`
 (`openai_response`) that runs the choices and answers one JSON body or SSE.
 
-pdserve extensions: `top_k`, `ignore_eos`, `stop_token_ids` (as in vLLM), and
-`usage.pdserve_timings`, the `PhaseTimings` of the choice that finished last.
+pdserve extensions: `top_k`, `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`,
+`continue_final_message` and `chat_template_kwargs` (as in vLLM), and `usage.pdserve_timings`,
+the `PhaseTimings` of the choice that finished last.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from importlib.metadata import version
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
@@ -27,9 +30,11 @@ from pdserve.router.errors import InvalidParameter, openai_error_body, retry_aft
 from pdserve.router.generation import GenerationBackend, GenerationError
 from pdserve.router.limits import RequestLimits
 from pdserve.router.openai_response import Call, ClientGone, Dialect, as_generation_error, plan_requests
-from pdserve.router.openai_schema import ChatBody, CompletionBody, parse_body
+from pdserve.router.openai_schema import (
+    ChatBody, CompletionBody, DetokenizeBody, TokenizeChatBody, TokenizePromptBody, parse_body,
+)
 from pdserve.router.served_models import ServedModels
-from pdserve.router.text import prompt_token_ids
+from pdserve.router.text import check_token_ids, prompt_texts, prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +52,14 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
         models.check(body.model)
         prompts = prompt_token_ids(body.prompt, tokenizer)
         plan = plan_requests(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, request_id, limits, tokenizer)
+        echo = prompt_texts(body.prompt, prompts, tokenizer) if body.echo else []
         return Call(plan, Dialect("completion", tokenizer), models.primary, request_id, body.stream,
-                    body.include_usage)
+                    body.include_usage, tuple(text for text in echo for _ in range(body.n)))
 
     def chat_call(payload: dict, request_id: str) -> Call:
         body = parse_body(ChatBody, payload)
         models.check(body.model)
-        prompt = render_chat(parse_messages(body.messages), tokenizer)
+        prompt = render_chat(parse_messages(body.messages), tokenizer, body.template_options())
         plan = plan_requests(body, [prompt], limits.completion_limit, request_id, limits, tokenizer)
         return Call(plan, Dialect("chat", tokenizer, body.top_logprobs or 0), models.primary, request_id,
                     body.stream, body.include_usage)
@@ -83,6 +89,48 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
                   "max_model_len": limits.max_model_len} for name in models.names]
         return {"object": "list", "data": cards}
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await answer(request, tokenize_body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await answer(request, detokenize_body)
+
+    def tokenize_body(payload: dict) -> dict:
+        """vLLM's /tokenize: a prompt's token ids, or a conversation's as chat completions render it."""
+        body: TokenizeChatBody | TokenizePromptBody
+        if "messages" in payload:
+            body = parse_body(TokenizeChatBody, payload)
+            models.check(body.model)
+            ids = render_chat(parse_messages(body.messages), tokenizer, body.template_options())
+        else:
+            body = parse_body(TokenizePromptBody, payload)
+            models.check(body.model)
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": limits.max_model_len, "tokens": ids,
+                "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+    def detokenize_body(payload: dict) -> dict:
+        """vLLM's /detokenize: token ids as text, special tokens kept."""
+        body = parse_body(DetokenizeBody, payload)
+        models.check(body.model)
+        check_token_ids(body.tokens, tokenizer, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    async def answer(request: Request, make_body: Callable[[dict], dict]) -> Response:
+        """A JSON answer computed from the request's JSON body, or the error it raised."""
+        request_id = _request_id(request)
+        try:
+            return JSONResponse(make_body(await _read_json(request)))
+        except Exception as error:
+            return _error_response(as_generation_error(error, request_id), request_id)
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": version("pdserve")}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
     @app.get("/health")
     async def health() -> JSONResponse:
         try:

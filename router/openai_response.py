@@ -13,7 +13,9 @@ unless usage is asked for.
 
 A failure before the first token raises (the app answers with its status);
 after streaming began it becomes `data: {"error": {...}}` then `data: [DONE]`.
-A client that disconnects cancels its backend generators at once.
+A client that disconnects cancels its backend generators at once. With `echo`
+(completions), each choice's text begins with its prompt's: the whole text, or
+the choice's first chunk.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
         for j in range(body.n):
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                seed=None if body.seed is None else body.seed + j, stop=stop, stop_token_ids=stop_token_ids,
+                seed=_choice_seed(body.seed, j), stop=stop, stop_token_ids=stop_token_ids,
                 ignore_eos=body.ignore_eos, logprobs=logprobs, **penalties,
             )
             choice_id = f"{request_id}-{len(requests)}"
@@ -90,6 +92,11 @@ def _penalties(body: RequestBody, max_tokens: int | None, max_param: str, tokeni
     check_token_ids(list(bias), tokenizer, "logit_bias")
     return dict(presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
                 min_tokens=body.min_tokens, logit_bias=check_logit_bias(bias))
+
+
+def _choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice `choice`'s seed as the unsigned 64 bits the workers take (a negative seed wraps, as in two's complement)."""
+    return None if seed is None else (seed + choice) % 2**64
 
 
 # ---- running the choices ---------------------------------------------------------------------
@@ -235,6 +242,7 @@ class Call:
     request_id: str
     stream: bool
     include_usage: bool
+    echo: tuple[str, ...] = ()  # with `echo`, each choice's prompt text; else empty
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list[dict], streaming: bool) -> dict:
@@ -261,8 +269,8 @@ class Call:
             async for index, chunk in events:
                 states[index].add(chunk)
         choices = [
-            self.dialect.choice(i, "".join(s.text), s.token_ids, s.logprobs if self.plan.logprobs else None,
-                                s.finish_reason, streaming=False)
+            self.dialect.choice(i, self._prompt_text(i) + "".join(s.text), s.token_ids,
+                                s.logprobs if self.plan.logprobs else None, s.finish_reason, streaming=False)
             for i, s in enumerate(states)
         ]
         return {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
@@ -288,14 +296,19 @@ class Call:
     def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState], extra: dict) -> dict:
         state = states[index]
         offset = state.num_chars
+        text = chunk.text if state.text else self._prompt_text(index) + chunk.text
         state.add(chunk)
         logprobs = list(chunk.logprobs or ()) if self.plan.logprobs else None
-        choice = self.dialect.choice(index, chunk.text, list(chunk.token_ids), logprobs, chunk.finish_reason,
+        choice = self.dialect.choice(index, text, list(chunk.token_ids), logprobs, chunk.finish_reason,
                                      streaming=True, text_offset=offset)
         body = {**self.envelope([choice], True), **extra}
         if chunk.finish_reason and all(s.finish_reason for s in states):
             body["pdserve_timings"] = _request_timings(states)
         return body
+
+    def _prompt_text(self, index: int) -> str:
+        """What choice `index`'s text begins with: its prompt's with `echo`, else nothing."""
+        return self.echo[index] if self.echo else ""
 
 
 class ClientGone(Exception):

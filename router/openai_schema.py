@@ -1,4 +1,5 @@
-"""The request bodies of the OpenAI API: what /v1/completions and /v1/chat/completions accept.
+"""The request bodies of the OpenAI API: what /v1/completions, /v1/chat/completions and vLLM's
+/tokenize and /detokenize accept.
 
 Unknown fields and wrong JSON types are refused (strict pydantic models);
 `parse_body` turns the first problem into an OpenAI-style 400, never
@@ -8,22 +9,60 @@ their neutral value. Besides OpenAI's fields, vLLM's `top_k`, `ignore_eos`,
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pdserve.router.chat import TemplateOptions
 from pdserve.router.errors import InvalidParameter
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """A request body, or a part of one: unknown fields and wrong JSON types are refused."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    def check_unsupported(self) -> None:
+        """Refuse what the field types let through but pdserve does not serve (nothing, unless overridden)."""
+
+
+B = TypeVar("B", bound=Body)
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class RequestBody(BaseModel):
+class FunctionTool(Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionTool
+
+
+class ChatTemplateFields(Body):
+    """vLLM's fields on how a conversation becomes a prompt (chat completions and /tokenize)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    def template_options(self) -> TemplateOptions:
+        """The rendering options; a contradictory or reserved one is a 400."""
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+        return TemplateOptions(self.add_generation_prompt, self.continue_final_message, tools,
+                               self.chat_template_kwargs or {})
+
+
+class RequestBody(Body):
     """Fields both endpoints take."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None  # as in vLLM: absent means the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -96,15 +135,24 @@ class CompletionBody(RequestBody):
     suffix: str | None = None
     best_of: int | None = None
 
-    neutral_values = {"echo": False, "suffix": "", "best_of": 1}
+    neutral_values = {"suffix": "", "best_of": 1}
     prompt_field = "prompt"
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo and self.logprobs is not None:
+            raise InvalidParameter("`echo` with `logprobs` asks for the prompt's log-probabilities, which pdserve "
+                                   "does not compute; drop one of them.", "echo", "unsupported_parameter")
 
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
 
-class ChatBody(RequestBody):
+class ChatBody(RequestBody, ChatTemplateFields):
     messages: Any  # checked by `chat.parse_messages`
+    response_format: dict[str, Any] | None = None  # {"type": "text"} only: pdserve constrains no output
+    tool_choice: str | dict[str, Any] | None = None  # "none" only: pdserve parses no tool calls
+    parallel_tool_calls: bool | None = None  # accepted, unused (as in vLLM)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -118,6 +166,16 @@ class ChatBody(RequestBody):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise InvalidParameter("Set `max_tokens` or `max_completion_tokens`, not both.",
                                    "max_completion_tokens", "invalid_value")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidParameter(
+                f"`response_format` of type {self.response_format.get('type')!r} is not supported by pdserve, which "
+                'constrains no output to JSON or a schema; send {"type": "text"} or leave it out.',
+                "response_format", "unsupported_parameter")
+        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
+            raise InvalidParameter(
+                'pdserve parses no tool calls: with `tools`, set `tool_choice` to "none" (the chat template is '
+                "shown the tools, the answer is plain text), or leave both out.", "tool_choice",
+                "unsupported_parameter")
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
@@ -128,7 +186,29 @@ class ChatBody(RequestBody):
         return self.logprobs
 
 
-def parse_body(cls: type[RequestBody], payload: dict) -> Any:
+class TokenizePromptBody(Body):
+    """POST /tokenize with a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatBody(ChatTemplateFields):
+    """POST /tokenize with a conversation, rendered as chat completions render it."""
+
+    model: str | None = None
+    messages: Any  # checked by `chat.parse_messages`
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse_body(cls: type[B], payload: dict) -> B:
     """Validate `payload` into `cls`, turning the first problem into an OpenAI-style 400."""
     try:
         body = cls.model_validate(payload)

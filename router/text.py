@@ -62,6 +62,15 @@ def prompt_token_ids(prompt: Any, tokenizer: Any) -> list[list[int]]:
     return prompts
 
 
+def prompt_texts(prompt: Any, prompts: list[list[int]], tokenizer: Any) -> list[str]:
+    """Each prompt as text, for `echo`: as sent when it was text, else its token ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
 def token_text(token_id: int, tokenizer: Any) -> str:
     """How one token reads on its own (for logprobs)."""
     return tokenizer.decode([token_id])
