@@ -191,6 +191,7 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     FP8 kernels' output); everywhere else (the CPU, MoE experts, any other tensor) they are
     dequantized here, on the target device."""
     family = spec.family
+    reader = _unfused(reader, spec)
 
     def take(name: str, kind: str = REPLICATED) -> torch.Tensor:
         if name not in reader:
@@ -265,6 +266,34 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
     except Fp8FormatError as e:
         raise ModelLoadError(str(e)) from None
     return ModelWeights(embed, tuple(layers), norm("model.norm.weight"), lm_head, kv_scales)
+
+
+def _unfused(reader: WeightReader, spec: ModelSpec) -> WeightReader:
+    """A checkpoint that fuses q/k/v (`self_attn.qkv_proj`) or gate/up (`mlp.gate_up_proj`), as Phi-3's
+    does, read by the separate names: each rank then takes its slices of each part as of any other."""
+    q, kv, inter = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+    parts = {}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        qkv, gate_up = f"{p}self_attn.qkv_proj.weight", f"{p}mlp.gate_up_proj.weight"
+        if qkv in reader:
+            _check_rows(reader, qkv, q + 2 * kv)
+            parts[f"{p}self_attn.q_proj.weight"] = (qkv, 0, q)
+            parts[f"{p}self_attn.k_proj.weight"] = (qkv, q, q + kv)
+            parts[f"{p}self_attn.v_proj.weight"] = (qkv, q + kv, q + 2 * kv)
+        if gate_up in reader:
+            _check_rows(reader, gate_up, 2 * inter)
+            parts[f"{p}mlp.gate_proj.weight"] = (gate_up, 0, inter)
+            parts[f"{p}mlp.up_proj.weight"] = (gate_up, inter, 2 * inter)
+    return reader.with_row_parts(parts) if parts else reader
+
+
+def _check_rows(reader: WeightReader, name: str, rows: int) -> None:
+    stem = name.removesuffix("weight")
+    if stem + "weight_scale" in reader or stem + "weight_scale_inv" in reader:
+        raise ModelLoadError(f"{name}: a quantized fused projection; pdserve reads FP8 weights stored apart only")
+    if reader.shape(name)[0] != rows:
+        raise ModelLoadError(f"weight {name!r} has shape {reader.shape(name)}, the config says {rows} rows")
 
 
 def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:

@@ -100,7 +100,7 @@ class Model:
         self.weights = loaded.weights
         self.dtype = loaded.dtype
         self.device = loaded.device
-        self.cos_sin: dict[str, torch.Tensor] = {}  # per rope table named by the layers, [max_len, head_dim]
+        self.cos_sin: dict[str, torch.Tensor] = {}  # per rope table named by the layers, [max_len, rotary dims]
         for rope in sorted({layer.rope for layer in self.spec.layers}):
             inv_freq, scaling = rope_frequencies(loaded.hf_config, self.device, rope)
             self.cos_sin[rope] = build_cos_sin_cache(inv_freq, self.spec.max_model_len, scaling)
@@ -169,8 +169,9 @@ class Model:
         if layer.q_norm is not None:  # q/k norms and rope in one launch, in place, on views of qkv
             qn, kn = layer.q_norm, layer.k_norm
             qk_norm_rope_(q, k, qn.weight, kn.weight, qn.eps, qn.offset, positions, cos_sin)
-        else:
-            apply_rope(q, k, positions, cos_sin)  # in place, on views of qkv
+        else:  # in place, on views of qkv: of each head's first `rotary` dims only (partial rotary)
+            rotary = cos_sin.shape[1]
+            apply_rope(q[..., :rotary], k[..., :rotary], positions, cos_sin)
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
         kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))

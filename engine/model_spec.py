@@ -92,6 +92,10 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
         rope_type = rope_parameters(config, rope).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModel(f"rope type {rope_type!r} is not supported; supported: {sorted(SUPPORTED_ROPE_TYPES)}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = rotary_dim(config, rope)
+        if rotary % 2 or (arch.qk_norm and rotary != head_dim):  # the fused q/k norm + rope turns whole heads
+            raise UnsupportedModel(f"{arch.name}: rope over {rotary} of {head_dim} head dims is not supported")
     activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if ACTIVATIONS.get(activation) != arch.activation:
         raise UnsupportedModel(f"{arch.name}: hidden activation {activation!r} is not supported "
@@ -145,17 +149,25 @@ def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any
     return params
 
 
+def rotary_dim(config: Any, layer_type: str | None = None) -> int:
+    """The leading dims of each head that rope rotates: all of them, or `partial_rotary_factor` of them."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = rope_parameters(config, layer_type).get("partial_rotary_factor",
+                                                     getattr(config, "partial_rotary_factor", None) or 1.0)
+    return int(head_dim * factor)
+
+
 def rope_frequencies(config: Any, device: torch.device | str = "cpu", layer_type: str | None = None
                      ) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2], attention scaling) of one layer type, from transformers' own rope table."""
+    """(inv_freq [rotary_dim/2], attention scaling) of one layer type, from transformers' own rope table."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = rope_parameters(config, layer_type)
     rope_type = params["rope_type"]
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        dim = rotary_dim(config, layer_type)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         return inv_freq.to(device), 1.0
     per_type = isinstance((getattr(config, "rope_parameters", None) or {}).get(layer_type), dict)
     kwargs = {"layer_type": layer_type} if per_type else {}

@@ -48,6 +48,17 @@ class WeightReader:
         return WeightReader({new: self._sources[old] for new, old in names.items()},
                             {new: self._where[old] for new, old in names.items() if old in self._where})
 
+    def with_row_parts(self, parts: dict[str, tuple[str, int, int]]) -> WeightReader:
+        """This reader and, besides, each new name (-> (name here, first row, end row)) as those rows of
+        a tensor here: a checkpoint's fused q/k/v or gate/up read as the separate tensors it fuses."""
+        sources = dict(self._sources)
+        where = dict(self._where)
+        for new, (old, start, stop) in parts.items():
+            sources[new] = _Rows(self._sources[old], start, stop)
+            if old in self._where:
+                where[new] = self._where[old]
+        return WeightReader(sources, where)
+
     def __contains__(self, name: str) -> bool:
         return name in self._sources
 
@@ -62,8 +73,7 @@ class WeightReader:
         return self.read(name) if name in self._sources else default
 
     def shape(self, name: str) -> tuple[int, ...]:
-        source = self._sources[name]
-        return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+        return _shape(self._sources[name])
 
     def read(self, name: str, rows: slice | None = None, columns: slice | None = None) -> torch.Tensor:
         """The tensor, or its `rows` (first axis) and `columns` (second axis) only."""
@@ -86,3 +96,25 @@ class WeightReader:
             return self._sources[name][:, rows or slice(None), columns or slice(None)]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightFileError(f"{self._where.get(name, 'memory')}: cannot read {name!r}: {e}") from None
+
+
+def _shape(source: Any) -> tuple[int, ...]:
+    return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+
+
+class _Rows:
+    """Rows [start, stop) of a tensor or safetensors slice, indexed as they are ([rows] or [rows, columns])."""
+
+    def __init__(self, source: Any, start: int, stop: int):
+        self._source, self._start, self._stop = source, start, stop
+
+    def get_shape(self) -> list[int]:
+        return [self._stop - self._start, *_shape(self._source)[1:]]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if index is Ellipsis:
+            return self._source[self._start:self._stop]
+        rows, *rest = index if isinstance(index, tuple) else (index,)
+        first, last, step = rows.indices(self._stop - self._start)
+        assert step == 1, "row slices are contiguous"
+        return self._source[(slice(self._start + first, self._start + last), *rest)]

@@ -15,6 +15,11 @@ ARCHITECTURES = {
         norm_topk_prob=False)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # q/k/v and gate/up fused in the checkpoint
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0}),
+    # Phi-4-mini's shape: rope over the first 3/4 of each head, tied embeddings
+    "phi3_partial_rotary": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        pad_token_id=0, partial_rotary_factor=0.75, tie_word_embeddings=True)),
 }
 # Sliding-window variants: windows shorter than the test prompts and their outputs.
 SLIDING_WINDOW = 8

@@ -49,6 +49,24 @@ def test_matches_reference_in_place(num_tokens, num_heads, num_kv_heads, head_di
     assert torch.equal(qkv[:, v_start:], expected[:, v_start:]), "V is not touched"
 
 
+@requires_triton
+def test_partial_rotary_turns_only_the_leading_dims():
+    # Phi-4-mini: rope over 96 of 128 dims, the kernel given views of each head's first 96
+    num_heads, num_kv_heads, head_dim, rotary = 4, 2, 128, 96
+    qkv, positions, _ = make_inputs(3, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary, 2).float() / rotary))
+    cache = build_cos_sin_cache(inv_freq.to(DEVICE), MAX_POSITION)
+    expected = qkv.clone()
+    apply_rope_reference(*(x[..., :rotary] for x in split_qkv(expected, num_heads, num_kv_heads, head_dim)),
+                         positions, cache)
+    before = qkv.clone()
+    apply_rope_triton(*(x[..., :rotary] for x in split_qkv(qkv, num_heads, num_kv_heads, head_dim)), positions, cache)
+    assert relative_error(qkv, expected) < TOLERANCE[torch.bfloat16]
+    q, _ = split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+    assert torch.equal(q[..., rotary:], split_qkv(before, num_heads, num_kv_heads, head_dim)[0][..., rotary:])
+    assert not torch.equal(q[..., :rotary], split_qkv(before, num_heads, num_kv_heads, head_dim)[0][..., :rotary])
+
+
 def test_reference_is_hf_rotate_half():
     qkv, positions, cache = make_inputs(6, 4, 2, 64, torch.float32)
     q, k = split_qkv(qkv, 4, 2, 64)
