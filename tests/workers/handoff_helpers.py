@@ -13,7 +13,8 @@ def run_request(prefill, decode, prompt, max_tokens, params=SamplingParams(), st
     gets how many tokens each message from the decode replica carried."""
     deadline = time.time() + 60
     reservation = decode.reserve("r", len(prompt), max_tokens, deadline)
-    result = prefill.submit(PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline)).result(timeout=60)
+    request = PrefillRequest("r", tuple(prompt), params, reservation.destination, deadline, stop_ids)
+    result = prefill.submit(request).result(timeout=60)
     batches: list[TokenBatch] = []
     done = threading.Event()
 
