@@ -1,0 +1,107 @@
+"""vLLM's sampling fields through a real `pdserve serve`, colocated and 1 prefill + 1 decode, the decode loop
+one step ahead as on a GPU: greedy tokens with `repetition_penalty` and `min_tokens` equal transformers'
+`generate()` with `repetition_penalty` and `min_new_tokens` on the same weights, over gRPC and the openai
+client; `logit_bias` works on chat; bad values are refused with the APIs' errors."""
+import json
+import shutil
+
+import grpc
+import openai
+import pytest
+import torch
+
+from server import Server
+from tiny_models import reference_tokens
+
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.protos.pdserve.v1 import generate_pb2 as pb
+from pdserve.protos.pdserve.v1 import generate_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = [1126, 3306, 28, 411, 2765, 8450, 18, 1126, 3306]
+MAX_TOKENS, MIN_TOKENS, REPETITION = 16, 6, 1.3
+
+
+@pytest.fixture(scope="module")
+def served_model(chat_model, tmp_path_factory):
+    """(directory, expected tokens): the chat model with its EOS set to the token plain greedy takes first,
+    and transformers' tokens with the penalty and min_new_tokens, which must hold that EOS back."""
+    model = chat_model[1]
+    eos = reference_tokens(model, PROMPT, 1)[0]
+    directory = tmp_path_factory.mktemp("eos-model")
+    shutil.copytree(chat_model[0], directory, dirs_exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        path = directory / name
+        if path.exists():
+            path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": eos}))
+    out = model.generate(torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0,
+                         repetition_penalty=REPETITION, min_new_tokens=MIN_TOKENS, eos_token_id=eos)
+    expected = out[0, len(PROMPT):].tolist()
+    plain = reference_tokens(model, PROMPT, MAX_TOKENS)
+    assert expected[0] != eos and len(expected) > MIN_TOKENS and expected != plain[:len(expected)]
+    return directory, expected, eos
+
+
+def overlapping(tmp_path) -> tuple[str, str]:
+    path = tmp_path / "config.yaml"
+    path.write_text("decode: {overlap_steps: true}\n")
+    return "--config", str(path)
+
+
+DEPLOYMENTS = {"colocated": ("--colocated", "1"), "1P+1D": ("--prefill-replicas", "1", "--decode-replicas", "1")}
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS.values(), ids=DEPLOYMENTS.keys())
+def test_penalties_and_min_tokens_equal_transformers(served_model, tmp_path, deployment):
+    directory, expected, eos = served_model
+    server = Server("--model", str(directory), *deployment, *overlapping(tmp_path))
+    try:
+        grpc_tokens, grpc_text, grpc_reason = generate(server, pb.SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0, repetition_penalty=REPETITION, min_tokens=MIN_TOKENS))
+        http = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        completion = http.completions.create(model=str(directory), prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                             extra_body={"repetition_penalty": REPETITION, "min_tokens": MIN_TOKENS})
+        token = load_tokenizer(directory).encode(" Paris")[0]
+        chat = http.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, temperature=0, logit_bias={str(token): 100},
+                                            extra_body={"ignore_eos": True})
+        bad = bad_values(server)
+        decode = server.wait_all_blocks_free()
+    finally:
+        server.stop()
+    assert grpc_tokens == expected
+    assert grpc_reason == ("stop" if expected[-1] == eos else "length")
+    choice = completion.choices[0]
+    assert (choice.text, choice.finish_reason, completion.usage.completion_tokens) == (
+        grpc_text, grpc_reason, len(expected))
+    assert chat.choices[0].message.content == load_tokenizer(directory).decode([token] * 3)
+    assert bad == [(400, "repetition_penalty"), (400, "min_tokens"), (400, "logit_bias"),
+                   grpc.StatusCode.INVALID_ARGUMENT]
+    assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
+
+
+def generate(server: Server, sampling: pb.SamplingParams) -> tuple[list[int], str, str]:
+    """Token ids, text and finish reason of PROMPT over gRPC."""
+    tokens, text, reason = [], "", ""
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        for response in pb_grpc.GenerationStub(channel).Generate(
+                pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=sampling), timeout=120):
+            tokens += response.token_ids
+            text += response.text
+            reason = response.finish_reason or reason
+    return tokens, text, reason
+
+
+def bad_values(server: Server) -> list:
+    """What the server answers to bad values: (status, param) over HTTP, the status code over gRPC."""
+    http = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    answers = []
+    for extra in ({"repetition_penalty": 0}, {"min_tokens": 9, "max_tokens": 4}, {"logit_bias": {"49152": 1}}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            http.completions.create(model="", prompt=PROMPT, extra_body=extra)
+        answers.append((refused.value.status_code, refused.value.body["param"]))
+    with pytest.raises(grpc.RpcError) as failed:
+        generate(server, pb.SamplingParams(max_tokens=2, min_tokens=3))
+    answers.append(failed.value.code())
+    return answers
