@@ -1,10 +1,11 @@
 """The request bodies of the OpenAI API: what /v1/completions, /v1/chat/completions and vLLM's
 /tokenize and /detokenize accept.
 
-Unknown fields and wrong JSON types are refused (strict pydantic models);
-`parse_body` turns the first problem into an OpenAI-style 400, never
-FastAPI's 422. OpenAI features pdserve does not serve are accepted only at
-their neutral value. Besides OpenAI's fields, vLLM's `top_k`, `ignore_eos`,
+Unknown fields and wrong JSON types are refused (strict pydantic models); a
+top-level null is an absent field, as OpenAI and vLLM read it (clients send
+`"logprobs": null` for "not set"). `parse_body` turns the first problem into an
+OpenAI-style 400, never FastAPI's 422. OpenAI features pdserve does not serve
+are accepted only at their neutral value. Besides OpenAI's fields, vLLM's `top_k`, `ignore_eos`,
 `stop_token_ids`, `repetition_penalty` and `min_tokens`.
 """
 from __future__ import annotations
@@ -211,7 +212,7 @@ class DetokenizeBody(Body):
 def parse_body(cls: type[B], payload: dict) -> B:
     """Validate `payload` into `cls`, turning the first problem into an OpenAI-style 400."""
     try:
-        body = cls.model_validate(payload)
+        body = cls.model_validate({name: value for name, value in payload.items() if value is not None})
     except ValidationError as error:
         first = error.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else None

@@ -52,6 +52,7 @@ def test_without_the_key_http_is_refused_but_health_is_open(server):
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/ping").status_code == 200  # vLLM's probe path, open as /health is
 
 
 def test_grpc_needs_the_key_in_metadata(server):
