@@ -7,9 +7,9 @@ fields checked (`openai_schema`; every refusal is a 400/404/413 with an OpenAI
 against the served names → tokenize (chat: render the template) → a `Call`
 (`openai_response`) that runs the choices and answers one JSON body or SSE.
 
-pdserve extensions: `top_k`, `ignore_eos`, `stop_token_ids`, chat's `add_generation_prompt`,
-`continue_final_message` and `chat_template_kwargs` (as in vLLM), and `usage.pdserve_timings`,
-the `PhaseTimings` of the choice that finished last.
+pdserve extensions: `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`, `min_tokens`,
+chat's `add_generation_prompt`, `continue_final_message` and `chat_template_kwargs` (as in vLLM),
+and `usage.pdserve_timings`, the `PhaseTimings` of the choice that finished last.
 """
 from __future__ import annotations
 

@@ -1,0 +1,31 @@
+"""Stop strings in the relayed text, and vLLM's min_tokens: a stop string ends nothing in the text of
+the tokens before the min_tokens-th, however the tokens arrive (one a message or several)."""
+import pytest
+
+from pdserve.router.relay import TextRelay
+
+from router_fakes import ids, make_tokenizer
+
+TOKENS = ids("the quick fox jumps fox dog")  # "fox" is the 3rd and the 5th token
+
+
+def relay(min_tokens: int, chunk: int) -> tuple[str, bool]:
+    """The text released and whether a stop string ended it, the tokens fed `chunk` at a time."""
+    text_relay, text = TextRelay(make_tokenizer(), ("fox",), min_tokens), ""
+    for start in range(0, len(TOKENS), chunk):
+        out = text_relay.add(TOKENS[start:start + chunk])
+        text += out.text
+        if out.is_stopped:
+            return text, True
+    return text + text_relay.finish().text, False
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 6])
+@pytest.mark.parametrize("min_tokens, expected", [
+    (0, ("the quick ", True)),
+    (3, ("the quick ", True)),  # the 3rd token's text may stop it
+    (4, ("the quick fox jumps ", True)),
+    (6, ("the quick fox jumps fox dog", False)),
+])
+def test_stop_strings_wait_for_min_tokens(min_tokens, expected, chunk):
+    assert relay(min_tokens, chunk) == expected
