@@ -180,7 +180,7 @@ class Model:
             k_scale, v_scale = kv_cache.scales[index]
             out = paged_decode_attention(
                 q, cache[0], cache[1], attention.block_tables, attention.context_lens, spec.scale,
-                attention.max_context_len, window, k_scale, v_scale,
+                attention.max_context_len, window, k_scale, v_scale, spec.attn_logit_softcap,
             )
         else:
             out = self._prefill_attention(q, k, v, kv_cache, index, attention, window)
@@ -191,13 +191,13 @@ class Model:
         window: int | None,
     ) -> torch.Tensor:
         """Causal attention over the packed sequences; cached prefixes are read from their blocks."""
-        scale = self.spec.scale
+        scale, softcap = self.spec.scale, self.spec.attn_logit_softcap
         if plan.cu_k is None:
-            return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, scale, window=window)
+            return prefill_attention_varlen(q, k, v, plan.cu_q, plan.max_q, scale, window=window, softcap=softcap)
         gathered = [kv_cache.export_blocks(index, ids).flatten(1, 2)[:, :context]  # [2, context, kv_heads, head_dim]
                     for ids, context in zip(plan.block_ids, plan.context_lens)]
         k_all, v_all = kv_cache.dequantize(index, torch.cat(gathered, dim=1), q.dtype)  # [Tk, kv_heads, head_dim] each
-        return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, scale, plan.cu_k, window=window)
+        return prefill_attention_varlen(q, k_all, v_all, plan.cu_q, plan.max_q, scale, plan.cu_k, window, softcap)
 
 
 def _cumulative(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -42,7 +42,7 @@ class ModelSpec:
     moe: MoeSpec | None = None
     attention_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    attn_logit_softcap: float | None = None  # the same on attention scores (kernels: not yet)
+    attn_logit_softcap: float | None = None  # the same on attention scores, before the softmax (Gemma 2)
 
     @property
     def family(self) -> Architecture:
@@ -134,8 +134,6 @@ def _refuse_options(config: Any) -> None:
     for option in ("mlp_bias", "use_bidirectional_attention"):
         if getattr(config, option, False):
             raise UnsupportedModel(f"{option}=True is not supported")
-    if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModel("attn_logit_softcapping is not supported (the attention kernels do not cap scores)")
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:

@@ -29,6 +29,12 @@ SLIDING_ARCHITECTURES = {
     # layers from max_window_layers on slide; the first attends to everything
     "qwen2_sliding": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1)),
+    # alternating local and global layers, sandwich norms, soft-capped attention scores and logits (the
+    # tiny model's random scores reach the cap of 3: capping shows)
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        attn_logit_softcapping=3.0, final_logit_softcapping=30.0)),
     # local and global layers with their own rope bases, q/k norm, sandwich norms, soft-capped logits
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
         head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW, tie_word_embeddings=True,
@@ -86,7 +92,7 @@ def save_tiny_chat_model(directory, seed: int = 0, num_layers: int = 2, max_posi
 
     source = default_model_dir()
     layers = {"num_hidden_layers": num_layers}
-    if arch == "gemma3":  # one global layer between local ones
+    if arch in ("gemma2", "gemma3"):  # one global layer between local ones
         layers = {"num_hidden_layers": 3}
     model = save_tiny_model(arch, directory, seed=seed, vocab_size=49152, **layers,
                             max_position_embeddings=max_position_embeddings, eos_token_id=2, bos_token_id=1)

@@ -41,6 +41,7 @@ import math
 import torch
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
+from pdserve.engine.kernels.softcap import soft_cap, soft_cap_reference
 
 # Tuning knobs for the GPU (see the module docstring); BLOCK_N is also the
 # smallest slice, so a slice never holds a tile of nothing but padding.
@@ -62,8 +63,10 @@ def paged_decode_attention(
     window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q·Kᵀ·scale)·V per sequence; Triton on CUDA, the torch reference elsewhere.
+    """softmax(q·Kᵀ·scale)·V per sequence (the scores soft-capped at `softcap` first, where given);
+    Triton on CUDA, the torch reference elsewhere.
 
     `max_context_len` (a host-side int the scheduler knows) caps the number of
     context slices; without it the bound is block_tables' width × block_size,
@@ -72,10 +75,10 @@ def paged_decode_attention(
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
         return paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, window, k_scale, v_scale
+            q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, window, k_scale, v_scale, softcap
         )
     return paged_decode_attention_reference(
-        q, k_cache, v_cache, block_tables, context_lens, scale, window, k_scale, v_scale
+        q, k_cache, v_cache, block_tables, context_lens, scale, window, k_scale, v_scale, softcap
     )
 
 
@@ -89,6 +92,7 @@ def paged_decode_attention_reference(
     window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Gathers each sequence's K/V and runs a plain fp32 softmax; one sequence at a time."""
     _, num_heads, head_dim = q.shape
@@ -103,7 +107,7 @@ def paged_decode_attention_reference(
         first = max(0, context_len - window) if window else 0
         k = k_cache[blocks].flatten(0, 1)[first:context_len].float().repeat_interleave(group_size, dim=1) * k_scale
         v = v_cache[blocks].flatten(0, 1)[first:context_len].float().repeat_interleave(group_size, dim=1) * v_scale
-        scores = torch.einsum("hd,nhd->hn", q[seq].float(), k) * scale  # [num_heads, context_len]
+        scores = soft_cap_reference(torch.einsum("hd,nhd->hn", q[seq].float(), k) * scale, softcap)  # [H, context]
         out[seq] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
     return out
 
@@ -119,6 +123,7 @@ def paged_decode_attention_triton(
     window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Launches the two kernels; works on any device Triton runs on (the interpreter included)."""
     num_seqs, num_heads, head_dim = q.shape
@@ -148,7 +153,7 @@ def paged_decode_attention_triton(
     block_d = triton.next_power_of_2(head_dim)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * k_scale * math.log2(math.e), v_scale, num_partitions, window,
+        scale * k_scale * math.log2(math.e), (softcap or 1.0) * math.log2(math.e), v_scale, num_partitions, window,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -161,6 +166,7 @@ def paged_decode_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCK_N=_BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 only matters for fp32
+        SOFTCAP=bool(softcap),
         num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
     )
@@ -214,6 +220,7 @@ def _decode_partition_kernel(
     out_ptr,  # [B, H, P, D]: fp32 slice outputs, or `out` itself when P == 1
     lse_ptr,  # [B, H, P] fp32, log2-sum-exp2 of each slice's scaled scores
     qk_scale,  # scale * k_scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
+    softcap,  # cap * log2(e): the scores' soft cap in those units (read only with SOFTCAP)
     v_scale,  # an FP8 pool's V scale (1.0 otherwise): multiplies the slice's output once
     num_partitions,  # slices per sequence (the grid's third axis)
     window,  # a sliding window's keys (0: the whole context)
@@ -229,6 +236,7 @@ def _decode_partition_kernel(
     BLOCK_SIZE: tl.constexpr,  # KV cache block size (tokens)
     BLOCK_N: tl.constexpr,  # context tokens per tile
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -264,6 +272,8 @@ def _decode_partition_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:
+            scores = soft_cap(scores, softcap)
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)

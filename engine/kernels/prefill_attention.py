@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
+from pdserve.engine.kernels.softcap import soft_cap, soft_cap_reference
 
 # Tuning knobs for the GPU: 128 × 64 tiles with 8 warps is the usual H100 choice for head_dim 128;
 # 3 pipeline stages measured faster than 2 on an H100 (benchmarks/ENGINE_NOTES.md).
@@ -42,10 +43,13 @@ def prefill_attention_varlen(
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
+    """(scores soft-capped at `softcap` before the softmax, where given: Gemma 2)"""
+    args = (q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k, window, softcap)
     if use_triton(q, k, v, cu_seqlens_q):
-        return prefill_attention_varlen_triton(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k, window)
-    return prefill_attention_varlen_reference(q, k, v, cu_seqlens_q, max_seqlen_q, scale, cu_seqlens_k, window)
+        return prefill_attention_varlen_triton(*args)
+    return prefill_attention_varlen_reference(*args)
 
 
 def prefill_attention_varlen_reference(
@@ -57,8 +61,9 @@ def prefill_attention_varlen_reference(
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """One torch SDPA call per sequence, in fp32 (max_seqlen_q is unused here)."""
+    """One torch attention per sequence, in fp32 (max_seqlen_q is unused here)."""
     starts_q = cu_seqlens_q.tolist()
     starts_k = starts_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
     out = torch.empty_like(q)
@@ -70,16 +75,20 @@ def prefill_attention_varlen_reference(
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         if window:
             mask = mask.triu(k_len - q_len - window + 1)
-        attended = F.scaled_dot_product_attention(
-            q[q_rows].transpose(0, 1).float(),  # [H, q_len, D]
-            k[k_rows].transpose(0, 1).float(),  # [KVH, k_len, D]
-            v[k_rows].transpose(0, 1).float(),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[q_rows] = attended.transpose(0, 1).to(q.dtype)
+        out[q_rows] = _attend(q[q_rows], k[k_rows], v[k_rows], mask, scale, softcap).to(q.dtype)
     return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+            softcap: float | None) -> torch.Tensor:
+    """One sequence's attention in fp32: q [q_len, H, D], k and v [k_len, KVH, D] -> [q_len, H, D]."""
+    q, k, v = (x.transpose(0, 1).float() for x in (q, k, v))  # [heads, len, D]
+    if not softcap:  # torch's fused kernel
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1)
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = soft_cap_reference(q @ k.transpose(1, 2) * scale, softcap).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(0, 1)
 
 
 def prefill_attention_varlen_triton(
@@ -91,6 +100,7 @@ def prefill_attention_varlen_triton(
     scale: float,
     cu_seqlens_k: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[1]
@@ -104,7 +114,7 @@ def prefill_attention_varlen_triton(
     grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
-        scale * math.log2(math.e), window or 0,
+        scale * math.log2(math.e), (softcap or 1.0) * math.log2(math.e), window or 0,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
@@ -114,6 +124,7 @@ def prefill_attention_varlen_triton(
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 only matters for fp32
+        SOFTCAP=bool(softcap),
         num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
     )
@@ -129,6 +140,7 @@ def _prefill_kernel(
     cu_seqlens_q_ptr,  # [B + 1] int32
     cu_seqlens_k_ptr,  # [B + 1] int32
     qk_scale,  # scale * log2(e): the softmax runs in base 2
+    softcap,  # cap * log2(e): the scores' soft cap in those units (read only with SOFTCAP)
     window,  # a sliding window's keys (0: every earlier key)
     stride_qt, stride_qh,
     stride_kvt, stride_kvh,
@@ -139,6 +151,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -175,6 +188,8 @@ def _prefill_kernel(
         kv_offs = kv_base + keys.to(tl.int64)[:, None] * stride_kvt + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            scores = soft_cap(scores, softcap)
         visible = (keys[None, :] <= offs_m[:, None] + causal_offset) & (keys[None, :] < k_len)
         if window > 0:
             visible = visible & (keys[None, :] > offs_m[:, None] + causal_offset - window)

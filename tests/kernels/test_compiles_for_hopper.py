@@ -1,5 +1,5 @@
 """GPU kernels compile for sm_90 (H100/H200) down to their cubin, on any machine: the GEMV, FP8 GEMV,
-FP8 GEMM and FP8 activation-quantization kernels.
+FP8 GEMM and FP8 activation-quantization kernels, and the attention kernels with a soft cap.
 
 The interpreter that runs the other kernel tests on the CPU never meets the GPU compiler: a global a
 kernel may not read, or a type or layout the compiler refuses, passes there and fails on the GPU.
@@ -26,7 +26,28 @@ GEMV_FLAGS = {"HAS_BIAS": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16}
 FP8_GEMV_FLAGS = {"HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "DOT_PRECISION": "tf32", "BLOCK_M": 16,
                   "BIT_DEQUANT": False}
 
+
+def strides(*names: str) -> dict[str, str]:
+    return {f"stride_{n}": "i32" for n in names}
+
+
+DECODE_ATTENTION = ("pdserve.engine.kernels.paged_attention", "_decode_partition_kernel",
+                    {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "block_tables_ptr": "*i32",
+                     "context_lens_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32",
+                     "softcap": "fp32", "v_scale": "fp32", "num_partitions": "i32", "window": "i32",
+                     **strides("qb", "qh", "kvb", "kvt", "kvh", "btb", "ob", "oh", "op", "lb", "lh")})
+PREFILL_ATTENTION = ("pdserve.engine.kernels.prefill_attention", "_prefill_kernel",
+                     {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+                      "cu_seqlens_q_ptr": "*i32", "cu_seqlens_k_ptr": "*i32", "qk_scale": "fp32", "softcap": "fp32",
+                      "window": "i32", **strides("qt", "qh", "kvt", "kvh", "ot", "oh")})
+
 CASES = {
+    "decode attention, soft-capped": (*DECODE_ATTENTION, {
+        "GROUP_SIZE": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_SIZE": 16, "BLOCK_N": 64,
+        "DOT_PRECISION": "tf32", "SOFTCAP": True}),
+    "prefill attention, soft-capped": (*PREFILL_ATTENTION, {
+        "GROUP_SIZE": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PRECISION": "tf32",
+        "SOFTCAP": True}),
     "fp8 activation quantization": (*QUANTIZE, {**QUANTIZE_FLAGS, "STATIC": False}),
     "fp8 activation quantization, static scale": (*QUANTIZE, {**QUANTIZE_FLAGS, "STATIC": True}),
     "gemv fma": (*GEMV, {**GEMV_FLAGS, "USE_DOT": False, "BLOCK_N": 8, "BLOCK_K": 512}),

@@ -112,3 +112,16 @@ def test_reference_window_reads_the_last_tokens_only():
     v = v_cache[blocks].flatten(0, 1)[35:45].repeat_interleave(3, dim=1).transpose(0, 1)
     expected = torch.nn.functional.scaled_dot_product_attention(q[0].unsqueeze(1), k, v, scale=0.125).squeeze(1)
     assert relative_error(windowed[0], expected) < 1e-5
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_capped_scores_match_reference(dtype):
+    """Gemma 2's cap (scale 1: random scores pass the cap of 2), over several slices and with a window."""
+    q, k_cache, v_cache, block_tables, lens = make_inputs([300, 5, 77], 8, 2, 64, 16, dtype)
+    for window in (None, 40):
+        out = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 1.0, window=window, softcap=2.0)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lens, 1.0, window, softcap=2.0)
+        assert relative_error(out, ref) < TOLERANCE[dtype]
+        uncapped = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, lens, 1.0, window)
+        assert relative_error(out, uncapped) > 0.05  # the cap matters

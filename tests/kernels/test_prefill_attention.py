@@ -103,3 +103,27 @@ def test_reference_window_is_transformers_sliding_window_overlay():
     expected = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.25).transpose(0, 1)
     assert relative_error(out, expected) < 1e-6
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_capped_scores_match_reference(dtype):
+    """Gemma 2's cap on the scores (scale 1: random scores pass the cap of 2), whole prompts, a chunk, a window."""
+    q_lens, k_lens = [150, 20, 7], [150, 90, 7]
+    q, k, v = make_inputs(q_lens, k_lens, 8, 2, 64, dtype)
+    args = (q, k, v, cu_seqlens(q_lens), max(q_lens), 1.0, cu_seqlens(k_lens))
+    for window in (None, 40):
+        out = prefill_attention_varlen_triton(*args, window=window, softcap=2.0)
+        ref = prefill_attention_varlen_reference(*args, window=window, softcap=2.0)
+        assert relative_error(out, ref) < TOLERANCE[dtype]
+        assert relative_error(out, prefill_attention_varlen_reference(*args, window=window)) > 0.05  # it matters
+
+
+def test_reference_soft_cap_is_transformers_formula():
+    """softmax(cap · tanh(q·kᵀ·scale / cap) + causal mask) · v, as transformers' Gemma 2 eager attention."""
+    q, k, v = make_inputs([12], [12], 2, 1, 16, torch.float32)
+    out = prefill_attention_varlen_reference(q, k, v, cu_seqlens([12]), 12, 0.5, softcap=1.5)
+    scores = torch.tanh(q.transpose(0, 1) @ k.transpose(0, 1).transpose(1, 2).repeat(2, 1, 1) * 0.5 / 1.5) * 1.5
+    scores = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
+    expected = (scores.softmax(-1) @ v.transpose(0, 1).repeat(2, 1, 1)).transpose(0, 1)
+    assert relative_error(out, expected) < 1e-6
