@@ -54,7 +54,7 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
         plan = plan_requests(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, request_id, limits, tokenizer)
         echo = prompt_texts(body.prompt, prompts, tokenizer) if body.echo else []
         return Call(plan, Dialect("completion", tokenizer), models.primary, request_id, body.stream,
-                    body.include_usage, tuple(text for text in echo for _ in range(body.n)))
+                    body.include_usage, tuple(text for text in echo for _ in range(body.n)), body.continuous_usage)
 
     def chat_call(payload: dict, request_id: str) -> Call:
         body = parse_body(ChatBody, payload)
@@ -62,7 +62,7 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
         prompt = render_chat(parse_messages(body.messages), tokenizer, body.template_options())
         plan = plan_requests(body, [prompt], limits.completion_limit, request_id, limits, tokenizer)
         return Call(plan, Dialect("chat", tokenizer, body.top_logprobs or 0), models.primary, request_id,
-                    body.stream, body.include_usage)
+                    body.stream, body.include_usage, continuous_usage=body.continuous_usage)
 
     async def serve(request: Request, make_call: Callable[[dict, str], Call]) -> Response:
         request_id = _request_id(request)

@@ -9,7 +9,8 @@ When streaming, the `PhaseTimings` of the choice that finished last ride as a
 top-level `pdserve_timings` key on the last content chunk (the one whose
 `finish_reason` ends the request), and inside `usage` of the usage chunk when
 `stream_options.include_usage` is set; no extra empty-choices chunk is sent
-unless usage is asked for.
+unless usage is asked for. With vLLM's `continuous_usage_stats` too, every
+chunk carries the call's usage so far (else `usage: null` until the last).
 
 A failure before the first token raises (the app answers with its status);
 after streaming began it becomes `data: {"error": {...}}` then `data: [DONE]`.
@@ -243,6 +244,7 @@ class Call:
     stream: bool
     include_usage: bool
     echo: tuple[str, ...] = ()  # with `echo`, each choice's prompt text; else empty
+    continuous_usage: bool = False  # with `include_usage`: the usage so far on every chunk
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list[dict], streaming: bool) -> dict:
@@ -278,22 +280,28 @@ class Call:
     async def _sse(self, events: AsyncIterator[tuple[int, GenerationChunk]],
                    first: tuple[int, GenerationChunk] | None) -> AsyncIterator[str]:
         states = [ChoiceState() for _ in self.plan.requests]
-        extra = {"usage": None} if self.include_usage else {}
         try:
             if self.dialect.kind == "chat":
                 for i in range(len(states)):
-                    yield sse_data({**self.envelope([self.dialect.role_choice(i)], True), **extra})
+                    role = self.envelope([self.dialect.role_choice(i)], True)
+                    yield sse_data({**role, **self._usage_so_far(states)})
             async with contextlib.aclosing(events):
                 pending = [first] if first is not None else []
                 async for index, chunk in _prepend(pending, events):
-                    yield sse_data(self._chunk_body(index, chunk, states, extra))
+                    yield sse_data(self._chunk_body(index, chunk, states))
             if self.include_usage:
                 yield sse_data({**self.envelope([], True), "usage": _usage(self.plan, states)})
         except Exception as error:
             yield sse_data(openai_error_body(as_generation_error(error, self.request_id)))
         yield DONE
 
-    def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState], extra: dict) -> dict:
+    def _usage_so_far(self, states: list[ChoiceState]) -> dict:
+        """A content chunk's `usage` entry: none without `include_usage`, null unless continuous."""
+        if not self.include_usage:
+            return {}
+        return {"usage": _usage(self.plan, states) if self.continuous_usage else None}
+
+    def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState]) -> dict:
         state = states[index]
         offset = state.num_chars
         text = chunk.text if state.text else self._prompt_text(index) + chunk.text
@@ -301,7 +309,7 @@ class Call:
         logprobs = list(chunk.logprobs or ()) if self.plan.logprobs else None
         choice = self.dialect.choice(index, text, list(chunk.token_ids), logprobs, chunk.finish_reason,
                                      streaming=True, text_offset=offset)
-        body = {**self.envelope([choice], True), **extra}
+        body = {**self.envelope([choice], True), **self._usage_so_far(states)}
         if chunk.finish_reason and all(s.finish_reason for s in states):
             body["pdserve_timings"] = _request_timings(states)
         return body

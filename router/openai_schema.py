@@ -32,6 +32,7 @@ B = TypeVar("B", bound=Body)
 
 class StreamOptions(Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk too
 
 
 class FunctionTool(Body):
@@ -103,6 +104,11 @@ class RequestBody(Body):
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every stream chunk carries the usage so far (vLLM's `continuous_usage_stats`)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def stop_strings(self) -> tuple[str, ...]:
         """`stop` as a tuple."""

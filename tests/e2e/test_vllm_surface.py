@@ -1,4 +1,5 @@
 """What a vLLM user's requests get from a real server: vLLM's endpoints and fields beside OpenAI's."""
+import json
 from importlib.metadata import version
 
 import httpx
@@ -137,3 +138,15 @@ def test_null_fields_read_as_absent(server):
     completion = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **nulls, "echo": None})
     assert completion.status_code == 200, completion.text
     assert error_of(post(server, "/v1/completions", {"prompt": None}), 400)["code"] == "missing_required_parameter"
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(server):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+            "messages": USER, "max_tokens": 5, "ignore_eos": True, "stream": True, "stream_options": options}) as reply:
+        events = [line.removeprefix("data: ") for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usages = [json.loads(event)["usage"] for event in events[:-1]]
+    completion_tokens = [usage["completion_tokens"] for usage in usages]
+    assert completion_tokens[0] == 0 and completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 5
+    assert {usage["prompt_tokens"] for usage in usages} == {usages[-1]["total_tokens"] - 5}
