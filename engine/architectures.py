@@ -25,6 +25,10 @@ class ExpertNames:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    # the expert every token also goes through (`{block}.{shared}.{gate|up|down}_proj.weight`), and
+    # the linear whose sigmoid weighs it (`{block}.{shared_gate}.weight`); None: none
+    shared: str | None = None
+    shared_gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ MISTRAL = Architecture("mistral", ("MistralForCausalLM",), ("mistral",))
 QWEN3 = Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), qk_norm=True)
 QWEN3_MOE = Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), qk_norm=True,
                          experts=ExpertNames())
+QWEN2_MOE = Architecture("qwen2_moe", ("Qwen2MoeForCausalLM",), ("qwen2_moe",),
+                         experts=ExpertNames(shared="shared_expert", shared_gate="shared_expert_gate"))
 MIXTRAL = Architecture("mixtral", ("MixtralForCausalLM",), ("mixtral",),
                        experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2"))
 # q/k/v and gate/up fused in the checkpoint (read apart by the loader); Phi-4-mini: partial rotary
@@ -64,7 +70,7 @@ GEMMA3 = Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), norm_o
                       pre_mlp_norm="pre_feedforward_layernorm", text_model_of=("Gemma3ForConditionalGeneration",))
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN3_MOE, MIXTRAL, PHI3, GEMMA2, GEMMA3)}
+    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN2_MOE, QWEN3_MOE, MIXTRAL, PHI3, GEMMA2, GEMMA3)}
 SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes + a.text_model_of)
 # transformers' names of the activations, by what the engine calls them
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -85,6 +91,7 @@ class MoeSpec:
     top_k: int
     intermediate_size: int  # of each expert
     renormalize: bool  # top-k probabilities divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
+    shared_intermediate_size: int = 0  # of the shared expert beside the routed ones (Qwen2-MoE); 0: none
 
 
 def find_architecture(config: Any) -> Architecture | None:
@@ -132,6 +139,8 @@ def moe_spec(config: Any, arch: Architecture) -> MoeSpec | None:
         top_k=int(config.num_experts_per_tok),
         intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
         renormalize=bool(getattr(config, "norm_topk_prob", True)),
+        shared_intermediate_size=int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        if arch.experts.shared else 0,
     )
 
 

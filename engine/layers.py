@@ -59,7 +59,23 @@ class MoeMlp:
     w2: torch.Tensor  # [E, hidden, inter]
     top_k: int
     renormalize: bool
+    shared: SharedExpert | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.router(x), self.top_k, self.renormalize)  # [T, k] each
-        return fused_moe(x, self.w13, self.w2, weights, ids)
+        out = fused_moe(x, self.w13, self.w2, weights, ids)
+        return out if self.shared is None else out.add_(self.shared(x))
+
+
+@dataclass(frozen=True, eq=False)
+class SharedExpert:
+    """The expert every token of an MoE block also goes through (Qwen2-MoE), weighed by sigmoid(gate · x).
+
+    At TP > 1 its output is a partial sum like the routed experts'; the weight, one scalar per
+    token from a replicated gate, is the same on every rank, so the all-reduce still adds up."""
+
+    mlp: GatedMlp
+    gate: Linear  # [1, hidden]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) * torch.sigmoid(self.gate(x).float()).to(x.dtype)

@@ -21,12 +21,12 @@ import torch
 
 from .architectures import text_config
 from .fp8 import Fp8Checkpoint, Fp8FormatError, checkpoint_kv_scales
-from .layers import GatedMlp, MoeMlp, RmsNorm
+from .layers import GatedMlp, MoeMlp, RmsNorm, SharedExpert
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
 from .sharding import (
-    COLUMN_EXPERT, COLUMN_KV, COLUMN_MLP, COLUMN_Q, COLUMN_VOCAB, REPLICATED, ROW_ATTENTION, ROW_EXPERT, ROW_MLP,
-    ShardLayout,
+    COLUMN_EXPERT, COLUMN_KV, COLUMN_MLP, COLUMN_Q, COLUMN_SHARED, COLUMN_VOCAB, REPLICATED, ROW_ATTENTION,
+    ROW_EXPERT, ROW_MLP, ROW_SHARED, ShardLayout,
 )
 from .weight_reader import WeightFileError, WeightReader
 
@@ -247,8 +247,8 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], [kinds[n] for n in "qkv"], qkv_bias),
             o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=(_moe(reader, p, spec, layout, put, take) if layer_spec.moe
-                 else _gated_mlp(p, family.activation, projection)),
+            mlp=(_moe(reader, p, spec, layout, put, take, projection) if layer_spec.moe
+                 else _gated_mlp(f"{p}mlp.", family.activation, projection)),
             q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
             k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
@@ -296,12 +296,13 @@ def _check_rows(reader: WeightReader, name: str, rows: int) -> None:
         raise ModelLoadError(f"weight {name!r} has shape {reader.shape(name)}, the config says {rows} rows")
 
 
-def _gated_mlp(p: str, activation: str, projection) -> GatedMlp:
-    gate_up = projection([f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"], [COLUMN_MLP, COLUMN_MLP])
-    return GatedMlp(gate_up, projection([f"{p}mlp.down_proj.weight"], [ROW_MLP]), activation)
+def _gated_mlp(prefix: str, activation: str, projection, column: str = COLUMN_MLP, row: str = ROW_MLP) -> GatedMlp:
+    """The MLP at `prefix` (`{prefix}gate_proj.weight`, ...); `column`, `row`: how TP cuts it."""
+    gate_up = projection([f"{prefix}gate_proj.weight", f"{prefix}up_proj.weight"], [column, column])
+    return GatedMlp(gate_up, projection([f"{prefix}down_proj.weight"], [row]), activation)
 
 
-def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put, take) -> MoeMlp:
+def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put, take, projection) -> MoeMlp:
     """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter];
     of a TP rank, each expert's `layout.expert_columns` of inter only (engine/sharding.py).
 
@@ -322,7 +323,11 @@ def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put
     _check_shape(w13, (moe.num_experts, 2 * inter, spec.hidden_size), f"{block}experts (gate/up)")
     _check_shape(w2, (moe.num_experts, spec.hidden_size, inter), f"{block}experts (down)")
     router = Linear.dense(put(take(f"{block}gate.weight")))
-    return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize)
+    shared = None
+    if moe.shared_intermediate_size:
+        mlp = _gated_mlp(f"{block}{names.shared}.", "silu", projection, COLUMN_SHARED, ROW_SHARED)
+        shared = SharedExpert(mlp, Linear.dense(put(take(f"{block}{names.shared_gate}.weight"))))
+    return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize, shared)
 
 
 def _stacked_experts(reader: WeightReader, block: str, inter: int,

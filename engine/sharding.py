@@ -14,7 +14,8 @@ Rank r of a TP group of size N holds:
   all-reduced as the dense MLP's. Why not whole experts per rank: slicing works
   for any expert count, the ranks' work stays even however the router skews (a
   rank of popular experts would hold every step back), and the MoE kernel and
-  the all-reduce are the dense path's.
+  the all-reduce are the dense path's. A shared expert is cut as the dense MLP, on
+  its own intermediate dimension.
 - the vocabulary projection: vocab-parallel when the TP size divides the
   vocabulary (each rank its rows, the logits gathered after it: every rank then
   holds them all, as the sampler wants), replicated otherwise. At 70B it is 2 GB
@@ -30,7 +31,8 @@ from .model_spec import ModelSpec, UnsupportedModel
 
 # What a weight is, for slicing: which of its axes the TP split cuts.
 COLUMN_Q, COLUMN_KV, COLUMN_MLP, COLUMN_EXPERT, COLUMN_VOCAB = "q", "kv", "mlp", "expert", "vocab"  # output rows
-ROW_ATTENTION, ROW_MLP, ROW_EXPERT = "o", "down", "expert_down"  # input columns
+COLUMN_SHARED = "shared"
+ROW_ATTENTION, ROW_MLP, ROW_EXPERT, ROW_SHARED = "o", "down", "expert_down", "shared_down"  # input columns
 REPLICATED = "replicated"
 
 
@@ -56,6 +58,8 @@ def check_tp_size(spec: ModelSpec, size: int) -> None:
         problems.append(f"intermediate size {spec.intermediate_size}")
     if spec.moe is not None and spec.moe.intermediate_size % size:
         problems.append(f"expert intermediate size {spec.moe.intermediate_size}")
+    if spec.moe is not None and spec.moe.shared_intermediate_size % size:
+        problems.append(f"shared expert intermediate size {spec.moe.shared_intermediate_size}")
     if problems:
         raise UnsupportedModel(f"tensor_parallel_size {size} does not split the model's {', '.join(problems)}")
 
@@ -72,6 +76,7 @@ class ShardLayout:
     head_dim: int
     expert_columns: range = range(0)  # of each MoE expert's intermediate dimension
     vocab_rows: range | None = None  # of the vocabulary projection; None: replicated
+    shared_columns: range = range(0)  # of a shared expert's intermediate dimension
 
     @classmethod
     def of(cls, spec: ModelSpec, rank: int = 0, size: int = 1) -> ShardLayout:
@@ -83,9 +88,10 @@ class ShardLayout:
         expert = spec.moe.intermediate_size // size if spec.moe is not None else 0
         vocab = spec.vocab_size // size
         vocab_rows = range(rank * vocab, (rank + 1) * vocab) if size > 1 and spec.vocab_size % size == 0 else None
+        shared = spec.moe.shared_intermediate_size // size if spec.moe is not None else 0
         return cls(rank, size, range(rank * q, (rank + 1) * q), kv_head_range(spec.num_kv_heads, size, rank),
                    range(rank * mlp, (rank + 1) * mlp), spec.head_dim, range(rank * expert, (rank + 1) * expert),
-                   vocab_rows)
+                   vocab_rows, range(rank * shared, (rank + 1) * shared))
 
     @property
     def num_heads(self) -> int:
@@ -127,6 +133,10 @@ class ShardLayout:
             return None, _slice(self.mlp_columns)
         if kind == ROW_EXPERT:
             return None, _slice(self.expert_columns)
+        if kind == COLUMN_SHARED:
+            return _slice(self.shared_columns), None
+        if kind == ROW_SHARED:
+            return None, _slice(self.shared_columns)
         raise ValueError(f"unknown weight kind {kind!r}")
 
     def _heads(self, heads: range) -> slice:

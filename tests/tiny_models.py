@@ -13,6 +13,10 @@ ARCHITECTURES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1],
         norm_topk_prob=False)),
+    # a shared expert beside the routed ones, weighed by its sigmoid gate; q/k/v bias
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        mlp_only_layers=[1])),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     # q/k/v and gate/up fused in the checkpoint
