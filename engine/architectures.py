@@ -40,10 +40,11 @@ class Architecture:
     model_types: tuple[str, ...]  # config.model_type values (configs without `architectures`)
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): Gemma's (1 + w)
     activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
-    qk_norm: bool = False  # RMSNorm over each q and k head before rope (Qwen3, Gemma 3)
+    qk_norm: bool = False  # RMSNorm over each q and k head before rope (Qwen3, Gemma 3; GLM-4.5: use_qk_norm)
     sandwich_norms: bool = False  # also a norm after attention and after the MLP (Gemma 3)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma 3)
     experts: ExpertNames | None = None  # MoE layers' checkpoint names; None: dense only
+    grouped_routing: bool = False  # sigmoid scores, biased choice within groups (kernels/moe_routing.route_grouped)
     pre_mlp_norm: str = "post_attention_layernorm"  # the norm before the MLP, by checkpoint name
     # Multimodal classes whose text model this family runs (their config's text_config, their
     # weights under language_model.); images are not supported.
@@ -58,6 +59,10 @@ QWEN3_MOE = Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), ("qwen3_moe",), 
                          experts=ExpertNames())
 QWEN2_MOE = Architecture("qwen2_moe", ("Qwen2MoeForCausalLM",), ("qwen2_moe",),
                          experts=ExpertNames(shared="shared_expert", shared_gate="shared_expert_gate"))
+# GLM-4.5 / 4.6: q/k/v bias, partial rotary, optional q/k norm; dense first layers, then MoE layers with a
+# shared expert and DeepSeek-V3's routing
+GLM4_MOE = Architecture("glm4_moe", ("Glm4MoeForCausalLM",), ("glm4_moe",),
+                        experts=ExpertNames(shared="shared_experts"), grouped_routing=True)
 MIXTRAL = Architecture("mixtral", ("MixtralForCausalLM",), ("mixtral",),
                        experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2"))
 # q/k/v and gate/up fused in the checkpoint (read apart by the loader); Phi-4-mini: partial rotary
@@ -70,7 +75,8 @@ GEMMA3 = Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), norm_o
                       pre_mlp_norm="pre_feedforward_layernorm", text_model_of=("Gemma3ForConditionalGeneration",))
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN2_MOE, QWEN3_MOE, MIXTRAL, PHI3, GEMMA2, GEMMA3)}
+    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN2_MOE, QWEN3_MOE, GLM4_MOE, MIXTRAL, PHI3, GEMMA2,
+                        GEMMA3)}
 SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes + a.text_model_of)
 # transformers' names of the activations, by what the engine calls them
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -91,7 +97,11 @@ class MoeSpec:
     top_k: int
     intermediate_size: int  # of each expert
     renormalize: bool  # top-k probabilities divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
-    shared_intermediate_size: int = 0  # of the shared expert beside the routed ones (Qwen2-MoE); 0: none
+    shared_intermediate_size: int = 0  # of the shared expert beside the routed ones (Qwen2-MoE, GLM-4.5); 0: none
+    grouped: bool = False  # Architecture.grouped_routing, with the next three
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
 
 
 def find_architecture(config: Any) -> Architecture | None:
@@ -134,19 +144,30 @@ def moe_spec(config: Any, arch: Architecture) -> MoeSpec | None:
     if arch.experts is None:
         return None
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
+    inter = int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
     return MoeSpec(
         num_experts=int(num_experts),
         top_k=int(config.num_experts_per_tok),
-        intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        intermediate_size=inter,
         renormalize=bool(getattr(config, "norm_topk_prob", True)),
-        shared_intermediate_size=int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
-        if arch.experts.shared else 0,
+        shared_intermediate_size=_shared_intermediate_size(config, inter) if arch.experts.shared else 0,
+        grouped=arch.grouped_routing,
+        num_groups=int(getattr(config, "n_group", None) or 1),
+        topk_groups=int(getattr(config, "topk_group", None) or 1),
+        routed_scaling=float(getattr(config, "routed_scaling_factor", None) or 1.0),
     )
 
 
+def _shared_intermediate_size(config: Any, expert_inter: int) -> int:
+    """Qwen2-MoE names the shared expert's width; GLM-4.5 and DeepSeek count shared experts of the routed width."""
+    width = getattr(config, "shared_expert_intermediate_size", None)
+    return int(width) if width else expert_inter * int(getattr(config, "n_shared_experts", None) or 0)
+
+
 def _is_moe_layer(config: Any, arch: Architecture, index: int) -> bool:
-    """Mixtral: every layer. Qwen3-MoE: every decoder_sparse_step-th, except mlp_only_layers."""
-    if arch.experts is None:
+    """Mixtral: every layer. Qwen3-MoE: every decoder_sparse_step-th, except mlp_only_layers. GLM-4.5:
+    from first_k_dense_replace on."""
+    if arch.experts is None or index < (getattr(config, "first_k_dense_replace", None) or 0):
         return False
     if index in (getattr(config, "mlp_only_layers", None) or ()):
         return False

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .kernels.activation import gated_activation
 from .kernels.fused_moe import fused_moe
-from .kernels.moe_routing import route
+from .kernels.moe_routing import route, route_grouped
 from .kernels.rms_norm import add_rms_norm, rms_norm
 from .linear import Linear
 
@@ -60,22 +61,42 @@ class MoeMlp:
     top_k: int
     renormalize: bool
     shared: SharedExpert | None = None
+    grouped: GroupedRouting | None = None  # DeepSeek-V3 / GLM-4.5 routing instead of the softmax's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.router(x), self.top_k, self.renormalize)  # [T, k] each
+        weights, ids = self._route(x)  # [T, k] each
         out = fused_moe(x, self.w13, self.w2, weights, ids)
         return out if self.shared is None else out.add_(self.shared(x))
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grouped is None:
+            return route(self.router(x), self.top_k, self.renormalize)
+        g = self.grouped  # its router runs in fp32, as the checkpoints' reference code does
+        logits = F.linear(x.float(), self.router.weight)
+        return route_grouped(logits, g.bias, self.top_k, g.num_groups, g.topk_groups, self.renormalize, g.scaling)
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedRouting:
+    """The settings of kernels/moe_routing.py's `route_grouped`; the MoE block's router weight is then fp32."""
+
+    bias: torch.Tensor | None  # [E] fp32 e_score_correction_bias
+    num_groups: int  # n_group
+    topk_groups: int  # topk_group
+    scaling: float  # routed_scaling_factor
 
 
 @dataclass(frozen=True, eq=False)
 class SharedExpert:
-    """The expert every token of an MoE block also goes through (Qwen2-MoE), weighed by sigmoid(gate · x).
+    """The expert every token of an MoE block also goes through: weighed by sigmoid(gate · x) (Qwen2-MoE),
+    or as it is (GLM-4.5, DeepSeek: no gate).
 
     At TP > 1 its output is a partial sum like the routed experts'; the weight, one scalar per
     token from a replicated gate, is the same on every rank, so the all-reduce still adds up."""
 
     mlp: GatedMlp
-    gate: Linear  # [1, hidden]
+    gate: Linear | None  # [1, hidden]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x) * torch.sigmoid(self.gate(x).float()).to(x.dtype)
+        out = self.mlp(x)
+        return out if self.gate is None else out * torch.sigmoid(self.gate(x).float()).to(x.dtype)

@@ -21,7 +21,7 @@ import torch
 
 from .architectures import text_config
 from .fp8 import Fp8Checkpoint, Fp8FormatError, checkpoint_kv_scales
-from .layers import GatedMlp, MoeMlp, RmsNorm, SharedExpert
+from .layers import GatedMlp, GroupedRouting, MoeMlp, RmsNorm, SharedExpert
 from .linear import Linear
 from .model_spec import ModelSpec, UnsupportedModel, spec_from_config
 from .sharding import (
@@ -48,7 +48,7 @@ class LayerWeights:
     o: Linear  # [hidden, heads * head_dim]
     pre_mlp_norm: RmsNorm
     mlp: GatedMlp | MoeMlp
-    q_norm: RmsNorm | None = None  # per head, before rope (Architecture.qk_norm)
+    q_norm: RmsNorm | None = None  # per head, before rope (ModelSpec.qk_norm)
     k_norm: RmsNorm | None = None
     post_attn_norm: RmsNorm | None = None  # on the attention output (Architecture.sandwich_norms)
     post_mlp_norm: RmsNorm | None = None  # on the MLP output
@@ -247,10 +247,10 @@ def _arrange(reader: WeightReader, spec: ModelSpec, layout: ShardLayout, dtype: 
             qkv=projection([f"{p}self_attn.{n}_proj.weight" for n in "qkv"], [kinds[n] for n in "qkv"], qkv_bias),
             o=row_parallel(f"{p}self_attn.o_proj", ROW_ATTENTION),
             pre_mlp_norm=norm(f"{p}{family.pre_mlp_norm}.weight"),
-            mlp=(_moe(reader, p, spec, layout, put, take, projection) if layer_spec.moe
+            mlp=(_moe(reader, p, spec, layout, put, take, projection, device) if layer_spec.moe
                  else _gated_mlp(f"{p}mlp.", family.activation, projection)),
-            q_norm=norm(f"{p}self_attn.q_norm.weight") if family.qk_norm else None,
-            k_norm=norm(f"{p}self_attn.k_norm.weight") if family.qk_norm else None,
+            q_norm=norm(f"{p}self_attn.q_norm.weight") if spec.qk_norm else None,
+            k_norm=norm(f"{p}self_attn.k_norm.weight") if spec.qk_norm else None,
             post_attn_norm=norm(f"{p}post_attention_layernorm.weight") if sandwich else None,
             post_mlp_norm=norm(f"{p}post_feedforward_layernorm.weight") if sandwich else None,
         ))
@@ -302,7 +302,8 @@ def _gated_mlp(prefix: str, activation: str, projection, column: str = COLUMN_ML
     return GatedMlp(gate_up, projection([f"{prefix}down_proj.weight"], [row]), activation)
 
 
-def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put, take, projection) -> MoeMlp:
+def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put, take, projection,
+         device: torch.device) -> MoeMlp:
     """Experts stacked: w13 [E, 2 * inter, hidden] (gate rows, then up), w2 [E, hidden, inter];
     of a TP rank, each expert's `layout.expert_columns` of inter only (engine/sharding.py).
 
@@ -322,12 +323,21 @@ def _moe(reader: WeightReader, p: str, spec: ModelSpec, layout: ShardLayout, put
         w2 = torch.stack([expert(e, names.down, ROW_EXPERT) for e in range(moe.num_experts)])
     _check_shape(w13, (moe.num_experts, 2 * inter, spec.hidden_size), f"{block}experts (gate/up)")
     _check_shape(w2, (moe.num_experts, spec.hidden_size, inter), f"{block}experts (down)")
-    router = Linear.dense(put(take(f"{block}gate.weight")))
     shared = None
     if moe.shared_intermediate_size:
         mlp = _gated_mlp(f"{block}{names.shared}.", "silu", projection, COLUMN_SHARED, ROW_SHARED)
-        shared = SharedExpert(mlp, Linear.dense(put(take(f"{block}{names.shared_gate}.weight"))))
-    return MoeMlp(router, put(w13), put(w2), moe.top_k, moe.renormalize, shared)
+        gate = Linear.dense(put(take(f"{block}{names.shared_gate}.weight"))) if names.shared_gate else None
+        shared = SharedExpert(mlp, gate)
+    if not moe.grouped:
+        return MoeMlp(Linear.dense(put(take(f"{block}gate.weight"))), put(w13), put(w2), moe.top_k, moe.renormalize,
+                      shared)
+    # the router and its bias stay fp32: the routing is computed in fp32, as the checkpoints' reference code does
+    fp32 = {name: take(name).to(device, torch.float32) for name in (f"{block}gate.weight",
+            f"{block}gate.e_score_correction_bias") if name in reader}
+    grouped = GroupedRouting(fp32.get(f"{block}gate.e_score_correction_bias"), moe.num_groups, moe.topk_groups,
+                             moe.routed_scaling)
+    return MoeMlp(Linear.dense(fp32[f"{block}gate.weight"]), put(w13), put(w2), moe.top_k, moe.renormalize, shared,
+                  grouped)
 
 
 def _stacked_experts(reader: WeightReader, block: str, inter: int,

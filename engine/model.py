@@ -28,6 +28,7 @@ from .copies import on_device
 from .kernels.paged_attention import paged_decode_attention
 from .kernels.prefill_attention import prefill_attention_varlen
 from .kernels.qk_norm_rope import qk_norm_rope_
+from .kernels.rms_norm import rms_norm_heads_
 from .kernels.rope import apply_rope, build_cos_sin_cache
 from .kv_cache import KvCache
 from .loader import LayerWeights, LoadedModel
@@ -166,11 +167,14 @@ class Model:
         k = qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, head_dim)
         cos_sin = self.cos_sin[layer_spec.rope]
-        if layer.q_norm is not None:  # q/k norms and rope in one launch, in place, on views of qkv
-            qn, kn = layer.q_norm, layer.k_norm
+        rotary = cos_sin.shape[1]  # the head dims rope turns: all, or the first `rotary` (partial rotary)
+        qn, kn = layer.q_norm, layer.k_norm
+        if qn is not None and rotary == head_dim:  # q/k norms and rope in one launch, in place, on views of qkv
             qk_norm_rope_(q, k, qn.weight, kn.weight, qn.eps, qn.offset, positions, cos_sin)
-        else:  # in place, on views of qkv: of each head's first `rotary` dims only (partial rotary)
-            rotary = cos_sin.shape[1]
+        else:  # in place, on views of qkv
+            if qn is not None:
+                rms_norm_heads_(q, qn.weight, qn.eps, qn.offset)
+                rms_norm_heads_(k, kn.weight, kn.eps, kn.offset)
             apply_rope(q[..., :rotary], k[..., :rotary], positions, cos_sin)
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
         # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv

@@ -43,6 +43,7 @@ class ModelSpec:
     attention_scale: float | None = None  # None: head_dim ** -0.5
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     attn_logit_softcap: float | None = None  # the same on attention scores, before the softmax (Gemma 2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before rope (the family's, or the config's use_qk_norm)
 
     @property
     def family(self) -> Architecture:
@@ -94,7 +95,7 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
             raise UnsupportedModel(f"rope type {rope_type!r} is not supported; supported: {sorted(SUPPORTED_ROPE_TYPES)}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = rotary_dim(config, rope)
-        if rotary % 2 or (arch.qk_norm and rotary != head_dim):  # the fused q/k norm + rope turns whole heads
+        if rotary % 2 or rotary > head_dim:
             raise UnsupportedModel(f"{arch.name}: rope over {rotary} of {head_dim} head dims is not supported")
     activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
     if ACTIVATIONS.get(activation) != arch.activation:
@@ -126,6 +127,7 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
         attention_scale=float(scalar) ** -0.5 if scalar else None,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None) or None,
         attn_logit_softcap=getattr(config, "attn_logit_softcapping", None) or None,
+        qk_norm=arch.qk_norm or bool(getattr(config, "use_qk_norm", False)),
     )
 
 

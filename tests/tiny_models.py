@@ -17,6 +17,12 @@ ARCHITECTURES = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         mlp_only_layers=[1])),
+    # GLM-4.5: a dense first layer, then MoE with a shared expert and grouped sigmoid routing (the score
+    # bias randomised by save_tiny_model); q/k/v bias; rope over half of each head, after q/k norm
+    "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM, dict(
+        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+        head_dim=16, partial_rotary_factor=0.5)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     # q/k/v and gate/up fused in the checkpoint
@@ -69,6 +75,10 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     model = ALL_ARCHITECTURES[arch][1](config).eval()
+    with torch.no_grad():  # initialised to zeros: random, so that a routing that ignored them would show
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.5, 0.5)
     model.save_pretrained(directory)
     return model
 

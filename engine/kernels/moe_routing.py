@@ -87,3 +87,26 @@ def _route_kernel(
     out = token * TOP_K + slots
     tl.store(weights_ptr + out, weights, mask=slots < TOP_K)
     tl.store(ids_ptr + out, ids, mask=slots < TOP_K)
+
+
+def route_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                  renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's and GLM-4.5's routing: (weights fp32 [T, k], ids int32 [T, k]).
+
+    Sigmoid scores; the experts are chosen by score + `bias` (the checkpoint's
+    e_score_correction_bias: it balances the load, and never weighs an output) among the
+    `topk_groups` groups of experts whose two best biased scores sum highest; each chosen
+    expert is weighed by its unbiased score, renormalised over the k, times `scaling`
+    (routed_scaling_factor). In torch on every device: a handful of launches a layer."""
+    scores = logits.float().sigmoid()
+    choice = scores if bias is None else scores + bias
+    if num_groups > 1:
+        tokens, experts = choice.shape
+        best_two = choice.view(tokens, num_groups, experts // num_groups).topk(2, dim=-1).values.sum(-1)
+        kept = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, best_two.topk(topk_groups, dim=-1).indices, True)
+        choice = choice.masked_fill(~kept.repeat_interleave(experts // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids.to(torch.int32)

@@ -40,7 +40,8 @@ def generate_greedy(tp: TensorParallel, model_dir: str, prompts: list[list[int]]
     engine = OfflineEngine(loaded, num_blocks=64, block_size=4, tp=tp)
     sequences = [OfflineSequence(list(p), max_tokens) for p in prompts]
     list(engine.generate(sequences, ignore_eos=True))
-    mlp = loaded.weights.layers[0].mlp
+    mlps = [layer.mlp for layer in loaded.weights.layers]
+    mlp = next((m for m in mlps if hasattr(m, "w13")), mlps[0])  # the first MoE layer's, if any
     return {"outputs": [s.output for s in sequences], "kv_heads": engine.runner.kv_cache.spec.num_kv_heads,
             "qkv_rows": loaded.weights.layers[0].qkv.out_features, "lm_head_rows": loaded.weights.lm_head.out_features,
             "mlp_rows": mlp.w13.shape[1] if hasattr(mlp, "w13") else mlp.gate_up.out_features}

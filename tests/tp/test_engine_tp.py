@@ -26,7 +26,8 @@ def test_tp2_greedy_tokens_equal_transformers(tmp_path, arch, kv_heads):
         assert result["lm_head_rows"] == 128 // 2  # vocab-parallel (gemma3: rows of the tied embedding)
 
 
-@pytest.mark.parametrize("arch, expert_inter", [("qwen3_moe", 48), ("mixtral", 128), ("qwen2_moe", 48)])
+@pytest.mark.parametrize("arch, expert_inter", [("qwen3_moe", 48), ("mixtral", 128), ("qwen2_moe", 48),
+                                               ("glm4_moe", 48)])
 def test_moe_at_tp2_shards_every_expert_and_gives_transformers_greedy_tokens(tmp_path, arch, expert_inter):
     model = save_tiny_model(arch, tmp_path)
     expected = [reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS]
