@@ -15,7 +15,7 @@ for dtype in float32 bfloat16; do
   echo "== tests/engine on cuda, $dtype"
   PDSERVE_TEST_DEVICE=cuda PDSERVE_TEST_DTYPE=$dtype timeout 150 python3 -m pytest -q -p no:cacheprovider \
     tests/engine/test_model_vs_transformers.py tests/engine/test_disaggregation.py tests/engine/test_cuda_graphs.py \
-    tests/engine/test_overlap.py tests/engine/test_sampler.py 2>&1 | tail -25
+    tests/engine/test_overlap.py tests/engine/test_sampler.py tests/engine/test_penalties_runner.py 2>&1 | tail -25
 done
 echo "== tests/kernels on cuda"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -15

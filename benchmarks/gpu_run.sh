@@ -37,6 +37,7 @@ for step in "$@"; do
     cuda_tests) PDSERVE_TEST_DEVICE=cuda PDSERVE_TEST_DTYPE=bfloat16 timeout 150 python3 -m pytest -q -p no:cacheprovider \
                tests/engine/test_model_vs_transformers.py tests/engine/test_cuda_graphs.py tests/engine/test_overlap.py \
                tests/engine/test_fp8_kv.py tests/kernels/test_fp8_gemm.py tests/engine/test_fp8_checkpoint.py \
+               tests/engine/test_penalties_runner.py \
                > "$OUT/cuda_tests.log" 2>&1 ;;
     moe) timeout 200 python3 benchmarks/moe_kernel.py --out "$OUT" --sweep > "$OUT/moe.log" 2>&1 ;;
     overlap) timeout 560 python3 benchmarks/gpu_overlap.py .carry/tokenizer "$OUT" > "$OUT/overlap.log" 2>&1 ;;
