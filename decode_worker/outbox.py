@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.engine.failures import FailureCode
+from pdserve.engine.messages import TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class TokenBatch:
     transfer_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    num_top: list[int] = field(default_factory=list)  # token i's alternatives: num_top[i] of top_*, in order
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
     endings: list[Ending] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -39,6 +43,9 @@ class TokenBatch:
         self.transfer_ids += other.transfer_ids
         self.token_ids += other.token_ids
         self.logprobs += other.logprobs
+        self.num_top += other.num_top
+        self.top_token_ids += other.top_token_ids
+        self.top_logprobs += other.top_logprobs
         self.endings += other.endings
 
 
@@ -50,10 +57,15 @@ class Outbox:
         self._deliver = deliver
         self._batch = TokenBatch()
 
-    def token(self, transfer_id: int, token_id: int, logprob: float | None) -> None:
-        self._batch.transfer_ids.append(transfer_id)
-        self._batch.token_ids.append(token_id)
-        self._batch.logprobs.append(0.0 if logprob is None else logprob)
+    def token(self, transfer_id: int, token_id: int, logprob: float | None, top: TopLogprobs = ()) -> None:
+        batch = self._batch
+        batch.transfer_ids.append(transfer_id)
+        batch.token_ids.append(token_id)
+        batch.logprobs.append(0.0 if logprob is None else logprob)
+        batch.num_top.append(len(top))
+        for top_id, top_logprob in top:
+            batch.top_token_ids.append(top_id)
+            batch.top_logprobs.append(top_logprob)
 
     def end(self, ending: Ending) -> None:
         self._batch.endings.append(ending)
@@ -71,8 +83,9 @@ class Emission:
     def __init__(self) -> None:
         self._unflushed: set[Outbox] = set()
 
-    def token(self, outbox: Outbox, transfer_id: int, token_id: int, logprob: float | None) -> None:
-        outbox.token(transfer_id, token_id, logprob)
+    def token(self, outbox: Outbox, transfer_id: int, token_id: int, logprob: float | None,
+              top: TopLogprobs = ()) -> None:
+        outbox.token(transfer_id, token_id, logprob, top)
         self._unflushed.add(outbox)
 
     def end(self, outbox: Outbox, ending: Ending) -> None:

@@ -39,7 +39,8 @@ def stream_start(request: pb.StreamRequest) -> StreamStart:
                             top_k=request.top_k, seed=request.seed, logprobs=request.logprobs,
                             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                             repetition_penalty=request.repetition_penalty or 1.0, min_tokens=request.min_tokens,
-                            logit_bias=tuple(sorted(request.logit_bias.items())))
+                            logit_bias=tuple(sorted(request.logit_bias.items())),
+                            top_logprobs=request.top_logprobs, min_p=request.min_p)
     return StreamStart(
         transfer_id=request.transfer_id, request_id=request.request_id,
         prompt=tuple(request.prompt_token_ids), generated=tuple(request.generated_token_ids),
@@ -52,6 +53,10 @@ def stream_start(request: pb.StreamRequest) -> StreamStart:
 def batch_message(batch: TokenBatch) -> pb.TokenBatch:
     """The proto of a batch: columns copied in bulk, endings one by one (one per finished request)."""
     message = pb.TokenBatch(transfer_ids=batch.transfer_ids, token_ids=batch.token_ids, logprobs=batch.logprobs)
+    if batch.top_token_ids:  # else num_top stays empty: a message without alternatives carries none
+        message.num_top.extend(batch.num_top)
+        message.top_token_ids.extend(batch.top_token_ids)
+        message.top_logprobs.extend(batch.top_logprobs)
     for e in batch.endings:
         ending = message.endings.add(transfer_id=e.transfer_id, finish_reason=e.finish_reason or "",
                                      error=e.error or "", error_code=e.error_code.value if e.error_code else "")

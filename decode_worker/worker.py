@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart
+from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart, TopLogprobs
 from pdserve.engine.runner import ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SampleResult, sample_first
 from pdserve.engine.step_timing import StepClock, batch_rate
@@ -296,26 +296,26 @@ class DecodeWorker:
     def _accept(self, result: SampleResult, seqs: list[DecodeSequence]) -> None:
         """Emit each sequence's sampled token (every `stream_interval`), finish those that stop (lock held)."""
         self._tokens_out.add(len(seqs))
-        for seq, token, logprob in zip(seqs, result.token_ids, result.logprobs):
+        for seq, token, logprob, top in zip(seqs, result.token_ids, result.logprobs, result.top_logprobs):
             seq.generated.append(token)
             seq.num_steps += 1
             reason = seq.finish_reason()
             if seq.stream_interval == 1:
-                self._emission.token(seq.outbox, seq.transfer_id, token, logprob)
+                self._emission.token(seq.outbox, seq.transfer_id, token, logprob, top)
             else:
-                self._hold(seq, token, logprob, flush=bool(reason))
+                self._hold(seq, (token, logprob, top), flush=bool(reason))
             if reason:
                 self._seqs.finish(seq, reason)
             elif self._kv_window is not None:
                 self._return_old_blocks(seq)
 
-    def _hold(self, seq: DecodeSequence, token: int, logprob: float | None, flush: bool) -> None:
-        """Keep a token back until the sequence has `stream_interval` of them, or ends; the request's
-        first token goes at once (TTFT; after a remote prefill the router already sent it)."""
-        seq.unsent.append((token, logprob))
+    def _hold(self, seq: DecodeSequence, sampled: tuple[int, float | None, TopLogprobs], flush: bool) -> None:
+        """Keep a token (and its logprobs) back until the sequence has `stream_interval` of them, or ends;
+        the request's first token goes at once (TTFT; after a remote prefill the router already sent it)."""
+        seq.unsent.append(sampled)
         if flush or len(seq.generated) == 1 or len(seq.unsent) >= seq.stream_interval:
-            for held, held_logprob in seq.unsent:
-                self._emission.token(seq.outbox, seq.transfer_id, held, held_logprob)
+            for token, logprob, top in seq.unsent:
+                self._emission.token(seq.outbox, seq.transfer_id, token, logprob, top)
             seq.unsent.clear()
 
     def _return_old_blocks(self, seq: DecodeSequence) -> None:

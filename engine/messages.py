@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 if TYPE_CHECKING:
     from pdserve.engine.transfer.messages import KvDestination
 
+# A sampled token's most likely alternatives: (token id, log-probability), most likely first.
+TopLogprobs = tuple[tuple[int, float], ...]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,7 +37,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0
-    logprobs: bool = False
+    logprobs: bool = False  # the chosen token's log-probability (the model's raw log-softmax)
+    top_logprobs: int = 0  # with logprobs: the this many most likely tokens' too
+    min_p: float = 0.0  # sampling drops tokens with probability < min_p × the most likely's (0: off)
     presence_penalty: float = 0.0  # subtracted once from each token already in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
     repetition_penalty: float = 1.0  # tokens of the prompt or the output: logit / p where > 0, * p otherwise
@@ -83,6 +88,7 @@ class PrefillResult:
     request_id: str
     first_token: int
     first_logprob: float | None
+    first_top_logprobs: TopLogprobs  # empty unless the request asks for top logprobs
     last_layer_at: float  # time.monotonic() when the prompt's KV was computed (system-wide clock on Linux)
     queue_s: float  # arrival to first chunk computed
     prefill_s: float  # compute time of the batches this prompt was in

@@ -2,7 +2,9 @@
 
 Rows that ask for penalties, biases or min_tokens have their logits adjusted first
 (engine/penalties.py). Then greedy where temperature is 0; otherwise Gumbel-max over
-the temperature-scaled, top-k and top-p filtered logits. The Gumbel noise is a hash of (seed, position,
+the temperature-scaled, min-p, top-k and top-p filtered logits. Rows that ask for
+logprobs get the model's raw log-softmax of the chosen token and of their top-N (one
+topk for the batch's rows that ask, copied to the host with the tokens). The Gumbel noise is a hash of (seed, position,
 token id), not a generator's state: the same request gives the same tokens on any
 replica, in any batch, after any failover — sampling is a function of seed and
 position.
@@ -15,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .copies import on_device, to_host
-from .messages import SamplingParams  # a message: the router and the workers pass it
+from .messages import SamplingParams, TopLogprobs  # messages: the router and the workers pass them
 from .penalties import Penalties, penalties_from_tokens
 
 _MASK64 = (1 << 64) - 1
@@ -27,10 +29,24 @@ class SampleResult:
     # The chosen token's log-probability under the model's own logits, before any penalty, bias or
     # temperature (vLLM's default, `raw_logprobs`), when asked.
     logprobs: list[float | None]
+    # Each row's `top_logprobs` most likely tokens under the same logits (empty where not asked).
+    top_logprobs: list[TopLogprobs]
 
     def select(self, rows: list[int]) -> SampleResult:
         """The results of these rows only."""
-        return SampleResult([self.token_ids[r] for r in rows], [self.logprobs[r] for r in rows])
+        return SampleResult([self.token_ids[r] for r in rows], [self.logprobs[r] for r in rows],
+                            [self.top_logprobs[r] for r in rows])
+
+
+@dataclass(frozen=True)
+class _LogprobRows:
+    """The log-probabilities of the rows that ask for them, on the device."""
+
+    rows: list[int]
+    chosen: torch.Tensor  # [len(rows)] float32: the chosen token's
+    top_values: torch.Tensor | None  # [len(rows), k] float32, descending: the k most likely (None: no row asks)
+    top_ids: torch.Tensor | None  # [len(rows), k] int64: their token ids
+    num_top: list[int]  # how many of the k each row asked for
 
 
 class PendingSample:
@@ -40,10 +56,15 @@ class PendingSample:
     alone, so the device may already run work queued after it (the next decode step).
     """
 
-    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprobs: torch.Tensor | None):
+    def __init__(self, tokens: torch.Tensor, logprobs: _LogprobRows | None = None):
         self.tokens = tokens  # [B] int64 on the device: what the next step may take as its input
-        self._batch, self._logprob_rows = len(tokens), logprob_rows
-        self._host = [to_host(tokens)] + ([to_host(logprobs)] if logprobs is not None else [])
+        self._batch, self._logprobs = len(tokens), logprobs
+        device_tensors = [tokens]
+        if logprobs is not None:
+            device_tensors.append(logprobs.chosen)
+            if logprobs.top_values is not None:
+                device_tensors += [logprobs.top_values, logprobs.top_ids]
+        self._host = [to_host(t) for t in device_tensors]
         self._copied = torch.cuda.Event() if tokens.is_cuda else None
         if self._copied is not None:
             self._copied.record()
@@ -52,10 +73,16 @@ class PendingSample:
         if self._copied is not None:
             self._copied.synchronize()
         logprobs: list[float | None] = [None] * self._batch
-        if self._logprob_rows:
-            for row, value in zip(self._logprob_rows, self._host[1].tolist()):
+        tops: list[TopLogprobs] = [()] * self._batch
+        asked = self._logprobs
+        if asked is not None:
+            for row, value in zip(asked.rows, self._host[1].tolist()):
                 logprobs[row] = value
-        return SampleResult(self._host[0].tolist(), logprobs)
+            if asked.top_values is not None:
+                values, ids = self._host[2].tolist(), self._host[3].tolist()
+                for i, (row, k) in enumerate(zip(asked.rows, asked.num_top)):
+                    tops[row] = tuple(zip(ids[i][:k], values[i][:k]))
+        return SampleResult(self._host[0].tolist(), logprobs, tops)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
@@ -76,13 +103,21 @@ def sample_async(logits: torch.Tensor, params: list[SamplingParams], positions: 
         picked = _sample_random(adjusted.index_select(0, rows), [params[i] for i in random_rows],
                                 [positions[i] for i in random_rows])
         chosen = chosen.index_copy(0, rows, picked)
+    return PendingSample(chosen, _logprob_rows(logits, params, chosen))
+
+
+def _logprob_rows(logits: torch.Tensor, params: list[SamplingParams], chosen: torch.Tensor) -> _LogprobRows | None:
+    """The raw log-softmax of the rows that ask: the chosen token's, and one topk for all their top-N."""
     wanted = [i for i, p in enumerate(params) if p.logprobs]
-    values = None
-    if wanted:
-        rows = on_device(wanted, torch.long, logits.device)
-        log_probs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
-        values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1)
-    return PendingSample(chosen, wanted, values)
+    if not wanted:
+        return None
+    rows = on_device(wanted, torch.long, logits.device)
+    log_probs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+    values = log_probs.gather(1, chosen.index_select(0, rows).unsqueeze(1)).squeeze(1)
+    num_top = [params[i].top_logprobs for i in wanted]
+    k = min(max(num_top), logits.shape[1])
+    top = log_probs.topk(k, dim=-1) if k else None
+    return _LogprobRows(wanted, values, top.values if top else None, top.indices if top else None, num_top)
 
 
 def sample_first(logits: torch.Tensor, params: list[SamplingParams], prompts: list[Sequence[int]],
@@ -105,10 +140,21 @@ def _sample_random(logits: torch.Tensor, params: list[SamplingParams], positions
     device = logits.device
     temperature = on_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
     scaled = logits / temperature
+    scaled = _min_p(scaled, [p.min_p for p in params])
     scaled = _top_k(scaled, [p.top_k for p in params])
     scaled = _top_p(scaled, [p.top_p for p in params])
     noise = gumbel_noise([p.seed for p in params], positions, logits.shape[1], device)
     return (scaled + noise).argmax(dim=-1)
+
+
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Drop the tokens less likely than min_p × the most likely one (vLLM's order: after temperature,
+    before top-k and top-p)."""
+    if all(p <= 0.0 for p in min_p):
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * on_device(min_p, torch.float32, logits.device).unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, SamplingParams
+from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, SamplingParams, TopLogprobs
 from pdserve.engine.prefix_cache import PrefixCache
 from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
@@ -303,10 +303,11 @@ class PrefillWorker:
             jobs = [job for _, job in done]
             result = sample_first(logits[rows], [j.params for j in jobs], [j.prompt for j in jobs],
                                   [j.stop_ids for j in jobs])
-            for job, token, logprob in zip(jobs, result.token_ids, result.logprobs):
-                self._finisher.submit(self._finish_transfer, job, token, logprob, time.monotonic())
+            for job, token, logprob, top in zip(jobs, result.token_ids, result.logprobs, result.top_logprobs):
+                self._finisher.submit(self._finish_transfer, job, token, logprob, top, time.monotonic())
 
-    def _finish_transfer(self, job: PrefillJob, token: int, logprob: float | None, computed_at: float) -> None:
+    def _finish_transfer(self, job: PrefillJob, token: int, logprob: float | None, top: TopLogprobs,
+                         computed_at: float) -> None:
         num_blocks = self.pool.blocks_for(len(job.prompt))
         try:
             self.sender.finish(job.destination, num_blocks, self._timeout(job))
@@ -318,8 +319,8 @@ class PrefillWorker:
         with self._lock:
             self._move(job, PrefillState.DONE)
         job.future.set_result(PrefillResult(
-            request_id=job.request_id, first_token=token, first_logprob=logprob, last_layer_at=computed_at,
-            queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
+            request_id=job.request_id, first_token=token, first_logprob=logprob, first_top_logprobs=top,
+            last_layer_at=computed_at, queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
             kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
         ))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve.engine.messages import TopLogprobs
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
@@ -38,6 +39,7 @@ class FeedItem:
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token
     ending: pb.Ending | None = None
     lost: str = ""  # the stream broke: why
 
@@ -52,9 +54,10 @@ class Feed:
         self._item = FeedItem()
         self._waiter: asyncio.Future | None = None
 
-    def push(self, token_ids: list[int], logprobs: list[float]) -> None:
+    def push(self, token_ids: list[int], logprobs: list[float], tops: list[TopLogprobs]) -> None:
         self._item.token_ids += token_ids
         self._item.logprobs += logprobs
+        self._item.top_logprobs += tops
         self._wake()
 
     def end(self, ending: pb.Ending) -> None:
@@ -156,15 +159,16 @@ class Subscription:
 
     def _dispatch(self, batch: pb.TokenBatch) -> None:
         # grouped first: a request wakes once per message, also when merged steps gave it several tokens
-        grouped: dict[int, tuple[list[int], list[float]]] = {}
-        for tid, token, lp in zip(batch.transfer_ids, batch.token_ids, batch.logprobs):
-            entry = grouped.setdefault(tid, ([], []))
+        grouped: dict[int, tuple[list[int], list[float], list[TopLogprobs]]] = {}
+        for tid, token, lp, top in zip(batch.transfer_ids, batch.token_ids, batch.logprobs, _alternatives(batch)):
+            entry = grouped.setdefault(tid, ([], [], []))
             entry[0].append(token)
             entry[1].append(lp)
-        for tid, (tokens, logprobs) in grouped.items():
+            entry[2].append(top)
+        for tid, (tokens, logprobs, tops) in grouped.items():
             feed = self._feeds.get(tid) or self._early(tid)
             if feed is not None:
-                feed.push(tokens, logprobs)
+                feed.push(tokens, logprobs, tops)
         for ending in batch.endings:
             tid = ending.transfer_id
             feed = self._feeds.get(tid) if tid in self._unclaimed else self._feeds.pop(tid, None) or self._early(tid)
@@ -181,6 +185,18 @@ class Subscription:
 
     def close(self) -> None:
         self._task.cancel()
+
+
+def _alternatives(batch: pb.TokenBatch) -> list[TopLogprobs]:
+    """Each token's alternatives, from the message's flattened columns (none where `num_top` is empty)."""
+    if not batch.num_top:
+        return [()] * len(batch.token_ids)
+    tops, start = [], 0
+    ids, values = batch.top_token_ids, batch.top_logprobs
+    for count in batch.num_top:
+        tops.append(tuple(zip(ids[start:start + count], values[start:start + count])))
+        start += count
+    return tops
 
 
 class DecodeStreams:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import AsyncGenerator, Protocol
 
 from pdserve.engine.failures import FailureCode
+from pdserve.engine.messages import TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: the this many most likely tokens at each step too
+    min_p: float = 0.0  # 0: off
     presence_penalty: float = 0.0  # the penalties, min_tokens and logit_bias: vLLM's (engine/penalties.py)
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -72,6 +75,7 @@ class GenerationChunk:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[TopLogprobs, ...] | None = None  # one per token, with `logprobs`
     finish_reason: str | None = None  # "stop" | "length"
     usage: Usage | None = None
     timings: PhaseTimings | None = None

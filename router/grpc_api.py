@@ -26,7 +26,9 @@ from pdserve.router.errors import InternalError, InvalidParameter, grpc_details,
 from pdserve.router.generation import (
     GenerationBackend, GenerationError, GenerationRequest, SamplingOptions,
 )
-from pdserve.router.limits import RequestLimits, check_logit_bias, check_min_tokens, check_penalties, check_sampling
+from pdserve.router.limits import (
+    MAX_LOGPROBS, RequestLimits, check_logit_bias, check_min_tokens, check_penalties, check_sampling,
+)
 from pdserve.router.served_models import ServedModels
 from pdserve.router.text import check_token_ids, encode_text
 
@@ -97,14 +99,16 @@ class GrpcFrontEnd:
         self.limits.check_prompt_length(len(prompt))
         params = request.sampling
         top_p = params.top_p or 1.0
-        check_sampling(params.temperature, top_p, params.top_k)
+        check_sampling(params.temperature, top_p, params.top_k, params.min_p)
+        _check_top_logprobs(params)
         stop = tuple(params.stop)
         self.limits.check_stop(stop)
         max_tokens = self.limits.resolve_max_tokens(params.max_tokens or None, len(prompt), DEFAULT_MAX_TOKENS)
         sampling = SamplingOptions(
             max_tokens=max_tokens, temperature=params.temperature, top_p=top_p, top_k=max(params.top_k, 0),
             seed=params.seed if params.HasField("seed") else None, stop=stop,
-            ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0, **self._penalties(params),
+            ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0, top_logprobs=params.top_logprobs,
+            min_p=params.min_p, **self._penalties(params),
         )
         return GenerationRequest(request.request_id or uuid.uuid4().hex, tuple(prompt), sampling,
                                  self.limits.deadline())
@@ -128,11 +132,23 @@ class GrpcFrontEnd:
                     token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs or (),
                     finish_reason=chunk.finish_reason or "", request_id=request.request_id,
                 )
+                if request.sampling.top_logprobs:
+                    for top in chunk.top_logprobs or ():
+                        message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
                 if chunk.timings is not None:
                     message.timings.CopyFrom(pb.PhaseTimings(**asdict(chunk.timings)))
                 yield message
         finally:
             await stream.aclose()
+
+
+def _check_top_logprobs(params: pb.SamplingParams) -> None:
+    """Refuse more alternatives than vLLM's default --max-logprobs, or alternatives without logprobs."""
+    if params.top_logprobs > MAX_LOGPROBS:
+        raise InvalidParameter(f"`top_logprobs` must be at most {MAX_LOGPROBS}, got {params.top_logprobs}.",
+                               "top_logprobs", "invalid_value")
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidParameter("`top_logprobs` requires `logprobs` > 0.", "top_logprobs", "invalid_value")
 
 
 def _fail(grpc_context: GrpcContext | None, error: Exception, request_id: str) -> NoReturn:

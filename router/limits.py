@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pdserve.router.errors import InvalidParameter
 
+MAX_LOGPROBS = 20  # most likely alternatives per token a request may ask for: vLLM's default --max-logprobs
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -115,8 +117,10 @@ def check_logit_bias(bias: dict[int, float]) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(bias.items()))
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling(temperature: float, top_p: float, top_k: int, min_p: float = 0.0) -> None:
     """Refuse sampling parameters outside their ranges (top_k 0 and -1 both mean off)."""
+    if not 0.0 <= min_p <= 1.0:
+        raise InvalidParameter(f"`min_p` must be in [0, 1], got {min_p}.", "min_p", "invalid_value")
     if not 0.0 <= temperature <= 2.0:
         raise InvalidParameter(f"`temperature` must be in [0, 2], got {temperature}.", "temperature", "invalid_value")
     if not 0.0 < top_p <= 1.0:

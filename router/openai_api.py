@@ -53,7 +53,7 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
         prompts = prompt_token_ids(body.prompt, tokenizer)
         plan = plan_requests(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, request_id, limits, tokenizer)
         echo = prompt_texts(body.prompt, prompts, tokenizer) if body.echo else []
-        return Call(plan, Dialect("completion", tokenizer), models.primary, request_id, body.stream,
+        return Call(plan, Dialect("completion", tokenizer, body.num_top_logprobs()), models.primary, request_id, body.stream,
                     body.include_usage, tuple(text for text in echo for _ in range(body.n)), body.continuous_usage)
 
     def chat_call(payload: dict, request_id: str) -> Call:
@@ -61,7 +61,7 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
         models.check(body.model)
         prompt = render_chat(parse_messages(body.messages), tokenizer, body.template_options())
         plan = plan_requests(body, [prompt], limits.completion_limit, request_id, limits, tokenizer)
-        return Call(plan, Dialect("chat", tokenizer, body.top_logprobs or 0), models.primary, request_id,
+        return Call(plan, Dialect("chat", tokenizer, body.num_top_logprobs()), models.primary, request_id,
                     body.stream, body.include_usage, continuous_usage=body.continuous_usage)
 
     async def serve(request: Request, make_call: Callable[[dict, str], Call]) -> Response:

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.engine.messages import TopLogprobs
 from pdserve.router.errors import InternalError, openai_error_body
 from pdserve.router.generation import (
     GenerationBackend, GenerationChunk, GenerationError, GenerationRequest, PhaseTimings, SamplingOptions,
@@ -76,7 +77,7 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                 seed=_choice_seed(body.seed, j), stop=stop, stop_token_ids=stop_token_ids,
-                ignore_eos=body.ignore_eos, logprobs=logprobs, **penalties,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=body.num_top_logprobs(), **penalties,
             )
             choice_id = f"{request_id}-{len(requests)}"
             requests.append(GenerationRequest(choice_id, tuple(ids), sampling, deadline))
@@ -153,6 +154,7 @@ class ChoiceState:
     num_chars: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     timings: PhaseTimings | None = None
 
@@ -161,6 +163,7 @@ class ChoiceState:
         self.num_chars += len(chunk.text)
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs or ())
+        self.top_logprobs.extend(chunk.top_logprobs or ())
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.timings = chunk.timings or self.timings
 
@@ -183,12 +186,21 @@ def _request_timings(states: list[ChoiceState]) -> dict | None:
 # ---- the two response dialects ---------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Logprobs:
+    """What a choice (or a chunk of it) reports: per token, its logprob and its top alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[TopLogprobs]
+
+
+@dataclass(frozen=True)
 class Dialect:
     """How one endpoint spells its bodies: completions and chat differ only here."""
 
     kind: Literal["completion", "chat"]
     tokenizer: Any
-    top_logprobs: int = 0  # chat: alternatives asked for (pdserve returns the chosen token only)
+    top_logprobs: int = 0  # alternatives asked for per token (completions' `logprobs`, chat's `top_logprobs`)
 
     @property
     def id_prefix(self) -> str:
@@ -199,10 +211,10 @@ class Dialect:
             return "text_completion"
         return "chat.completion.chunk" if streaming else "chat.completion"
 
-    def choice(self, index: int, text: str, token_ids: list[int], logprobs: list[float] | None,
-               finish_reason: str | None, streaming: bool, text_offset: int = 0) -> dict:
+    def choice(self, index: int, text: str, logprobs: Logprobs | None, finish_reason: str | None,
+               streaming: bool, text_offset: int = 0) -> dict:
         """One entry of `choices`: whole (a response) or a delta (a stream chunk)."""
-        spelled = None if logprobs is None else self._logprobs(token_ids, logprobs, text_offset)
+        spelled = None if logprobs is None else self._logprobs(logprobs, text_offset)
         if self.kind == "completion":
             body = {"index": index, "text": text}
         elif streaming:
@@ -215,20 +227,40 @@ class Dialect:
         """The first chat stream chunk of a choice, naming the assistant's role."""
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float], text_offset: int) -> dict:
-        tokens = [token_text(t, self.tokenizer) for t in token_ids]
+    def _logprobs(self, logprobs: Logprobs, text_offset: int) -> dict:
+        tokens = [token_text(t, self.tokenizer) for t in logprobs.token_ids]
+        steps = [_step_logprobs(t, lp, top) for t, lp, top in
+                 zip(logprobs.token_ids, logprobs.logprobs, logprobs.top_logprobs)]
         if self.kind == "completion":
             offsets = []
             for token in tokens:
                 offsets.append(text_offset)
                 text_offset += len(token)
-            return {"tokens": tokens, "token_logprobs": list(logprobs),
-                    "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+            # vLLM's: the chosen token and the N most likely, keyed by their text
+            top = [{token_text(t, self.tokenizer): _clamped(lp) for t, lp in step[:self.top_logprobs + 1]} for step in steps]
+            return {"tokens": tokens, "token_logprobs": [_clamped(lp) for lp in logprobs.logprobs],
+                    "top_logprobs": top, "text_offset": offsets}
         content = []
-        for token, lp in zip(tokens, logprobs):
-            entry = {"token": token, "logprob": lp, "bytes": list(token.encode())}
-            content.append({**entry, "top_logprobs": [entry] if self.top_logprobs else []})
+        for token, lp, step in zip(tokens, logprobs.logprobs, steps):
+            top = [_chat_entry(token_text(t, self.tokenizer), alt) for t, alt in step[:self.top_logprobs]]
+            content.append({**_chat_entry(token, lp), "top_logprobs": top})
         return {"content": content, "refusal": None}
+
+
+def _step_logprobs(token_id: int, logprob: float, top: TopLogprobs) -> list[tuple[int, float]]:
+    """One step's logprobs as vLLM ranks them: the chosen token first, then the most likely ones (a token
+    among both appears once, first). Completions show N + 1 of them and chat N: with greedy decoding that is
+    the N most likely either way; a sampled token outside them comes first and pushes the last one out."""
+    return list({token_id: logprob, **dict(top)}.items())
+
+
+def _chat_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": _clamped(logprob), "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def _clamped(logprob: float) -> float:
+    """-inf (a token the model rules out) as the finite number OpenAI and vLLM send."""
+    return max(logprob, -9999.0)
 
 
 # ---- the call --------------------------------------------------------------------------------
@@ -271,8 +303,9 @@ class Call:
             async for index, chunk in events:
                 states[index].add(chunk)
         choices = [
-            self.dialect.choice(i, self._prompt_text(i) + "".join(s.text), s.token_ids,
-                                s.logprobs if self.plan.logprobs else None, s.finish_reason, streaming=False)
+            self.dialect.choice(i, self._prompt_text(i) + "".join(s.text),
+                                Logprobs(s.token_ids, s.logprobs, s.top_logprobs) if self.plan.logprobs else None,
+                                s.finish_reason, streaming=False)
             for i, s in enumerate(states)
         ]
         return {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
@@ -306,9 +339,9 @@ class Call:
         offset = state.num_chars
         text = chunk.text if state.text else self._prompt_text(index) + chunk.text
         state.add(chunk)
-        logprobs = list(chunk.logprobs or ()) if self.plan.logprobs else None
-        choice = self.dialect.choice(index, text, list(chunk.token_ids), logprobs, chunk.finish_reason,
-                                     streaming=True, text_offset=offset)
+        logprobs = (Logprobs(list(chunk.token_ids), list(chunk.logprobs or ()), list(chunk.top_logprobs or ()))
+                    if self.plan.logprobs else None)
+        choice = self.dialect.choice(index, text, logprobs, chunk.finish_reason, streaming=True, text_offset=offset)
         body = {**self.envelope([choice], True), **self._usage_so_far(states)}
         if chunk.finish_reason and all(s.finish_reason for s in states):
             body["pdserve_timings"] = _request_timings(states)

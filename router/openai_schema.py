@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdserve.router.chat import TemplateOptions
 from pdserve.router.errors import InvalidParameter
+from pdserve.router.limits import MAX_LOGPROBS
 
 
 class Body(BaseModel):
@@ -134,10 +135,14 @@ class RequestBody(Body):
     def wants_logprobs(self) -> bool:
         raise NotImplementedError
 
+    def num_top_logprobs(self) -> int:
+        """The most likely alternatives asked for at each token (0 with logprobs: the chosen token's only)."""
+        raise NotImplementedError
+
 
 class CompletionBody(RequestBody):
     prompt: Any  # text, token ids, or a list of either: checked by `text.prompt_token_ids`
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -154,6 +159,9 @@ class CompletionBody(RequestBody):
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
+    def num_top_logprobs(self) -> int:
+        return self.logprobs or 0
+
 
 class ChatBody(RequestBody, ChatTemplateFields):
     messages: Any  # checked by `chat.parse_messages`
@@ -162,7 +170,7 @@ class ChatBody(RequestBody, ChatTemplateFields):
     parallel_tool_calls: bool | None = None  # accepted, unused (as in vLLM)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     prompt_field = "messages"
 
@@ -191,6 +199,9 @@ class ChatBody(RequestBody, ChatTemplateFields):
 
     def wants_logprobs(self) -> bool:
         return self.logprobs
+
+    def num_top_logprobs(self) -> int:
+        return self.top_logprobs or 0
 
 
 class TokenizePromptBody(Body):

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams
+from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams, TopLogprobs
 from pdserve.engine.sealed import seal
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
@@ -134,7 +134,7 @@ class Pipeline:
                 run.timings.update(queue_s=result.queue_s, prefill_s=result.prefill_s,
                                    kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
                                    prefill_replica=result.replica_id)
-                yield run.accept([result.first_token], [result.first_logprob] if request.sampling.logprobs else None)
+                yield run.accept([result.first_token], [result.first_logprob], [result.first_top_logprobs])
                 if run.relay.is_stopped or run.is_done():
                     yield self._last(run, "length", reservation)  # _last says "stop" for a stop string
                     return
@@ -145,7 +145,7 @@ class Pipeline:
             while True:
                 item = await self._next(feed, request, reservation)
                 if item.token_ids:
-                    yield run.accept(item.token_ids, item.logprobs if request.sampling.logprobs else None)
+                    yield run.accept(item.token_ids, item.logprobs, item.top_logprobs)
                     if run.relay.is_stopped:
                         yield self._last(run, "stop", reservation)
                         return
@@ -313,7 +313,7 @@ class Pipeline:
             deadline_unix_s=run.request.deadline, subscriber_id=subscriber_id,
             stream_interval=self.settings.stream_interval, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-            min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias),
+            min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias), top_logprobs=s.top_logprobs, min_p=s.min_p,
         )
 
     def _stop_ids(self, s: SamplingOptions) -> set[int]:
@@ -386,13 +386,15 @@ class _Run:
     timings: dict = field(default_factory=dict)
     first_token_at: float | None = None
 
-    def accept(self, token_ids: list[int], logprobs: list[float | None] | None) -> GenerationChunk:
-        """`logprobs` None: the request did not ask for them."""
+    def accept(self, token_ids: list[int], logprobs: list[float | None],
+               tops: list[TopLogprobs]) -> GenerationChunk:
+        """The chunk of tokens received; their logprobs only where the request asked for them."""
         self.first_token_at = self.first_token_at or time.monotonic()
         self.generated.extend(token_ids)
         out = self.relay.add(token_ids)
-        return GenerationChunk(tuple(token_ids), out.text,
-                               tuple(lp or 0.0 for lp in logprobs) if logprobs is not None else None)
+        if not self.request.sampling.logprobs:
+            return GenerationChunk(tuple(token_ids), out.text)
+        return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs), tuple(tops))
 
     def is_done(self) -> bool:
         """All max_tokens sent (the first token alone can be all of them)."""
@@ -401,8 +403,10 @@ class _Run:
 
 def _sampling_params(s: SamplingOptions, seed: int) -> SamplingParams:
     """The engine's sampling parameters of a request (the prefill replica's first token)."""
-    return SamplingParams(s.temperature, s.top_p, s.top_k, seed, s.logprobs, s.presence_penalty, s.frequency_penalty,
-                          s.repetition_penalty, s.min_tokens, s.logit_bias)
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
+                          top_logprobs=s.top_logprobs, min_p=s.min_p, presence_penalty=s.presence_penalty,
+                          frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+                          min_tokens=s.min_tokens, logit_bias=s.logit_bias)
 
 
 def _ending_error(ending: pb.Ending, replica: str) -> Exception:

@@ -1,7 +1,8 @@
 """vLLM's sampling fields through a real `pdserve serve`, colocated and 1 prefill + 1 decode, the decode loop
 one step ahead as on a GPU: greedy tokens with `repetition_penalty` and `min_tokens` equal transformers'
 `generate()` with `repetition_penalty` and `min_new_tokens` on the same weights, over gRPC and the openai
-client; `logit_bias` works on chat; bad values are refused with the APIs' errors."""
+client; `logit_bias` works on chat; the top-N logprobs of every token (the first one a prefill's) equal
+transformers' log-softmax topk; bad values are refused with the APIs' errors."""
 import json
 import shutil
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.e2e
 
 PROMPT = [1126, 3306, 28, 411, 2765, 8450, 18, 1126, 3306]
 MAX_TOKENS, MIN_TOKENS, REPETITION = 16, 6, 1.3
+TOP_N, TOP_STEPS = 5, 4
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,19 @@ def served_model(chat_model, tmp_path_factory):
     return directory, expected, eos
 
 
+@pytest.fixture(scope="module")
+def top_reference(chat_model) -> list[list[tuple[int, float]]]:
+    """transformers' TOP_N most likely (token, logprob) at each of PROMPT's first TOP_STEPS greedy steps."""
+    model = chat_model[1]
+    tokens = reference_tokens(model, PROMPT, TOP_STEPS)
+    steps = []
+    with torch.no_grad():
+        for i in range(TOP_STEPS):
+            top = torch.log_softmax(model(torch.tensor([PROMPT + tokens[:i]])).logits[0, -1], -1).topk(TOP_N)
+            steps.append(list(zip(top.indices.tolist(), top.values.tolist())))
+    return steps
+
+
 def overlapping(tmp_path) -> tuple[str, str]:
     path = tmp_path / "config.yaml"
     path.write_text("decode: {overlap_steps: true}\n")
@@ -53,7 +68,7 @@ DEPLOYMENTS = {"colocated": ("--colocated", "1"), "1P+1D": ("--prefill-replicas"
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS.values(), ids=DEPLOYMENTS.keys())
-def test_penalties_and_min_tokens_equal_transformers(served_model, tmp_path, deployment):
+def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, top_reference, tmp_path, deployment):
     directory, expected, eos = served_model
     server = Server("--model", str(directory), *deployment, *overlapping(tmp_path))
     try:
@@ -66,6 +81,7 @@ def test_penalties_and_min_tokens_equal_transformers(served_model, tmp_path, dep
         chat = http.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=3, temperature=0, logit_bias={str(token): 100},
                                             extra_body={"ignore_eos": True})
+        top_grpc, top_completion, top_chat = top_logprobs(server, directory)
         bad = bad_values(server)
         decode = server.wait_all_blocks_free()
     finally:
@@ -76,8 +92,16 @@ def test_penalties_and_min_tokens_equal_transformers(served_model, tmp_path, dep
     assert (choice.text, choice.finish_reason, completion.usage.completion_tokens) == (
         grpc_text, grpc_reason, len(expected))
     assert chat.choices[0].message.content == load_tokenizer(directory).decode([token] * 3)
-    assert bad == [(400, "repetition_penalty"), (400, "min_tokens"), (400, "logit_bias"),
-                   grpc.StatusCode.INVALID_ARGUMENT]
+    tokenizer = load_tokenizer(directory)
+    for step, reference in enumerate(top_reference):
+        assert [t for t, _ in top_grpc[step]] == [t for t, _ in reference], step
+        assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(top_grpc[step], reference)), step
+        spelled = {tokenizer.decode([t]): lp for t, lp in reference}  # greedy: the chosen token is the first
+        assert top_completion[step].keys() == spelled.keys(), step
+        assert all(abs(top_completion[step][k] - spelled[k]) < 1e-3 for k in spelled), step
+    assert [len(entry) for entry in top_chat] == [3] * len(top_chat)
+    assert bad == [(400, "repetition_penalty"), (400, "min_tokens"), (400, "logit_bias"), (400, "logprobs"),
+                   grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT]
     assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
 
 
@@ -93,15 +117,36 @@ def generate(server: Server, sampling: pb.SamplingParams) -> tuple[list[int], st
     return tokens, text, reason
 
 
+def top_logprobs(server: Server, directory) -> tuple[list, list[dict], list[list]]:
+    """PROMPT's greedy top-TOP_N logprobs per token over gRPC (token ids) and completions (text keys), and
+    a chat's top-3 entries per token."""
+    tokens = []
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        sampling = pb.SamplingParams(max_tokens=TOP_STEPS, temperature=0, ignore_eos=True, logprobs=1,
+                                     top_logprobs=TOP_N)
+        for response in pb_grpc.GenerationStub(channel).Generate(
+                pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=sampling), timeout=120):
+            tokens += [list(zip(top.token_ids, top.logprobs)) for top in response.top_logprobs]
+    http = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    completion = http.completions.create(model=str(directory), prompt=PROMPT, max_tokens=TOP_STEPS, temperature=0,
+                                         logprobs=TOP_N, extra_body={"ignore_eos": True})
+    chat = http.chat.completions.create(model=str(directory), messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=3, temperature=0, logprobs=True, top_logprobs=3,
+                                        extra_body={"ignore_eos": True})
+    return tokens, completion.choices[0].logprobs.top_logprobs, [t.top_logprobs for t in chat.choices[0].logprobs.content]
+
+
 def bad_values(server: Server) -> list:
     """What the server answers to bad values: (status, param) over HTTP, the status code over gRPC."""
     http = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     answers = []
-    for extra in ({"repetition_penalty": 0}, {"min_tokens": 9, "max_tokens": 4}, {"logit_bias": {"49152": 1}}):
+    for extra in ({"repetition_penalty": 0}, {"min_tokens": 9, "max_tokens": 4}, {"logit_bias": {"49152": 1}},
+                  {"logprobs": 21}):
         with pytest.raises(openai.BadRequestError) as refused:
             http.completions.create(model="", prompt=PROMPT, extra_body=extra)
         answers.append((refused.value.status_code, refused.value.body["param"]))
-    with pytest.raises(grpc.RpcError) as failed:
-        generate(server, pb.SamplingParams(max_tokens=2, min_tokens=3))
-    answers.append(failed.value.code())
+    for sampling in (pb.SamplingParams(max_tokens=2, min_tokens=3), pb.SamplingParams(logprobs=1, top_logprobs=21)):
+        with pytest.raises(grpc.RpcError) as failed:
+            generate(server, sampling)
+        answers.append(failed.value.code())
     return answers

@@ -77,6 +77,8 @@ class EchoBackend:
                     token_ids=() if stopped else (token,),
                     text="" if stopped else word + " ",
                     logprobs=(() if stopped else (-0.25,)) if sampling.logprobs else None,
+                    top_logprobs=(() if stopped else (tuple((token + j, -0.25 - j) for j in range(sampling.top_logprobs)),))
+                    if sampling.logprobs else None,
                     finish_reason=("stop" if stopped else "length") if last else None,
                     usage=Usage(len(prompt), i + (0 if stopped else 1)) if last else None,
                     timings=PhaseTimings(ttft_s=0.01, e2e_s=0.02 + i / 1000, prefill_replica="prefill-0",

@@ -149,7 +149,9 @@ def test_chat_logprobs_and_max_completion_tokens(client, backend):
     body = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": None, "max_completion_tokens": 1,
                                                      "logprobs": True, "top_logprobs": 2}).json()
     entry = {"token": "<s>", "logprob": -0.25, "bytes": list(b"<s>")}
-    assert body["choices"][0]["logprobs"] == {"content": [{**entry, "top_logprobs": [entry]}], "refusal": None}
+    second = {"token": "</s>", "logprob": -1.25, "bytes": list(b"</s>")}  # the fake's runner-up
+    assert body["choices"][0]["logprobs"] == {"content": [{**entry, "top_logprobs": [entry, second]}],
+                                              "refusal": None}
     assert backend.requests[0].sampling.max_tokens == 1
 
 
@@ -270,7 +272,7 @@ BAD_COMPLETIONS = {
                                           "invalid_value"),
     "negative logit_bias id": ({**COMPLETION, "logit_bias": {"-1": 1}}, 400, "logit_bias", "invalid_value"),
     "logit_bias above 100": ({**COMPLETION, "logit_bias": {"7": 100.5}}, 400, "logit_bias", "invalid_value"),
-    "too many logprobs": ({**COMPLETION, "logprobs": 6}, 400, "logprobs", "invalid_value"),
+    "too many logprobs": ({**COMPLETION, "logprobs": 21}, 400, "logprobs", "invalid_value"),
     "stream_options without stream": ({**COMPLETION, "stream_options": {"include_usage": True}}, 400,
                                       "stream_options", "invalid_value"),
 }
@@ -293,6 +295,7 @@ BAD_CHATS = {
     "a renderer argument as a template variable": ({**CHAT, "chat_template_kwargs": {"tokenize": False}}, 400,
                                                    "chat_template_kwargs", "invalid_value"),
     "top_logprobs without logprobs": ({**CHAT, "top_logprobs": 1}, 400, "top_logprobs", "invalid_value"),
+    "too many top_logprobs": ({**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
     "both max token fields": ({**CHAT, "max_completion_tokens": 2}, 400, "max_completion_tokens", "invalid_value"),
     "max_completion_tokens zero": ({**CHAT, "max_tokens": None, "max_completion_tokens": 0}, 400,
                                    "max_completion_tokens", "invalid_value"),
