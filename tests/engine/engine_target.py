@@ -109,3 +109,13 @@ def greedy_divergence(engine_tokens: list[int], reference_tokens: list[int], pro
             return f"step {step}: engine {ours}, reference {theirs}, fp32 margin {margin:.4f}; {detail}"
         return None  # a tie at this precision: the sequences may differ from here on
     return None if len(engine_tokens) == len(reference_tokens) else "lengths differ"
+
+
+def block_tables(prompts: list[list[int]], max_tokens: list[int], block_size: int = 4) -> list[tuple[int, ...]]:
+    """Each sequence's KV blocks for its prompt and max_tokens, numbered from 0 one after another."""
+    tables, next_block = [], 0
+    for prompt, tokens in zip(prompts, max_tokens):
+        count = -(-(len(prompt) + tokens) // block_size)
+        tables.append(tuple(range(next_block, next_block + count)))
+        next_block += count
+    return tables

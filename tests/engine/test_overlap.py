@@ -1,7 +1,7 @@
 """Steps queued before the previous step's tokens reach the host give the tokens of steps read one by one."""
 import pytest
 
-from engine_target import DEVICE, DTYPE_NAME
+from engine_target import DEVICE, DTYPE_NAME, block_tables
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
 from pdserve.engine.sampler import SamplingParams, sample
@@ -17,11 +17,7 @@ def generate(runner: ModelRunner, lag: int) -> tuple[list[list[int]], list[list[
     """Decode every prompt to its max_tokens; with lag 1 each step is queued before the last is read.
 
     Each step rotates the batch's row order, so a row's source is rarely its own row."""
-    tables, next_block = [], 0
-    for prompt, max_tokens in zip(PROMPTS, MAX_TOKENS):
-        count = -(-(len(prompt) + max_tokens) // 4)
-        tables.append(tuple(range(next_block, next_block + count)))
-        next_block += count
+    tables = block_tables(PROMPTS, MAX_TOKENS)
     logits = runner.prefill([PrefillChunk(tuple(p), 0, t) for p, t in zip(PROMPTS, tables)])
     first = sample(logits, PARAMS, [len(p) for p in PROMPTS])
     outputs, logprobs = [[t] for t in first.token_ids], [[lp] for lp in first.logprobs]

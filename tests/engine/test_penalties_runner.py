@@ -3,7 +3,7 @@ last token fed back on the device, and counted in its history there) give the to
 by one, and in float32 the greedy rows give the plain reference's over transformers' own forward."""
 import pytest
 
-from engine_target import DEVICE, DTYPE_NAME, IS_EXACT
+from engine_target import DEVICE, DTYPE_NAME, IS_EXACT, block_tables
 from pdserve.engine.loader import load_model_dir
 from pdserve.engine.penalties import RowHistory, TokenFill
 from pdserve.engine.runner import DecodeInput, ModelRunner, PrefillChunk
@@ -27,11 +27,7 @@ GREEDY = [i for i, p in enumerate(PARAMS) if p.is_greedy]
 def generate(runner: ModelRunner, lag: int) -> list[list[int]]:
     """Decode every prompt to its max_tokens (no stop), `lag` steps queued before one is read; each step
     rotates the batch, so a row's source is rarely its own row. Sequence i holds history slot 4 - i."""
-    tables, next_block = [], 0
-    for prompt, max_tokens in zip(PROMPTS, MAX_TOKENS):
-        count = -(-(len(prompt) + max_tokens) // 4)
-        tables.append(tuple(range(next_block, next_block + count)))
-        next_block += count
+    tables = block_tables(PROMPTS, MAX_TOKENS)
     logits = runner.prefill([PrefillChunk(tuple(p), 0, t) for p, t in zip(PROMPTS, tables)])
     outputs = [[t] for t in sample_first(logits, PARAMS, PROMPTS, STOP_IDS).token_ids]
     filled, in_flight = set(), []
