@@ -65,6 +65,8 @@ GLM4_MOE = Architecture("glm4_moe", ("Glm4MoeForCausalLM",), ("glm4_moe",),
                         experts=ExpertNames(shared="shared_experts"), grouped_routing=True)
 MIXTRAL = Architecture("mixtral", ("MixtralForCausalLM",), ("mixtral",),
                        experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2"))
+# Llama's layers; the config's multipliers (embeddings, residual branches, attention scale, logits divisor)
+GRANITE = Architecture("granite", ("GraniteForCausalLM",), ("granite",))
 # q/k/v and gate/up fused in the checkpoint (read apart by the loader); Phi-4-mini: partial rotary
 PHI3 = Architecture("phi3", ("Phi3ForCausalLM",), ("phi3",))
 # Gemma 3's norms and MLP without its q/k norm; attention scores soft-capped (attn_logit_softcapping)
@@ -75,8 +77,8 @@ GEMMA3 = Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text",), norm_o
                       pre_mlp_norm="pre_feedforward_layernorm", text_model_of=("Gemma3ForConditionalGeneration",))
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN2_MOE, QWEN3_MOE, GLM4_MOE, MIXTRAL, PHI3, GEMMA2,
-                        GEMMA3)}
+    a.name: a for a in (LLAMA, QWEN2, MISTRAL, QWEN3, QWEN2_MOE, QWEN3_MOE, GLM4_MOE, MIXTRAL, PHI3, GRANITE,
+                        GEMMA2, GEMMA3)}
 SUPPORTED_CLASSES = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes + a.text_model_of)
 # transformers' names of the activations, by what the engine calls them
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}

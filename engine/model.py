@@ -105,9 +105,9 @@ class Model:
         for rope in sorted({layer.rope for layer in self.spec.layers}):
             inv_freq, scaling = rope_frequencies(loaded.hf_config, self.device, rope)
             self.cos_sin[rope] = build_cos_sin_cache(inv_freq, self.spec.max_model_len, scaling)
-        # Gemma rounds sqrt(hidden) to the compute dtype before scaling the embeddings
+        # Gemma rounds sqrt(hidden) to the compute dtype before scaling the embeddings; Granite multiplies them
         self.embed_scale = (torch.tensor(self.spec.hidden_size ** 0.5, dtype=self.dtype).item()
-                            if self.family.scale_embeddings else None)
+                            if self.family.scale_embeddings else self.spec.embedding_multiplier)
 
     def forward(
         self,
@@ -134,10 +134,11 @@ class Model:
             hidden = self.tp.all_reduce(self._attention(index, layer, normed, positions, slots, attention, kv_cache))
             if layer.post_attn_norm is not None:
                 hidden = layer.post_attn_norm(hidden)
-            normed, residual = layer.pre_mlp_norm.add(hidden, residual)
+            normed, residual = layer.pre_mlp_norm.add(self._scaled_branch(hidden), residual)
             hidden = self.tp.all_reduce(layer.mlp(normed))
             if layer.post_mlp_norm is not None:
                 hidden = layer.post_mlp_norm(hidden)
+            hidden = self._scaled_branch(hidden)
             if on_layer_done is not None:
                 on_layer_done(index)
         rows = hidden.index_select(0, logit_rows)
@@ -146,8 +147,15 @@ class Model:
         if self.vocab_parallel:
             logits = self.tp.all_gather(logits, dim=-1)
         logits = logits.float()
+        if self.spec.logits_scaling is not None:
+            logits = logits / self.spec.logits_scaling
         cap = self.spec.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _scaled_branch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An attention or MLP output as the residual stream adds it (Granite: times residual_multiplier)."""
+        m = self.spec.residual_multiplier
+        return hidden if m is None else hidden * m
 
     def _attention(
         self,

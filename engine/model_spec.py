@@ -44,6 +44,11 @@ class ModelSpec:
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     attn_logit_softcap: float | None = None  # the same on attention scores, before the softmax (Gemma 2)
     qk_norm: bool = False  # RMSNorm over each q and k head before rope (the family's, or the config's use_qk_norm)
+    # Granite's multipliers: of the embeddings, of each attention and MLP output before the residual add,
+    # and the divisor of the logits (None: 1)
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
 
     @property
     def family(self) -> Architecture:
@@ -109,6 +114,7 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
         context = max_model_len
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     scalar = getattr(config, "query_pre_attn_scalar", None)
+    multiplier = getattr(config, "attention_multiplier", None)  # Granite: the scale itself
     return ModelSpec(
         architecture=arch.name,
         vocab_size=config.vocab_size,
@@ -124,11 +130,20 @@ def spec_from_config(config: Any, max_model_len: int | None = None) -> ModelSpec
         eos_token_ids=_eos_ids(config),
         layers=layers,
         moe=moe_spec(config, arch),
-        attention_scale=float(scalar) ** -0.5 if scalar else None,
+        attention_scale=float(multiplier) if multiplier else float(scalar) ** -0.5 if scalar else None,
         final_logit_softcap=getattr(config, "final_logit_softcapping", None) or None,
         attn_logit_softcap=getattr(config, "attn_logit_softcapping", None) or None,
         qk_norm=arch.qk_norm or bool(getattr(config, "use_qk_norm", False)),
+        embedding_multiplier=_multiplier(config, "embedding_multiplier"),
+        residual_multiplier=_multiplier(config, "residual_multiplier"),
+        logits_scaling=_multiplier(config, "logits_scaling"),
     )
+
+
+def _multiplier(config: Any, name: str) -> float | None:
+    """A config's multiplier, None where it is absent or 1 (nothing to multiply)."""
+    value = getattr(config, name, None)
+    return float(value) if value not in (None, 1, 1.0) else None
 
 
 def _refuse_options(config: Any) -> None:

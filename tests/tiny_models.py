@@ -25,6 +25,9 @@ ARCHITECTURES = {
         head_dim=16, partial_rotary_factor=0.5)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # multipliers on the embeddings, the residual branches, the attention scores and the logits
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(
+        embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.3, logits_scaling=2.5)),
     # q/k/v and gate/up fused in the checkpoint
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0}),
     # Phi-4-mini's shape: rope over the first 3/4 of each head, tied embeddings

@@ -12,7 +12,7 @@ MAX_TOKENS = 12
 
 
 @pytest.mark.parametrize("arch, kv_heads", [("llama", 2), ("qwen2", 2), ("mistral", 2), ("llama", 1), ("gemma3", 2),
-                                           ("phi3_partial_rotary", 2), ("gemma2", 2)])
+                                           ("phi3_partial_rotary", 2), ("gemma2", 2), ("granite", 2)])
 def test_tp2_greedy_tokens_equal_transformers(tmp_path, arch, kv_heads):
     model = save_tiny_model(arch, tmp_path, num_key_value_heads=kv_heads)
     expected = [reference_tokens(model, p, MAX_TOKENS) for p in PROMPTS]
