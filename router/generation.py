@@ -32,6 +32,8 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS, stop ids and stop strings end nothing before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    skip_special_tokens: bool = True  # the text leaves special tokens out
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it
 
 
 @dataclass(frozen=True)

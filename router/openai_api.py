@@ -50,7 +50,7 @@ def make_http_app(backend: GenerationBackend, tokenizer: Any, models: ServedMode
     def completion_call(payload: dict, request_id: str) -> Call:
         body = parse_body(CompletionBody, payload)
         models.check(body.model)
-        prompts = prompt_token_ids(body.prompt, tokenizer)
+        prompts = prompt_token_ids(body.prompt, tokenizer, body.add_special_tokens)
         plan = plan_requests(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS, request_id, limits, tokenizer)
         echo = prompt_texts(body.prompt, prompts, tokenizer) if body.echo else []
         return Call(plan, Dialect("completion", tokenizer, body.num_top_logprobs()), models.primary, request_id, body.stream,

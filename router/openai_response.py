@@ -60,7 +60,7 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
                   limits: RequestLimits, tokenizer: Any) -> Plan:
     """Check the sampling fields against the limits and fan the prompts out into n requests each."""
     limits.check_n(body.n)
-    check_sampling(body.temperature, body.top_p, body.top_k)
+    check_sampling(body.temperature, body.top_p, body.top_k, body.min_p)
     stop = body.stop_strings()
     limits.check_stop(stop)
     stop_token_ids = tuple(body.stop_token_ids or ())
@@ -70,6 +70,7 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
     logprobs = body.wants_logprobs()
     deadline = limits.deadline()
     requests = []
+    prompts = [_truncated(ids, body.truncate_prompt_tokens, limits) for ids in prompts]
     for ids in prompts:
         limits.check_prompt_length(len(ids), body.prompt_field)
         max_tokens = limits.resolve_max_tokens(requested_max, len(ids), default_max_tokens, max_param)
@@ -77,11 +78,19 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
             sampling = SamplingOptions(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                 seed=_choice_seed(body.seed, j), stop=stop, stop_token_ids=stop_token_ids,
-                ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=body.num_top_logprobs(), **penalties,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=body.num_top_logprobs(), min_p=body.min_p,
+                skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output, **penalties,
             )
             choice_id = f"{request_id}-{len(requests)}"
             requests.append(GenerationRequest(choice_id, tuple(ids), sampling, deadline))
     return Plan(requests, sum(len(ids) for ids in prompts), logprobs)
+
+
+def _truncated(ids: list[int], keep: int | None, limits: RequestLimits) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: as many as a prompt may have)."""
+    if keep is None:
+        return ids
+    return ids[-(limits.prompt_limit if keep == -1 else keep):]
 
 
 def _penalties(body: RequestBody, max_tokens: int | None, max_param: str, tokenizer: Any) -> dict[str, Any]:

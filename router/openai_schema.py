@@ -1,15 +1,22 @@
 """The request bodies of the OpenAI API: what /v1/completions, /v1/chat/completions and vLLM's
 /tokenize and /detokenize accept.
 
-Unknown fields and wrong JSON types are refused (strict pydantic models); a
-top-level null is an absent field, as OpenAI and vLLM read it (clients send
-`"logprobs": null` for "not set"). `parse_body` turns the first problem into an
-OpenAI-style 400, never FastAPI's 422. OpenAI features pdserve does not serve
-are accepted only at their neutral value. Besides OpenAI's fields, vLLM's `top_k`, `ignore_eos`,
-`stop_token_ids`, `repetition_penalty` and `min_tokens`.
+As in vLLM, a top-level field pdserve does not know is ignored, with a warning in the log (OpenAI
+clients send `metadata`, `store`, `service_tier`...). A field it knows and does not serve, which would
+change the output, is refused with a 400 (`unsupported_parameter`) unless it is at its neutral value:
+vLLM's guided decoding and structured outputs, beam search, `prompt_logprobs`, `allowed_token_ids`,
+`bad_words` and the others of `UNSERVED`; chat's JSON `response_format` and tool calls. Known fields
+with wrong JSON types, and unknown fields inside a known one, are refused (strict pydantic models); a
+top-level null is an absent field, as OpenAI and vLLM read it (clients send `"logprobs": null` for
+"not set"). `parse_body` turns the first problem into an OpenAI-style 400, never FastAPI's 422.
+Besides OpenAI's fields, vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
+`min_tokens`, `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`,
+`truncate_prompt_tokens` and `priority` (0 only: pdserve schedules first come, first served, as vLLM
+without `--scheduling-policy priority`).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdserve.router.chat import TemplateOptions
 from pdserve.router.errors import InvalidParameter
 from pdserve.router.limits import MAX_LOGPROBS
+
+logger = logging.getLogger(__name__)
 
 
 class Body(BaseModel):
@@ -79,22 +88,28 @@ class RequestBody(Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     user: str | None = None  # accepted, unused
+    min_p: float = 0.0
+    skip_special_tokens: bool = True
+    # Accepted, no effect: vLLM hands it to slow tokenizers only, and transformers 5's decode reads it nowhere.
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last N prompt tokens; -1: the prompt limit
+    priority: int = 0
     presence_penalty: float | None = None  # null: 0
     frequency_penalty: float | None = None  # null: 0
     repetition_penalty: float | None = None  # null: 1
     min_tokens: int = 0
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
 
-    # field -> the one value pdserve accepts besides null: OpenAI features it does not serve
-    neutral_values: ClassVar[dict[str, Any]] = {}
     prompt_field: ClassVar[str]
 
     def check_unsupported(self) -> None:
-        """Refuse OpenAI features pdserve does not serve, unless set to their neutral value."""
-        for name, neutral in self.neutral_values.items():
-            value = getattr(self, name)
-            if value is not None and value != neutral:
-                raise InvalidParameter(f"`{name}` is not supported by pdserve.", name, "unsupported_parameter")
+        if self.priority != 0:
+            raise InvalidParameter("`priority` must be 0: pdserve serves requests first come, first served "
+                                   "(vLLM refuses it too without priority scheduling).", "priority", "invalid_value")
+        if self.truncate_prompt_tokens == 0:
+            raise InvalidParameter("`truncate_prompt_tokens` must be at least 1, or -1 for the longest prompt "
+                                   "allowed.", "truncate_prompt_tokens", "invalid_value")
         if self.stream_options is not None and not self.stream:
             raise InvalidParameter(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
@@ -144,10 +159,8 @@ class CompletionBody(RequestBody):
     prompt: Any  # text, token ids, or a list of either: checked by `text.prompt_token_ids`
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    add_special_tokens: bool = True  # a text prompt's BOS (chat's rendering adds none: `UNSERVED` there)
 
-    neutral_values = {"suffix": "", "best_of": 1}
     prompt_field = "prompt"
 
     def check_unsupported(self) -> None:
@@ -226,15 +239,36 @@ class DetokenizeBody(Body):
     tokens: list[int]
 
 
+# Fields of OpenAI's or vLLM's APIs that would change the output and that pdserve does not serve ->
+# their neutral value, the one accepted (besides null). Any other value is a 400.
+UNSERVED: dict[str, Any] = {
+    "suffix": "", "best_of": 1, "use_beam_search": False, "prompt_logprobs": None, "guided_json": None,
+    "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structural_tag": None,
+    "structured_outputs": None, "allowed_token_ids": None, "bad_words": [], "logits_processors": None,
+    "return_tokens_as_token_ids": False, "return_token_ids": False, "prompt_embeds": None,
+    "add_special_tokens": False, "chat_template": None, "documents": None, "functions": None,
+    "function_call": None, "audio": None, "modalities": ["text"], "web_search_options": None,
+}
+
+
 def parse_body(cls: type[B], payload: dict) -> B:
-    """Validate `payload` into `cls`, turning the first problem into an OpenAI-style 400."""
+    """Validate `payload` into `cls`, turning the first problem into an OpenAI-style 400; top-level
+    fields it does not know are dropped with a warning, those of `UNSERVED` refused unless neutral."""
+    present = {name: value for name, value in payload.items() if value is not None}
+    for name, value in present.items():
+        if name in UNSERVED and name not in cls.model_fields and value != UNSERVED[name]:
+            raise InvalidParameter(f"`{name}` is not supported by pdserve.", name, "unsupported_parameter")
+    ignored = sorted(name for name in present if name not in cls.model_fields and name not in UNSERVED)
+    if ignored:
+        logger.warning("request fields ignored (pdserve does not know them): %s", ", ".join(ignored))
     try:
-        body = cls.model_validate({name: value for name, value in payload.items() if value is not None})
+        body = cls.model_validate({name: value for name, value in present.items() if name in cls.model_fields})
     except ValidationError as error:
         first = error.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else None
-        if first["type"] == "extra_forbidden":
-            raise InvalidParameter(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+        if first["type"] == "extra_forbidden":  # inside a known field (a top-level one is dropped above)
+            raise InvalidParameter(f"Unrecognized request argument supplied: {'.'.join(map(str, first['loc']))}",
+                                   name, "unknown_parameter")
         if first["type"] == "missing":
             raise InvalidParameter(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
         code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"

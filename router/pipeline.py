@@ -102,8 +102,8 @@ class Pipeline:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Attempts until one finishes: a replica lost mid-request costs the client no token."""
         s = request.sampling
-        run = _Run(request, time.monotonic(), TextRelay(self.tokenizer, s.stop, s.min_tokens),
-                   s.seed if s.seed is not None else random.getrandbits(63))
+        relay = TextRelay(self.tokenizer, s.stop, s.min_tokens, s.skip_special_tokens, s.include_stop_str_in_output)
+        run = _Run(request, time.monotonic(), relay, s.seed if s.seed is not None else random.getrandbits(63))
         transfer_failures = 0
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:

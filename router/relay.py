@@ -4,7 +4,8 @@ Text that could still become the start of a stop string is held back until the
 next tokens decide; once a stop string appears, the text before it is the last
 the client sees and the completion finishes with "stop". With `min_tokens` (vLLM's),
 a stop string ends the completion only where it ends in the text of a token at or
-past the min_tokens-th.
+past the min_tokens-th. With vLLM's `include_stop_str_in_output` the matched stop string ends the text
+instead of being cut; with `skip_special_tokens` false, special tokens stay in the text.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ class RelayOutput:
 
 
 class TextRelay:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], min_tokens: int = 0):
-        self._detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], min_tokens: int = 0, skip_special_tokens: bool = True,
+                 include_stop_str: bool = False):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop_str
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._min_tokens = min_tokens
         self._num_tokens = 0
@@ -55,9 +58,11 @@ class TextRelay:
 
     def _release(self, final: bool) -> RelayOutput:
         if self._stop:
-            hit = min((i for i in map(self._find, self._stop) if i >= 0), default=-1)
-            if hit >= 0:
-                text, self._pending, self.is_stopped = self._pending[:hit], "", True
+            hits = [(i, stop) for stop in self._stop if (i := self._find(stop)) >= 0]
+            if hits:
+                hit, stop = min(hits, key=lambda h: h[0])  # the earliest; the first listed among equals
+                end = hit + len(stop) if self._include_stop else hit
+                text, self._pending, self.is_stopped = self._pending[:end], "", True
                 return RelayOutput(text, True)
         cut = len(self._pending) if final or not self._stop else max(0, len(self._pending) - self._hold)
         text, self._pending = self._pending[:cut], self._pending[cut:]

@@ -33,19 +33,19 @@ def check_token_ids(token_ids: list[int], tokenizer: Any, param: str) -> None:
         )
 
 
-def encode_text(text: str, tokenizer: Any, param: str = "prompt") -> list[int]:
-    """A non-empty text's token ids, with the tokenizer's special tokens (BOS) added."""
+def encode_text(text: str, tokenizer: Any, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+    """A non-empty text's token ids, with the tokenizer's special tokens (BOS) added unless told not to."""
     if not text:
         raise InvalidParameter(f"`{param}` must not be empty.", param, "invalid_value")
-    return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def prompt_token_ids(prompt: Any, tokenizer: Any) -> list[list[int]]:
+def prompt_token_ids(prompt: Any, tokenizer: Any, add_special_tokens: bool = True) -> list[list[int]]:
     """The token ids of each prompt in `prompt`, in order, each non-empty and in the vocabulary."""
     if isinstance(prompt, str):
-        prompts = [encode_text(prompt, tokenizer)]
+        prompts = [encode_text(prompt, tokenizer, add_special_tokens=add_special_tokens)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [encode_text(p, tokenizer) for p in prompt]
+        prompts = [encode_text(p, tokenizer, add_special_tokens=add_special_tokens) for p in prompt]
     elif isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
         prompts = [list(prompt)]
     elif (isinstance(prompt, list) and prompt

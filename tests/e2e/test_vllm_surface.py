@@ -150,3 +150,36 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(server):
     completion_tokens = [usage["completion_tokens"] for usage in usages]
     assert completion_tokens[0] == 0 and completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 5
     assert {usage["prompt_tokens"] for usage in usages} == {usages[-1]["total_tokens"] - 5}
+
+
+def test_vllms_sampling_and_text_extras_are_served(server, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    plain = greedy(server, prompt, max_tokens=8)["choices"][0]["text"]
+    # min_p 1: only the most likely token is left to sample, whatever the seed
+    assert greedy(server, prompt, max_tokens=8, temperature=1.0, seed=7, min_p=1.0)["choices"][0]["text"] == plain
+    stop = plain.strip().split()[1]
+    kept = greedy(server, prompt, max_tokens=8, stop=[stop], include_stop_str_in_output=True)["choices"][0]
+    cut = greedy(server, prompt, max_tokens=8, stop=[stop])["choices"][0]
+    assert kept["finish_reason"] == cut["finish_reason"] == "stop" and kept["text"] == cut["text"] + stop
+    eos = tokenizer.eos_token_id  # a special token, forced by its bias
+    forced = {"max_tokens": 2, "logit_bias": {str(eos): 100}}
+    assert greedy(server, prompt, **forced)["choices"][0]["text"] == ""
+    assert greedy(server, prompt, **forced, skip_special_tokens=False)["choices"][0]["text"] == tokenizer.decode([eos] * 2)
+    truncated = greedy(server, prompt, truncate_prompt_tokens=3)
+    assert truncated["usage"]["prompt_tokens"] == 3
+    assert truncated["choices"][0]["text"] == greedy(server, prompt[-3:])["choices"][0]["text"]
+    bare = greedy(server, "Hello", add_special_tokens=False)["usage"]["prompt_tokens"]
+    assert bare == len(tokenizer.encode("Hello", add_special_tokens=False))
+
+
+def test_unknown_fields_are_ignored_and_unserved_ones_refused(server):
+    chat = client(server).chat.completions
+    answer = chat.create(model="tiny", messages=USER, max_tokens=3, temperature=0, metadata={"team": "a"}, store=False,
+                         service_tier="auto", extra_body={"ignore_eos": True, "some_future_field": 1, "priority": 0})
+    assert answer.choices[0].message.content == chat.create(
+        model="tiny", messages=USER, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+    for extra, param in [({"guided_json": {"type": "object"}}, "guided_json"), ({"priority": 2}, "priority"),
+                         ({"use_beam_search": True}, "use_beam_search"), ({"min_p": 2}, "min_p")]:
+        with pytest.raises(openai.BadRequestError) as refusal:
+            chat.create(model="tiny", messages=USER, max_tokens=2, extra_body=extra)
+        assert refusal.value.body["param"] == param and refusal.value.body["message"]

@@ -29,3 +29,21 @@ def relay(min_tokens: int, chunk: int) -> tuple[str, bool]:
 ])
 def test_stop_strings_wait_for_min_tokens(min_tokens, expected, chunk):
     assert relay(min_tokens, chunk) == expected
+
+
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_include_stop_str_in_output_keeps_the_stop_string(chunk):
+    text_relay, text = TextRelay(make_tokenizer(), ("jumps", "fox"), include_stop_str=True), ""
+    for start in range(0, len(TOKENS), chunk):
+        out = text_relay.add(TOKENS[start:start + chunk])
+        text += out.text
+        if out.is_stopped:
+            break
+    assert (text, text_relay.is_stopped) == ("the quick fox", True)
+
+
+def test_special_tokens_stay_in_the_text_unless_skipped():
+    tokens = ids("<s> the fox </s>")
+    kept, skipped = (TextRelay(make_tokenizer(), (), skip_special_tokens=skip) for skip in (False, True))
+    assert (kept.add(tokens).text + kept.finish().text).split() == ["<s>", "the", "fox", "</s>"]
+    assert (skipped.add(tokens).text + skipped.finish().text).split() == ["the", "fox"]

@@ -83,6 +83,34 @@ def test_penalties_min_tokens_and_logit_bias_reach_the_backend(client, backend, 
     assert sampling.min_tokens == 3 and sampling.logit_bias == ((2, -100.0), (7, 2.5))
 
 
+@pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_vllms_text_and_prompt_fields_reach_the_backend(client, backend, path, body):
+    fields = {"min_p": 0.2, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+              "include_stop_str_in_output": True, "priority": 0, "truncate_prompt_tokens": 1}
+    reply = client.post(path, json={**body, **fields}).json()
+    request = backend.requests[0]
+    assert request.sampling.min_p == 0.2 and not request.sampling.skip_special_tokens
+    assert request.sampling.include_stop_str_in_output
+    assert len(request.prompt_token_ids) == 1 and reply["usage"]["prompt_tokens"] == 1  # the prompt's last token
+
+
+def test_truncate_prompt_tokens_keeps_the_last_ones(client, backend):
+    prompt = ids("the quick fox jumps")
+    client.post("/v1/completions", json={**COMPLETION, "prompt": prompt, "truncate_prompt_tokens": 2})
+    client.post("/v1/completions", json={**COMPLETION, "prompt": prompt, "truncate_prompt_tokens": -1})
+    assert [r.prompt_token_ids for r in backend.requests] == [tuple(prompt[-2:]), tuple(prompt)]
+
+
+def test_unknown_fields_are_ignored_with_a_warning_and_neutral_unserved_ones_served(client, backend, caplog):
+    extra = {"metadata": {"a": "b"}, "store": False, "service_tier": "auto", "guided_json": None,
+             "use_beam_search": False, "best_of": 1, "suffix": ""}
+    plain = client.post("/v1/completions", json=COMPLETION).json()
+    with caplog.at_level("WARNING", logger="pdserve.router.openai_schema"):
+        reply = client.post("/v1/completions", json={**COMPLETION, **extra})
+    assert reply.status_code == 200 and reply.json()["choices"] == plain["choices"]
+    assert "metadata, service_tier, store" in caplog.text and "use_beam_search" not in caplog.text
+
+
 def test_null_penalties_are_neutral(client, backend):
     nulls = {"presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None, "logit_bias": None}
     assert client.post("/v1/completions", json={**COMPLETION, **nulls}).status_code == 200
@@ -228,7 +256,16 @@ def test_a_failed_choice_cancels_the_others(client, backend):
 
 BAD_COMPLETIONS = {
     "missing prompt": ({"model": MODEL}, 400, "prompt", "missing_required_parameter"),
-    "unknown field": ({**COMPLETION, "foo": 1}, 400, "foo", "unknown_parameter"),
+    "unknown field inside a known one": ({**COMPLETION, "stream": True, "stream_options": {"foo": 1}}, 400,
+                                         "stream_options", "unknown_parameter"),
+    "min_p above 1": ({**COMPLETION, "min_p": 1.5}, 400, "min_p", "invalid_value"),
+    "priority": ({**COMPLETION, "priority": 1}, 400, "priority", "invalid_value"),
+    "truncate_prompt_tokens zero": ({**COMPLETION, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens",
+                                    "invalid_value"),
+    "guided decoding": ({**COMPLETION, "guided_regex": "a+"}, 400, "guided_regex", "unsupported_parameter"),
+    "beam search": ({**COMPLETION, "use_beam_search": True}, 400, "use_beam_search", "unsupported_parameter"),
+    "prompt logprobs": ({**COMPLETION, "prompt_logprobs": 1}, 400, "prompt_logprobs", "unsupported_parameter"),
+    "best_of": ({**COMPLETION, "best_of": 2}, 400, "best_of", "unsupported_parameter"),
     "max_tokens as string": ({**COMPLETION, "max_tokens": "3"}, 400, "max_tokens", "invalid_type"),
     "stream as int": ({**COMPLETION, "stream": 1}, 400, "stream", "invalid_type"),
     "prompt of wrong type": ({**COMPLETION, "prompt": 5}, 400, "prompt", "invalid_type"),
@@ -277,6 +314,10 @@ BAD_COMPLETIONS = {
                                       "stream_options", "invalid_value"),
 }
 BAD_CHATS = {
+    "structured outputs": ({**CHAT, "structured_outputs": {"json": {}}}, 400, "structured_outputs",
+                           "unsupported_parameter"),
+    "special tokens added to the rendered chat": ({**CHAT, "add_special_tokens": True}, 400, "add_special_tokens",
+                                                  "unsupported_parameter"),
     "no messages": ({**CHAT, "messages": []}, 400, "messages", "invalid_value"),
     "messages not a list": ({**CHAT, "messages": "hello"}, 400, "messages", "invalid_value"),
     "unknown role": ({**CHAT, "messages": [{"role": "wizard", "content": "hello"}]}, 400,
