@@ -2,7 +2,10 @@
 
 Only text is served: a message's content is a string or a list of `text` parts
 (joined with newlines). `developer` messages render as `system` (templates know
-no other). `TemplateOptions` carries vLLM's rendering fields: no assistant turn
+no other). A conversation may carry earlier tool calls as vLLM passes them on: an
+assistant message with `tool_calls` (its content may be null; each call's JSON
+`arguments` string reaches the template as an object, as transformers' tool
+templates expect) and `tool` messages answering them by `tool_call_id`. `TemplateOptions` carries vLLM's rendering fields: no assistant turn
 opened, the last message continued, tools shown to the template, and extra
 template variables. Control tokens written in a message (say `<|im_start|>`) are encoded
 as plain text, never as the token, so a user cannot forge template structure;
@@ -10,6 +13,7 @@ a tokenizer that cannot do that for a token refuses the message.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,18 +29,48 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The call with its arguments as an object (empty arguments: an empty one), as vLLM passes it."""
+        try:
+            arguments = json.loads(self.function.arguments) if self.function.arguments else {}
+        except ValueError:
+            raise InvalidParameter(f"The arguments of tool call {self.id!r} are not JSON.", "messages",
+                                   "invalid_value") from None
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # null only beside an assistant's tool_calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # the assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
-    def as_template_input(self) -> dict[str, str]:
-        """The `{role, content}` dict a chat template reads."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+    def as_template_input(self) -> dict[str, Any]:
+        """The `{role, content, ...}` dict a chat template reads."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or ())
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:  # an empty list: a plain assistant message, as vLLM drops it
+            message["tool_calls"] = [call.as_template_input() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -47,22 +81,39 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
     messages = []
     for i, item in enumerate(raw):
         try:
-            messages.append(ChatMessage.model_validate(item))
+            message = ChatMessage.model_validate(item)
         except ValidationError as error:
             raise _invalid_message(i, error) from None
+        _check_roles_fields(i, message)
+        messages.append(message)
     return messages
+
+
+def _check_roles_fields(index: int, message: ChatMessage) -> None:
+    """Refuse fields of another role's, and a null content where no tool call stands for it."""
+    param = f"messages.[{index}]"
+    if message.tool_calls is not None and message.role != "assistant":
+        raise InvalidParameter(f"`{param}.tool_calls` is for assistant messages only.", f"{param}.tool_calls",
+                               "invalid_value")
+    if message.tool_call_id is not None and message.role != "tool":
+        raise InvalidParameter(f"`{param}.tool_call_id` is for tool messages only.", f"{param}.tool_call_id",
+                               "invalid_value")
+    if message.content is None and not message.tool_calls:
+        raise InvalidParameter(f"`{param}.content` may be null only in an assistant message with `tool_calls`.",
+                               f"{param}.content", "invalid_value")
 
 
 def _invalid_message(index: int, error: ValidationError) -> InvalidParameter:
     """The most specific problem of a message (the deepest in a union), named by its field path."""
     problem = max(error.errors(), key=lambda e: len(e["loc"]))
-    fields = set(ChatMessage.model_fields) | set(TextPart.model_fields)
+    fields = (set(ChatMessage.model_fields) | set(TextPart.model_fields) | set(ToolCall.model_fields)
+              | set(CalledFunction.model_fields))
     path = [f"[{part}]" if isinstance(part, int) else part for part in problem["loc"]
             if isinstance(part, int) or part in fields]  # drops union branch tags like "list[TextPart]"
     param = ".".join(["messages", f"[{index}]", *path])
     return InvalidParameter(
         f"Invalid `{param}`: {problem['msg']}. pdserve serves text messages (string content or `text` parts) "
-        "with role system, developer, user or assistant.",
+        "with role system, developer, user, assistant or tool.",
         param, "invalid_value",
     )
 

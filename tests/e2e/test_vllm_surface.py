@@ -183,3 +183,18 @@ def test_unknown_fields_are_ignored_and_unserved_ones_refused(server):
         with pytest.raises(openai.BadRequestError) as refusal:
             chat.create(model="tiny", messages=USER, max_tokens=2, extra_body=extra)
         assert refusal.value.body["param"] == param and refusal.value.body["message"]
+
+
+def test_a_conversation_with_earlier_tool_calls_is_rendered_and_answered(server, tokenizer):
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    chat = client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                                  extra_body={"ignore_eos": True})
+    as_vllm_passes_them = [*USER, {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    ids = tokenizer.apply_chat_template(as_vllm_passes_them, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    assert chat.usage.prompt_tokens == len(ids)
+    assert chat.choices[0].message.content == greedy(server, list(ids), max_tokens=4)["choices"][0]["text"]
