@@ -30,6 +30,16 @@ TopLogprobs = tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token's log-probability given the tokens before it (vLLM's prompt_logprobs entry)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + the number of tokens more likely than it
+    top: TopLogprobs  # the request's prompt_logprobs most likely tokens at this position
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to choose a sequence's next tokens; the penalties and biases are vLLM's (engine/penalties.py)."""
 
@@ -45,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # tokens of the prompt or the output: logit / p where > 0, * p otherwise
     min_tokens: int = 0  # until this many output tokens, the stop ids cannot be sampled
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs and this many alternatives (None: off)
 
     @property
     def is_greedy(self) -> bool:
@@ -89,6 +100,7 @@ class PrefillResult:
     first_token: int
     first_logprob: float | None
     first_top_logprobs: TopLogprobs  # empty unless the request asks for top logprobs
+    prompt_logprobs: tuple[PromptLogprob, ...]  # the prompt's tokens after its first; empty unless asked
     last_layer_at: float  # time.monotonic() when the prompt's KV was computed (system-wide clock on Linux)
     queue_s: float  # arrival to first chunk computed
     prefill_s: float  # compute time of the batches this prompt was in

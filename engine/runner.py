@@ -47,6 +47,7 @@ class PrefillChunk:
     token_ids: tuple[int, ...]
     start_pos: int
     block_ids: tuple[int, ...]  # enough blocks for start_pos + len(token_ids) tokens
+    scores_prompt: bool = False  # logits for every position (prompt logprobs), not only the last
 
 
 class DecodeInput(NamedTuple):
@@ -105,7 +106,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk], on_layer_done: LayerHook | None = None) -> torch.Tensor:
-        """Logits [len(chunks), vocab] of each chunk's last token; KV written to the blocks.
+        """Logits of each chunk's last token, [len(chunks), vocab], or of every token of a chunk that
+        `scores_prompt` (`logit_rows` says which rows are whose); KV written to the blocks.
 
         `on_layer_done(i)` runs once layer i's KV is written (a graph replay: after the whole prefill)."""
         logits = self._prefill_from_graph(chunks)
@@ -129,15 +131,15 @@ class ModelRunner:
             context_lens=tuple(c.start_pos + len(c.token_ids) for c in chunks),
             block_tables=tuple(c.block_ids for c in chunks),
         )
-        last_rows = [s + n - 1 for s, n in zip(starts, lens)]
-        return self.model.forward(
-            tokens, positions, slots, attention, self._tensor(last_rows), self.kv_cache, on_layer_done,
-        )
+        rows = [r for chunk, s, n in zip(chunks, starts, lens)
+                for r in (range(s, s + n) if chunk.scores_prompt else (s + n - 1,))]
+        return self.model.forward(tokens, positions, slots, attention, self._tensor(rows), self.kv_cache, on_layer_done)
 
     def graph_holds(self, chunks: list[PrefillChunk]) -> bool:
-        """Whether a prefill graph replays these chunks: prompts from position 0 within its sizes."""
+        """Whether a prefill graph replays these chunks: prompts from position 0 within its sizes, none
+        scoring its prompt (the graphs hold one logits row per prompt)."""
         graphs = self.prefill_graphs
-        return (graphs is not None and all(c.start_pos == 0 for c in chunks)
+        return (graphs is not None and all(c.start_pos == 0 and not c.scores_prompt for c in chunks)
                 and graphs.bucket_for(len(chunks), sum(len(c.token_ids) for c in chunks)) is not None)
 
     def _prefill_from_graph(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
@@ -224,6 +226,17 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return on_device(values, torch.long, self.device)
+
+
+def logit_rows(chunks: list[PrefillChunk]) -> list[range]:
+    """Each chunk's rows of `ModelRunner.prefill`'s logits: its every token's if it scores its prompt,
+    else its last token's alone (the last of each range)."""
+    rows, start = [], 0
+    for chunk in chunks:
+        count = len(chunk.token_ids) if chunk.scores_prompt else 1
+        rows.append(range(start, start + count))
+        start += count
+    return rows
 
 
 def leaves_graphs(graph_holds: Callable[[list[PrefillChunk]], bool], chunks: list[PrefillChunk],

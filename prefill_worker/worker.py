@@ -19,7 +19,9 @@ budget; a prompt longer than the budget is split into block-aligned chunks
 across batches (chunked prefill), its earlier chunks' KV kept in this replica's
 blocks. Full blocks of finished prompts stay in a prefix cache: a later prompt
 starting with the same tokens computes only the rest (its first chunk also
-sends the cached blocks), which is what prefix-aware routing aims at.
+sends the cached blocks), which is what prefix-aware routing aims at. A prompt that asks for
+its prompt logprobs reuses no cached prefix (a cached block has no logits) but still fills the
+cache; its chunks score every position (engine/prompt_logprobs.py).
 Finishing a transfer happens on a separate thread so the next batch's compute
 is not held up by the network. When the pool has no room for the next prompt the
 engine thread waits on the worker's condition, woken when blocks come back (a
@@ -39,9 +41,11 @@ import torch
 
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.messages import PrefillLoad, PrefillRequest, PrefillResult, SamplingParams, TopLogprobs
+from pdserve.engine.messages import (PrefillLoad, PrefillRequest, PrefillResult, PromptLogprob, SamplingParams,
+                                     TopLogprobs)
 from pdserve.engine.prefix_cache import PrefixCache
-from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs
+from pdserve.engine.prompt_logprobs import score_prompt
+from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs, logit_rows
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import sample_first
 from pdserve.engine.step_timing import StepClock, StepTimes, batch_rate
@@ -108,6 +112,11 @@ class PrefillJob:
     arrived_at: float = field(default_factory=time.monotonic)
     first_chunk_at: float = 0.0
     compute_s: float = 0.0
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # scored so far, when asked
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
 
 class PrefillWorker:
@@ -224,7 +233,7 @@ class PrefillWorker:
             if budget <= 0:
                 break
             if job.state is PrefillState.QUEUED:
-                job.table, job.num_cached = self._table_for(job.prompt)
+                job.table, job.num_cached = self._table_for(job.prompt, reuse_prefix=not job.scores_prompt)
                 if job.table is None:
                     break  # keep arrival order: wait for blocks
                 job.num_done = job.num_cached
@@ -232,14 +241,15 @@ class PrefillWorker:
                 self._prompt_tokens += len(job.prompt)
                 self._cached_tokens += job.num_cached
             end = min(len(job.prompt), job.num_done + budget)
-            chunk = PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids))
+            chunk = PrefillChunk(job.prompt[job.num_done:end], job.num_done, tuple(job.table.block_ids),
+                                 job.scores_prompt)
             if leaves_graphs(self.runner.graph_holds, [c for _, c in batch], chunk):
                 break  # the job leads the next batch
             batch.append((job, chunk))
             budget -= end - job.num_done
         return batch
 
-    def _table_for(self, prompt: tuple[int, ...]) -> tuple[BlockTable | None, int]:
+    def _table_for(self, prompt: tuple[int, ...], reuse_prefix: bool) -> tuple[BlockTable | None, int]:
         """Blocks for a prompt, its cached prefix shared and the rest allocated, and the number of
         prompt tokens cached; (None, 0) while the pool has no room.
 
@@ -249,7 +259,7 @@ class PrefillWorker:
         2026-12-01: 28–34 ms for any cached remainder, 5.9 ms for 128 tokens from a graph).
         """
         whole = self.runner.graph_holds([PrefillChunk(prompt, 0, ())])
-        reusable = 0 if whole else (len(prompt) - 1) // self.pool.block_size
+        reusable = 0 if whole or not reuse_prefix else (len(prompt) - 1) // self.pool.block_size
         table = BlockTable(self.pool, self.prefix_cache.match(prompt, reusable))
         num_cached = table.num_tokens
         missing = self.pool.blocks_for(len(prompt)) - len(table.block_ids)
@@ -286,6 +296,10 @@ class PrefillWorker:
                     # finish() on an incomplete transfer tells the receiver at once that it failed.
                     self._finisher.submit(self._abandon_transfer, job.destination)
             return
+        rows = logit_rows([chunk for _, chunk in batch])
+        for (job, chunk), chunk_rows in zip(batch, rows):
+            if chunk.scores_prompt:
+                job.prompt_logprobs += _score_chunk(logits[chunk_rows], job, chunk)
         elapsed = time.monotonic() - started
         with self._lock:
             self._rates.append((sum(len(c.token_ids) for _, c in batch), elapsed))
@@ -299,9 +313,8 @@ class PrefillWorker:
                     self.prefix_cache.insert(job.prompt, job.table.block_ids)
                     done.append((row, job))
         if done:
-            rows = [row for row, _ in done]
             jobs = [job for _, job in done]
-            result = sample_first(logits[rows], [j.params for j in jobs], [j.prompt for j in jobs],
+            result = sample_first(logits[[rows[row][-1] for row, _ in done]], [j.params for j in jobs], [j.prompt for j in jobs],
                                   [j.stop_ids for j in jobs])
             for job, token, logprob, top in zip(jobs, result.token_ids, result.logprobs, result.top_logprobs):
                 self._finisher.submit(self._finish_transfer, job, token, logprob, top, time.monotonic())
@@ -320,6 +333,7 @@ class PrefillWorker:
             self._move(job, PrefillState.DONE)
         job.future.set_result(PrefillResult(
             request_id=job.request_id, first_token=token, first_logprob=logprob, first_top_logprobs=top,
+            prompt_logprobs=tuple(job.prompt_logprobs),
             last_layer_at=computed_at, queue_s=job.first_chunk_at - job.arrived_at, prefill_s=job.compute_s, transfer_wait_s=wait,
             kv_bytes=num_blocks * self.runner.kv_cache.spec.bytes_per_block, replica_id=self.replica_id,
         ))
@@ -352,6 +366,13 @@ class PrefillWorker:
             return
         self._move(job, PrefillState.FAILED)
         job.future.set_exception(PrefillFailed(message, code))
+
+
+def _score_chunk(logits: torch.Tensor, job: PrefillJob, chunk: PrefillChunk) -> list[PromptLogprob]:
+    """The prompt logprobs a chunk's rows give: row i scores the prompt token after it (the last
+    chunk's last row scores none: it gives the first token)."""
+    targets = job.prompt[chunk.start_pos + 1:chunk.start_pos + len(chunk.token_ids) + 1]
+    return score_prompt(logits[:len(targets)], targets, job.params.prompt_logprobs)
 
 
 def _wait_for_device(tensor: torch.Tensor) -> None:
