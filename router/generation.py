@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import AsyncGenerator, Protocol
 
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.messages import TopLogprobs
+from pdserve.engine.messages import PromptLogprob, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # with logprobs: the this many most likely tokens at each step too
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs and this many alternatives (None: off)
     min_p: float = 0.0  # 0: off
     presence_penalty: float = 0.0  # the penalties, min_tokens and logit_bias: vLLM's (engine/penalties.py)
     frequency_penalty: float = 0.0
@@ -78,6 +79,7 @@ class GenerationChunk:
     text: str
     logprobs: tuple[float, ...] | None = None
     top_logprobs: tuple[TopLogprobs, ...] | None = None  # one per token, with `logprobs`
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None  # the first chunk's, with `prompt_logprobs`
     finish_reason: str | None = None  # "stop" | "length"
     usage: Usage | None = None
     timings: PhaseTimings | None = None

@@ -16,7 +16,11 @@ A failure before the first token raises (the app answers with its status);
 after streaming began it becomes `data: {"error": {...}}` then `data: [DONE]`.
 A client that disconnects cancels its backend generators at once. With `echo`
 (completions), each choice's text begins with its prompt's: the whole text, or
-the choice's first chunk.
+the choice's first chunk; with `logprobs` too, so do its logprobs (the prompt's
+first token with null ones), as vLLM spells them. Asked for `prompt_logprobs`,
+a completions choice (its first chunk, streaming) and a chat response carry vLLM's
+`prompt_logprobs`: null for the first prompt token, then {token id: {logprob, rank,
+decoded_token}} of the prompt token and its most likely alternatives.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import Any, AsyncIterator, Awaitable, Literal, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from pdserve.engine.messages import TopLogprobs
+from pdserve.engine.messages import PromptLogprob, TopLogprobs
 from pdserve.router.errors import InternalError, openai_error_body
 from pdserve.router.generation import (
     GenerationBackend, GenerationChunk, GenerationError, GenerationRequest, PhaseTimings, SamplingOptions,
@@ -54,6 +58,7 @@ class Plan:
     requests: list[GenerationRequest]
     prompt_tokens: int  # each prompt counted once, whatever n is
     logprobs: bool
+    prompt_logprobs: bool = False
 
 
 def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_tokens: int, request_id: str,
@@ -79,11 +84,12 @@ def plan_requests(body: RequestBody, prompts: list[list[int]], default_max_token
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                 seed=_choice_seed(body.seed, j), stop=stop, stop_token_ids=stop_token_ids,
                 ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=body.num_top_logprobs(), min_p=body.min_p,
+                prompt_logprobs=body.num_prompt_logprobs(),
                 skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output, **penalties,
             )
             choice_id = f"{request_id}-{len(requests)}"
             requests.append(GenerationRequest(choice_id, tuple(ids), sampling, deadline))
-    return Plan(requests, sum(len(ids) for ids in prompts), logprobs)
+    return Plan(requests, sum(len(ids) for ids in prompts), logprobs, body.num_prompt_logprobs() is not None)
 
 
 def _truncated(ids: list[int], keep: int | None, limits: RequestLimits) -> list[int]:
@@ -164,6 +170,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: tuple[PromptLogprob, ...] = ()
     finish_reason: str | None = None
     timings: PhaseTimings | None = None
 
@@ -173,6 +180,7 @@ class ChoiceState:
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs or ())
         self.top_logprobs.extend(chunk.top_logprobs or ())
+        self.prompt_logprobs = chunk.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.timings = chunk.timings or self.timings
 
@@ -196,11 +204,17 @@ def _request_timings(states: list[ChoiceState]) -> dict | None:
 
 @dataclass(frozen=True)
 class Logprobs:
-    """What a choice (or a chunk of it) reports: per token, its logprob and its top alternatives."""
+    """What a choice (or a chunk of it) reports: per token, its logprob and its top alternatives (None
+    for an echoed prompt's first token)."""
 
     token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[TopLogprobs]
+    logprobs: list[float | None]
+    top_logprobs: list[TopLogprobs | None]
+
+    def after(self, prompt_ids: tuple[int, ...], prompt: tuple[PromptLogprob, ...]) -> "Logprobs":
+        """These behind an echoed prompt's own."""
+        return Logprobs([*prompt_ids, *self.token_ids], [None, *(p.logprob for p in prompt), *self.logprobs],
+                        [None, *(p.top for p in prompt), *self.top_logprobs])
 
 
 @dataclass(frozen=True)
@@ -221,11 +235,14 @@ class Dialect:
         return "chat.completion.chunk" if streaming else "chat.completion"
 
     def choice(self, index: int, text: str, logprobs: Logprobs | None, finish_reason: str | None,
-               streaming: bool, text_offset: int = 0) -> dict:
-        """One entry of `choices`: whole (a response) or a delta (a stream chunk)."""
+               streaming: bool, text_offset: int = 0, prompt_logprobs: tuple[PromptLogprob, ...] | None = None) -> dict:
+        """One entry of `choices`: whole (a response) or a delta (a stream chunk); a completions choice
+        with `prompt_logprobs` (chat's are the response's)."""
         spelled = None if logprobs is None else self._logprobs(logprobs, text_offset)
         if self.kind == "completion":
             body = {"index": index, "text": text}
+            if prompt_logprobs is not None:
+                body["prompt_logprobs"] = self.prompt_logprobs(prompt_logprobs)
         elif streaming:
             body = {"index": index, "delta": {"content": text} if text else {}}
         else:
@@ -236,9 +253,14 @@ class Dialect:
         """The first chat stream chunk of a choice, naming the assistant's role."""
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
+    def prompt_logprobs(self, prompt: tuple[PromptLogprob, ...]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: none for the first token, then each token's and its alternatives'."""
+        return [None, *({str(t): {"logprob": _clamped(lp), "rank": rank, "decoded_token": token_text(t, self.tokenizer)}
+                         for t, lp, rank in _ranked(p)} for p in prompt)]
+
     def _logprobs(self, logprobs: Logprobs, text_offset: int) -> dict:
         tokens = [token_text(t, self.tokenizer) for t in logprobs.token_ids]
-        steps = [_step_logprobs(t, lp, top) for t, lp, top in
+        steps = [None if lp is None else _step_logprobs(t, lp, top) for t, lp, top in
                  zip(logprobs.token_ids, logprobs.logprobs, logprobs.top_logprobs)]
         if self.kind == "completion":
             offsets = []
@@ -246,8 +268,9 @@ class Dialect:
                 offsets.append(text_offset)
                 text_offset += len(token)
             # vLLM's: the chosen token and the N most likely, keyed by their text
-            top = [{token_text(t, self.tokenizer): _clamped(lp) for t, lp in step[:self.top_logprobs + 1]} for step in steps]
-            return {"tokens": tokens, "token_logprobs": [_clamped(lp) for lp in logprobs.logprobs],
+            top = [None if step is None else {token_text(t, self.tokenizer): _clamped(lp)
+                                              for t, lp in step[:self.top_logprobs + 1]} for step in steps]
+            return {"tokens": tokens, "token_logprobs": [None if lp is None else _clamped(lp) for lp in logprobs.logprobs],
                     "top_logprobs": top, "text_offset": offsets}
         content = []
         for token, lp, step in zip(tokens, logprobs.logprobs, steps):
@@ -261,6 +284,15 @@ def _step_logprobs(token_id: int, logprob: float, top: TopLogprobs) -> list[tupl
     among both appears once, first). Completions show N + 1 of them and chat N: with greedy decoding that is
     the N most likely either way; a sampled token outside them comes first and pushes the last one out."""
     return list({token_id: logprob, **dict(top)}.items())
+
+
+def _ranked(scored: PromptLogprob) -> list[tuple[int, float, int]]:
+    """A prompt position's (token, logprob, rank) as vLLM lists them: the prompt token, then the most
+    likely (a token among both appears once, first)."""
+    ranked = {scored.token_id: (scored.logprob, scored.rank)}
+    for rank, (token, logprob) in enumerate(scored.top, start=1):
+        ranked.setdefault(token, (logprob, rank))
+    return [(token, logprob, rank) for token, (logprob, rank) in ranked.items()]
 
 
 def _chat_entry(token: str, logprob: float) -> dict:
@@ -313,11 +345,24 @@ class Call:
                 states[index].add(chunk)
         choices = [
             self.dialect.choice(i, self._prompt_text(i) + "".join(s.text),
-                                Logprobs(s.token_ids, s.logprobs, s.top_logprobs) if self.plan.logprobs else None,
-                                s.finish_reason, streaming=False)
+                                self._logprobs(i, Logprobs(s.token_ids, s.logprobs, s.top_logprobs), s.prompt_logprobs),
+                                s.finish_reason, streaming=False, prompt_logprobs=self._prompt_logprobs(s.prompt_logprobs))
             for i, s in enumerate(states)
         ]
-        return {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
+        body = {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
+        if self.dialect.kind == "chat" and self.plan.prompt_logprobs:  # one prompt: the response's
+            body["prompt_logprobs"] = self.dialect.prompt_logprobs(states[0].prompt_logprobs)
+        return body
+
+    def _logprobs(self, index: int, logprobs: Logprobs, prompt: tuple[PromptLogprob, ...]) -> Logprobs | None:
+        """A choice's (or its chunk's) logprobs where asked, behind its prompt's with `echo`."""
+        if not self.plan.logprobs:
+            return None
+        return logprobs.after(self.plan.requests[index].prompt_token_ids, prompt) if self.echo and prompt else logprobs
+
+    def _prompt_logprobs(self, prompt: tuple[PromptLogprob, ...]) -> tuple[PromptLogprob, ...] | None:
+        """A completions choice's prompt logprobs where asked (and in a stream, where this chunk has them)."""
+        return prompt if self.plan.prompt_logprobs and prompt else None
 
     async def _sse(self, events: AsyncIterator[tuple[int, GenerationChunk]],
                    first: tuple[int, GenerationChunk] | None) -> AsyncIterator[str]:
@@ -345,12 +390,15 @@ class Call:
 
     def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState]) -> dict:
         state = states[index]
-        offset = state.num_chars
+        offset = state.num_chars + len(self._prompt_text(index)) if state.text else 0  # an echoed prompt's text first
         text = chunk.text if state.text else self._prompt_text(index) + chunk.text
         state.add(chunk)
-        logprobs = (Logprobs(list(chunk.token_ids), list(chunk.logprobs or ()), list(chunk.top_logprobs or ()))
-                    if self.plan.logprobs else None)
-        choice = self.dialect.choice(index, text, logprobs, chunk.finish_reason, streaming=True, text_offset=offset)
+        prompt = chunk.prompt_logprobs or ()
+        logprobs = self._logprobs(index, Logprobs(list(chunk.token_ids), list(chunk.logprobs or ()),
+                                                  list(chunk.top_logprobs or ())), prompt)
+        choice = self.dialect.choice(index, text, logprobs, chunk.finish_reason, streaming=True,
+                                     text_offset=offset,
+                                     prompt_logprobs=self._prompt_logprobs(prompt))
         body = {**self.envelope([choice], True), **self._usage_so_far(states)}
         if chunk.finish_reason and all(s.finish_reason for s in states):
             body["pdserve_timings"] = _request_timings(states)

@@ -4,14 +4,15 @@
 As in vLLM, a top-level field pdserve does not know is ignored, with a warning in the log (OpenAI
 clients send `metadata`, `store`, `service_tier`...). A field it knows and does not serve, which would
 change the output, is refused with a 400 (`unsupported_parameter`) unless it is at its neutral value:
-vLLM's guided decoding and structured outputs, beam search, `prompt_logprobs`, `allowed_token_ids`,
+vLLM's guided decoding and structured outputs, beam search, `allowed_token_ids`,
 `bad_words` and the others of `UNSERVED`; chat's JSON `response_format` and tool calls. Known fields
 with wrong JSON types, and unknown fields inside a known one, are refused (strict pydantic models); a
 top-level null is an absent field, as OpenAI and vLLM read it (clients send `"logprobs": null` for
 "not set"). `parse_body` turns the first problem into an OpenAI-style 400, never FastAPI's 422.
 Besides OpenAI's fields, vLLM's `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`,
 `min_tokens`, `skip_special_tokens`, `spaces_between_special_tokens`, `include_stop_str_in_output`,
-`truncate_prompt_tokens` and `priority` (0 only: pdserve schedules first come, first served, as vLLM
+`truncate_prompt_tokens`, `prompt_logprobs` (each prompt token's logprob and its N most likely
+alternatives, up to 20; completions' `echo` with `logprobs` asks for them too) and `priority` (0 only: pdserve schedules first come, first served, as vLLM
 without `--scheduling-policy priority`).
 """
 from __future__ import annotations
@@ -100,6 +101,7 @@ class RequestBody(Body):
     repetition_penalty: float | None = None  # null: 1
     min_tokens: int = 0
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     prompt_field: ClassVar[str]
 
@@ -154,6 +156,10 @@ class RequestBody(Body):
         """The most likely alternatives asked for at each token (0 with logprobs: the chosen token's only)."""
         raise NotImplementedError
 
+    def num_prompt_logprobs(self) -> int | None:
+        """The alternatives asked for at each prompt token (None: no prompt logprobs)."""
+        return self.prompt_logprobs
+
 
 class CompletionBody(RequestBody):
     prompt: Any  # text, token ids, or a list of either: checked by `text.prompt_token_ids`
@@ -163,17 +169,17 @@ class CompletionBody(RequestBody):
 
     prompt_field = "prompt"
 
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.echo and self.logprobs is not None:
-            raise InvalidParameter("`echo` with `logprobs` asks for the prompt's log-probabilities, which pdserve "
-                                   "does not compute; drop one of them.", "echo", "unsupported_parameter")
-
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
     def num_top_logprobs(self) -> int:
         return self.logprobs or 0
+
+    def num_prompt_logprobs(self) -> int | None:
+        """As vLLM: `echo` with `logprobs` scores the prompt too, with as many alternatives."""
+        if self.prompt_logprobs is None and self.echo and self.logprobs is not None:
+            return self.logprobs
+        return self.prompt_logprobs
 
 
 class ChatBody(RequestBody, ChatTemplateFields):
@@ -242,7 +248,7 @@ class DetokenizeBody(Body):
 # Fields of OpenAI's or vLLM's APIs that would change the output and that pdserve does not serve ->
 # their neutral value, the one accepted (besides null). Any other value is a 400.
 UNSERVED: dict[str, Any] = {
-    "suffix": "", "best_of": 1, "use_beam_search": False, "prompt_logprobs": None, "guided_json": None,
+    "suffix": "", "best_of": 1, "use_beam_search": False, "guided_json": None,
     "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structural_tag": None,
     "structured_outputs": None, "allowed_token_ids": None, "bad_words": [], "logits_processors": None,
     "return_tokens_as_token_ids": False, "return_token_ids": False, "prompt_embeds": None,

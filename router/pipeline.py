@@ -31,7 +31,8 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from pdserve.engine.messages import PrefillRequest, PrefillResult, Reservation, SamplingParams, TopLogprobs
+from pdserve.engine.messages import (PrefillRequest, PrefillResult, PromptLogprob, Reservation, SamplingParams,
+                                     TopLogprobs)
 from pdserve.engine.sealed import seal
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
@@ -124,7 +125,8 @@ class Pipeline:
         request = run.request
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
         local = (self.settings.colocated or bool(run.generated)
-                 or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
+                 or (len(request.prompt_token_ids) < self.settings.short_prompt_tokens
+                     and request.sampling.prompt_logprobs is None))  # scored by the prefill pool
         held = await self._reserve(run, local)
         reservation, subscription, feed = held.reservation, held.subscription, held.feed
         ended = False
@@ -134,7 +136,8 @@ class Pipeline:
                 run.timings.update(queue_s=result.queue_s, prefill_s=result.prefill_s,
                                    kv_transfer_s=result.transfer_wait_s, kv_bytes=result.kv_bytes,
                                    prefill_replica=result.replica_id)
-                yield run.accept([result.first_token], [result.first_logprob], [result.first_top_logprobs])
+                yield run.accept([result.first_token], [result.first_logprob], [result.first_top_logprobs],
+                                 result.prompt_logprobs)
                 if run.relay.is_stopped or run.is_done():
                     yield self._last(run, "length", reservation)  # _last says "stop" for a stop string
                     return
@@ -386,15 +389,19 @@ class _Run:
     timings: dict = field(default_factory=dict)
     first_token_at: float | None = None
 
-    def accept(self, token_ids: list[int], logprobs: list[float | None],
-               tops: list[TopLogprobs]) -> GenerationChunk:
-        """The chunk of tokens received; their logprobs only where the request asked for them."""
+    def accept(self, token_ids: list[int], logprobs: list[float | None], tops: list[TopLogprobs],
+               prompt_logprobs: tuple[PromptLogprob, ...] = ()) -> GenerationChunk:
+        """The chunk of tokens received; their logprobs (and with the first, the prompt's) only where the
+        request asked for them."""
         self.first_token_at = self.first_token_at or time.monotonic()
         self.generated.extend(token_ids)
         out = self.relay.add(token_ids)
-        if not self.request.sampling.logprobs:
-            return GenerationChunk(tuple(token_ids), out.text)
-        return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs), tuple(tops))
+        s = self.request.sampling
+        prompt = prompt_logprobs if s.prompt_logprobs is not None and prompt_logprobs else None
+        if not s.logprobs:
+            return GenerationChunk(tuple(token_ids), out.text, prompt_logprobs=prompt)
+        return GenerationChunk(tuple(token_ids), out.text, tuple(lp or 0.0 for lp in logprobs), tuple(tops),
+                               prompt_logprobs=prompt)
 
     def is_done(self) -> bool:
         """All max_tokens sent (the first token alone can be all of them)."""
@@ -406,7 +413,7 @@ def _sampling_params(s: SamplingOptions, seed: int) -> SamplingParams:
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=seed, logprobs=s.logprobs,
                           top_logprobs=s.top_logprobs, min_p=s.min_p, presence_penalty=s.presence_penalty,
                           frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-                          min_tokens=s.min_tokens, logit_bias=s.logit_bias)
+                          min_tokens=s.min_tokens, logit_bias=s.logit_bias, prompt_logprobs=s.prompt_logprobs)
 
 
 def _ending_error(ending: pb.Ending, replica: str) -> Exception:

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from pdserve.router.generation import (
     GenerationChunk, GenerationError, GenerationRequest, HealthStatus, PhaseTimings, Usage,
 )
+from pdserve.engine.messages import PromptLogprob
 from pdserve.router.limits import RequestLimits
 from pdserve.router.served_models import ServedModels
 
@@ -39,6 +40,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def ids(text: str) -> list[int]:
     """The tokens of a text of WORDS."""
     return [WORDS.index(w) for w in text.split()]
+
+
+def _prompt_logprobs(prompt: tuple[int, ...], num_top: int | None) -> tuple[PromptLogprob, ...] | None:
+    """Every prompt token after the first at -1.0, ranked 2nd, behind the token after it at -0.5."""
+    if num_top is None:
+        return None
+    return tuple(PromptLogprob(t, -1.0, 2, tuple((t + 1 + j, -0.5 - j) for j in range(num_top))) for t in prompt[1:])
 
 
 @dataclass
@@ -79,6 +87,7 @@ class EchoBackend:
                     logprobs=(() if stopped else (-0.25,)) if sampling.logprobs else None,
                     top_logprobs=(() if stopped else (tuple((token + j, -0.25 - j) for j in range(sampling.top_logprobs)),))
                     if sampling.logprobs else None,
+                    prompt_logprobs=_prompt_logprobs(prompt, sampling.prompt_logprobs) if i == 0 else None,
                     finish_reason=("stop" if stopped else "length") if last else None,
                     usage=Usage(len(prompt), i + (0 if stopped else 1)) if last else None,
                     timings=PhaseTimings(ttft_s=0.01, e2e_s=0.02 + i / 1000, prefill_replica="prefill-0",
