@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pdserve.engine.failures import FailureCode
-from pdserve.engine.messages import TopLogprobs
+from pdserve.engine.messages import PromptLogprob, TopLogprobs
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class TokenBatch:
     num_top: list[int] = field(default_factory=list)  # token i's alternatives: num_top[i] of top_*, in order
     top_token_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, tuple[PromptLogprob, ...]]] = field(default_factory=list)  # (transfer id, ...)
     endings: list[Ending] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -46,6 +47,7 @@ class TokenBatch:
         self.num_top += other.num_top
         self.top_token_ids += other.top_token_ids
         self.top_logprobs += other.top_logprobs
+        self.prompt_logprobs += other.prompt_logprobs
         self.endings += other.endings
 
 
@@ -67,6 +69,9 @@ class Outbox:
             batch.top_token_ids.append(top_id)
             batch.top_logprobs.append(top_logprob)
 
+    def prompt_logprobs(self, transfer_id: int, scored: tuple[PromptLogprob, ...]) -> None:
+        self._batch.prompt_logprobs.append((transfer_id, scored))
+
     def end(self, ending: Ending) -> None:
         self._batch.endings.append(ending)
 
@@ -86,6 +91,10 @@ class Emission:
     def token(self, outbox: Outbox, transfer_id: int, token_id: int, logprob: float | None,
               top: TopLogprobs = ()) -> None:
         outbox.token(transfer_id, token_id, logprob, top)
+        self._unflushed.add(outbox)
+
+    def prompt_logprobs(self, outbox: Outbox, transfer_id: int, scored: tuple[PromptLogprob, ...]) -> None:
+        outbox.prompt_logprobs(transfer_id, scored)
         self._unflushed.add(outbox)
 
     def end(self, outbox: Outbox, ending: Ending) -> None:

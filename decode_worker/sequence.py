@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pdserve.engine.block_pool import BlockTable
-from pdserve.engine.messages import SamplingParams, TopLogprobs
+from pdserve.engine.messages import PromptLogprob, SamplingParams, TopLogprobs
 
 from .outbox import Outbox
 
@@ -71,6 +71,7 @@ class DecodeSequence:
     stop_ids: frozenset[int] = frozenset()
     outbox: Outbox | None = None  # where its tokens go, once a stream opened it
     stream_interval: int = 1  # its tokens go out every this many (the first and the last at once)
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # scored by its local prefill, when asked
     unsent: list[tuple[int, float | None, TopLogprobs]] = field(default_factory=list)  # (token, logprobs) held back
     num_prefilled: int = 0  # tokens whose KV is in the cache (local chunked prefill)
     opened_at: float = 0.0

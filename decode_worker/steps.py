@@ -38,7 +38,8 @@ def prefill_chunks(prefilling: list[DecodeSequence], budget: int,
             break
         tokens = seq.tokens[: seq.num_to_prefill]
         end = min(len(tokens), seq.num_prefilled + budget)
-        chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, seq.block_ids)
+        chunk = PrefillChunk(tuple(tokens[seq.num_prefilled:end]), seq.num_prefilled, seq.block_ids,
+                             seq.params.prompt_logprobs is not None)
         if leaves_graphs(graph_holds, [c for _, c in batch], chunk):
             break
         batch.append((seq, chunk))

@@ -18,7 +18,7 @@ from typing import Callable
 
 import grpc
 
-from pdserve.engine.messages import Reservation, SamplingParams, StreamStart
+from pdserve.engine.messages import PromptLogprob, Reservation, SamplingParams, StreamStart
 from .rpc_server import RpcServer
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
@@ -40,7 +40,8 @@ def stream_start(request: pb.StreamRequest) -> StreamStart:
                             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                             repetition_penalty=request.repetition_penalty or 1.0, min_tokens=request.min_tokens,
                             logit_bias=tuple(sorted(request.logit_bias.items())),
-                            top_logprobs=request.top_logprobs, min_p=request.min_p)
+                            top_logprobs=request.top_logprobs, min_p=request.min_p,
+                            prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None)
     return StreamStart(
         transfer_id=request.transfer_id, request_id=request.request_id,
         prompt=tuple(request.prompt_token_ids), generated=tuple(request.generated_token_ids),
@@ -57,12 +58,21 @@ def batch_message(batch: TokenBatch) -> pb.TokenBatch:
         message.num_top.extend(batch.num_top)
         message.top_token_ids.extend(batch.top_token_ids)
         message.top_logprobs.extend(batch.top_logprobs)
+    for transfer_id, scored in batch.prompt_logprobs:
+        message.prompt_logprobs.append(prompt_logprobs_message(transfer_id, scored))
     for e in batch.endings:
         ending = message.endings.add(transfer_id=e.transfer_id, finish_reason=e.finish_reason or "",
                                      error=e.error or "", error_code=e.error_code.value if e.error_code else "")
         if e.timings:
             ending.timings.CopyFrom(pb.DecodeTimings(**e.timings))
     return message
+
+
+def prompt_logprobs_message(transfer_id: int, scored: tuple[PromptLogprob, ...]) -> pb.PromptLogprobs:
+    return pb.PromptLogprobs(
+        transfer_id=transfer_id, token_ids=[p.token_id for p in scored], logprobs=[p.logprob for p in scored],
+        ranks=[p.rank for p in scored], num_top=len(scored[0].top) if scored else 0,
+        top_token_ids=[t for p in scored for t, _ in p.top], top_logprobs=[lp for p in scored for _, lp in p.top])
 
 
 class DecodeStreamService(pb_grpc.DecodeStreamServicer):

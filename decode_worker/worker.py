@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pdserve.engine.block_pool import BlockPool, BlockTable, NoFreeBlocks
 from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import DecodeLoad, Reservation, StreamStart, TopLogprobs
-from pdserve.engine.runner import ModelRunner, PrefillChunk
+from pdserve.engine.prompt_logprobs import score_chunk
+from pdserve.engine.runner import ModelRunner, PrefillChunk, logit_rows
 from pdserve.engine.sampler import SampleResult, sample_first
 from pdserve.engine.step_timing import StepClock, batch_rate
 from pdserve.engine.transfer.base import KvReceiver
@@ -229,6 +230,10 @@ class DecodeWorker:
         started = time.monotonic()
         with self._clock.work():  # the device's time, not a step point
             logits = self.runner.prefill([chunk for _, chunk in batch])
+        rows = logit_rows([chunk for _, chunk in batch])
+        for (seq, chunk), chunk_rows in zip(batch, rows):
+            if chunk.scores_prompt:
+                seq.prompt_logprobs += score_chunk(logits[chunk_rows], seq.prompt, chunk, seq.params.prompt_logprobs)
         done_rows = []
         with self._lock:
             for row, (seq, chunk) in enumerate(batch):
@@ -241,12 +246,15 @@ class DecodeWorker:
                         done_rows.append((row, seq))
             seqs = [s for _, s in done_rows]
             # Sampling reads the tokens back, so a finishing batch's time is the device's, not the launch's.
-            sampled = _sample(logits[[r for r, _ in done_rows]], seqs) if seqs else None
+            sampled = _sample(logits[[rows[r][-1] for r, _ in done_rows]], seqs) if seqs else None
             elapsed = time.monotonic() - started
             for seq, _ in batch:
                 seq.prefill_s += elapsed
             if seqs:  # the batch's time is then the device's (sampling read it back), not only the launch's
                 self._prefills.append((sum(len(c.token_ids) for _, c in batch), elapsed))
+                for seq in seqs:  # in the first token's message, before it
+                    if seq.params.prompt_logprobs is not None:
+                        self._emission.prompt_logprobs(seq.outbox, seq.transfer_id, tuple(seq.prompt_logprobs))
                 self._accept(sampled, seqs)
             self._emission.flush()
 

@@ -11,6 +11,14 @@ from collections.abc import Sequence
 import torch
 
 from .messages import PromptLogprob
+from .runner import PrefillChunk
+
+
+def score_chunk(logits: torch.Tensor, prompt: Sequence[int], chunk: PrefillChunk, num_top: int) -> list[PromptLogprob]:
+    """The prompt logprobs a chunk's rows of `ModelRunner.prefill` give: row i scores the prompt token
+    after it (the last chunk's last row scores none: it gives the first token)."""
+    targets = prompt[chunk.start_pos + 1:chunk.start_pos + len(chunk.token_ids) + 1]
+    return score_prompt(logits[:len(targets)], targets, num_top)
 
 
 def score_prompt(logits: torch.Tensor, targets: Sequence[int], num_top: int) -> list[PromptLogprob]:

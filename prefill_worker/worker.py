@@ -44,7 +44,7 @@ from pdserve.engine.failures import FailureCode
 from pdserve.engine.messages import (PrefillLoad, PrefillRequest, PrefillResult, PromptLogprob, SamplingParams,
                                      TopLogprobs)
 from pdserve.engine.prefix_cache import PrefixCache
-from pdserve.engine.prompt_logprobs import score_prompt
+from pdserve.engine.prompt_logprobs import score_chunk
 from pdserve.engine.runner import ModelRunner, PrefillChunk, leaves_graphs, logit_rows
 from pdserve.engine.tp_runner import LayerPush, TpRunner, TransferEnd
 from pdserve.engine.sampler import sample_first
@@ -299,7 +299,7 @@ class PrefillWorker:
         rows = logit_rows([chunk for _, chunk in batch])
         for (job, chunk), chunk_rows in zip(batch, rows):
             if chunk.scores_prompt:
-                job.prompt_logprobs += _score_chunk(logits[chunk_rows], job, chunk)
+                job.prompt_logprobs += score_chunk(logits[chunk_rows], job.prompt, chunk, job.params.prompt_logprobs)
         elapsed = time.monotonic() - started
         with self._lock:
             self._rates.append((sum(len(c.token_ids) for _, c in batch), elapsed))
@@ -366,13 +366,6 @@ class PrefillWorker:
             return
         self._move(job, PrefillState.FAILED)
         job.future.set_exception(PrefillFailed(message, code))
-
-
-def _score_chunk(logits: torch.Tensor, job: PrefillJob, chunk: PrefillChunk) -> list[PromptLogprob]:
-    """The prompt logprobs a chunk's rows give: row i scores the prompt token after it (the last
-    chunk's last row scores none: it gives the first token)."""
-    targets = job.prompt[chunk.start_pos + 1:chunk.start_pos + len(chunk.token_ids) + 1]
-    return score_prompt(logits[:len(targets)], targets, job.params.prompt_logprobs)
 
 
 def _wait_for_device(tensor: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.engine.messages import TopLogprobs
+from pdserve.engine.messages import PromptLogprob, TopLogprobs
 from pdserve.protos.pdserve.v1 import decode_stream_pb2 as pb
 from pdserve.protos.pdserve.v1 import decode_stream_pb2_grpc as pb_grpc
 
@@ -40,6 +40,7 @@ class FeedItem:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # one per token
+    prompt_logprobs: tuple[PromptLogprob, ...] = ()  # with the first token, where a local prefill scored the prompt
     ending: pb.Ending | None = None
     lost: str = ""  # the stream broke: why
 
@@ -59,6 +60,10 @@ class Feed:
         self._item.logprobs += logprobs
         self._item.top_logprobs += tops
         self._wake()
+
+    def score_prompt(self, scored: tuple[PromptLogprob, ...]) -> None:
+        """The prompt's logprobs, which come in the first token's message, before it (no wake: it does)."""
+        self._item.prompt_logprobs = scored
 
     def end(self, ending: pb.Ending) -> None:
         self._item.ending = ending
@@ -159,6 +164,10 @@ class Subscription:
 
     def _dispatch(self, batch: pb.TokenBatch) -> None:
         # grouped first: a request wakes once per message, also when merged steps gave it several tokens
+        for scored in batch.prompt_logprobs:
+            feed = self._feeds.get(scored.transfer_id) or self._early(scored.transfer_id)
+            if feed is not None:
+                feed.score_prompt(_prompt_logprobs(scored))
         grouped: dict[int, tuple[list[int], list[float], list[TopLogprobs]]] = {}
         for tid, token, lp, top in zip(batch.transfer_ids, batch.token_ids, batch.logprobs, _alternatives(batch)):
             entry = grouped.setdefault(tid, ([], [], []))
@@ -197,6 +206,12 @@ def _alternatives(batch: pb.TokenBatch) -> list[TopLogprobs]:
         tops.append(tuple(zip(ids[start:start + count], values[start:start + count])))
         start += count
     return tops
+
+
+def _prompt_logprobs(message: pb.PromptLogprobs) -> tuple[PromptLogprob, ...]:
+    n, ids, values = message.num_top, message.top_token_ids, message.top_logprobs
+    return tuple(PromptLogprob(token, logprob, rank, tuple(zip(ids[i * n:(i + 1) * n], values[i * n:(i + 1) * n])))
+                 for i, (token, logprob, rank) in enumerate(zip(message.token_ids, message.logprobs, message.ranks)))
 
 
 class DecodeStreams:

@@ -148,7 +148,7 @@ class Pipeline:
             while True:
                 item = await self._next(feed, request, reservation)
                 if item.token_ids:
-                    yield run.accept(item.token_ids, item.logprobs, item.top_logprobs)
+                    yield run.accept(item.token_ids, item.logprobs, item.top_logprobs, item.prompt_logprobs)
                     if run.relay.is_stopped:
                         yield self._last(run, "stop", reservation)
                         return
@@ -317,6 +317,8 @@ class Pipeline:
             stream_interval=self.settings.stream_interval, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
             min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias), top_logprobs=s.top_logprobs, min_p=s.min_p,
+            # a re-prefill after a failover scores nothing: the client has the prompt's already
+            prompt_logprobs=s.prompt_logprobs if local and not run.generated else None,
         )
 
     def _stop_ids(self, s: SamplingOptions) -> set[int]:
