@@ -125,8 +125,7 @@ class Pipeline:
         request = run.request
         # After a failure the new decode replica re-prefills prompt + tokens sent itself.
         local = (self.settings.colocated or bool(run.generated)
-                 or (len(request.prompt_token_ids) < self.settings.short_prompt_tokens
-                     and request.sampling.prompt_logprobs is None))  # scored by the prefill pool
+                 or len(request.prompt_token_ids) < self.settings.short_prompt_tokens)
         held = await self._reserve(run, local)
         reservation, subscription, feed = held.reservation, held.subscription, held.feed
         ended = False

@@ -2,7 +2,8 @@
 one step ahead as on a GPU: greedy tokens with `repetition_penalty` and `min_tokens` equal transformers'
 `generate()` with `repetition_penalty` and `min_new_tokens` on the same weights, over gRPC and the openai
 client; `logit_bias` works on chat; the top-N logprobs of every token (the first one a prefill's) equal
-transformers' log-softmax topk; bad values are refused with the APIs' errors."""
+transformers' log-softmax topk; completions' `echo` with `logprobs` and `max_tokens` 1 (lm-eval's loglikelihood)
+scores each prompt token as transformers' log-softmax does; bad values are refused with the APIs' errors."""
 import json
 import shutil
 
@@ -58,6 +59,31 @@ def top_reference(chat_model) -> list[list[tuple[int, float]]]:
     return steps
 
 
+@pytest.fixture(scope="module")
+def prompt_reference(chat_model) -> torch.Tensor:
+    """transformers' log-softmax at each position of PROMPT, [len(PROMPT), vocab]."""
+    with torch.no_grad():
+        return torch.log_softmax(chat_model[1](torch.tensor([PROMPT])).logits[0].float(), -1)
+
+
+def assert_prompt_scored(choice, tokenizer, reference: torch.Tensor) -> None:
+    """An echoed completion's logprobs: the prompt's tokens (the first with none) as transformers scores
+    them, then the completion's one token; vLLM's prompt_logprobs the same, with ranks."""
+    logprobs = choice.logprobs
+    assert logprobs.tokens[:len(PROMPT)] == [tokenizer.decode([t]) for t in PROMPT] and len(logprobs.tokens) == len(PROMPT) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    expected = [reference[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))]
+    assert all(abs(a - b) < 1e-3 for a, b in zip(logprobs.token_logprobs[1:len(PROMPT)], expected)), logprobs.token_logprobs
+    prompt_logprobs = choice.model_extra["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(PROMPT)
+    for i in range(1, len(PROMPT)):
+        entry = prompt_logprobs[i][str(PROMPT[i])]
+        row = reference[i - 1]
+        assert abs(entry["logprob"] - expected[i - 1]) < 1e-3
+        assert entry["rank"] == int((row > row[PROMPT[i]]).sum()) + 1
+        assert str(row.argmax().item()) in prompt_logprobs[i]  # the most likely alternative too
+
+
 def overlapping(tmp_path) -> tuple[str, str]:
     path = tmp_path / "config.yaml"
     path.write_text("decode: {overlap_steps: true}\n")
@@ -68,7 +94,8 @@ DEPLOYMENTS = {"colocated": ("--colocated", "1"), "1P+1D": ("--prefill-replicas"
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS.values(), ids=DEPLOYMENTS.keys())
-def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, top_reference, tmp_path, deployment):
+def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, top_reference, prompt_reference,
+                                                                 tmp_path, deployment):
     directory, expected, eos = served_model
     server = Server("--model", str(directory), *deployment, *overlapping(tmp_path))
     try:
@@ -82,6 +109,8 @@ def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, 
                                             max_tokens=3, temperature=0, logit_bias={str(token): 100},
                                             extra_body={"ignore_eos": True})
         top_grpc, top_completion, top_chat = top_logprobs(server, directory)
+        echoed = http.completions.create(model=str(directory), prompt=PROMPT, echo=True, logprobs=1, max_tokens=1,
+                                         temperature=0)
         bad = bad_values(server)
         decode = server.wait_all_blocks_free()
     finally:
@@ -100,6 +129,7 @@ def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, 
         assert top_completion[step].keys() == spelled.keys(), step
         assert all(abs(top_completion[step][k] - spelled[k]) < 1e-3 for k in spelled), step
     assert [len(entry) for entry in top_chat] == [3] * len(top_chat)
+    assert_prompt_scored(echoed.choices[0], tokenizer, prompt_reference)
     assert bad == [(400, "repetition_penalty"), (400, "min_tokens"), (400, "logit_bias"), (400, "logprobs"),
                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT]
     assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
