@@ -66,11 +66,11 @@ def test_sliding_window_model_keeps_its_whole_context(tmp_path):
 
 
 def test_options_the_engine_cannot_run_are_refused(tmp_path):
-    save_tiny_model("gemma3", tmp_path)
+    save_tiny_model("llama", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["attn_logit_softcapping"] = 50.0
+    config["mlp_bias"] = True
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModel, match="attn_logit_softcapping"):
+    with pytest.raises(UnsupportedModel, match="mlp_bias"):
         load_model_dir(tmp_path)
 
 
