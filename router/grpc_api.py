@@ -108,7 +108,8 @@ class GrpcFrontEnd:
             max_tokens=max_tokens, temperature=params.temperature, top_p=top_p, top_k=max(params.top_k, 0),
             seed=params.seed if params.HasField("seed") else None, stop=stop,
             ignore_eos=params.ignore_eos, logprobs=params.logprobs > 0, top_logprobs=params.top_logprobs,
-            min_p=params.min_p, **self._penalties(params),
+            min_p=params.min_p, prompt_logprobs=params.prompt_logprobs if params.HasField("prompt_logprobs") else None,
+            **self._penalties(params),
         )
         return GenerationRequest(request.request_id or uuid.uuid4().hex, tuple(prompt), sampling,
                                  self.limits.deadline())
@@ -135,6 +136,10 @@ class GrpcFrontEnd:
                 if request.sampling.top_logprobs:
                     for top in chunk.top_logprobs or ():
                         message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+                for scored in chunk.prompt_logprobs or ():
+                    message.prompt_logprobs.add(token_id=scored.token_id, logprob=scored.logprob, rank=scored.rank,
+                                                top=pb.TopLogprobs(token_ids=[t for t, _ in scored.top],
+                                                                   logprobs=[lp for _, lp in scored.top]))
                 if chunk.timings is not None:
                     message.timings.CopyFrom(pb.PhaseTimings(**asdict(chunk.timings)))
                 yield message
@@ -143,12 +148,16 @@ class GrpcFrontEnd:
 
 
 def _check_top_logprobs(params: pb.SamplingParams) -> None:
-    """Refuse more alternatives than vLLM's default --max-logprobs, or alternatives without logprobs."""
+    """Refuse more alternatives than vLLM's default --max-logprobs (per token or prompt token), or
+    alternatives without logprobs."""
     if params.top_logprobs > MAX_LOGPROBS:
         raise InvalidParameter(f"`top_logprobs` must be at most {MAX_LOGPROBS}, got {params.top_logprobs}.",
                                "top_logprobs", "invalid_value")
     if params.top_logprobs and not params.logprobs:
         raise InvalidParameter("`top_logprobs` requires `logprobs` > 0.", "top_logprobs", "invalid_value")
+    if params.prompt_logprobs > MAX_LOGPROBS:
+        raise InvalidParameter(f"`prompt_logprobs` must be at most {MAX_LOGPROBS}, got {params.prompt_logprobs}.",
+                               "prompt_logprobs", "invalid_value")
 
 
 def _fail(grpc_context: GrpcContext | None, error: Exception, request_id: str) -> NoReturn:

@@ -111,6 +111,7 @@ def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, 
         top_grpc, top_completion, top_chat = top_logprobs(server, directory)
         echoed = http.completions.create(model=str(directory), prompt=PROMPT, echo=True, logprobs=1, max_tokens=1,
                                          temperature=0)
+        prompt_grpc = grpc_prompt_logprobs(server)
         bad = bad_values(server)
         decode = server.wait_all_blocks_free()
     finally:
@@ -130,6 +131,9 @@ def test_penalties_min_tokens_and_top_logprobs_equal_transformers(served_model, 
         assert all(abs(top_completion[step][k] - spelled[k]) < 1e-3 for k in spelled), step
     assert [len(entry) for entry in top_chat] == [3] * len(top_chat)
     assert_prompt_scored(echoed.choices[0], tokenizer, prompt_reference)
+    assert [p.token_id for p in prompt_grpc] == PROMPT[1:]
+    assert all(abs(p.logprob - prompt_reference[i, PROMPT[i + 1]].item()) < 1e-3 for i, p in enumerate(prompt_grpc))
+    assert [list(p.top.token_ids) for p in prompt_grpc] == [[prompt_reference[i].argmax().item()] for i in range(len(PROMPT) - 1)]
     assert bad == [(400, "repetition_penalty"), (400, "min_tokens"), (400, "logit_bias"), (400, "logprobs"),
                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT]
     assert decode and all(r["overlap_steps"] and r["num_blocks_used"] == 0 for r in decode.values()), decode
@@ -164,6 +168,15 @@ def top_logprobs(server: Server, directory) -> tuple[list, list[dict], list[list
                                         max_tokens=3, temperature=0, logprobs=True, top_logprobs=3,
                                         extra_body={"ignore_eos": True})
     return tokens, completion.choices[0].logprobs.top_logprobs, [t.top_logprobs for t in chat.choices[0].logprobs.content]
+
+
+def grpc_prompt_logprobs(server: Server) -> list:
+    """PROMPT's prompt logprobs (with the most likely token at each position) over gRPC."""
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        messages = list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+            prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)),
+            timeout=120))
+    return list(messages[0].prompt_logprobs)
 
 
 def bad_values(server: Server) -> list:

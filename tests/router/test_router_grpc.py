@@ -54,6 +54,17 @@ def test_generate_streams_tokens_and_ends_with_usage_and_timings(front_end, back
     assert backend.requests[0].sampling.seed == 5 and backend.requests[0].sampling.logprobs
 
 
+def test_prompt_logprobs_come_with_the_first_message(front_end, backend):
+    request = pb.GenerateRequest(prompt="hello world fox", sampling=pb.SamplingParams(max_tokens=2, prompt_logprobs=1))
+    messages = generate(front_end, request, FakeContext())
+    first = messages[0].prompt_logprobs
+    assert [(p.token_id, p.logprob, p.rank) for p in first] == [(t, -1.0, 2) for t in ids("world fox")]
+    assert [list(p.top.token_ids) for p in first] == [[t + 1] for t in ids("world fox")]
+    assert not messages[1].prompt_logprobs and backend.requests[0].sampling.prompt_logprobs == 1
+    plain = generate(front_end, pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(max_tokens=1)), FakeContext())
+    assert not plain[0].prompt_logprobs and backend.requests[1].sampling.prompt_logprobs is None
+
+
 def test_generate_defaults(front_end, backend):
     generate(front_end, pb.GenerateRequest(prompt_token_ids=ids("the fox")), FakeContext())
     (request,) = backend.requests
@@ -121,6 +132,8 @@ BAD_REQUESTS = {
     "logit_bias id past the vocabulary": (pb.GenerateRequest(prompt="hello",
                                                              sampling=pb.SamplingParams(logit_bias={999: 1.0})),
                                           grpc.StatusCode.INVALID_ARGUMENT),
+    "prompt_logprobs above 20": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(prompt_logprobs=21)),
+                                 grpc.StatusCode.INVALID_ARGUMENT),
     "logit_bias above 100": (pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(logit_bias={7: 101.0})),
                              grpc.StatusCode.INVALID_ARGUMENT),
 }

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/generate.proto\x12\npdserve.v1\"\xbe\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\r\n\x05min_p\x18\x0f \x01(\x02\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x8c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xcd\x01\n\x0cPhaseTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fprefill_replica\x18\t \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\n \x01(\t\"\xec\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.pdserve.v1.PhaseTimings\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x0f\n\rHealthRequest\"b\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x18\n\x10prefill_replicas\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x63ode_replicas\x18\x04 \x01(\r2\x96\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdserve/v1/generate.proto\x12\npdserve.v1\"\xf0\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\r\n\x05min_p\x18\x0f \x01(\x02\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\x8c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xcd\x01\n\x0cPhaseTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fprefill_replica\x18\t \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\n \x01(\t\"\xa0\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.pdserve.v1.PhaseTimings\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12-\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x17.pdserve.v1.TopLogprobs\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.pdserve.v1.PromptLogprob\"f\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12$\n\x03top\x18\x04 \x01(\x0b\x32\x17.pdserve.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x0f\n\rHealthRequest\"b\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x18\n\x10prefill_replicas\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x63ode_replicas\x18\x04 \x01(\r2\x96\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=488
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=408
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=456
-  _globals['_GENERATEREQUEST']._serialized_start=491
-  _globals['_GENERATEREQUEST']._serialized_end=631
-  _globals['_USAGE']._serialized_start=633
-  _globals['_USAGE']._serialized_end=690
-  _globals['_PHASETIMINGS']._serialized_start=693
-  _globals['_PHASETIMINGS']._serialized_end=898
-  _globals['_GENERATERESPONSE']._serialized_start=901
-  _globals['_GENERATERESPONSE']._serialized_end=1137
-  _globals['_TOPLOGPROBS']._serialized_start=1139
-  _globals['_TOPLOGPROBS']._serialized_end=1189
-  _globals['_HEALTHREQUEST']._serialized_start=1191
-  _globals['_HEALTHREQUEST']._serialized_end=1206
-  _globals['_HEALTHRESPONSE']._serialized_start=1208
-  _globals['_HEALTHRESPONSE']._serialized_end=1306
-  _globals['_GENERATION']._serialized_start=1309
-  _globals['_GENERATION']._serialized_end=1459
+  _globals['_SAMPLINGPARAMS']._serialized_end=538
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=438
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=486
+  _globals['_GENERATEREQUEST']._serialized_start=541
+  _globals['_GENERATEREQUEST']._serialized_end=681
+  _globals['_USAGE']._serialized_start=683
+  _globals['_USAGE']._serialized_end=740
+  _globals['_PHASETIMINGS']._serialized_start=743
+  _globals['_PHASETIMINGS']._serialized_end=948
+  _globals['_GENERATERESPONSE']._serialized_start=951
+  _globals['_GENERATERESPONSE']._serialized_end=1239
+  _globals['_PROMPTLOGPROB']._serialized_start=1241
+  _globals['_PROMPTLOGPROB']._serialized_end=1343
+  _globals['_TOPLOGPROBS']._serialized_start=1345
+  _globals['_TOPLOGPROBS']._serialized_end=1395
+  _globals['_HEALTHREQUEST']._serialized_start=1397
+  _globals['_HEALTHREQUEST']._serialized_end=1412
+  _globals['_HEALTHRESPONSE']._serialized_start=1414
+  _globals['_HEALTHRESPONSE']._serialized_end=1512
+  _globals['_GENERATION']._serialized_start=1515
+  _globals['_GENERATION']._serialized_end=1665
 # @@protoc_insertion_point(module_scope)
