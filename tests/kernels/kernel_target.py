@@ -99,20 +99,27 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def compile_for_hopper(module: str, kernel: str, signature: dict[str, str], constexprs: dict) -> list[str]:
-    """Compile `module.kernel` for sm_90 down to its cubin, without a GPU (triton ships ptxas), in a fresh
-    process (the interpreter patches triton in this one): what interpreted runs never check (globals a
-    kernel may not read, types the compiler refuses) fails here. The stages compiled, e.g. [..., 'cubin']."""
+def compile_for_hopper(cases: dict[str, tuple[str, str, dict[str, str], dict]]) -> dict[str, list[str] | str]:
+    """Compile each case's kernel, (module, kernel, signature, constexprs), for sm_90 down to its cubin,
+    without a GPU (triton ships ptxas), all in one fresh process (the interpreter patches triton in this
+    one): what interpreted runs never check (globals a kernel may not read, types the compiler refuses)
+    fails here. Per case: the stages compiled, e.g. [..., 'cubin'], or the compiler's error."""
     script = f"""
-import json, triton
+import importlib, json, traceback, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from {module} import {kernel} as kernel
-signature = {{**{signature!r}, **{{name: "constexpr" for name in {constexprs!r}}}}}
-source = ASTSource(fn=kernel, signature=signature, constexprs={constexprs!r})
-print(json.dumps(list(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm)))
+out = {{}}
+for name, (module, kernel, signature, constexprs) in {cases!r}.items():
+    try:
+        fn = getattr(importlib.import_module(module), kernel)
+        source = ASTSource(fn=fn, signature={{**signature, **{{c: "constexpr" for c in constexprs}}}},
+                           constexprs=constexprs)
+        out[name] = list(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm)
+    except Exception:
+        out[name] = traceback.format_exc()[-3000:]
+print(json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])

@@ -65,8 +65,13 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """Every case compiled in one process (a process each cost ~7 s of start-up and imports)."""
+    return compile_for_hopper(CASES)
+
+
 @requires_triton
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_the_kernel_compiles_for_hopper(case):
-    module, kernel, signature, constexprs = CASES[case]
-    assert "cubin" in compile_for_hopper(module, kernel, signature, constexprs)
+def test_the_kernel_compiles_for_hopper(case, compiled):
+    assert "cubin" in compiled[case], compiled[case]
