@@ -97,7 +97,7 @@ BAD_REQUESTS = {
     "negative temperature": ({"prompt": "hi", "temperature": -1}, 400),
     "top_p zero": ({"prompt": "hi", "top_p": 0}, 400),
     "unknown model": ({"prompt": "hi", "model": "gpt-9"}, 404),
-    "unknown field": ({"prompt": "hi", "frobnicate": 1}, 400),
+    "a vLLM field pdserve does not serve": ({"prompt": "hi", "guided_json": {"type": "object"}}, 400),
     "token id outside the vocabulary": ({"prompt": [10 ** 9]}, 400),
     "wrong type": ({"prompt": "hi", "max_tokens": "ten"}, 400),
     "body too large": ({"prompt": "x" * (5 * 1024 * 1024)}, 413),
