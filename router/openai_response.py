@@ -345,8 +345,9 @@ class Call:
                 states[index].add(chunk)
         choices = [
             self.dialect.choice(i, self._prompt_text(i) + "".join(s.text),
-                                self._logprobs(i, Logprobs(s.token_ids, s.logprobs, s.top_logprobs), s.prompt_logprobs),
-                                s.finish_reason, streaming=False, prompt_logprobs=self._prompt_logprobs(s.prompt_logprobs))
+                                self._logprobs(i, Logprobs(s.token_ids, s.logprobs, s.top_logprobs), s.prompt_logprobs,
+                                               first=True),
+                                s.finish_reason, streaming=False, prompt_logprobs=self._prompt_logprobs(s.prompt_logprobs, True))
             for i, s in enumerate(states)
         ]
         body = {**self.envelope(choices, streaming=False), "usage": _usage(self.plan, states)}
@@ -354,15 +355,17 @@ class Call:
             body["prompt_logprobs"] = self.dialect.prompt_logprobs(states[0].prompt_logprobs)
         return body
 
-    def _logprobs(self, index: int, logprobs: Logprobs, prompt: tuple[PromptLogprob, ...]) -> Logprobs | None:
-        """A choice's (or its chunk's) logprobs where asked, behind its prompt's with `echo`."""
+    def _logprobs(self, index: int, logprobs: Logprobs, prompt: tuple[PromptLogprob, ...],
+                  first: bool) -> Logprobs | None:
+        """A choice's (or its chunk's) logprobs where asked, behind its prompt's with `echo` (in a stream, on
+        the choice's `first` chunk; a one-token prompt scores nothing, yet its token is listed, null)."""
         if not self.plan.logprobs:
             return None
-        return logprobs.after(self.plan.requests[index].prompt_token_ids, prompt) if self.echo and prompt else logprobs
+        return logprobs.after(self.plan.requests[index].prompt_token_ids, prompt) if self.echo and first else logprobs
 
-    def _prompt_logprobs(self, prompt: tuple[PromptLogprob, ...]) -> tuple[PromptLogprob, ...] | None:
-        """A completions choice's prompt logprobs where asked (and in a stream, where this chunk has them)."""
-        return prompt if self.plan.prompt_logprobs and prompt else None
+    def _prompt_logprobs(self, prompt: tuple[PromptLogprob, ...], first: bool) -> tuple[PromptLogprob, ...] | None:
+        """A completions choice's prompt logprobs where asked (in a stream, on the choice's `first` chunk)."""
+        return prompt if self.plan.prompt_logprobs and first else None
 
     async def _sse(self, events: AsyncIterator[tuple[int, GenerationChunk]],
                    first: tuple[int, GenerationChunk] | None) -> AsyncIterator[str]:
@@ -390,15 +393,16 @@ class Call:
 
     def _chunk_body(self, index: int, chunk: GenerationChunk, states: list[ChoiceState]) -> dict:
         state = states[index]
-        offset = state.num_chars + len(self._prompt_text(index)) if state.text else 0  # an echoed prompt's text first
-        text = chunk.text if state.text else self._prompt_text(index) + chunk.text
+        first = not state.text
+        offset = 0 if first else state.num_chars + len(self._prompt_text(index))  # an echoed prompt's text first
+        text = self._prompt_text(index) + chunk.text if first else chunk.text
         state.add(chunk)
         prompt = chunk.prompt_logprobs or ()
         logprobs = self._logprobs(index, Logprobs(list(chunk.token_ids), list(chunk.logprobs or ()),
-                                                  list(chunk.top_logprobs or ())), prompt)
+                                                  list(chunk.top_logprobs or ())), prompt, first)
         choice = self.dialect.choice(index, text, logprobs, chunk.finish_reason, streaming=True,
                                      text_offset=offset,
-                                     prompt_logprobs=self._prompt_logprobs(prompt))
+                                     prompt_logprobs=self._prompt_logprobs(prompt, first))
         body = {**self.envelope([choice], True), **self._usage_so_far(states)}
         if chunk.finish_reason and all(s.finish_reason for s in states):
             body["pdserve_timings"] = _request_timings(states)

@@ -89,8 +89,11 @@ def test_echo_puts_each_prompt_before_its_completions(server, tokenizer):
     streamed = client(server).completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0,
                                                  stream=True, echo=True, extra_body={"ignore_eos": True})
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == whole
-    error = error_of(post(server, "/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}), 400)
-    assert error["param"] == "echo"
+    # echo with logprobs lists the prompt's tokens first, the first (here the only one) with none
+    one = tokenizer.encode("hi")
+    scored = greedy(server, one, max_tokens=2, echo=True, logprobs=1)["choices"][0]["logprobs"]
+    assert scored["tokens"][0] == tokenizer.decode(one) and scored["token_logprobs"][0] is None
+    assert scored["top_logprobs"][0] is None and len(scored["tokens"]) == 3 and scored["text_offset"][:2] == [0, 2]
 
 
 def test_chat_renders_as_vllm_template_fields_say(server, tokenizer):
