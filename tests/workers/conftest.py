@@ -12,10 +12,15 @@ from tiny_models import save_tiny_model
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("handoff")
-    save_tiny_model("llama", directory, max_position_embeddings=512)
-    return load_model_dir(directory)
+def model_and_dir(tmp_path_factory):
+    """(transformers model, its directory): the oracle of the model `loaded` serves."""
+    directory = tmp_path_factory.mktemp("workers")
+    return save_tiny_model("llama", directory, max_position_embeddings=512), directory
+
+
+@pytest.fixture(scope="module")
+def loaded(model_and_dir):
+    return load_model_dir(model_and_dir[1])
 
 
 @pytest.fixture(params=[False, True], ids=["read-each-step", "one-step-ahead"])

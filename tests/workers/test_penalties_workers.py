@@ -7,11 +7,9 @@ import time
 import pytest
 
 from pdserve.decode_worker.outbox import Outbox
-from pdserve.engine.loader import load_model_dir
 from pdserve.engine.messages import SamplingParams, StreamStart
 from handoff_helpers import run_all_at_once, run_request
 from penalty_reference import greedy_generate
-from tiny_models import save_tiny_model
 
 MAX_TOKENS = 16
 FORCED = 50  # a stop id a bias of 100 makes the only choice once min_tokens lets it be sampled
@@ -28,17 +26,6 @@ CASES = {
     "min_tokens then a forced stop": ([5, 9, 13, 2], SamplingParams(min_tokens=5, logit_bias=((FORCED, 100.0),)),
                                       frozenset({FORCED})),
 }
-
-
-@pytest.fixture(scope="module")
-def model_and_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("penalties")
-    return save_tiny_model("llama", directory, max_position_embeddings=512), directory
-
-
-@pytest.fixture(scope="module")
-def loaded(model_and_dir):  # the `workers` pair of conftest serves this model
-    return load_model_dir(model_and_dir[1])
 
 
 @pytest.fixture(scope="module", params=CASES, ids=CASES.keys())

@@ -5,28 +5,14 @@ replica's own (colocated) prefill sends them in its first token's message, throu
 import threading
 import time
 
-import pytest
 import torch
 
 from pdserve.decode_worker.outbox import Outbox
 from pdserve.decode_worker.stream_server import batch_message
-from pdserve.engine.loader import load_model_dir
 from pdserve.engine.messages import PrefillRequest, SamplingParams, StreamStart
 from pdserve.router.decode_streams import _prompt_logprobs
-from tiny_models import save_tiny_model
 
 LONG = [(7 * i + 3) % 120 + 1 for i in range(75)]  # three chunks of the 32-token budget
-
-
-@pytest.fixture(scope="module")
-def model_and_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("prompt-logprobs")
-    return save_tiny_model("llama", directory, max_position_embeddings=512), directory
-
-
-@pytest.fixture(scope="module")
-def loaded(model_and_dir):  # the `workers` pair of conftest serves this model
-    return load_model_dir(model_and_dir[1])
 
 
 def prefill_result(prefill, decode, prompt, params):
