@@ -15,7 +15,9 @@ per-channel checkpoints) and blocks (128 x 128 in Qwen3-FP8 and DeepSeek).
 dynamically, per token over groups of `group_k` columns (one group per row for
 per-row weights), and both operands go through the FP8 tensor cores:
   * per-row weights on CUDA: `torch._scaled_mm` with rowwise scales (cuBLASLt);
-  * blocks (or shapes _scaled_mm refuses): `_fp8_gemm_kernel`, grid over
+  * 128 x 128 blocks on Hopper: `torch._scaled_mm` in cuBLASLt's block mode (1 x 128
+    activation scales), once a first eager call in the process has agreed with the kernel below;
+  * other blocks (or what cuBLASLt refuses): `_fp8_gemm_kernel`, grid over
     [BLOCK_M, BLOCK_N] output tiles, walking K in BLOCK_K <= group_k steps; each
     step's FP8 dot product is scaled by its token scales and weight block scale
     before it joins the fp32 accumulator (a per-row layout scales once at the end).
@@ -80,25 +82,31 @@ def quantize_static(x: torch.Tensor, input_scale: torch.Tensor, group_k: int) ->
     return q, input_scale.float().reshape(1, 1).expand(m, -(-k // group_k)).contiguous()
 
 
-def quantize_activation(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None):
+def quantize_activation(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None,
+                        scales_outer_major: bool = False):
     """Dynamic per token (and group) without a static scale, else static: one Triton pass on CUDA
-    (the torch references above take a dozen, each a launch and a trip through x)."""
+    (the torch references above take a dozen, each a launch and a trip through x).
+    `scales_outer_major`: the scales [M, groups] laid out with stride (1, M), as cuBLASLt's block mode reads them."""
     if use_triton(x):
-        return quantize_triton(x, group_k, input_scale)
+        return quantize_triton(x, group_k, input_scale, scales_outer_major)
     return quantize_per_token_group(x, group_k) if input_scale is None else quantize_static(x, input_scale, group_k)
 
 
-def quantize_triton(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None = None):
+def quantize_triton(x: torch.Tensor, group_k: int, input_scale: torch.Tensor | None = None,
+                    scales_outer_major: bool = False):
     """The references' numerics in one kernel, a program per (row, group); any device Triton runs on."""
     m, k = x.shape
     assert x.stride(-1) == 1, "x must be contiguous along K"
     groups = -(-k // group_k)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    if scales_outer_major:
+        scale = torch.empty((groups, m), dtype=torch.float32, device=x.device).t()
+    else:
+        scale = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(min(group_k, k))
     static = input_scale.float().reshape(1) if input_scale is not None else scale  # unused without STATIC
     _quantize_kernel[(m, groups)](
-        x, q.view(torch.uint8), scale, static, k, x.stride(0), q.stride(0), scale.stride(0),
+        x, q.view(torch.uint8), scale, static, k, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1),
         GROUP_K=group_k, BLOCK=block, STATIC=input_scale is not None, FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
         num_warps=8 if block >= 4096 else 4,
     )
@@ -111,7 +119,7 @@ def _quantize_kernel(
     q_ptr,  # [M, K] the fp8 bytes (uint8)
     scale_ptr,  # [M, ceil(K / GROUP_K)] fp32
     static_ptr,  # [1] fp32: the checkpoint's input scale (STATIC)
-    k, stride_x, stride_q, stride_s,
+    k, stride_x, stride_q, stride_s, stride_sg,
     GROUP_K: tl.constexpr,
     BLOCK: tl.constexpr,  # next power of two of min(GROUP_K, K)
     STATIC: tl.constexpr,
@@ -128,7 +136,7 @@ def _quantize_kernel(
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), MIN_SCALE), FP8_MAX)
     q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
     tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, q.to(tl.uint8, bitcast=True), mask=mask)
-    tl.store(scale_ptr + row * stride_s + group, scale)
+    tl.store(scale_ptr + row * stride_s + group * stride_sg, scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
@@ -149,11 +157,57 @@ def fp8_matmul(
     act_group = min(group_k, k)
     if not use_triton(x, weight):
         return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias, input_scale)
+    if _blockwise_fits(x, weight, group_n, group_k):
+        q, x_scale = quantize_activation(x, act_group, input_scale, scales_outer_major=True)
+        out = blockwise_scaled_mm(q, x_scale, weight, w_scale, x.dtype)
+        return out if bias is None else out.add_(bias)
     q, x_scale = quantize_activation(x, act_group, input_scale)
     if _scaled_mm_fits(weight, group_n, group_k):
         out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
         return out if bias is None else out.add_(bias)
     return fp8_gemm_triton(q, x_scale, weight, w_scale, group_n, group_k, bias, x.dtype)
+
+
+def blockwise_scaled_mm(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt's block-scaled FP8 GEMM: q [M, K] with 1 x 128 scales [M, K/128] outer-dim-major
+    (stride (1, M)), weight [N, K] with 128 x 128 scales [N/128, K/128], passed transposed with it."""
+    return torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype)
+
+
+def _blockwise_fits(x: torch.Tensor, weight: torch.Tensor, group_n: int, group_k: int) -> bool:
+    """128 x 128 blocks on a GPU whose cuBLASLt multiplies them (Hopper: 1.8-2x the Triton kernel at
+    512+ rows, equal at 64: benchmarks/fp8_blockwise_mm.py, H200, 2026-12-02)."""
+    n, k = weight.shape
+    return (group_n, group_k) == (128, 128) and n % 128 == 0 and k % 128 == 0 and _cublas_blockwise_works(x.device)
+
+
+_BLOCKWISE_WORKS: dict[torch.device, bool] = {}
+
+
+def _cublas_blockwise_works(device: torch.device) -> bool:
+    """Whether this torch and GPU run the block-scaled _scaled_mm and agree with the Triton kernel: tried
+    once per device, eagerly, on an odd row count (a torch without it raises; a wrong layout disagrees)."""
+    if device not in _BLOCKWISE_WORKS:
+        _BLOCKWISE_WORKS[device] = _try_blockwise(device)
+    return _BLOCKWISE_WORKS[device]
+
+
+def _try_blockwise(device: torch.device) -> bool:
+    if torch.cuda.get_device_capability(device)[0] != 9 or torch.cuda.is_current_stream_capturing():
+        return False
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(37, 256, generator=gen, device=device, dtype=torch.bfloat16)
+    w = (torch.randn(256, 256, generator=gen, device=device) / 16).to(FP8_DTYPE)
+    w_scale = torch.rand(2, 2, generator=gen, device=device) + 0.5
+    try:
+        q, x_scale = quantize_triton(x, 128, scales_outer_major=True)
+        out = blockwise_scaled_mm(q, x_scale, w, w_scale, torch.bfloat16).float()
+    except (RuntimeError, NotImplementedError):
+        return False
+    q, x_scale = quantize_triton(x, 128)
+    expected = fp8_gemm_triton(q, x_scale, w, w_scale, 128, 128, None, torch.bfloat16).float()
+    return bool(((out - expected).norm() / expected.norm()).item() < 1e-2)
 
 
 def _scaled_mm_fits(weight: torch.Tensor, group_n: int, group_k: int) -> bool:

@@ -20,7 +20,7 @@ FP8_GEMM = ("pdserve.engine.kernels.fp8_gemm", "_fp8_gemm_kernel",
              "stride_as": "i32", "stride_ws": "i32", "stride_out": "i32"})
 QUANTIZE = ("pdserve.engine.kernels.fp8_gemm", "_quantize_kernel",
             {"x_ptr": "*bf16", "q_ptr": "*u8", "scale_ptr": "*fp32", "static_ptr": "*fp32", "k": "i32",
-             "stride_x": "i32", "stride_q": "i32", "stride_s": "i32"})
+             "stride_x": "i32", "stride_q": "i32", "stride_s": "i32", "stride_sg": "i32"})
 QUANTIZE_FLAGS = {"GROUP_K": 128, "BLOCK": 128, "FP8_MAX": 448.0, "MIN_SCALE": 1e-12}
 GEMV_FLAGS = {"HAS_BIAS": False, "DOT_PRECISION": "tf32", "BLOCK_M": 16}
 FP8_GEMV_FLAGS = {"HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "DOT_PRECISION": "tf32", "BLOCK_M": 16,

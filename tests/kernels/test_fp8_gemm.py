@@ -73,6 +73,29 @@ def test_the_one_pass_quantization_writes_the_references_bytes(m, k, group_k, dt
 
 
 @requires_triton
+def test_outer_major_scales_hold_the_same_values():
+    """cuBLASLt's block mode reads the activation scales with stride (1, M): same values, that layout."""
+    x = activation(5, 300, torch.bfloat16)
+    q, scale = quantize_triton(x, 128, scales_outer_major=True)
+    ref_q, ref_scale = quantize_triton(x, 128)
+    assert scale.shape == (5, 3) and scale.stride() == (1, 5)
+    assert torch.equal(scale, ref_scale) and torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="cuBLASLt's block-scaled FP8 GEMM runs on Hopper")
+@pytest.mark.parametrize("m", [1, 37, 512])
+def test_block_scaled_matmul_takes_cublas_on_hopper_and_agrees(m):
+    """128 x 128 blocks: fp8_matmul goes to cuBLASLt and stays within FP8 rounding of the reference."""
+    from pdserve.engine.kernels import fp8_gemm
+    weight, scale = quantized_weight(384, 512, 128, 128)
+    x = activation(m, 512, torch.bfloat16)
+    assert fp8_gemm._cublas_blockwise_works(x.device)
+    out = fp8_matmul(x, weight, scale, 128, 128)
+    assert relative_error(out, fp8_matmul_reference(x, weight, scale, 128, 128)) < 1e-2
+
+
+@requires_triton
 def test_the_one_pass_quantization_takes_a_static_scale():
     x = activation(4, 96, torch.bfloat16) * 30  # some past 448 * 0.05: clipped
     s = torch.tensor([0.05])
