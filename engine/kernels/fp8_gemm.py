@@ -161,9 +161,7 @@ def fp8_matmul(
     if not use_triton(x, weight):
         return fp8_matmul_reference(x, weight, w_scale, group_n, group_k, bias, input_scale)
     if _blockwise_fits(x, weight, group_n, group_k):
-        q, x_scale = quantize_activation(x, act_group, input_scale, scales_outer_major=True)
-        out = blockwise_scaled_mm(q, x_scale, weight, w_scale, x.dtype)
-        return out if bias is None else out.add_(bias)
+        return _blockwise_matmul(x, weight, w_scale, bias, input_scale)
     q, x_scale = quantize_activation(x, act_group, input_scale)
     if _scaled_mm_fits(weight, group_n, group_k):
         out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=x.dtype)
@@ -178,42 +176,58 @@ def blockwise_scaled_mm(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     return torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype)
 
 
+def _blockwise_matmul(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                      input_scale: torch.Tensor | None) -> torch.Tensor:
+    """cuBLASLt's block mode takes rows in multiples of 16: x is padded to them and the output cut back."""
+    m = x.shape[0]
+    padded = F.pad(x, (0, 0, 0, -m % 16)) if m % 16 else x
+    q, x_scale = quantize_activation(padded, 128, input_scale, scales_outer_major=True)
+    out = blockwise_scaled_mm(q, x_scale, weight, w_scale, x.dtype)[:m]
+    return out if bias is None else out.add_(bias)
+
+
 def _blockwise_fits(x: torch.Tensor, weight: torch.Tensor, group_n: int, group_k: int) -> bool:
-    """128 x 128 blocks on a GPU whose cuBLASLt multiplies them (Hopper: 1.8-2x the Triton kernel at
-    512+ rows, equal at 64: benchmarks/fp8_blockwise_mm.py, H200, 2026-12-02)."""
+    """128 x 128 blocks, more than 64 rows, on a GPU whose cuBLASLt multiplies this shape right (Hopper:
+    1.8-2x the Triton kernel at 512+ rows, equal at 64: benchmarks/fp8_blockwise_mm.py, H200, 2026-12-02)."""
     n, k = weight.shape
-    return (group_n, group_k) == (128, 128) and n % 128 == 0 and k % 128 == 0 and _cublas_blockwise_works(x.device)
+    return ((group_n, group_k) == (128, 128) and x.shape[0] > 64 and n % 128 == 0 and k % 128 == 0
+            and _cublas_blockwise_works(x.device, n, k))
 
 
-_BLOCKWISE_WORKS: dict[torch.device, bool] = {}
+# (device, N, K) -> whether cuBLASLt's block mode agreed with the Triton kernel on that weight shape
+_BLOCKWISE_WORKS: dict[tuple[torch.device, int, int], bool] = {}
 
 
-def _cublas_blockwise_works(device: torch.device) -> bool:
-    """Whether this torch and GPU run the block-scaled _scaled_mm and agree with the Triton kernel: tried
-    once per device, eagerly, on an odd row count (a torch without it raises; a wrong layout disagrees)."""
-    if device not in _BLOCKWISE_WORKS:
-        _BLOCKWISE_WORKS[device] = _try_blockwise(device)
-    return _BLOCKWISE_WORKS[device]
+def _cublas_blockwise_works(device: torch.device, n: int, k: int) -> bool:
+    """Tried once per weight shape, eagerly, against the Triton kernel: a torch without the block mode
+    raises, and on small grids (a 2 x 2 one, H200 2026-12-02) cuBLASLt answered wrong. Never tried
+    inside a CUDA graph's capture: that call takes the Triton kernel."""
+    key = (device, n, k)
+    if key not in _BLOCKWISE_WORKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _BLOCKWISE_WORKS[key] = _try_blockwise(device, n, k)
+    return _BLOCKWISE_WORKS[key]
 
 
-def _try_blockwise(device: torch.device) -> bool:
-    if torch.cuda.get_device_capability(device)[0] != 9 or torch.cuda.is_current_stream_capturing():
+def _try_blockwise(device: torch.device, n: int, k: int) -> bool:
+    if torch.cuda.get_device_capability(device)[0] != 9:
         return False
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(37, 256, generator=gen, device=device, dtype=torch.bfloat16)
-    w = (torch.randn(256, 256, generator=gen, device=device) / 16).to(FP8_DTYPE)
-    w_scale = torch.rand(2, 2, generator=gen, device=device) + 0.5
+    x = torch.randn(64, k, generator=gen, device=device, dtype=torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device=device) / 16).to(FP8_DTYPE)
+    w_scale = torch.rand(n // 128, k // 128, generator=gen, device=device) + 0.5
     try:
         q, x_scale = quantize_triton(x, 128, scales_outer_major=True)
         out = blockwise_scaled_mm(q, x_scale, w, w_scale, torch.bfloat16).float()
     except (RuntimeError, NotImplementedError) as error:
-        _log.warning("block-scaled FP8 GEMMs take the Triton kernel: cuBLASLt refused the block mode (%s)", error)
+        _log.warning("block-scaled FP8 GEMMs of %d x %d take the Triton kernel: cuBLASLt refused (%s)", n, k, error)
         return False
     q, x_scale = quantize_triton(x, 128)
     expected = fp8_gemm_triton(q, x_scale, w, w_scale, 128, 128, None, torch.bfloat16).float()
     error = ((out - expected).norm() / expected.norm()).item()
     if error >= 1e-2:
-        _log.warning("block-scaled FP8 GEMMs take the Triton kernel: cuBLASLt's block mode is %.2g off it", error)
+        _log.warning("block-scaled FP8 GEMMs of %d x %d take the Triton kernel: cuBLASLt is %.2g off it", n, k, error)
     return error < 1e-2
 
 

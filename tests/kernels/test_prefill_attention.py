@@ -98,7 +98,7 @@ def test_reference_window_is_transformers_sliding_window_overlay():
     q, k, v = make_inputs([30], [30], 2, 2, 16, torch.float32)
     window = 5
     out = prefill_attention_varlen_reference(q, k, v, cu_seqlens([30]), 30, 0.25, window=window)
-    i, j = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    i, j = torch.arange(30, device=q.device)[:, None], torch.arange(30, device=q.device)[None, :]
     mask = (j <= i) & (j > i - window)
     expected = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.25).transpose(0, 1)
@@ -124,6 +124,6 @@ def test_reference_soft_cap_is_transformers_formula():
     q, k, v = make_inputs([12], [12], 2, 1, 16, torch.float32)
     out = prefill_attention_varlen_reference(q, k, v, cu_seqlens([12]), 12, 0.5, softcap=1.5)
     scores = torch.tanh(q.transpose(0, 1) @ k.transpose(0, 1).transpose(1, 2).repeat(2, 1, 1) * 0.5 / 1.5) * 1.5
-    scores = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
+    scores = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     expected = (scores.softmax(-1) @ v.transpose(0, 1).repeat(2, 1, 1)).transpose(0, 1)
     assert relative_error(out, expected) < 1e-6
