@@ -78,6 +78,10 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     model = ALL_ARCHITECTURES[arch][1](config).eval()
+    if getattr(config, "attn_logit_softcapping", None):
+        # transformers 5.17 (the GPU image's) runs Gemma 2 on sdpa, which drops the scores' soft cap
+        # without a word; eager applies it (5.24 picks eager for Gemma 2 itself)
+        model.config._attn_implementation = "eager"
     with torch.no_grad():  # initialised to zeros: random, so that a routing that ignored them would show
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
