@@ -23,8 +23,7 @@ from pdserve.engine.kernels import fp8_gemm
 def blockwise_mm(q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """cuBLASLt's layouts: the activation's scales outer-dim-major ([M, K/128], stride (1, M)), the
     weight's [N/128, K/128] row-major, passed transposed beside the transposed weight."""
-    outer = x_scale.t().contiguous().t()
-    return torch._scaled_mm(q, weight.t(), scale_a=outer, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+    return fp8_gemm.blockwise_scaled_mm(q, x_scale.t().contiguous().t(), weight, w_scale, torch.bfloat16)
 
 
 def study(rows: int) -> None:

@@ -15,8 +15,8 @@ per-channel checkpoints) and blocks (128 x 128 in Qwen3-FP8 and DeepSeek).
 dynamically, per token over groups of `group_k` columns (one group per row for
 per-row weights), and both operands go through the FP8 tensor cores:
   * per-row weights on CUDA: `torch._scaled_mm` with rowwise scales (cuBLASLt);
-  * 128 x 128 blocks on Hopper: `torch._scaled_mm` in cuBLASLt's block mode (1 x 128
-    activation scales), once a first eager call in the process has agreed with the kernel below;
+  * 128 x 128 blocks past 64 rows on Hopper: `torch._scaled_mm` in cuBLASLt's block mode (1 x 128
+    activation scales), for each weight shape on which a first eager call agreed with the kernel below;
   * other blocks (or what cuBLASLt refuses): `_fp8_gemm_kernel`, grid over
     [BLOCK_M, BLOCK_N] output tiles, walking K in BLOCK_K <= group_k steps; each
     step's FP8 dot product is scaled by its token scales and weight block scale
