@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.kernels._triton import tl, triton
+from pdserve.engine.kernels.partial_sums import load_width, partial_sums
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ PAIR_SWEEP_CONFIGS = (
     PairConfig(8, 256, 4, 256, num_stages=4),
     PairConfig(8, 1024, 8, 512, num_stages=2),
     PairConfig(8, 512, 2, 512, num_warps=2),
+    # smaller accumulators (2 x BLOCK_N x BLOCK_K fp32 in gate_up): more programs per SM
+    PairConfig(4, 512, 4, 512),
+    PairConfig(2, 1024, 4, 512),
+    PairConfig(4, 1024, 4, 1024, num_stages=2),
+    PairConfig(2, 512, 2, 512, num_warps=2),
+    PairConfig(4, 256, 4, 256, num_stages=4),
+    PairConfig(2, 2048, 4, 1024, num_warps=8, num_stages=2),
 )
 
 
@@ -86,17 +94,20 @@ def moe_pairs_triton(
     ids = topk_ids.contiguous().view(-1)
     weights = topk_weights.float().contiguous().view(-1)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
+    vec = load_width(w13)
     block_n, block_k = _tile(config.gate_up_block_n, config.gate_up_block_k, inter, hidden)
     _gate_up_kernel[(triton.cdiv(inter, block_n) * num_pairs,)](
         x, w13, act, ids, num_pairs, num_experts, inter, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(vec, block_k),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     block_n, block_k = _tile(config.down_block_n, config.down_block_k, hidden, inter)
     _down_kernel[(triton.cdiv(hidden, block_n) * num_tokens,)](
         act, w2, out, ids, weights, num_tokens, num_experts, hidden, inter,
         act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        TOP_K=top_k, BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(vec, block_k),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
@@ -123,6 +134,7 @@ def _gate_up_kernel(
     stride_act,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,  # products summed per VEC neighbours before accumulating (partial_sums.py)
 ):
     pid = tl.program_id(0)
     pair = pid % num_pairs  # pairs fastest: those sharing an expert load each tile together
@@ -136,14 +148,14 @@ def _gate_up_kernel(
                  + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :])  # [BLOCK_N, BLOCK_K]
     up_ptrs = gate_ptrs + inter * stride_wn
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_x + offs_k
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # per-lane partial sums, reduced once
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)  # per-lane partial sums, reduced once
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for start in range(0, hidden, BLOCK_K):
         k_mask = start + offs_k < hidden
         mask = row_mask[:, None] & k_mask[None, :]
         xv = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_gate += tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32) * xv
-        acc_up += tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32) * xv
+        acc_gate += partial_sums(tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, VEC)
+        acc_up += partial_sums(tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, VEC)
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -172,6 +184,7 @@ def _down_kernel(
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     token = pid % num_tokens
@@ -180,7 +193,7 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     steps = tl.cdiv(inter, BLOCK_K)  # per slot
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     # One loop over (slot, K step), so the loads of the next slot's rows are pipelined too.
     for step in range(0, TOP_K * steps):
         slot = step // steps
@@ -193,9 +206,9 @@ def _down_kernel(
         w_ptrs = (w2_ptr + tl.where(is_expert, expert, 0).to(tl.int64) * stride_we
                   + cols.to(tl.int64)[:, None] * stride_wn + start + offs_k[None, :])
         w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
+        acc += partial_sums(w.to(tl.float32) * a[None, :], VEC)
         if start + BLOCK_K >= inter:  # the slot's last step: its weighted output, rounded like down[pair]
             down = tl.sum(acc, axis=1) * tl.load(weights_ptr + pair)
             total += down.to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     tl.store(out_ptr + token.to(tl.int64) * stride_out + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
