@@ -18,6 +18,10 @@ each layer (1.0 by default; `KvCache(scales=...)` takes calibrated ones). A pref
 no cached prefix attends over its fresh K/V before they are stored; decode and chunks
 after a cached prefix read the stored FP8. Transfers move the stored bytes as they are:
 an FP8 pool hands off half the bytes of a bf16 one.
+
+At a forward step the rope kernels store each layer's new K and V themselves, as they
+rotate K (a `KvStore` says where): one launch where rope and `write` were two. They
+round and quantize as `write` does, which stays the reference and the CPU path.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
-_FP8_MAX = 448.0
+FP8_KV_MAX = 448.0  # largest finite float8_e4m3fn: what an FP8 pool clamps to
 KV_DTYPES = ("auto", "fp8_e4m3")  # auto: the model's dtype
 
 
@@ -91,11 +95,19 @@ class KvCache:
         """[2, num_blocks, block_size, num_kv_heads, head_dim], a view."""
         return self.tensor[layer]
 
+    def flat_layer(self, layer: int) -> torch.Tensor:
+        """[2, num_slots, num_kv_heads, head_dim], a view: slot s is block s // block_size, offset s % block_size."""
+        return self.tensor[layer].view(2, -1, self.spec.num_kv_heads, self.spec.head_dim)
+
+    def inverse_scales(self, layer: int) -> torch.Tensor:
+        """[2] fp32: what `write` multiplies K and V of `layer` by before rounding them to FP8."""
+        return self._inverse_scales[layer].view(2)
+
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store new tokens' K and V, kv [2, T, kv_heads, head_dim] in the model's dtype, at flat `slots` [T]."""
-        flat = self.tensor[layer].view(2, -1, self.spec.num_kv_heads, self.spec.head_dim)
+        flat = self.flat_layer(layer)
         if self.spec.is_fp8:
-            quantized = (kv.float() * self._inverse_scales[layer]).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE)
+            quantized = (kv.float() * self._inverse_scales[layer]).clamp_(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
             raw_bytes(flat).index_copy_(1, slots, raw_bytes(quantized))
         else:
             flat.index_copy_(1, slots, kv)
@@ -119,6 +131,22 @@ class KvCache:
         """Write `data` ([2, n, ...], as `export_blocks` gives) into this pool's `block_ids` (and `heads`)."""
         raw_bytes(self.tensor[layer])[:, :, :, heads].index_copy_(1, block_ids.to(self.tensor.device),
                                                                   raw_bytes(data.to(self.tensor.device)))
+
+
+@dataclass(frozen=True)
+class KvStore:
+    """New tokens' K and V for one layer, for a kernel that makes K to store it as it goes (the rope kernels:
+    engine/kernels/rope.py). The kernel writes the K it rounded and `v` at each token's slot of
+    `cache.flat_layer(layer)`, quantized as `KvCache.write` does; `write` is that reference."""
+
+    cache: KvCache
+    layer: int
+    slots: torch.Tensor  # [T] int64, flat (block * block_size + offset)
+    v: torch.Tensor  # [T, kv_heads, head_dim] in the model's dtype
+
+    def write(self, k: torch.Tensor) -> None:
+        """Store k [T, kv_heads, head_dim] and v where no kernel does (CPU tensors)."""
+        self.cache.write(self.layer, self.slots, torch.stack((k, self.v)))
 
 
 def num_blocks_that_fit(bytes_per_block: int, device: torch.device, memory_fraction: float, cpu_num_blocks: int) -> int:

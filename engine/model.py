@@ -30,7 +30,7 @@ from .kernels.prefill_attention import prefill_attention_varlen
 from .kernels.qk_norm_rope import qk_norm_rope_
 from .kernels.rms_norm import rms_norm_heads_
 from .kernels.rope import apply_rope, build_cos_sin_cache
-from .kv_cache import KvCache
+from .kv_cache import KvCache, KvStore
 from .loader import LayerWeights, LoadedModel
 from .model_spec import ModelSpec, rope_frequencies
 from .parallel import TensorParallel
@@ -177,16 +177,21 @@ class Model:
         cos_sin = self.cos_sin[layer_spec.rope]
         rotary = cos_sin.shape[1]  # the head dims rope turns: all, or the first `rotary` (partial rotary)
         qn, kn = layer.q_norm, layer.k_norm
-        if qn is not None and rotary == head_dim:  # q/k norms and rope in one launch, in place, on views of qkv
-            qk_norm_rope_(q, k, qn.weight, kn.weight, qn.eps, qn.offset, positions, cos_sin)
-        else:  # in place, on views of qkv
+        # all in place, on views of qkv
+        if rotary < head_dim:  # partial rotary: rope turns the heads' leading dims, K is stored whole after it
             if qn is not None:
                 rms_norm_heads_(q, qn.weight, qn.eps, qn.offset)
                 rms_norm_heads_(k, kn.weight, kn.eps, kn.offset)
             apply_rope(q[..., :rotary], k[..., :rotary], positions, cos_sin)
+            # K and V in one launch: [2, T, kv_heads, head_dim] views of qkv
+            kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))
+        else:  # the rope launch (with the q/k norms, if any) also stores the new K and V at their slots
+            store = KvStore(kv_cache, index, slots, v)
+            if qn is not None:
+                qk_norm_rope_(q, k, qn.weight, kn.weight, qn.eps, qn.offset, positions, cos_sin, store)
+            else:
+                apply_rope(q, k, positions, cos_sin, store)
         cache = kv_cache.layer(index)  # [2, num_blocks, block_size, kv_heads, head_dim]
-        # K (rotated in place above) and V in one launch: [2, T, kv_heads, head_dim] views of qkv
-        kv_cache.write(index, slots, qkv[:, q_size:].view(-1, 2, num_kv_heads, head_dim).transpose(0, 1))
         window = layer_spec.sliding_window
         if isinstance(attention, DecodeAttention):
             k_scale, v_scale = kv_cache.scales[index]

@@ -22,8 +22,8 @@ each SUB-wide slice lies in one scale group. The scales are applied where they c
     weight row): a [BLOCK_N, G] scale tile per step, multiplied into the products.
 
 Variants (`Fp8GemvConfig`):
-  * FMA: one row of x per program (grid M x N / BLOCK_N), products accumulated elementwise in
-    fp32, reduced once after the loop. The weight is widened either by the hardware's FP8
+  * FMA: one row of x per program (grid M x N / BLOCK_N), products summed within each thread's
+    16-byte load and accumulated in fp32 (kernels/partial_sums.py), reduced once after the loop. The weight is widened either by the hardware's FP8
     conversion (`bit_dequant` False) or with integer ops (`bit_dequant` True): the e4m3 sign and
     exponent-mantissa bits moved into an fp32's, which reads as the value times 2^-120 (normal
     and subnormal alike); the 2^120 is split between the activation (2^60) and the result (2^60)
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 from pdserve.engine.kernels.fp8_gemm import FP8_DTYPE, dequantize
 from pdserve.engine.kernels.gemv import MAX_ROWS
+from pdserve.engine.kernels.partial_sums import partial_sums
 
 ROW, FOLD, GATHER = "row", "fold", "gather"  # where the scales are applied (module docstring)
 
@@ -73,20 +74,20 @@ def shape_class(num_rows: int, n: int, k: int, block_scales: bool) -> str:
     return f"{'block' if block_scales else 'row'}/{rows}/{width}/{depth}"
 
 
-# Paste the table `benchmarks/fp8_speed.py --sweep` prints over this one. The first entries come
-# from the H200 run of 2026-12-01 (fma(8,1024,4,2) the best M=1 config of that run's few); the
-# block entries use the same tiles now that a block-scaled step is no longer 128 wide.
+# Paste the table `benchmarks/fp8_gemv_sweep.py` prints over this one. The 16-row entries: its H200 run
+# of 2026-12-01. The block one-row entries take the row ones' tile (a 2048-wide step is 16 scale groups).
 C = Fp8GemvConfig
-# Swept on an H200, 2026-12-01 (benchmarks/fp8_gemv_sweep.py; classes not swept keep the old best).
 GEMV_DEFAULTS: dict[str, Fp8GemvConfig] = {
-    "row/m1/narrow/shallow": C(4, 1024, 4, 2),
-    "row/m1/wide/shallow": C(4, 1024, 4, 2),
-    "row/m1/narrow/deep": C(4, 1024, 4, 2),
-    "row/m1/wide/deep": C(8, 1024, 4, 2),
-    "block/m1/narrow/shallow": C(4, 1024, 4, 2),
-    "block/m1/wide/shallow": C(8, 512, 4, 3),
-    "block/m1/narrow/deep": C(4, 1024, 4, 2),
-    "block/m1/wide/deep": C(8, 1024, 4, 2),
+    # One row: the best total over the 8B and A3B matrices with per-thread partial sums
+    # (benchmarks/gemv_variants.py, H200, 2026-12-02: qkv 2.6, o 2.5, gate_up 3.7, down 3.4 TB/s).
+    "row/m1/narrow/shallow": C(4, 2048, 4, 1),
+    "row/m1/wide/shallow": C(4, 2048, 4, 1),
+    "row/m1/narrow/deep": C(4, 2048, 4, 1),
+    "row/m1/wide/deep": C(4, 2048, 4, 1),
+    "block/m1/narrow/shallow": C(4, 2048, 4, 1),
+    "block/m1/wide/shallow": C(4, 2048, 4, 1),
+    "block/m1/narrow/deep": C(4, 2048, 4, 1),
+    "block/m1/wide/deep": C(4, 2048, 4, 1),
     "row/m16/narrow/shallow": C(32, 256, 4, 3, use_dot=True),
     "row/m16/wide/shallow": C(64, 256, 4, 3, use_dot=True),
     "row/m16/narrow/deep": C(32, 256, 4, 3, use_dot=True),
@@ -148,7 +149,7 @@ def fp8_gemv_triton(
         USE_DOT=config.use_dot, BIT_DEQUANT=config.bit_dequant and not config.use_dot,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SUB=sub,
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SUB=sub, VEC=min(16, sub),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -176,6 +177,7 @@ def _fp8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SUB: tl.constexpr,  # columns of one K step that share a scale (BLOCK_K under ROW)
+    VEC: tl.constexpr,  # FMA: products summed per VEC neighbours (one 16-byte load) before accumulating
 ):
     G: tl.constexpr = BLOCK_K // SUB
     pid = tl.program_id(0)
@@ -196,7 +198,7 @@ def _fp8_gemv_kernel(
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_N, G, SUB], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         k_mask = start + offs_k < k  # [G, SUB]
         if EVEN_N and EVEN_K:
@@ -232,15 +234,15 @@ def _fp8_gemv_kernel(
             else:
                 wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             if SCALES == "gather":
-                acc += wf * (x * s[:, :, None])
+                acc += partial_sums(wf * (x * s[:, :, None]), BLOCK_N, BLOCK_K, VEC)
             else:
-                acc += wf * x  # [BLOCK_N, G, SUB] * [1, G, SUB]
+                acc += partial_sums(wf * x, BLOCK_N, BLOCK_K, VEC)  # [BLOCK_N, G, SUB] * [1, G, SUB]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:
         y = acc  # [BLOCK_M, BLOCK_N]
     else:
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+        y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
         if BIT_DEQUANT:
             y = y * 1152921504606846976.0
     if SCALES == "row":

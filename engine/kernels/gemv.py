@@ -21,8 +21,10 @@ launch or atomics. Two variants (`GemvConfig.use_dot`):
 
   * FMA: one row of x per program (grid M x N / BLOCK_N, the M programs that
     share a weight tile launched next to each other so the later ones hit L2).
-    Products accumulate elementwise in a [BLOCK_N, BLOCK_K] fp32 tile, reduced
-    once at the end: no cross-thread reduction inside the K loop.
+    Each step's products are summed within each thread's 16-byte load and
+    accumulated in a [BLOCK_N, BLOCK_K / VEC] fp32 tile (kernels/partial_sums.py),
+    reduced once at the end: no cross-thread reduction inside the K loop, and
+    few enough registers for many programs per SM.
   * dot: all rows in one program as a 16-row tile (rows past M masked to zero)
     on tensor cores; the weight tile is read once for every row. Needs
     BLOCK_N >= 16.
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
+from pdserve.engine.kernels.partial_sums import load_width, partial_sums
 
 MAX_ROWS = 16  # the dot variant's tile height; more rows are a GEMM's job
 
@@ -58,24 +61,22 @@ class GemvConfig:
 
 
 def default_config(num_rows: int, n: int) -> GemvConfig:
-    """The config for an [num_rows, K] x [N, K]^T product (chosen by ENGINE_NOTES.md's sweeps)."""
+    """The config for an [num_rows, K] x [N, K]^T product. One row: the best total over the 8B and
+    A3B decode matrices on an H200 (benchmarks/gemv_variants.py, 2026-12-02: 3.2-4.2 TB/s)."""
     if num_rows == 1:
-        # Small N: narrower tiles, so the launch still holds several programs per SM.
-        return GemvConfig(block_n=8 if n <= 8192 else 16, block_k=512, num_warps=4, num_stages=3)
+        return GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=3)
     return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, use_dot=True)
 
 
 # Candidates that benchmarks/engine_speed.py times on each Llama-3-8B decode shape at one row;
 # default_config is chosen from its results.
 SWEEP_CONFIGS = (
+    GemvConfig(4, 2048, 8, 3),
+    GemvConfig(4, 2048, 4, 3),
+    GemvConfig(4, 1024, 4, 3),
+    GemvConfig(2, 4096, 4, 3),
+    GemvConfig(8, 1024, 4, 3),
     GemvConfig(8, 512, 4, 3),
-    GemvConfig(16, 512, 4, 3),
-    GemvConfig(16, 512, 4, 1),  # no pipelining: do the loads in flight of many programs suffice?
-    GemvConfig(16, 256, 4, 4),
-    GemvConfig(8, 1024, 4, 2),
-    GemvConfig(16, 1024, 8, 2),
-    GemvConfig(4, 512, 2, 3),
-    GemvConfig(32, 256, 4, 3),
     GemvConfig(16, 256, 4, 4, use_dot=True),
     GemvConfig(16, 512, 4, 3, use_dot=True),
     GemvConfig(32, 256, 4, 3, use_dot=True),
@@ -103,6 +104,7 @@ def gemv_triton(
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     num_tiles = triton.cdiv(n, config.block_n)
     grid = (num_tiles,) if config.use_dot else (num_rows * num_tiles,)
+    block_k = min(config.block_k, max(16, triton.next_power_of_2(k)))  # a short K: no lanes masked off
     _gemv_kernel[grid](
         x, weight, bias, out, num_rows, n, k, x.stride(0), out.stride(0),
         HAS_BIAS=bias is not None,
@@ -110,7 +112,8 @@ def gemv_triton(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32: no TF32 rounding
         BLOCK_M=MAX_ROWS,
         BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
+        BLOCK_K=block_k,
+        VEC=min(load_width(weight), block_k),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -134,6 +137,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,  # FMA: products summed per VEC neighbours before accumulating
 ):
     pid = tl.program_id(0)
     if USE_DOT:
@@ -150,7 +154,7 @@ def _gemv_kernel(
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # per-lane partial sums
+        acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)  # per-thread partial sums
     for start in range(0, k, BLOCK_K):
         k_mask = start + offs_k < k
         w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
@@ -158,7 +162,7 @@ def _gemv_kernel(
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            acc += w.to(tl.float32) * x.to(tl.float32)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            acc += partial_sums(w.to(tl.float32) * x.to(tl.float32), BLOCK_N, BLOCK_K, VEC)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:

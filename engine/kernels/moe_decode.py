@@ -154,8 +154,8 @@ def _gate_up_kernel(
         k_mask = start + offs_k < hidden
         mask = row_mask[:, None] & k_mask[None, :]
         xv = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_gate += partial_sums(tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, VEC)
-        acc_up += partial_sums(tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, VEC)
+        acc_gate += partial_sums(tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, BLOCK_N, BLOCK_K, VEC)
+        acc_up += partial_sums(tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, BLOCK_N, BLOCK_K, VEC)
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -206,7 +206,7 @@ def _down_kernel(
         w_ptrs = (w2_ptr + tl.where(is_expert, expert, 0).to(tl.int64) * stride_we
                   + cols.to(tl.int64)[:, None] * stride_wn + start + offs_k[None, :])
         w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += partial_sums(w.to(tl.float32) * a[None, :], VEC)
+        acc += partial_sums(w.to(tl.float32) * a[None, :], BLOCK_N, BLOCK_K, VEC)
         if start + BLOCK_K >= inter:  # the slot's last step: its weighted output, rounded like down[pair]
             down = tl.sum(acc, axis=1) * tl.load(weights_ptr + pair)
             total += down.to(out_ptr.dtype.element_ty).to(tl.float32)

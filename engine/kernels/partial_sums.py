@@ -11,7 +11,7 @@ inside the thread: the accumulator shrinks VEC times at no cost. On an H200
 order changes.
 
     acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], tl.float32)
-    acc += partial_sums(w * x, VEC)          # per K step
+    acc += partial_sums(w * x, BLOCK_N, BLOCK_K, VEC)   # per K step
     y = tl.sum(acc, axis=1)                  # once, at the end
 """
 from __future__ import annotations
@@ -29,9 +29,7 @@ def load_width(weight: torch.Tensor) -> int:
 
 
 @triton.jit
-def partial_sums(products, VEC: tl.constexpr):
-    """[..., BLOCK_K] -> [..., BLOCK_K // VEC]: each VEC consecutive products summed (within a thread)."""
-    shape = products.shape
-    if len(shape) == 2:
-        return tl.sum(tl.reshape(products, [shape[0], shape[1] // VEC, VEC]), axis=2)
-    return tl.sum(tl.reshape(products, [shape[0], shape[1], shape[2] // VEC, VEC]), axis=3)
+def partial_sums(products, ROWS: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr):
+    """products [ROWS, COLS] (or any shape of ROWS x COLS elements, COLS the K positions in order) ->
+    [ROWS, COLS // VEC]: each VEC consecutive products summed (within a thread)."""
+    return tl.sum(tl.reshape(products, [ROWS, COLS // VEC, VEC]), axis=2)

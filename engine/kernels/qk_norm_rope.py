@@ -14,32 +14,38 @@ Numerics are the two unfused kernels' exactly: the normalised head rounded to th
 dtype as rms_norm.py rounds it (Llama-style or Gemma-style by `offset`), then rotated
 in fp32 and rounded once, as rope.py does. What it saves is launches: at a decode
 step of few tokens each of the three (q norm, k norm, rope) is a microsecond or two
-of a kernel that moves a few kilobytes, once per layer.
+of a kernel that moves a few kilobytes, once per layer. Given a `KvStore`, the launch
+also writes each token's K (as rounded into k) and V into the paged KV cache, as
+rope.py's kernel does and with its numerics (FP8 caches quantized as `KvCache.write`).
 GPU path: one program per token, all of its q heads then all of its k heads, each
-head's two halves in registers.
+head's two halves in registers, then its K and V heads to their cache slot.
 """
+from __future__ import annotations
+
 import torch
 
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 from pdserve.engine.kernels.rms_norm import rms_norm_heads_
-from pdserve.engine.kernels.rope import apply_rope
+from pdserve.engine.kernels.rope import apply_rope, kv_store_arguments, store_kv
+from pdserve.engine.kv_cache import KvStore
 
 
 def qk_norm_rope_(
     q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, offset: float,
-    positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, store: KvStore | None = None,
 ) -> None:
+    """Normalises and rotates q and k in place; with `store`, writes the final k and store.v to the KV cache too."""
     if use_triton(q, k, q_weight, k_weight, positions, cos_sin_cache):
-        qk_norm_rope_triton_(q, k, q_weight, k_weight, eps, offset, positions, cos_sin_cache)
+        qk_norm_rope_triton_(q, k, q_weight, k_weight, eps, offset, positions, cos_sin_cache, store)
     else:  # the unfused kernels' references
         rms_norm_heads_(q, q_weight, eps, offset)
         rms_norm_heads_(k, k_weight, eps, offset)
-        apply_rope(q, k, positions, cos_sin_cache)
+        apply_rope(q, k, positions, cos_sin_cache, store)
 
 
 def qk_norm_rope_triton_(
     q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, offset: float,
-    positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor, cos_sin_cache: torch.Tensor, store: KvStore | None = None,
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -53,6 +59,7 @@ def qk_norm_rope_triton_(
     _qk_norm_rope_kernel[(num_tokens,)](
         q, k, q_weight, k_weight, positions, cos_sin_cache, eps, offset,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        **kv_store_arguments(k, store),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF_DIM=head_dim // 2,
         GEMMA_ROUNDING=offset != 0.0, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4 if block_h * block_d <= 4096 else 8,
@@ -63,7 +70,8 @@ def qk_norm_rope_triton_(
 def _norm_rotate_heads(x_ptr, stride_h, num_heads, weight_ptr, cos, sin, eps, offset,
                        HALF_DIM: tl.constexpr, GEMMA_ROUNDING: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """RMSNorm of each of the num_heads heads at x_ptr ([num_heads, 2 * HALF_DIM]), then rope, in place."""
+    """RMSNorm of each of the num_heads heads at x_ptr ([num_heads, 2 * HALF_DIM]), then rope, in place;
+    returns the two halves as stored."""
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF_DIM
@@ -82,8 +90,11 @@ def _norm_rotate_heads(x_ptr, stride_h, num_heads, weight_ptr, cos, sin, eps, of
     else:  # the normalised head rounded before the weight multiply, the product rounded
         n1 = ((h1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
         n2 = ((h2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    tl.store(first, (n1 * cos - n2 * sin).to(dtype), mask=mask)
-    tl.store(first + HALF_DIM, (n2 * cos + n1 * sin).to(dtype), mask=mask)
+    y1 = (n1 * cos - n2 * sin).to(dtype)
+    y2 = (n2 * cos + n1 * sin).to(dtype)
+    tl.store(first, y1, mask=mask)
+    tl.store(first + HALF_DIM, y2, mask=mask)
+    return y1, y2
 
 
 @triton.jit
@@ -98,10 +109,20 @@ def _qk_norm_rope_kernel(
     offset,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
+    # the KV store (kv_store_arguments), read only with STORE_KV
+    v_ptr,  # [T, KVH, D]
+    slots_ptr,  # [T] int64
+    cache_ptr,  # [2, num_slots, KVH, D]  the layer's K and V: the model's dtype or float8e4nv
+    inverse_scales_ptr,  # [2] fp32, K's and V's, read only if IS_FP8
+    stride_vt, stride_vh,
+    stride_ckv, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF_DIM: tl.constexpr,
     GEMMA_ROUNDING: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # kv_cache's (a kernel reads no globals)
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -112,5 +133,9 @@ def _qk_norm_rope_kernel(
     sin = tl.load(cache_row + HALF_DIM + dims, mask=dims < HALF_DIM, other=0.0).to(tl.float32)[None, :]
     _norm_rotate_heads(q_ptr + token * stride_qt, stride_qh, NUM_HEADS, q_weight_ptr, cos, sin, eps, offset,
                        HALF_DIM, GEMMA_ROUNDING, BLOCK_H, BLOCK_D)
-    _norm_rotate_heads(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, k_weight_ptr, cos, sin, eps, offset,
-                       HALF_DIM, GEMMA_ROUNDING, BLOCK_H, BLOCK_D)
+    k1, k2 = _norm_rotate_heads(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, k_weight_ptr, cos, sin, eps,
+                                offset, HALF_DIM, GEMMA_ROUNDING, BLOCK_H, BLOCK_D)
+    if STORE_KV:
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        store_kv(k1, k2, v_ptr + token * stride_vt, stride_vh, cache_ptr + slot * stride_cs, stride_ckv, stride_ch,
+                 inverse_scales_ptr, NUM_KV_HEADS, IS_FP8, FP8_MAX, HALF_DIM, BLOCK_H, BLOCK_D)

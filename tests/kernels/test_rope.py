@@ -1,10 +1,12 @@
 """apply_rope: the Triton kernel (interpreted) against the torch reference, and the
-reference against transformers' rotate-half formula."""
+reference against transformers' rotate-half formula; its KV store against KvCache.write."""
 import pytest
 import torch
 
 from kernel_target import DEVICE, TOLERANCE, relative_error, requires_triton
+from kv_pools import LAYER, POOLS, kv_pool, scattered_slots, stored_bytes, write_as_model_did
 from pdserve.engine.kernels.rope import apply_rope, apply_rope_reference, apply_rope_triton, build_cos_sin_cache
+from pdserve.engine.kv_cache import FP8_KV_MAX, KvStore
 
 MAX_POSITION = 4096
 
@@ -14,6 +16,11 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: in
     q = qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim))
     k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].unflatten(1, (num_kv_heads, head_dim))
     return q, k
+
+
+def split_v(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """v [T, KVH, D], the view after q and k."""
+    return qkv[:, (num_heads + num_kv_heads) * head_dim:].unflatten(1, (num_kv_heads, head_dim))
 
 
 def make_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, seed=0, device=DEVICE):
@@ -67,6 +74,28 @@ def test_partial_rotary_turns_only_the_leading_dims():
     assert not torch.equal(q[..., :rotary], split_qkv(before, num_heads, num_kv_heads, head_dim)[0][..., :rotary])
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype, pool_dtype", POOLS)
+@pytest.mark.parametrize("num_tokens, num_heads, num_kv_heads, head_dim",
+                         [(7, 12, 4, 64), (5, 8, 1, 48), (3, 4, 4, 32)])  # GQA 3, 8, 1; 48: BLOCK_D masks
+def test_kv_store_is_rope_then_kv_cache_write(num_tokens, num_heads, num_kv_heads, head_dim, dtype, pool_dtype):
+    """One launch stores what the separate KvCache.write stored after the rope kernel, byte for byte,
+    and leaves q, k and v in qkv as that rope kernel did."""
+    qkv, positions, cache = make_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+    qkv = qkv * 2  # past K's FP8 bound more often
+    slots = scattered_slots(num_tokens)
+    expected_qkv, expected_pool = qkv.clone(), kv_pool(pool_dtype, num_kv_heads, head_dim)
+    apply_rope_triton(*split_qkv(expected_qkv, num_heads, num_kv_heads, head_dim), positions, cache)
+    write_as_model_did(expected_pool, slots, expected_qkv, num_heads, num_kv_heads, head_dim)
+    pool = kv_pool(pool_dtype, num_kv_heads, head_dim)
+    store = KvStore(pool, LAYER, slots, split_v(qkv, num_heads, num_kv_heads, head_dim))
+    apply_rope_triton(*split_qkv(qkv, num_heads, num_kv_heads, head_dim), positions, cache, store)
+    assert torch.equal(qkv, expected_qkv)
+    assert torch.equal(stored_bytes(pool), stored_bytes(expected_pool))
+    if pool.spec.is_fp8:  # the clamp was met
+        assert (expected_pool.layer(LAYER)[0].float().abs() == FP8_KV_MAX).any()
+
+
 def test_reference_is_hf_rotate_half():
     qkv, positions, cache = make_inputs(6, 4, 2, 64, torch.float32)
     q, k = split_qkv(qkv, 4, 2, 64)
@@ -90,3 +119,15 @@ def test_dispatcher_uses_reference_on_cpu():
     apply_rope_reference(*split_qkv(expected, 4, 2, 64), positions, cache)
     assert apply_rope(*split_qkv(qkv, 4, 2, 64), positions, cache) is None
     assert torch.equal(qkv, expected)
+
+
+@pytest.mark.parametrize("dtype, pool_dtype", POOLS)
+def test_dispatcher_on_cpu_stores_with_kv_cache_write(dtype, pool_dtype):
+    qkv, positions, cache = make_inputs(5, 4, 2, 64, dtype, device="cpu")
+    slots = scattered_slots(5, device="cpu")
+    expected_qkv, expected_pool = qkv.clone(), kv_pool(pool_dtype, 2, 64, device="cpu")
+    apply_rope_reference(*split_qkv(expected_qkv, 4, 2, 64), positions, cache)
+    write_as_model_did(expected_pool, slots, expected_qkv, 4, 2, 64)
+    pool = kv_pool(pool_dtype, 2, 64, device="cpu")
+    apply_rope(*split_qkv(qkv, 4, 2, 64), positions, cache, KvStore(pool, LAYER, slots, split_v(qkv, 4, 2, 64)))
+    assert torch.equal(qkv, expected_qkv) and torch.equal(stored_bytes(pool), stored_bytes(expected_pool))
