@@ -100,7 +100,7 @@ def test_default_configs_at_a_realistic_shape(m, group):
 
 
 def test_every_shape_class_has_a_default():
-    for rows in (1, 8):
+    for rows in (1, 3, 8):
         for n, k in ((4096, 4096), (28672, 4096), (4096, 14336), (16384, 16384)):
             for block in (False, True):
                 assert shape_class(rows, n, k, block) in GEMV_DEFAULTS
