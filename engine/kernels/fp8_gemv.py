@@ -23,9 +23,9 @@ each SUB-wide slice lies in one scale group. The scales are applied where they c
 
 Variants (`Fp8GemvConfig`):
   * FMA: one row of x per program (grid M x N / BLOCK_N), products summed within each thread's
-    16-byte load and accumulated in fp32 (kernels/partial_sums.py), reduced once after the loop. The weight is widened either by the hardware's FP8
-    conversion (`bit_dequant` False) or with integer ops (`bit_dequant` True): the e4m3 sign and
-    exponent-mantissa bits moved into an fp32's, which reads as the value times 2^-120 (normal
+    16-byte load and accumulated in fp32 (kernels/partial_sums.py), reduced once after the loop.
+    The weight is widened either by the hardware's FP8 conversion (`bit_dequant` False) or with
+    integer ops (`bit_dequant` True): the e4m3 sign and exponent-mantissa bits moved into an fp32's, which reads as the value times 2^-120 (normal
     and subnormal alike); the 2^120 is split between the activation (2^60) and the result (2^60)
     so no product leaves fp32's range. Which is faster is a property of the GPU's conversion
     throughput: the sweep (benchmarks/fp8_speed.py --sweep) decides.
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from pdserve.engine.kernels._triton import tl, triton, use_triton
 from pdserve.engine.kernels.fp8_gemm import FP8_DTYPE, dequantize
 from pdserve.engine.kernels.gemv import MAX_ROWS
-from pdserve.engine.kernels.partial_sums import partial_sums
+from pdserve.engine.kernels.partial_sums import load_width, partial_sums
 
 ROW, FOLD, GATHER = "row", "fold", "gather"  # where the scales are applied (module docstring)
 
@@ -161,7 +161,7 @@ def fp8_gemv_triton(
         USE_DOT=config.use_dot, BIT_DEQUANT=config.bit_dequant and not config.use_dot,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SUB=sub, VEC=min(16, sub),
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SUB=sub, VEC=min(load_width(weight), sub),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
