@@ -25,10 +25,10 @@ Variants (`Fp8GemvConfig`):
   * FMA: one row of x per program (grid M x N / BLOCK_N), products summed within each thread's
     16-byte load and accumulated in fp32 (kernels/partial_sums.py), reduced once after the loop.
     The weight is widened either by the hardware's FP8 conversion (`bit_dequant` False) or with
-    integer ops (`bit_dequant` True): the e4m3 sign and exponent-mantissa bits moved into an fp32's, which reads as the value times 2^-120 (normal
-    and subnormal alike); the 2^120 is split between the activation (2^60) and the result (2^60)
-    so no product leaves fp32's range. Which is faster is a property of the GPU's conversion
-    throughput: the sweep (benchmarks/fp8_speed.py --sweep) decides.
+    integer ops (`bit_dequant` True): the e4m3 sign and exponent-mantissa bits moved into an
+    fp32's, which reads as the value times 2^-120 (normal and subnormal alike); the 2^120 is split
+    between the activation (2^60) and the result (2^60) so no product leaves fp32's range. Which
+    is faster is a property of the GPU's conversion throughput: benchmarks/fp8_gemv_sweep.py decides.
   * dot: all rows as one 16-row tile on tensor cores, the weight widened to x's dtype (exact:
     every e4m3 value is a bf16 and an fp16); a folded activation is rounded to x's dtype once.
 
