@@ -68,8 +68,8 @@ def default_config(num_rows: int, n: int) -> GemvConfig:
     return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, use_dot=True)
 
 
-# Candidates that benchmarks/engine_speed.py times on each Llama-3-8B decode shape at one row;
-# default_config is chosen from its results.
+# Candidates that benchmarks/engine_speed.py times on each Llama-3-8B decode shape at one row, beside
+# default_config (whose one-row tile came from benchmarks/gemv_variants.py's wider study).
 SWEEP_CONFIGS = (
     GemvConfig(4, 2048, 8, 3),
     GemvConfig(4, 2048, 4, 3),
@@ -162,7 +162,8 @@ def _gemv_kernel(
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            acc += partial_sums(w.to(tl.float32) * x.to(tl.float32), BLOCK_N, BLOCK_K, VEC)  # [BLOCK_N, BLOCK_K] * [1, BLOCK_K]
+            # [BLOCK_N, BLOCK_K] * [1, BLOCK_K], summed per VEC neighbours
+            acc += partial_sums(w.to(tl.float32) * x.to(tl.float32), BLOCK_N, BLOCK_K, VEC)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if USE_DOT:

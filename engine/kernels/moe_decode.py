@@ -94,7 +94,7 @@ def moe_pairs_triton(
     ids = topk_ids.contiguous().view(-1)
     weights = topk_weights.float().contiguous().view(-1)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
-    vec = load_width(w13)
+    vec = load_width(w13)  # capped by each launch's BLOCK_K
     block_n, block_k = _tile(config.gate_up_block_n, config.gate_up_block_k, inter, hidden)
     _gate_up_kernel[(triton.cdiv(inter, block_n) * num_pairs,)](
         x, w13, act, ids, num_pairs, num_experts, inter, hidden, top_k,
@@ -148,14 +148,16 @@ def _gate_up_kernel(
                  + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :])  # [BLOCK_N, BLOCK_K]
     up_ptrs = gate_ptrs + inter * stride_wn
     x_ptrs = x_ptr + (pair // top_k).to(tl.int64) * stride_x + offs_k
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)  # per-lane partial sums, reduced once
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)  # per-thread partial sums, reduced once
     acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for start in range(0, hidden, BLOCK_K):
         k_mask = start + offs_k < hidden
         mask = row_mask[:, None] & k_mask[None, :]
         xv = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc_gate += partial_sums(tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, BLOCK_N, BLOCK_K, VEC)
-        acc_up += partial_sums(tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32) * xv, BLOCK_N, BLOCK_K, VEC)
+        gate_w = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up_w = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc_gate += partial_sums(gate_w * xv, BLOCK_N, BLOCK_K, VEC)
+        acc_up += partial_sums(up_w * xv, BLOCK_N, BLOCK_K, VEC)
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K

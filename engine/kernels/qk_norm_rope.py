@@ -136,6 +136,5 @@ def _qk_norm_rope_kernel(
     k1, k2 = _norm_rotate_heads(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, k_weight_ptr, cos, sin, eps,
                                 offset, HALF_DIM, GEMMA_ROUNDING, BLOCK_H, BLOCK_D)
     if STORE_KV:
-        slot = tl.load(slots_ptr + token).to(tl.int64)
-        store_kv(k1, k2, v_ptr + token * stride_vt, stride_vh, cache_ptr + slot * stride_cs, stride_ckv, stride_ch,
-                 inverse_scales_ptr, NUM_KV_HEADS, IS_FP8, FP8_MAX, HALF_DIM, BLOCK_H, BLOCK_D)
+        store_kv(k1, k2, token, v_ptr, slots_ptr, cache_ptr, inverse_scales_ptr, stride_vt, stride_vh,
+                 stride_ckv, stride_cs, stride_ch, NUM_KV_HEADS, IS_FP8, FP8_MAX, HALF_DIM, BLOCK_H, BLOCK_D)

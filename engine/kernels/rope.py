@@ -115,18 +115,20 @@ def _rotate_heads(x_ptr, stride_h, cos, sin, num_heads, HALF_DIM: tl.constexpr, 
 
 
 @triton.jit
-def store_kv(k1, k2, v_ptr, stride_vh, slot_ptr, stride_ckv, stride_ch, inverse_scales_ptr, num_heads,
+def store_kv(k1, k2, token, v_ptr, slots_ptr, cache_ptr, inverse_scales_ptr,
+             stride_vt, stride_vh, stride_ckv, stride_cs, stride_ch, num_heads,
              IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
              HALF_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One token's K (halves k1, k2 [BLOCK_H, BLOCK_D] in the model's dtype) and V (its num_heads heads at v_ptr)
-    into its slot of the cache: K's heads at slot_ptr, V's at slot_ptr + stride_ckv."""
+    """One token's K (halves k1, k2 [BLOCK_H, BLOCK_D] in the model's dtype) and V (its num_heads heads in v)
+    into the cache at the token's slot: K's heads there, V's stride_ckv further on."""
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < num_heads) & (dims[None, :] < HALF_DIM)
-    v_first = v_ptr + heads[:, None] * stride_vh + dims[None, :]
+    v_first = v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :]
     v1 = tl.load(v_first, mask=mask, other=0.0)
     v2 = tl.load(v_first + HALF_DIM, mask=mask, other=0.0)
-    k_first = slot_ptr + heads[:, None] * stride_ch + dims[None, :]
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    k_first = cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
     _store_halves(k_first, k1, k2, inverse_scales_ptr, mask, IS_FP8, FP8_MAX, HALF_DIM)
     _store_halves(k_first + stride_ckv, v1, v2, inverse_scales_ptr + 1, mask, IS_FP8, FP8_MAX, HALF_DIM)
 
@@ -178,6 +180,5 @@ def _rope_kernel(
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, NUM_HEADS, HALF_DIM, BLOCK_H, BLOCK_D)
     k1, k2 = _rotate_heads(k_ptr + token * stride_kt, stride_kh, cos, sin, NUM_KV_HEADS, HALF_DIM, BLOCK_H, BLOCK_D)
     if STORE_KV:
-        slot = tl.load(slots_ptr + token).to(tl.int64)
-        store_kv(k1, k2, v_ptr + token * stride_vt, stride_vh, cache_ptr + slot * stride_cs, stride_ckv, stride_ch,
-                 inverse_scales_ptr, NUM_KV_HEADS, IS_FP8, FP8_MAX, HALF_DIM, BLOCK_H, BLOCK_D)
+        store_kv(k1, k2, token, v_ptr, slots_ptr, cache_ptr, inverse_scales_ptr, stride_vt, stride_vh,
+                 stride_ckv, stride_cs, stride_ch, NUM_KV_HEADS, IS_FP8, FP8_MAX, HALF_DIM, BLOCK_H, BLOCK_D)
